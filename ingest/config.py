@@ -1,0 +1,263 @@
+"""Configuration: one immutable object from a TOML file and `INGEST_*` variables (environment wins)."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import tomllib
+from datetime import UTC, datetime
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+from ingest.errors import ConfigError
+
+ENV_PREFIX = "INGEST_"
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+class Db(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """[db]: the TimescaleDB connection."""
+
+    url: str = ""
+    migrate_url: str = ""
+    writers: int = 2
+    connect_timeout_s: float = 10.0
+    retry_min_s: float = 0.5
+    retry_max_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        for key, value in (("url", self.url), ("migrate_url", self.migrate_url)):
+            if value and not re.match(r"^postgres(ql)?://", value):
+                raise ValueError(f"{key}: must start with postgresql://")
+        if not 1 <= self.writers <= 16:
+            raise ValueError("writers: must be between 1 and 16")
+        if self.connect_timeout_s <= 0:
+            raise ValueError("connect_timeout_s: must be > 0")
+        if self.retry_min_s <= 0:
+            raise ValueError("retry_min_s: must be > 0")
+        if self.retry_max_s < self.retry_min_s:
+            raise ValueError("retry_max_s: must be >= retry_min_s")
+
+
+class Mqtt(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """[mqtt]: the broker, the session and the subscription."""
+
+    url: str = "mqtt://127.0.0.1:1883"
+    client_id: str = ""
+    topic_prefix: str = "telemetry"
+    share_group: str = ""
+    receive_maximum: int = 1000
+    session_expiry_s: int = 3600
+    keepalive_s: int = 30
+    tls_ca_file: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_insecure: bool = False
+    reconnect_min_s: float = 0.5
+    reconnect_max_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not re.match(r"^mqtts?://", self.url):
+            raise ValueError("url: must start with mqtt:// or mqtts://")
+        level = r"[A-Za-z0-9_.:-]{1,64}"
+        if not re.fullmatch(rf"{level}(/{level})*", self.topic_prefix):
+            raise ValueError(
+                "topic_prefix: must be topic levels of 1-64 characters from A-Z a-z 0-9 _ . : - "
+                "separated by /"
+            )
+        if self.share_group and not re.fullmatch(level, self.share_group):
+            raise ValueError("share_group: must be 1-64 characters from A-Z a-z 0-9 _ . : -")
+        if self.client_id and not re.fullmatch(r"[A-Za-z0-9_.:-]{1,128}", self.client_id):
+            raise ValueError("client_id: must be 1-128 characters from A-Z a-z 0-9 _ . : -")
+        if not 1 <= self.receive_maximum <= 65535:
+            raise ValueError("receive_maximum: must be between 1 and 65535")
+        if self.session_expiry_s < 0:
+            raise ValueError("session_expiry_s: must be >= 0")
+        if self.keepalive_s < 1:
+            raise ValueError("keepalive_s: must be >= 1")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_key_file: must be set together with tls_cert_file")
+
+
+class Flush(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """[flush]: when buffered readings are written, and how much may wait unacknowledged."""
+
+    max_readings: int = 100_000
+    interval_s: float = 0.1
+    max_inflight_readings: int = 2_000_000
+    max_inflight_bytes: int = 128 * 1024 * 1024
+    shutdown_grace_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.max_readings < 1:
+            raise ValueError("max_readings: must be >= 1")
+        if self.interval_s <= 0:
+            raise ValueError("interval_s: must be > 0")
+        if self.max_inflight_readings < self.max_readings:
+            raise ValueError("max_inflight_readings: must be >= max_readings")
+        if self.max_inflight_bytes < 2 * 1024 * 1024:
+            raise ValueError("max_inflight_bytes: must be at least 2 MiB")
+        if self.shutdown_grace_s < 0:
+            raise ValueError("shutdown_grace_s: must be >= 0")
+
+
+class Limits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """[limits]: what a payload may be; anything beyond becomes a dead letter."""
+
+    max_payload_bytes: int = 1_048_576
+    max_batch_readings: int = 1_000_000
+    min_time: str = "2000-01-01T00:00:00Z"
+    max_future_s: float = 86_400.0
+
+    def __post_init__(self) -> None:
+        if self.max_payload_bytes < 1:
+            raise ValueError("max_payload_bytes: must be >= 1")
+        if self.max_batch_readings < 1:
+            raise ValueError("max_batch_readings: must be >= 1")
+        if self.max_future_s < 0:
+            raise ValueError("max_future_s: must be >= 0")
+        try:
+            parse_rfc3339_us(self.min_time)
+        except ValueError as exc:
+            raise ValueError(f"min_time: {exc}") from None
+
+
+class Metrics(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """[metrics]: the Prometheus exposition and health endpoints."""
+
+    host: str = "0.0.0.0"
+    port: int = 9108
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError("port: must be between 0 and 65535 (0: do not serve)")
+
+
+class Log(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """[log]: level and format of the service's log lines."""
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["text", "json"] = "text"
+
+
+class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The whole configuration, validated."""
+
+    db: Db = msgspec.field(default_factory=Db)
+    mqtt: Mqtt = msgspec.field(default_factory=Mqtt)
+    flush: Flush = msgspec.field(default_factory=Flush)
+    limits: Limits = msgspec.field(default_factory=Limits)
+    metrics: Metrics = msgspec.field(default_factory=Metrics)
+    log: Log = msgspec.field(default_factory=Log)
+
+    @property
+    def client_id(self) -> str:
+        """The MQTT client id: configured, else derived from the host name (stable per host)."""
+        if self.mqtt.client_id:
+            return self.mqtt.client_id
+        host = re.sub(r"[^A-Za-z0-9_.:-]", "-", socket.gethostname())[:100] or "host"
+        return f"ingest-{host}"
+
+
+# Environment variables that do not follow INGEST_<SECTION>_<KEY>.
+_ENV_ALIASES = {"INGEST_MIGRATE_DB_URL": ("db", "migrate_url")}
+_ENV_IGNORED = {"INGEST_CONFIG"}
+
+
+def parse_rfc3339_us(text: str) -> int:
+    """Microseconds since the Unix epoch of an RFC 3339 time; ValueError when malformed."""
+    try:
+        dt = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an RFC 3339 time") from None
+    if dt.tzinfo is None:
+        raise ValueError(f"{text!r} has no time zone")
+    delta = dt - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def _sections() -> dict[str, type[msgspec.Struct]]:
+    return {f.name: f.type for f in msgspec.structs.fields(Config)}
+
+
+def _env_key(section: str, key: str) -> str:
+    for name, target in _ENV_ALIASES.items():
+        if target == (section, key):
+            return name
+    return f"{ENV_PREFIX}{section}_{key}".upper()
+
+
+def _from_env(env: Mapping[str, str]) -> dict[str, dict[str, str]]:
+    known: dict[str, tuple[str, str]] = {}
+    for section, struct in _sections().items():
+        for field in msgspec.structs.fields(struct):
+            known[_env_key(section, field.name)] = (section, field.name)
+    out: dict[str, dict[str, str]] = {}
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX) or name in _ENV_IGNORED:
+            continue
+        target = known.get(name)
+        if target is None:
+            raise ConfigError(f"{name}: unknown setting (see the configuration table in the README)")
+        out.setdefault(target[0], {})[target[1]] = value
+    return out
+
+
+def _describe(path: str) -> str:
+    """`$.flush.max_readings` -> `flush.max_readings (INGEST_FLUSH_MAX_READINGS)`."""
+    parts = [p for p in path.removeprefix("$").split(".") if p]
+    if len(parts) >= 2:
+        return f"{parts[0]}.{parts[1]} ({_env_key(parts[0], parts[1])})"
+    if len(parts) == 1:
+        return f"[{parts[0]}]"
+    return "config"
+
+
+def load(*, path: str | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Read the TOML file (optional) and the environment; raise ConfigError naming the bad key."""
+    env = os.environ if env is None else env
+    path = path or env.get("INGEST_CONFIG") or None
+    raw: dict[str, Any] = {}
+    if path:
+        try:
+            raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"config file {path}: {exc.strerror or exc}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path}: {exc}") from exc
+    for section, values in _from_env(env).items():
+        target = raw.setdefault(section, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"[{section}] in {path} must be a table")
+        target.update(values)
+    try:
+        config = msgspec.convert(raw, type=Config, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_explain(exc)) from exc
+    if not config.db.url:
+        raise ConfigError(
+            "db.url (INGEST_DB_URL): is required, e.g. postgresql://ingest:secret@dbhost:5432/telemetry"
+        )
+    return config
+
+
+def _explain(exc: msgspec.ValidationError) -> str:
+    text = str(exc)
+    message, _, path = text.rpartition(" - at `")
+    path = path.rstrip("`")
+    if not message:
+        return f"config: {text}"
+    if "unknown field" in message.lower():
+        field = re.search(r"`([^`]+)`", message)
+        name = field.group(1) if field else "?"
+        where = f"{path.removeprefix('$.')}.{name}" if path != "$" else name
+        return f"{where}: unknown key (see the configuration table in the README)"
+    own = re.match(r"^([a-z_]+): (.*)$", message)
+    if own and path.count(".") == 1:
+        return f"{_describe(path + '.' + own.group(1))}: {own.group(2)}"
+    return f"{_describe(path)}: {message[0].lower()}{message[1:]}"
+
