@@ -1,0 +1,591 @@
+"""Decode stage: one MQTT payload (MessagePack or JSON, wire format v1) into numpy columns."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Final, TypeAlias
+
+import msgspec
+import numpy as np
+import numpy.typing as npt
+from msgspec import UNSET, Meta, UnsetType
+
+from ingest.errors import PayloadError
+
+__all__ = ["Batch", "Channel", "DecodeLimits", "decode_batch", "parse_topic"]
+
+# --------------------------------------------------------------------------------------------
+# Public types
+# --------------------------------------------------------------------------------------------
+
+
+class DecodeLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Limits a payload must respect; every field must be a positive int."""
+
+    max_payload_bytes: int = 1_048_576
+    max_readings: int = 1_000_000
+    min_time_us: int = 946_684_800_000_000  # 2000-01-01T00:00:00Z
+    max_future_us: int = 86_400_000_000  # one day after the ingester's clock
+
+    def __post_init__(self) -> None:
+        for name in self.__struct_fields__:
+            value = getattr(self, name)
+            if type(value) is not int or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+class Channel(msgspec.Struct, frozen=True, eq=False):
+    """The readings of one sensor: three owned, C-contiguous arrays of equal length (>= 1).
+
+    `eq=False`: channels compare by identity (element-wise array equality has no truth value).
+    """
+
+    name: str
+    unit: str | None
+    time: npt.NDArray[np.int64]  # absolute microseconds since the Unix epoch, UTC
+    value: npt.NDArray[np.float64]
+    quality: npt.NDArray[np.uint8]
+
+
+class Batch(msgspec.Struct, frozen=True):
+    """One decoded payload: at least one channel. A sensor name may occur in several channels."""
+
+    seq: int | None
+    channels: tuple[Channel, ...]
+    readings: int  # total readings over all channels
+
+
+# --------------------------------------------------------------------------------------------
+# Wire shapes (decoders are built once, below)
+# --------------------------------------------------------------------------------------------
+
+_I64_MIN: Final = -(2**63)
+_I64_MAX: Final = 2**63 - 1
+
+_Int64: TypeAlias = Annotated[int, Meta(ge=_I64_MIN, le=_I64_MAX)]
+_PositiveInt64: TypeAlias = Annotated[int, Meta(gt=0, le=_I64_MAX)]
+_Quality: TypeAlias = Annotated[int, Meta(ge=0, le=255)]
+_Seq: TypeAlias = Annotated[int, Meta(ge=0, le=_I64_MAX)]  # fits a bigint column
+_Rfc3339: TypeAlias = Annotated[datetime, Meta(tz=True)]
+
+
+class _MsgpackChannel(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    s: str
+    v: memoryview | list[float]
+    vt: str | UnsetType = UNSET
+    dt: _PositiveInt64 | UnsetType = UNSET
+    t: memoryview | list[_Int64] | UnsetType = UNSET
+    q: _Quality | memoryview | list[_Quality] | UnsetType = UNSET
+    u: str | UnsetType = UNSET
+
+
+class _MsgpackBatch(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    v: int
+    t0: int
+    ch: list[_MsgpackChannel]
+    seq: _Seq | UnsetType = UNSET
+
+
+class _JsonChannel(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    s: str
+    v: list[float]
+    vt: str | UnsetType = UNSET
+    dt: _PositiveInt64 | UnsetType = UNSET
+    t: list[_Int64] | UnsetType = UNSET
+    q: _Quality | list[_Quality] | UnsetType = UNSET
+    u: str | UnsetType = UNSET
+
+
+class _JsonObject(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A JSON object: either the batch shape (v, t0, seq, ch) or the single-sample shape."""
+
+    v: int | UnsetType = UNSET
+    t0: int | _Rfc3339 | UnsetType = UNSET
+    seq: _Seq | UnsetType = UNSET
+    ch: list[_JsonChannel] | UnsetType = UNSET
+    ts: int | _Rfc3339 | UnsetType = UNSET
+    values: dict[str, float] | UnsetType = UNSET
+
+
+class _JsonSample(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    ts: int | _Rfc3339
+    values: dict[str, float]
+
+
+class _VersionProbe(msgspec.Struct, frozen=True):
+    """Lenient look at `v` only, used on the error path so a future version is named as such."""
+
+    v: int | None = None
+
+
+_MSGPACK_DECODER: Final = msgspec.msgpack.Decoder(_MsgpackBatch)
+_JSON_DECODER: Final = msgspec.json.Decoder(_JsonObject | list[_JsonSample])
+_MSGPACK_PROBE: Final = msgspec.msgpack.Decoder(_VersionProbe)
+_JSON_PROBE: Final = msgspec.json.Decoder(_VersionProbe)
+
+_ChannelWire: TypeAlias = _MsgpackChannel | _JsonChannel
+
+# --------------------------------------------------------------------------------------------
+# Small helpers: names, reasons, times
+# --------------------------------------------------------------------------------------------
+
+_NAME_CHARS: Final = "A-Z a-z 0-9 _ . : -"
+_NAME_MAX: Final = 64
+_UNIT_MAX: Final = 32
+_is_name: Final = re.compile(r"[A-Za-z0-9_.:\-]{1,64}").fullmatch
+_first_non_blank: Final = re.compile(rb"[^ \t\r\n]").search
+_F8: Final = np.dtype("<f8")
+_F4: Final = np.dtype("<f4")
+_I8: Final = np.dtype("<i8")
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_US: Final = timedelta(microseconds=1)
+_REASON_MAX: Final = 240
+_MSGSPEC_FIELD: Final = re.compile(r"Object (contains unknown|missing required) field `(.*)`", re.S)
+
+
+def _excerpt(text: str, limit: int = _NAME_MAX) -> str:
+    """A quoted, one-line excerpt of untrusted text: escaped like repr, about `limit` chars."""
+    out: list[str] = []
+    size = 0
+    for char in text:
+        if char.isprintable() and char not in "'\\":
+            piece = char
+        else:
+            piece = "\\" + char if char in "'\\" else repr(char)[1:-1]
+        size += len(piece)
+        if size > limit:
+            return "'" + "".join(out) + "'..."
+        out.append(piece)
+    return "'" + "".join(out) + "'"
+
+
+def _one_line(text: str) -> str:
+    """Escape non-printable characters and cap the length of a reason built by a library."""
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[: _REASON_MAX + 1])
+    if len(text) > _REASON_MAX:
+        text = text[:_REASON_MAX] + "..."
+    return text
+
+
+def _name_problem(name: str) -> str | None:
+    """Why `name` is not a valid sensor name / topic level, or None when it is."""
+    if _is_name(name):
+        return None
+    if not name:
+        return "is empty"
+    if len(name) > _NAME_MAX:
+        return f"has {len(name)} characters, over the {_NAME_MAX}-character limit"
+    return f"{_excerpt(name)} has a character outside {_NAME_CHARS}"
+
+
+def _check_name(field: str, name: str) -> None:
+    problem = _name_problem(name)
+    if problem is not None:
+        raise PayloadError(f"{field}: {problem}")
+
+
+def _check_unit(field: str, unit: str) -> None:
+    """Units: 1 to 32 printable characters (str.isprintable), no leading or trailing space."""
+    if not unit:
+        raise PayloadError(f"{field}: is empty")
+    if len(unit) > _UNIT_MAX:
+        raise PayloadError(
+            f"{field}: has {len(unit)} characters, over the {_UNIT_MAX}-character limit"
+        )
+    if not unit.isprintable():
+        raise PayloadError(f"{field}: {_excerpt(unit)} has a non-printable character")
+    if unit[0] == " " or unit[-1] == " ":
+        raise PayloadError(f"{field}: {_excerpt(unit)} has a leading or trailing space")
+
+
+def _fmt_us(us: int) -> str:
+    """RFC 3339 (UTC) rendering of a microsecond timestamp, or the raw number out of range."""
+    try:
+        moment = _EPOCH + timedelta(microseconds=us)
+    except OverflowError:
+        return f"{us} us since the epoch"
+    return moment.replace(tzinfo=None).isoformat() + "Z"
+
+
+def _check_window(field: str, first: int, last: int, window: tuple[int, int]) -> None:
+    lo, hi = window
+    if first < lo:
+        raise PayloadError(
+            f"{field}: {_fmt_us(first)} is before the accepted window (starts {_fmt_us(lo)})"
+        )
+    if last > hi:
+        raise PayloadError(
+            f"{field}: {_fmt_us(last)} is after the accepted window (ends {_fmt_us(hi)})"
+        )
+
+
+def _to_us(value: int | datetime) -> int:
+    if isinstance(value, datetime):
+        return (value - _EPOCH) // _ONE_US
+    return value
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _from_validation(exc: msgspec.ValidationError, version: int | None) -> PayloadError:
+    """Turn msgspec's `... - at `$.ch[0].v`` into `ch[0].v: ...`.
+
+    The part before the colon only ever holds names of this schema and indices, so it can serve
+    as a bounded metrics label; a sender's unknown key is quoted after the colon.
+    """
+    if version is not None and version != 1:
+        return PayloadError(f"v: unsupported format version {version}")
+    text, sep, where = str(exc).rpartition(" - at `")
+    if not sep:
+        text, where = str(exc), "$`"
+    if where.startswith("key` in `"):  # a map key of the wrong type
+        text, where = "key: " + text, where.removeprefix("key` in `")
+    path = where[1:-1].removeprefix(".")  # "$.ch[0].v`" -> "ch[0].v"; "$[2].ts`" -> "[2].ts"
+    match = _MSGSPEC_FIELD.fullmatch(text)
+    if match is not None and match[1] == "missing required":  # a key of our own schema
+        return PayloadError(f"{_join(path, match[2])}: missing required field")
+    if match is not None:  # the key is the sender's: keep it out of the field part of the reason
+        note = ""
+        if path.startswith("[") and match[2] in ("v", "t0", "seq", "ch"):
+            note = " (a JSON array holds only single-sample objects)"
+        return PayloadError(f"{path or 'payload'}: unknown field {_excerpt(match[2])}{note}")
+    return PayloadError(f"{path or 'payload'}: {_one_line(text)}")
+
+
+# What msgspec raises for bad input: its own errors, and UnicodeDecodeError for a str that is
+# not UTF-8. RecursionError cannot come from the typed decoders (their nesting is bounded) but
+# can from the lenient probe, which skips unknown values.
+_DECODE_ERRORS: Final = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
+
+
+def _probe_version(payload: bytes, *, json: bool) -> int | None:
+    try:
+        probe = (_JSON_PROBE if json else _MSGPACK_PROBE).decode(payload)
+    except _DECODE_ERRORS:
+        return None
+    return probe.v
+
+
+def _decode_error(payload: bytes, exc: Exception, *, json: bool) -> PayloadError:
+    if isinstance(exc, msgspec.ValidationError):
+        return _from_validation(exc, _probe_version(payload, json=json))
+    if isinstance(exc, UnicodeDecodeError):
+        bad = exc.object[exc.start : exc.start + 1].hex()
+        return PayloadError(f"payload: a string is not UTF-8 (byte 0x{bad}: {exc.reason})")
+    if isinstance(exc, RecursionError):  # pragma: no cover - see _DECODE_ERRORS
+        return PayloadError("payload: nested too deeply")
+    return PayloadError(f"payload: {_one_line(str(exc))}")
+
+
+# --------------------------------------------------------------------------------------------
+# Public functions
+# --------------------------------------------------------------------------------------------
+
+
+def parse_topic(topic: str, *, prefix: str) -> tuple[str, ...]:
+    """Levels after the prefix: the asset levels then the device id as last element (at least one).
+
+    Pure; never awaits. `prefix` may hold several levels (`plant/telemetry`); a trailing `/` on
+    it is ignored, and an empty prefix means the whole topic is levels. Every level must have
+    1 to 64 characters from `A-Z a-z 0-9 _ . : -`. Raises PayloadError('topic: ...') naming what
+    is wrong (not under the prefix, empty level, bad character, too long).
+    """
+    base = prefix.rstrip("/")
+    rest = topic
+    if base:
+        if not topic.startswith(base + "/"):
+            raise PayloadError(
+                f"topic: {_excerpt(topic, 128)} is not under the prefix {_excerpt(base, 128)}"
+            )
+        rest = topic[len(base) + 1 :]
+    if not rest:
+        raise PayloadError("topic: no device id after the prefix")
+    levels = tuple(rest.split("/"))
+    for number, level in enumerate(levels, 1):
+        problem = _name_problem(level)
+        if problem is not None:
+            raise PayloadError(f"topic: level {number} after the prefix {problem}")
+    return levels
+
+
+def decode_batch(
+    payload: bytes, *, content_type: str | None, limits: DecodeLimits, now_us: int
+) -> Batch:
+    """Decode one payload into a Batch of per-sensor columns.
+
+    Pure and synchronous (never awaits; safe to call from any thread). Raises only PayloadError,
+    whose reason is one line naming the offending field. The result shares no memory with
+    `payload`. Decisions where the wire format leaves room:
+
+    - Encoding: content type `application/msgpack` or `application/json` (parameters ignored,
+      case-insensitive); any other one is rejected; absent or blank means sniff the first
+      non-blank byte (`{` or `[` is JSON, anything else MessagePack).
+    - Optional keys may be omitted but not sent as nil/null.
+    - `vt` must be "f8" or "f4"; it is checked but has no effect when `v` is an array of numbers.
+    - `dt` and `t` together are rejected; `dt` with one value is allowed. `t` offsets may be
+      negative: every absolute time (and `t0` itself) must lie in [min_time_us,
+      now_us + max_future_us], both ends inclusive.
+    - `u`: 1 to 32 printable characters (str.isprintable, so the only space allowed is U+0020),
+      not starting or ending with a space. Channels naming the same sensor may repeat, but
+      must not state different units.
+    - JSON: `t0`/`ts` is int microseconds or an RFC 3339 string with `Z` or an offset (digits
+      beyond microseconds are rounded by msgspec). A top-level JSON object is either the batch
+      shape (v, t0, seq, ch) or the single-sample shape (ts, values), never a mix of their keys.
+      A top-level JSON array holds only single-sample objects (at least one); the whole array
+      is one batch without `seq`, with one channel per sensor name in order of first
+      appearance, its readings in array order. `values` must not be empty.
+    """
+    size = len(payload)
+    if size > limits.max_payload_bytes:
+        raise PayloadError(
+            f"payload: {size} bytes exceeds the {limits.max_payload_bytes}-byte limit"
+        )
+    if size == 0:
+        raise PayloadError("payload: is empty")
+    json = _is_json(payload, content_type)
+    window = (limits.min_time_us, min(now_us + limits.max_future_us, _I64_MAX))
+    if json:
+        return _decode_json(payload, limits, window)
+    return _decode_msgpack(payload, limits, window)
+
+
+# --------------------------------------------------------------------------------------------
+# Implementation
+# --------------------------------------------------------------------------------------------
+
+
+def _is_json(payload: bytes, content_type: str | None) -> bool:
+    if content_type is not None:
+        kind = content_type.partition(";")[0].strip().lower()
+        if kind == "application/json":
+            return True
+        if kind == "application/msgpack":
+            return False
+        if kind:
+            raise PayloadError(
+                f"content-type: {_excerpt(content_type)} is not application/msgpack"
+                " or application/json"
+            )
+    first = _first_non_blank(payload)
+    if first is None:
+        raise PayloadError("payload: holds only whitespace")
+    return first[0] in (b"{", b"[")
+
+
+def _decode_msgpack(payload: bytes, limits: DecodeLimits, window: tuple[int, int]) -> Batch:
+    try:
+        wire = _MSGPACK_DECODER.decode(payload)
+    except _DECODE_ERRORS as exc:
+        raise _decode_error(payload, exc, json=False) from exc
+    if wire.v != 1:
+        raise PayloadError(f"v: unsupported format version {wire.v}")
+    seq = None if wire.seq is UNSET else wire.seq
+    return _decode_channels(wire.t0, seq, wire.ch, limits, window)
+
+
+def _decode_json(payload: bytes, limits: DecodeLimits, window: tuple[int, int]) -> Batch:
+    try:
+        wire = _JSON_DECODER.decode(payload)
+    except _DECODE_ERRORS as exc:
+        raise _decode_error(payload, exc, json=True) from exc
+    if isinstance(wire, list):
+        if not wire:
+            raise PayloadError("payload: empty JSON array; at least one sample is required")
+        return _decode_samples(
+            [(f"[{k}].", s.ts, s.values) for k, s in enumerate(wire)], limits, window
+        )
+    batch_keys = [k for k in ("v", "t0", "seq", "ch") if getattr(wire, k) is not UNSET]
+    sample_keys = [k for k in ("ts", "values") if getattr(wire, k) is not UNSET]
+    if sample_keys:
+        if batch_keys:
+            raise PayloadError(
+                f"payload: mixes batch keys ({', '.join(batch_keys)}) with single-sample keys"
+                f" ({', '.join(sample_keys)})"
+            )
+        if wire.ts is UNSET:
+            raise PayloadError("ts: missing required field")
+        if wire.values is UNSET:
+            raise PayloadError("values: missing required field")
+        return _decode_samples([("", wire.ts, wire.values)], limits, window)
+    if wire.v is UNSET:
+        raise PayloadError("v: missing required field")
+    if wire.v != 1:
+        raise PayloadError(f"v: unsupported format version {wire.v}")
+    if wire.t0 is UNSET:
+        raise PayloadError("t0: missing required field")
+    if wire.ch is UNSET:
+        raise PayloadError("ch: missing required field")
+    seq = None if wire.seq is UNSET else wire.seq
+    return _decode_channels(_to_us(wire.t0), seq, wire.ch, limits, window)
+
+
+def _decode_channels(
+    t0: int,
+    seq: int | None,
+    wire: Sequence[_ChannelWire],
+    limits: DecodeLimits,
+    window: tuple[int, int],
+) -> Batch:
+    _check_window("t0", t0, t0, window)
+    if not wire:
+        raise PayloadError("ch: is empty; at least one channel is required")
+
+    # Pass 1: every check that needs no array, and the reading count, before any allocation.
+    counts: list[int] = []
+    units: dict[str, tuple[str, int]] = {}
+    total = 0
+    for i, c in enumerate(wire):
+        field = f"ch[{i}]"
+        _check_name(f"{field}.s", c.s)
+        if c.u is not UNSET:
+            _check_unit(f"{field}.u", c.u)
+            seen = units.setdefault(c.s, (c.u, i))
+            if seen[0] != c.u:
+                raise PayloadError(
+                    f"{field}.u: {_excerpt(c.u)} differs from {_excerpt(seen[0])}"
+                    f" given for the same sensor in ch[{seen[1]}]"
+                )
+        v = c.v
+        if isinstance(v, memoryview):
+            itemsize = _itemsize(field, c.vt)
+            if v.nbytes % itemsize:
+                raise PayloadError(f"{field}.v: length {v.nbytes} is not a multiple of {itemsize}")
+            n = v.nbytes // itemsize
+        else:
+            _itemsize(field, c.vt)
+            n = len(v)
+        if n == 0:
+            raise PayloadError(f"{field}.v: is empty; at least one value is required")
+        t = c.t
+        if t is not UNSET:
+            if c.dt is not UNSET:
+                raise PayloadError(f"{field}.t: not allowed together with dt")
+            if isinstance(t, memoryview):
+                if t.nbytes % 8:
+                    raise PayloadError(f"{field}.t: length {t.nbytes} is not a multiple of 8")
+                nt = t.nbytes // 8
+            else:
+                nt = len(t)
+            if nt != n:
+                raise PayloadError(f"{field}.t: {nt} offsets for {n} values")
+        elif c.dt is UNSET and n != 1:
+            raise PayloadError(f"{field}.dt: one of dt or t is required for {n} values")
+        q = c.q
+        if not isinstance(q, (int, UnsetType)):
+            nq = q.nbytes if isinstance(q, memoryview) else len(q)
+            if nq != n:
+                raise PayloadError(f"{field}.q: {nq} quality values for {n} values")
+        counts.append(n)
+        total += n
+    if total > limits.max_readings:
+        raise PayloadError(f"ch: {total} readings exceed the {limits.max_readings}-reading limit")
+
+    # Pass 2: build owned arrays; one copy of each bin field, no Python object per reading.
+    channels: list[Channel] = []
+    for i, (c, n) in enumerate(zip(wire, counts, strict=True)):
+        v = c.v
+        if isinstance(v, memoryview):
+            raw = np.frombuffer(v, dtype=_F4 if c.vt == "f4" else _F8)
+            value = raw.astype(np.float64)
+        else:
+            value = np.array(v, dtype=np.float64)
+        channels.append(
+            Channel(
+                name=c.s,
+                unit=None if c.u is UNSET else c.u,
+                time=_times(f"ch[{i}]", c, n, t0, window),
+                value=value,
+                quality=_quality(c.q, n),
+            )
+        )
+    return Batch(seq=seq, channels=tuple(channels), readings=total)
+
+
+def _itemsize(field: str, vt: str | UnsetType) -> int:
+    if vt is UNSET or vt == "f8":
+        return 8
+    if vt == "f4":
+        return 4
+    raise PayloadError(f'{field}.vt: {_excerpt(vt)} is not "f8" or "f4"')
+
+
+def _times(
+    field: str, c: _ChannelWire, n: int, t0: int, window: tuple[int, int]
+) -> npt.NDArray[np.int64]:
+    t = c.t
+    if t is not UNSET:
+        offsets = (
+            np.frombuffer(t, dtype=_I8) if isinstance(t, memoryview) else np.array(t, np.int64)
+        )
+        # Bounds in Python ints first: t0 + offset cannot overflow once inside the window.
+        _check_window(f"{field}.t", t0 + int(offsets.min()), t0 + int(offsets.max()), window)
+        return np.add(offsets, t0, dtype=np.int64)
+    if c.dt is UNSET or n == 1:
+        return np.full(n, t0, dtype=np.int64)
+    dt = c.dt
+    last = t0 + dt * (n - 1)
+    _check_window(f"{field}.dt", t0, last, window)
+    if last + dt <= _I64_MAX:  # one pass; numpy sizes it as (stop - start) / dt, exactly n
+        times = np.arange(t0, last + dt, dt, dtype=np.int64)
+        if times.shape[0] == n:
+            return times
+    times = np.arange(n, dtype=np.int64)
+    times *= dt
+    times += t0
+    return times
+
+
+def _quality(q: int | memoryview | list[int] | UnsetType, n: int) -> npt.NDArray[np.uint8]:
+    if q is UNSET:
+        return np.zeros(n, dtype=np.uint8)
+    if isinstance(q, int):
+        return np.full(n, q, dtype=np.uint8)
+    if isinstance(q, memoryview):
+        return np.frombuffer(q, dtype=np.uint8).copy()
+    return np.array(q, dtype=np.uint8)
+
+
+def _decode_samples(
+    samples: Sequence[tuple[str, int | datetime, dict[str, float]]],
+    limits: DecodeLimits,
+    window: tuple[int, int],
+) -> Batch:
+    """The single-sample shape (and arrays of it): one channel per sensor, in first-seen order."""
+    total = 0
+    for where, _, values in samples:
+        if not values:
+            raise PayloadError(f"{where}values: is empty; at least one reading is required")
+        total += len(values)
+    if total > limits.max_readings:
+        raise PayloadError(
+            f"payload: {total} readings exceed the {limits.max_readings}-reading limit"
+        )
+    columns: dict[str, tuple[list[int], list[float]]] = {}
+    for where, ts, values in samples:
+        at = _to_us(ts)
+        _check_window(f"{where}ts", at, at, window)
+        for name, value in values.items():
+            column = columns.get(name)
+            if column is None:
+                problem = _name_problem(name)
+                if problem is not None:
+                    raise PayloadError(f"{where}values: sensor name {problem}")
+                column = columns[name] = ([], [])
+            column[0].append(at)
+            column[1].append(value)
+    channels = tuple(
+        Channel(
+            name=name,
+            unit=None,
+            time=np.array(times, dtype=np.int64),
+            value=np.array(vals, dtype=np.float64),
+            quality=np.zeros(len(vals), dtype=np.uint8),
+        )
+        for name, (times, vals) in columns.items()
+    )
+    return Batch(seq=None, channels=channels, readings=total)
