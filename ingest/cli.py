@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -32,9 +31,119 @@ def _parser() -> argparse.ArgumentParser:
     mig.add_argument("--config", metavar="FILE", help="TOML configuration file (INGEST_CONFIG)")
     mig.add_argument("--schema-dir", metavar="DIR", help="folder of *.sql migrations")
 
+    sim = sub.add_parser("simulate", help="publish a simulated plant's sensor data")
+    sim.add_argument(
+        "--url", help="broker URL (default: INGEST_MQTT_URL, else mqtt://127.0.0.1:1883)"
+    )
+    sim.add_argument(
+        "--prefix",
+        default=None,
+        help="topic prefix (default: INGEST_MQTT_TOPIC_PREFIX or telemetry)",
+    )
+    sim.add_argument(
+        "--plant", metavar="FILE", help="plant TOML (lines, devices, sensors); default: built-in"
+    )
+    sim.add_argument(
+        "--devices", type=_positive_int, metavar="N", help="use only the first N devices"
+    )
+    sim.add_argument(
+        "--hz", type=_positive_float, default=10.0, help="samples per second per sensor (10)"
+    )
+    sim.add_argument(
+        "--batch", type=_positive_int, default=10, help="samples per channel per message (10)"
+    )
+    sim.add_argument(
+        "--format", choices=("compact", "json"), default="compact", help="wire encoding"
+    )
+    sim.add_argument(
+        "--rate",
+        type=_non_negative_float,
+        default=0.0,
+        help="readings per second in all, 0 for as fast as possible (default)",
+    )
+    sim.add_argument(
+        "--realtime",
+        action="store_true",
+        help="pace by the simulated clock: sample times follow the wall clock",
+    )
+    sim.add_argument("--start", metavar="RFC3339", help="first sample time (default: now)")
+    sim.add_argument(
+        "--duration",
+        type=_non_negative_float,
+        default=0.0,
+        metavar="SECONDS",
+        help="simulated seconds per device, 0 for no end (default)",
+    )
+    sim.add_argument("--processes", type=_positive_int, default=1, help="publisher processes (1)")
+    sim.add_argument(
+        "--anomaly",
+        action="append",
+        default=[],
+        metavar="KIND:GLOB@S[+D]",
+        help="inject spike, drift or flatline on DEVICE/SENSOR matching GLOB at S "
+        "simulated seconds (for D seconds); repeatable",
+    )
+    sim.add_argument("--record", metavar="PATH", help="record what was published to PATH.<n>")
+    sim.add_argument("--quiet", action="store_true", help="no progress lines")
+
     chk = sub.add_parser("check-config", help="validate the configuration and print it")
     chk.add_argument("--config", metavar="FILE", help="TOML configuration file (INGEST_CONFIG)")
     return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a number >= 0")
+    return value
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    import os
+    import time
+
+    from ingest.config import parse_rfc3339_us
+    from ingest.simulate import Anomaly, SimSettings, load_plant, simulate
+
+    devices = load_plant(args.plant)
+    if args.devices:
+        devices = devices[: args.devices]
+    if args.start:
+        try:
+            start_us = parse_rfc3339_us(args.start)
+        except ValueError as exc:
+            raise ConfigError(f"--start: {exc}") from None
+    else:
+        start_us = time.time_ns() // 1000
+    settings = SimSettings(
+        url=args.url or os.environ.get("INGEST_MQTT_URL", "mqtt://127.0.0.1:1883"),
+        prefix=args.prefix or os.environ.get("INGEST_MQTT_TOPIC_PREFIX", "telemetry"),
+        hz=args.hz,
+        batch=args.batch,
+        fmt=args.format,
+        rate=args.rate,
+        realtime=args.realtime,
+        start_us=start_us,
+        duration_s=args.duration,
+        anomalies=tuple(Anomaly.parse(a) for a in args.anomaly),
+        record=args.record,
+    )
+    simulate(settings, devices, processes=args.processes, progress=not args.quiet)
+    return 0
 
 
 def _setup_logging(*, level: str = "info", fmt: str = "text") -> None:
@@ -54,7 +163,10 @@ def _migrate(args: argparse.Namespace) -> int:
     dsn = cfg.db.migrate_url or cfg.db.url
     schema_dir = Path(args.schema_dir) if args.schema_dir else None
     applied = asyncio.run(migrate(dsn=dsn, schema_dir=schema_dir))
-    print(f"ingest: {len(applied)} migration(s) applied" + (f": {', '.join(applied)}" if applied else ", schema is current"))
+    print(
+        f"ingest: {len(applied)} migration(s) applied"
+        + (f": {', '.join(applied)}" if applied else ", schema is current")
+    )
     return 0
 
 
@@ -83,7 +195,12 @@ def _check_config(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {"run": _run, "migrate": _migrate, "check-config": _check_config}
+    handlers = {
+        "run": _run,
+        "migrate": _migrate,
+        "simulate": _simulate,
+        "check-config": _check_config,
+    }
     try:
         return handlers[args.command](args)
     except ConfigError as exc:

@@ -1,4 +1,4 @@
-"""Configuration: one immutable object from a TOML file and `INGEST_*` variables (environment wins)."""
+"""Configuration: one immutable object from a TOML file and `INGEST_*` environment variables."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import os
 import re
 import socket
 import tomllib
-from datetime import UTC, datetime
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -184,7 +184,8 @@ def _sections() -> dict[str, type[msgspec.Struct]]:
     return {f.name: f.type for f in msgspec.structs.fields(Config)}
 
 
-def _env_key(section: str, key: str) -> str:
+def env_name(section: str, key: str) -> str:
+    """The environment variable of a setting."""
     for name, target in _ENV_ALIASES.items():
         if target == (section, key):
             return name
@@ -195,14 +196,16 @@ def _from_env(env: Mapping[str, str]) -> dict[str, dict[str, str]]:
     known: dict[str, tuple[str, str]] = {}
     for section, struct in _sections().items():
         for field in msgspec.structs.fields(struct):
-            known[_env_key(section, field.name)] = (section, field.name)
+            known[env_name(section, field.name)] = (section, field.name)
     out: dict[str, dict[str, str]] = {}
     for name, value in env.items():
         if not name.startswith(ENV_PREFIX) or name in _ENV_IGNORED:
             continue
         target = known.get(name)
         if target is None:
-            raise ConfigError(f"{name}: unknown setting (see the configuration table in the README)")
+            raise ConfigError(
+                f"{name}: unknown setting (see the configuration table in the README)"
+            )
         out.setdefault(target[0], {})[target[1]] = value
     return out
 
@@ -211,7 +214,7 @@ def _describe(path: str) -> str:
     """`$.flush.max_readings` -> `flush.max_readings (INGEST_FLUSH_MAX_READINGS)`."""
     parts = [p for p in path.removeprefix("$").split(".") if p]
     if len(parts) >= 2:
-        return f"{parts[0]}.{parts[1]} ({_env_key(parts[0], parts[1])})"
+        return f"{parts[0]}.{parts[1]} ({env_name(parts[0], parts[1])})"
     if len(parts) == 1:
         return f"[{parts[0]}]"
     return "config"
@@ -260,4 +263,3 @@ def _explain(exc: msgspec.ValidationError) -> str:
     if own and path.count(".") == 1:
         return f"{_describe(path + '.' + own.group(1))}: {own.group(2)}"
     return f"{_describe(path)}: {message[0].lower()}{message[1:]}"
-

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -108,6 +108,6 @@ async def owner(database: Database) -> AsyncIterator[asyncpg.Connection]:
 
 
 @pytest.fixture
-def prefix() -> Iterator[str]:
+def prefix() -> str:
     """A topic prefix no other test uses, so tests can share the broker and the database."""
-    yield f"t{uuid.uuid4().hex[:10]}/telemetry"
+    return f"t{uuid.uuid4().hex[:10]}/telemetry"

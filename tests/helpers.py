@@ -3,16 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import socket
+import sys
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
+from urllib.parse import urlsplit
 
+import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 T = TypeVar("T")
 
 
 async def wait_until(
-    predicate: Callable[[], Awaitable[T]], *, timeout: float = 30.0, every: float = 0.1
+    predicate: Callable[[], Awaitable[T]],
+    *,
+    timeout: float = 30.0,  # noqa: ASYNC109 - a polling deadline
+    every: float = 0.1,
 ) -> T:
     """Poll an async predicate until it returns a truthy value; fail after `timeout` seconds."""
     loop = asyncio.get_running_loop()
@@ -24,3 +37,144 @@ async def wait_until(
         if loop.time() > deadline:
             pytest.fail(f"condition not met within {timeout}s (last value: {value!r})")
         await asyncio.sleep(every)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Publisher:
+    """A plain paho client, separate from the ingester's code, publishing at QoS 1."""
+
+    def __init__(self, url: str, *, client_id: str | None = None) -> None:
+        parts = urlsplit(url)
+        self._client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id or f"pub-{uuid.uuid4().hex[:8]}",
+            protocol=mqtt.MQTTv5,
+        )
+        self._client.max_inflight_messages_set(500)
+        self._client.max_queued_messages_set(0)
+        if parts.username:
+            self._client.username_pw_set(parts.username, parts.password)
+        self._client.connect(parts.hostname or "127.0.0.1", parts.port or 1883)
+        self._client.loop_start()
+        self._pending: list[mqtt.MQTTMessageInfo] = []
+
+    def publish(self, topic: str, payload: bytes, *, content_type: str | None = None) -> None:
+        props = None
+        if content_type is not None:
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            props.ContentType = content_type
+        info = self._client.publish(topic, payload, qos=1, properties=props)
+        self._pending.append(info)
+
+    def wait(self, timeout: float = 30.0) -> None:
+        """Block until the broker acknowledged everything published so far."""
+        for info in self._pending:
+            info.wait_for_publish(timeout=timeout)
+            if not info.is_published():
+                raise AssertionError(f"message {info.mid} not acknowledged by the broker")
+        self._pending.clear()
+
+    def close(self) -> None:
+        self.wait()
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    def __enter__(self) -> Publisher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Ingester:
+    """`ingest run` as a child process of the test, with its own metrics port."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.port = free_port()
+        self.env = {
+            **os.environ,
+            "INGEST_METRICS_PORT": str(self.port),
+            "INGEST_METRICS_HOST": "127.0.0.1",
+            "INGEST_FLUSH_INTERVAL_S": "0.05",
+            **env,
+        }
+        self.proc: asyncio.subprocess.Process | None = None
+        self.log = b""
+
+    async def start(self, *, ready_timeout: float = 60.0) -> Ingester:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "ingest.cli",
+            "run",
+            env=self.env,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        self._reader = asyncio.create_task(self._read_log())
+
+        async def ready() -> bool:
+            if self.proc is not None and self.proc.returncode is not None:
+                raise AssertionError(
+                    f"ingest run exited with {self.proc.returncode}: {self.log.decode()}"
+                )
+            status, _ = await http_get(self.port, "/readyz")
+            return status == 200
+
+        await wait_until(ready, timeout=ready_timeout)
+        return self
+
+    async def _read_log(self) -> None:
+        assert self.proc is not None
+        assert self.proc.stderr is not None
+        while chunk := await self.proc.stderr.read(65536):
+            self.log += chunk
+
+    async def metric(self, name: str) -> float:
+        """The sum of every sample of `name` in the exposition."""
+        status, body = await http_get(self.port, "/metrics")
+        assert status == 200
+        total = 0.0
+        for line in body.decode().splitlines():
+            if line.startswith(name) and line[len(name)] in " {":
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    async def stop(self, *, timeout: float = 60.0) -> int:  # noqa: ASYNC109
+        """SIGTERM, then wait for the exit status."""
+        assert self.proc is not None
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(self.proc.wait(), timeout=timeout)
+        await self._reader
+        return code
+
+    async def kill(self) -> None:
+        """SIGKILL: no flush, no acknowledgement, no goodbye."""
+        assert self.proc is not None
+        self.proc.kill()
+        await self.proc.wait()
+        await self._reader
+
+
+async def http_get(port: int, path: str) -> tuple[int, bytes]:
+    """(status, body) of a GET on localhost, or (0, b'') when nothing listens yet."""
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 5)
+    except OSError:
+        return 0, b""
+    try:
+        writer.write(
+            f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode()
+        )
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body

@@ -19,7 +19,10 @@ SCHEMA_FILES = sorted(p.name for p in default_schema_dir().glob("*.sql"))
 
 async def _ingest(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "ingest.cli", *args,
+        sys.executable,
+        "-m",
+        "ingest.cli",
+        *args,
         env={**os.environ, **env},
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -37,11 +40,15 @@ async def test_concurrent_migrate_applies_each_file_once(empty_database: Databas
     env = _migrate_env(empty_database)
     results = await asyncio.gather(*(_ingest("migrate", env=env) for _ in range(4)))
     assert [r[0] for r in results] == [0, 0, 0, 0], [r[2] for r in results]
-    applied_lines = [line for r in results for line in r[2].splitlines() if "applied migration" in line]
+    applied_lines = [
+        line for r in results for line in r[2].splitlines() if "applied migration" in line
+    ]
     assert sorted(line.rsplit(" ", 1)[-1] for line in applied_lines) == SCHEMA_FILES
     conn = await asyncpg.connect(empty_database.owner_url)
     try:
-        rows = await conn.fetch("SELECT name, checksum FROM telemetry.schema_migrations ORDER BY name")
+        rows = await conn.fetch(
+            "SELECT name, checksum FROM telemetry.schema_migrations ORDER BY name"
+        )
     finally:
         await conn.close()
     expected = [(m.name, m.checksum) for m in load_migrations(default_schema_dir())]
@@ -70,12 +77,16 @@ async def test_changed_migration_is_refused(empty_database: Database, tmp_path: 
     assert lines[0].endswith("add a new migration instead of editing an applied one")
 
 
-async def test_missing_applied_migration_is_refused(empty_database: Database, tmp_path: Path) -> None:
+async def test_missing_applied_migration_is_refused(
+    empty_database: Database, tmp_path: Path
+) -> None:
     schema = tmp_path / "schema"
     shutil.copytree(default_schema_dir(), schema)
     await migrate(dsn=empty_database.owner_url, schema_dir=schema)
     (schema / SCHEMA_FILES[-1]).unlink()
-    code, _, err = await _ingest("migrate", "--schema-dir", str(schema), env=_migrate_env(empty_database))
+    code, _, err = await _ingest(
+        "migrate", "--schema-dir", str(schema), env=_migrate_env(empty_database)
+    )
     assert code == 1
     assert err.strip() == (
         f"ingest: migration {SCHEMA_FILES[-1]} is recorded as applied but is missing from the "
@@ -114,15 +125,15 @@ async def test_readings_have_only_the_unique_index(database: Database) -> None:
         await conn.close()
     assert [r["indexdef"] for r in rows] == [
         "CREATE UNIQUE INDEX readings_sensor_time_key ON telemetry.readings "
-        "USING btree (sensor_id, \"time\")"
+        'USING btree (sensor_id, "time")'
     ]
 
 
 @pytest.mark.parametrize("bad", ["INGEST_DB_URL=mysql://x", "INGEST_FLUSH_INTERVAL_S=soon"])
 async def test_bad_config_is_one_line_naming_the_key(bad: str) -> None:
     key, value = bad.split("=", 1)
-    code, out, err = await _ingest("migrate", env={"INGEST_DB_URL": "postgresql://x/y", key: value})
+    code, _, err = await _ingest("migrate", env={"INGEST_DB_URL": "postgresql://x/y", key: value})
     assert code == 2
     assert len(err.strip().splitlines()) == 1
-    assert err.startswith(f"ingest: config: ")
+    assert err.startswith("ingest: config: ")
     assert f"({key})" in err

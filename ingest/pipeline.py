@@ -1,0 +1,386 @@
+"""The pipeline: wires source, decode, registry, kernels and sink, and acknowledges after commit."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ingest import metrics
+from ingest.config import Config, parse_rfc3339_us
+from ingest.decode import Batch, DecodeLimits, decode_batch, parse_topic
+from ingest.derive import Deriver
+from ingest.errors import ConfigError, PayloadError, PermanentSinkError, TransientSinkError
+from ingest.migrate import default_schema_dir, load_migrations, pending
+from ingest.registry import Registry, SensorKey
+from ingest.sink import DeadLetter, Readings, Sink, classify
+from ingest.source import MqttSource, Received, Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Accepted:
+    levels: tuple[str, ...]
+    batch: Batch
+
+
+@dataclass(slots=True)
+class FlushJob:
+    """Messages gathered for one flush, in arrival order."""
+
+    received: list[Received] = field(default_factory=list)
+    accepted: list[_Accepted] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    readings: int = 0
+    nbytes: int = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.received)
+
+
+class _Budget:
+    """Caps what is received and not yet acknowledged, in bytes and readings."""
+
+    def __init__(self, *, max_bytes: int, max_readings: int) -> None:
+        self.max_bytes, self.max_readings = max_bytes, max_readings
+        self.bytes = self.readings = self.messages = 0
+        self._changed = asyncio.Condition()
+
+    async def wait_for_room(self) -> None:
+        async with self._changed:
+            await self._changed.wait_for(
+                lambda: self.bytes < self.max_bytes and self.readings < self.max_readings
+            )
+
+    def take(self, *, nbytes: int, readings: int) -> None:
+        self.bytes += nbytes
+        self.readings += readings
+        self.messages += 1
+        self._publish()
+
+    async def release(self, *, nbytes: int, readings: int, messages: int) -> None:
+        async with self._changed:
+            self.bytes -= nbytes
+            self.readings -= readings
+            self.messages -= messages
+            self._publish()
+            self._changed.notify_all()
+
+    def _publish(self) -> None:
+        metrics.INFLIGHT_BYTES.set(self.bytes)
+        metrics.INFLIGHT_READINGS.set(self.readings)
+        metrics.INFLIGHT_MESSAGES.set(self.messages)
+
+
+def build_readings(job: FlushJob, registry: Registry) -> tuple[Readings, int]:
+    """The flush's readings as columns sorted by (sensor, time); for a repeated (sensor, time)
+    the reading that arrived last wins. Returns the columns and how many were superseded."""
+    times, sensors, values, qualities = [], [], [], []
+    for item in job.accepted:
+        for ch in item.batch.channels:
+            sensor_id = registry.get(SensorKey(item.levels, ch.name))
+            assert sensor_id is not None, "resolve() registers every sensor of the flush first"
+            times.append(ch.time)
+            values.append(ch.value)
+            qualities.append(ch.quality)
+            sensors.append(np.full(len(ch.time), sensor_id, dtype=np.int32))
+    if not times:
+        empty = Readings(
+            np.empty(0, np.int64),
+            np.empty(0, np.int32),
+            np.empty(0, np.float64),
+            np.empty(0, np.uint8),
+        )
+        return empty, 0
+    time_col = np.concatenate(times)
+    sensor_col = np.concatenate(sensors)
+    order = np.lexsort((time_col, sensor_col))  # stable: equal keys keep arrival order
+    time_col, sensor_col = time_col[order], sensor_col[order]
+    value_col, quality_col = np.concatenate(values)[order], np.concatenate(qualities)[order]
+    repeated = (sensor_col[1:] == sensor_col[:-1]) & (time_col[1:] == time_col[:-1])
+    if repeated.any():
+        keep = np.ones(len(time_col), dtype=bool)
+        keep[:-1] = ~repeated
+        slab = Readings(time_col[keep], sensor_col[keep], value_col[keep], quality_col[keep])
+        return slab, int(repeated.sum())
+    return Readings(time_col, sensor_col, value_col, quality_col), 0
+
+
+def _clean(text: str | None) -> str | None:
+    """PostgreSQL text cannot hold NUL; keep everything else as received."""
+    return None if text is None else text.replace("\x00", "\\x00")
+
+
+class Pipeline:
+    """One ingester: intake task, flush timer and writer task under one TaskGroup."""
+
+    def __init__(self, cfg: Config, *, health: metrics.Health) -> None:
+        self.cfg = cfg
+        self.health = health
+        self.registry = Registry()
+        self.deriver = Deriver(cfg)
+        self.sink = Sink(dsn=cfg.db.url, connect_timeout_s=cfg.db.connect_timeout_s)
+        self.source = MqttSource(
+            settings=_source_settings(cfg), on_reconnect=metrics.MQTT_RECONNECTS.inc
+        )
+        self.limits = DecodeLimits(
+            max_payload_bytes=cfg.limits.max_payload_bytes,
+            max_readings=cfg.limits.max_batch_readings,
+            min_time_us=parse_rfc3339_us(cfg.limits.min_time),
+            max_future_us=int(cfg.limits.max_future_s * 1_000_000),
+        )
+        self._budget = _Budget(
+            max_bytes=cfg.flush.max_inflight_bytes, max_readings=cfg.flush.max_inflight_readings
+        )
+        self._job = FlushJob()
+        self._job_started = 0.0
+        self._queue: asyncio.Queue[FlushJob | None] = asyncio.Queue(maxsize=2)
+        self._dispatch_lock = asyncio.Lock()
+
+    # ------------------------------------------------------------------ intake
+
+    def _accept(self, msg: Received) -> None:
+        """Decode one message into the current flush, or make it a dead letter. Never awaits."""
+        job = self._job
+        if not job:
+            self._job_started = time.monotonic()
+        job.received.append(msg)
+        job.nbytes += len(msg.payload)
+        metrics.MESSAGES_RECEIVED.inc()
+        metrics.PAYLOAD_BYTES.inc(len(msg.payload))
+        try:
+            levels = parse_topic(msg.topic, prefix=self.cfg.mqtt.topic_prefix)
+            batch = decode_batch(
+                msg.payload,
+                content_type=msg.content_type,
+                limits=self.limits,
+                now_us=time.time_ns() // 1000,
+            )
+        except PayloadError as exc:
+            job.dead_letters.append(
+                DeadLetter(
+                    received_us=msg.received_ns // 1000,
+                    topic=_clean(msg.topic) or "",
+                    payload=msg.payload,
+                    reason=exc.reason,
+                    content_type=_clean(msg.content_type),
+                )
+            )
+            metrics.DEAD_LETTERS.labels(metrics.reason_field(exc.reason)).inc()
+            self._budget.take(nbytes=len(msg.payload), readings=0)
+            return
+        job.accepted.append(_Accepted(levels, batch))
+        job.readings += batch.readings
+        self._budget.take(nbytes=len(msg.payload), readings=batch.readings)
+
+    async def _dispatch(self) -> None:
+        """Hand the current flush to the writer (waits while the writer is behind)."""
+        async with self._dispatch_lock:
+            if not self._job:
+                return
+            job, self._job = self._job, FlushJob()
+            await self._queue.put(job)
+
+    async def _intake(self) -> None:
+        async for msg in self.source.messages():
+            self._accept(msg)
+            if self._job.readings >= self.cfg.flush.max_readings:
+                await self._dispatch()
+            await self._budget.wait_for_room()
+
+    async def _timer(self) -> None:
+        interval = self.cfg.flush.interval_s
+        while True:
+            await asyncio.sleep(interval / 4)
+            self.health.broker = self.source.connected
+            if self._job and time.monotonic() - self._job_started >= interval:
+                await self._dispatch()
+
+    # ------------------------------------------------------------------ writer
+
+    async def _writer(self) -> None:
+        while (job := await self._queue.get()) is not None:
+            await self._commit(job)
+            for msg in job.received:
+                self.source.ack(msg.token)
+            metrics.MESSAGES_ACKED.inc(len(job.received))
+            await self._budget.release(
+                nbytes=job.nbytes, readings=job.readings, messages=len(job.received)
+            )
+
+    async def _commit(self, job: FlushJob) -> None:
+        """Write one flush, retrying transient database errors with capped backoff."""
+        delay = self.cfg.db.retry_min_s
+        while True:
+            try:
+                await self._try_commit(job)
+                self.health.database = True
+                return
+            except TransientSinkError as exc:
+                self.health.database = False
+                metrics.DB_RETRIES.inc()
+                log.warning(
+                    "flush of %d messages not written, retrying in %.1fs: %s",
+                    len(job.received),
+                    delay,
+                    exc,
+                )
+                await asyncio.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, self.cfg.db.retry_max_s)
+                with contextlib.suppress(TransientSinkError):
+                    await self.sink.connect()
+
+    async def _try_commit(self, job: FlushJob) -> None:
+        conn = self.sink.connection
+        started = time.monotonic()
+        sensors: dict[SensorKey, str | None] = {}
+        for item in job.accepted:
+            for ch in item.batch.channels:
+                key = SensorKey(item.levels, ch.name)
+                if ch.unit is not None or key not in sensors:
+                    sensors[key] = ch.unit
+        try:
+            await self.registry.resolve(conn, sensors=sensors)
+        except (PermanentSinkError, TransientSinkError):
+            raise
+        except Exception as exc:
+            raise classify(exc) from exc
+        metrics.SENSORS_KNOWN.set(len(self.registry))
+        readings, superseded = build_readings(job, self.registry)
+        await self.deriver.prepare(conn, readings=readings, registry=self.registry)
+        try:
+            result = await self.sink.write(
+                readings=readings, dead_letters=job.dead_letters, derive=self.deriver.derive
+            )
+        except BaseException:
+            self.deriver.abandon()
+            raise
+        self.deriver.commit()
+        done = time.time()
+        metrics.READINGS_WRITTEN.inc(result.inserted)
+        metrics.READINGS_DUPLICATE.inc(result.duplicates)
+        metrics.READINGS_SUPERSEDED.inc(superseded)
+        metrics.FLUSH_READINGS.observe(len(readings))
+        metrics.FLUSH_SECONDS.observe(time.monotonic() - started)
+        metrics.COPY_SECONDS.observe(result.copy_seconds)
+        metrics.LAST_COMMIT.set(done)
+        for msg in job.received:
+            sent = msg.published_us / 1e6 if msg.published_us else msg.received_ns / 1e9
+            metrics.COMMIT_LAG.observe(max(0.0, done - sent))
+        if result.staged:
+            log.info(
+                "flush of %d readings held %d already stored (redelivery)",
+                len(readings),
+                result.duplicates,
+            )
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def wait_for_database(self, stop: asyncio.Event) -> bool:
+        """Connect and check the schema is current, retrying until it is or `stop` is set."""
+        migrations = load_migrations(default_schema_dir())
+        delay = self.cfg.db.retry_min_s
+        while not stop.is_set():
+            try:
+                await self.sink.connect()
+                self.health.database = True
+                behind = await pending(self.sink.connection, migrations=migrations)
+                if not behind:
+                    self.health.schema = True
+                    return True
+                log.warning(
+                    "database schema is behind: %d migration(s) pending (%s); run 'ingest migrate'",
+                    len(behind),
+                    behind[0].name,
+                )
+            except TransientSinkError as exc:
+                self.health.database = False
+                log.warning("database not reachable, retrying in %.1fs: %s", delay, exc)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=delay)
+            delay = min(delay * 2, self.cfg.db.retry_max_s)
+        return False
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run until `stop` is set, then stop intake, flush, acknowledge and return."""
+        if not await self.wait_for_database(stop):
+            return
+        async with self.source, asyncio.TaskGroup() as tg:
+            writer = tg.create_task(self._writer(), name="writer")
+            timer = tg.create_task(self._timer(), name="flush-timer")
+            intake = tg.create_task(self._intake(), name="intake")
+            stopper = tg.create_task(stop.wait(), name="stop")
+            await asyncio.wait({writer, intake, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            self.health.stopping = True
+            intake.cancel()
+            timer.cancel()
+            stopper.cancel()
+            if not writer.done():
+                # Shield the final flush: a second signal during the grace period is ignored.
+                await asyncio.shield(self._drain(writer))
+        await self.sink.close()
+
+    async def _drain(self, writer: asyncio.Task[None]) -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._dispatch()
+        await self._queue.put(None)
+        try:
+            await asyncio.wait_for(asyncio.shield(writer), timeout=self.cfg.flush.shutdown_grace_s)
+        except TimeoutError:
+            log.warning(
+                "final flush not committed within %.0fs; its messages stay "
+                "unacknowledged and the broker will deliver them again",
+                self.cfg.flush.shutdown_grace_s,
+            )
+            writer.cancel()
+
+
+def _source_settings(cfg: Config) -> Settings:
+    m = cfg.mqtt
+    return Settings(
+        url=m.url,
+        client_id=cfg.client_id,
+        topic_prefix=m.topic_prefix,
+        share_group=m.share_group or None,
+        receive_maximum=m.receive_maximum,
+        session_expiry_s=m.session_expiry_s,
+        keepalive_s=m.keepalive_s,
+        tls_ca_file=m.tls_ca_file or None,
+        tls_cert_file=m.tls_cert_file or None,
+        tls_key_file=m.tls_key_file or None,
+        tls_insecure=m.tls_insecure,
+        reconnect_min_s=m.reconnect_min_s,
+        reconnect_max_s=m.reconnect_max_s,
+    )
+
+
+async def run_service(cfg: Config, *, stop: asyncio.Event | None = None) -> int:
+    """`ingest run`: warm the kernels, serve health and metrics, run until SIGTERM or SIGINT."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    health = metrics.Health()
+    pipeline = Pipeline(cfg, health=health)
+    started = time.monotonic()
+    pipeline.deriver.warm_up()
+    log.info("kernels ready in %.2fs", time.monotonic() - started)
+    failed: list[BaseException] = []
+    async with metrics.serve(host=cfg.metrics.host, port=cfg.metrics.port, health=health):
+        try:
+            await pipeline.run(stop)
+        except* (PermanentSinkError, ConfigError) as group:
+            failed.extend(group.exceptions)
+    if failed:
+        # Nothing of the failed flush was acknowledged: the broker keeps it for the next start.
+        log.error("stopped: %s", failed[0])
+        return 1
+    log.info("stopped")
+    return 0

@@ -1,0 +1,291 @@
+"""The sink stage: one binary COPY per flush into TimescaleDB, one transaction with its extras."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, cast
+
+import asyncpg
+import numpy as np
+import numpy.typing as npt
+
+from ingest.errors import PermanentSinkError, TransientSinkError
+
+log = logging.getLogger(__name__)
+
+PG_EPOCH_US = 946_684_800_000_000  # 2000-01-01T00:00:00Z in Unix microseconds
+_HEADER = b"PGCOPY\n\xff\r\n\x00" + (0).to_bytes(4, "big") + (0).to_bytes(4, "big")
+_TRAILER = (-1).to_bytes(2, "big", signed=True)
+
+# One COPY row of telemetry.readings (time, sensor_id, value, quality) in PostgreSQL's binary
+# format: a field count, then a length and a big-endian value per field. Every field has a fixed
+# width, so a whole slab is one numpy structured array.
+_READING_ROW = np.dtype(
+    [
+        ("nfields", ">i2"),
+        ("time_len", ">i4"),
+        ("time", ">i8"),
+        ("sensor_len", ">i4"),
+        ("sensor", ">i4"),
+        ("value_len", ">i4"),
+        ("value", ">f8"),
+        ("quality_len", ">i4"),
+        ("quality", ">i2"),
+    ]
+)
+# The staging table carries each row's position in the slab, to tell which rows were new.
+_STAGED_ROW = np.dtype([*_READING_ROW.descr, ("pos_len", ">i4"), ("pos", ">i4")])
+_READING_COLUMNS = ("time", "sensor_id", "value", "quality")
+
+# SQLSTATE classes a retry can fix: connection exceptions, insufficient resources, operator
+# intervention (shutdown, crash recovery), serialisation failures and deadlocks, lock timeouts.
+_TRANSIENT_CLASSES = ("08", "53", "57", "40", "55P03", "58")
+
+
+@dataclass(frozen=True, slots=True)
+class Readings:
+    """A slab of readings as columns, sorted by (sensor, time) with (sensor, time) unique."""
+
+    time: npt.NDArray[np.int64]  # microseconds since the Unix epoch
+    sensor: npt.NDArray[np.int32]
+    value: npt.NDArray[np.float64]
+    quality: npt.NDArray[np.uint8]
+
+    def __len__(self) -> int:
+        return len(self.time)
+
+    def select(self, mask: npt.NDArray[np.bool_]) -> Readings:
+        return Readings(self.time[mask], self.sensor[mask], self.value[mask], self.quality[mask])
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A rejected message, stored with the reason it was rejected."""
+
+    received_us: int
+    topic: str
+    payload: bytes
+    reason: str
+    content_type: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Upsert:
+    """Extra rows to write in the same transaction: `sql` takes one array parameter per column."""
+
+    sql: str
+    columns: tuple[Sequence[Any], ...]
+
+    def __len__(self) -> int:
+        return len(self.columns[0]) if self.columns else 0
+
+
+@dataclass(slots=True)
+class WriteResult:
+    """What one committed flush wrote."""
+
+    inserted: int = 0
+    duplicates: int = 0
+    dead_letters: int = 0
+    staged: bool = False
+    copy_seconds: float = 0.0
+    extras: dict[str, int] = field(default_factory=dict)
+
+
+def encode_copy(readings: Readings, *, positions: bool = False) -> memoryview:
+    """PostgreSQL binary COPY data for `readings`, built from the columns without a row loop.
+
+    With `positions`, each row also carries its index in the slab (the staging table's `pos`).
+    """
+    n = len(readings)
+    dtype = _STAGED_ROW if positions else _READING_ROW
+    body = n * dtype.itemsize
+    buf = np.empty(len(_HEADER) + body + len(_TRAILER), dtype=np.uint8)
+    buf[: len(_HEADER)] = np.frombuffer(_HEADER, dtype=np.uint8)
+    buf[len(_HEADER) + body :] = np.frombuffer(_TRAILER, dtype=np.uint8)
+    rows = buf[len(_HEADER) : len(_HEADER) + body].view(dtype)
+    rows["nfields"] = 5 if positions else 4
+    rows["time_len"] = 8
+    np.subtract(readings.time, PG_EPOCH_US, out=rows["time"], casting="unsafe")
+    rows["sensor_len"] = 4
+    rows["sensor"] = readings.sensor
+    rows["value_len"] = 8
+    rows["value"] = readings.value
+    rows["quality_len"] = 2
+    rows["quality"] = readings.quality
+    if positions:
+        rows["pos_len"] = 4
+        rows["pos"] = np.arange(n, dtype=np.int32)
+    return buf.data
+
+
+def classify(exc: BaseException) -> TransientSinkError | PermanentSinkError:
+    """Wrap a database error by SQLSTATE class (never by message text)."""
+    if isinstance(exc, asyncpg.PostgresError):
+        state = getattr(exc, "sqlstate", "") or ""
+        if state.startswith(_TRANSIENT_CLASSES):
+            return TransientSinkError(f"database: {exc} (SQLSTATE {state})")
+        return PermanentSinkError(f"database: {exc} (SQLSTATE {state})")
+    if isinstance(exc, OSError | asyncio.TimeoutError | asyncpg.InterfaceError):
+        return TransientSinkError(f"database connection: {exc or type(exc).__name__}")
+    return PermanentSinkError(f"database: {exc}")
+
+
+_STAGE_DDL = (
+    "CREATE TEMPORARY TABLE IF NOT EXISTS readings_stage "
+    "(time timestamptz, sensor_id integer, value double precision, quality smallint, pos integer) "
+    "ON COMMIT DELETE ROWS"
+)
+_STAGE_EXISTING = (
+    "SELECT coalesce(array_agg(s.pos), '{}') FROM readings_stage s "
+    "JOIN telemetry.readings r ON r.sensor_id = s.sensor_id AND r.time = s.time"
+)
+_STAGE_INSERT = (
+    "INSERT INTO telemetry.readings (time, sensor_id, value, quality) "
+    "SELECT time, sensor_id, value, quality FROM readings_stage ORDER BY pos "
+    "ON CONFLICT DO NOTHING"
+)
+
+
+class Sink:
+    """Writes flushes on one connection. Called from one task only.
+
+    An async context manager: entering connects (raising TransientSinkError when the database is
+    unreachable, so the caller can retry), leaving closes.
+    """
+
+    def __init__(self, *, dsn: str, connect_timeout_s: float = 10.0) -> None:
+        self._dsn = dsn
+        self._timeout = connect_timeout_s
+        self._conn: asyncpg.Connection | None = None
+        self._staging_ready = False
+
+    async def __aenter__(self) -> Sink:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def connection(self) -> asyncpg.Connection:
+        if self._conn is None or self._conn.is_closed():
+            raise TransientSinkError("database connection: not connected")
+        return self._conn
+
+    async def connect(self) -> None:
+        """(Re)connect; raises TransientSinkError, or PermanentSinkError (bad password, no db)."""
+        await self.close()
+        try:
+            self._conn = await asyncpg.connect(self._dsn, timeout=self._timeout)
+        except (
+            asyncpg.InvalidAuthorizationSpecificationError,
+            asyncpg.InvalidCatalogNameError,
+        ) as exc:
+            raise PermanentSinkError(f"database: {exc}") from exc
+        except (TimeoutError, asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
+            raise classify(exc) from exc
+        self._staging_ready = False
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None and not conn.is_closed():
+            try:
+                await asyncio.wait_for(conn.close(), timeout=5)
+            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                conn.terminate()
+
+    async def write(
+        self,
+        *,
+        readings: Readings,
+        dead_letters: Sequence[DeadLetter],
+        derive: Callable[[Readings], Sequence[tuple[str, Upsert]]],
+    ) -> WriteResult:
+        """Write one flush in one transaction and commit.
+
+        The readings go in with one binary COPY; when that collides with rows already stored (a
+        redelivery), the slab goes through a staging table and only new rows are inserted.
+        `derive` is called with exactly the rows that were new (never awaits) and returns named
+        extra writes (rollups, anomaly events) that commit in the same transaction.
+        """
+        conn = self.connection
+        result = WriteResult(dead_letters=len(dead_letters))
+        try:
+            async with conn.transaction():
+                new = await self._insert_readings(conn, readings, result)
+                for name, upsert in derive(new):
+                    if len(upsert):
+                        await conn.execute(upsert.sql, *upsert.columns)
+                    result.extras[name] = len(upsert)
+                if dead_letters:
+                    await conn.copy_records_to_table(
+                        "dead_letters",
+                        schema_name="telemetry",
+                        columns=["received_at", "topic", "payload", "reason", "content_type"],
+                        records=[
+                            (
+                                _to_datetime(d.received_us),
+                                d.topic,
+                                d.payload,
+                                d.reason,
+                                d.content_type,
+                            )
+                            for d in dead_letters
+                        ],
+                    )
+        except (TimeoutError, asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
+            raise classify(exc) from exc
+        return result
+
+    async def _insert_readings(
+        self, conn: asyncpg.Connection, readings: Readings, result: WriteResult
+    ) -> Readings:
+        if not len(readings):
+            return readings
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            async with conn.transaction():  # a savepoint: a collision rolls back only the COPY
+                await conn.copy_to_table(
+                    "readings",
+                    schema_name="telemetry",
+                    source=cast(Any, encode_copy(readings)),  # a buffer: asyncpg sends it as is
+                    columns=list(_READING_COLUMNS),
+                    format="binary",
+                )
+            result.inserted = len(readings)
+            return readings
+        except asyncpg.UniqueViolationError:
+            pass
+        finally:
+            result.copy_seconds = loop.time() - started
+        result.staged = True
+        if not self._staging_ready:
+            await conn.execute(_STAGE_DDL)
+            self._staging_ready = True
+        await conn.copy_to_table(
+            "readings_stage",
+            source=cast(Any, encode_copy(readings, positions=True)),
+            columns=[*_READING_COLUMNS, "pos"],
+            format="binary",
+        )
+        existing = await conn.fetchval(_STAGE_EXISTING)
+        await conn.execute(_STAGE_INSERT)
+        new = np.ones(len(readings), dtype=bool)
+        new[np.asarray(existing, dtype=np.int64)] = False
+        result.inserted = int(new.sum())
+        result.duplicates = len(readings) - result.inserted
+        result.copy_seconds = loop.time() - started
+        return readings.select(new)
+
+
+_UNIX_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _to_datetime(us: int) -> datetime:
+    return _UNIX_EPOCH + timedelta(microseconds=us)
