@@ -1,0 +1,423 @@
+"""A simulated plant that publishes realistic sensor batches in the device wire format."""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import multiprocessing as mp
+import os
+import sys
+import threading
+import time
+import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import unquote, urlsplit
+
+import msgspec
+import numpy as np
+import numpy.typing as npt
+
+from ingest.errors import ConfigError, IngestError
+
+Kind = Literal["temperature", "vibration", "current", "pressure", "counter", "energy"]
+KINDS: tuple[str, ...] = ("temperature", "vibration", "current", "pressure", "counter", "energy")
+_UNITS = {
+    "temperature": "degC",
+    "vibration": "mm/s",
+    "current": "A",
+    "pressure": "bar",
+    "counter": "parts",
+    "energy": "kWh",
+}
+
+
+class LineSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One production line: its asset path, its devices and each device's sensors."""
+
+    path: str
+    devices: int | list[str] = 5
+    device_prefix: str = "machine"
+    sensors: dict[str, Kind] = msgspec.field(
+        default_factory=lambda: {
+            "spindle.temp": "temperature",
+            "vib.rms": "vibration",
+            "motor.current": "current",
+            "hydraulic.pressure": "pressure",
+            "parts": "counter",
+            "energy": "energy",
+        }
+    )
+
+    def device_names(self) -> list[str]:
+        if isinstance(self.devices, list):
+            return list(self.devices)
+        return [f"{self.device_prefix}-{i:02d}" for i in range(1, self.devices + 1)]
+
+
+class PlantSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A plant: lines of devices. The built-in default has 2 sites, 40 devices, 240 sensors."""
+
+    line: list[LineSpec] = msgspec.field(
+        default_factory=lambda: [
+            LineSpec(path=f"{site}/{area}/line{n}", device_prefix=prefix)
+            for site in ("plant1", "plant2")
+            for area, prefix in (("press-shop", "press"), ("assembly", "robot"))
+            for n in (1, 2)
+        ]
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Anomaly:
+    """An injected condition: `kind` on sensors matching `pattern` from `at_s` simulated seconds."""
+
+    kind: Literal["spike", "drift", "flatline"]
+    pattern: str  # glob on device-path/sensor
+    at_s: float
+    duration_s: float = 60.0
+
+    @staticmethod
+    def parse(text: str) -> Anomaly:
+        """`spike:plant1/*/press-01/spindle.temp@30` or `flatline:...@60+120` (start+duration)."""
+        try:
+            kind, rest = text.split(":", 1)
+            pattern, when = rest.rsplit("@", 1)
+            at, _, duration = when.partition("+")
+            if kind not in ("spike", "drift", "flatline"):
+                raise ValueError
+            return Anomaly(kind, pattern, float(at), float(duration) if duration else 60.0)  # type: ignore[arg-type]
+        except ValueError:
+            raise ConfigError(
+                f"--anomaly {text!r}: expected KIND:DEVICE/SENSOR-GLOB@SECONDS[+DURATION] "
+                "with KIND spike, drift or flatline"
+            ) from None
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    path: str  # topic levels after the prefix
+    sensors: tuple[tuple[str, str], ...]  # (name, kind)
+    seed: int
+
+
+@dataclass(frozen=True, slots=True)
+class SimSettings:
+    url: str
+    prefix: str
+    hz: float
+    batch: int
+    fmt: Literal["compact", "json"]
+    rate: float  # readings per second for this whole run; 0: as fast as possible
+    realtime: bool
+    start_us: int
+    duration_s: float  # simulated seconds per device; 0: forever
+    anomalies: tuple[Anomaly, ...]
+    record: str | None
+    qos: int = 1
+    client_prefix: str = "sim"
+
+
+def load_plant(path: str | None) -> list[Device]:
+    """The devices of a plant TOML file (see PlantSpec), or of the built-in plant."""
+    spec = PlantSpec()
+    if path:
+        try:
+            spec = msgspec.convert(tomllib.loads(Path(path).read_text()), type=PlantSpec)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"plant file {path}: {exc}") from exc
+        except msgspec.ValidationError as exc:
+            raise ConfigError(f"plant file {path}: {exc}") from exc
+    devices = []
+    for line in spec.line:
+        for name in line.device_names():
+            dev_path = f"{line.path}/{name}"
+            devices.append(
+                Device(dev_path, tuple(line.sensors.items()), seed=_stable_seed(dev_path))
+            )
+    return devices
+
+
+def _stable_seed(text: str) -> int:
+    return int.from_bytes(text.encode()[:8].ljust(8, b"\0"), "little") ^ len(text) * 7919
+
+
+class _Signal:
+    """Values of one sensor over simulated time, generated a batch at a time."""
+
+    def __init__(self, kind: str, seed: int) -> None:
+        self.kind = kind
+        self.rng = np.random.default_rng(seed)
+        self.base = {
+            "temperature": 55.0,
+            "vibration": 2.0,
+            "current": 12.0,
+            "pressure": 160.0,
+            "counter": 0.0,
+            "energy": 1000.0,
+        }[kind] * (0.8 + 0.4 * self.rng.random())
+        self.total = self.base
+
+    def values(self, t_s: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        n = len(t_s)
+        noise = self.rng.standard_normal(n)
+        if self.kind == "temperature":
+            return self.base + 3.0 * np.sin(2 * math.pi * t_s / 900.0) + 0.2 * noise
+        if self.kind == "vibration":
+            return np.abs(self.base + 0.3 * np.sin(2 * math.pi * t_s / 7.0) + 0.1 * noise)
+        if self.kind == "current":
+            cycle = (np.floor(t_s / 20.0) % 2 == 0).astype(np.float64)
+            out: npt.NDArray[np.float64] = self.base * (0.6 + 0.4 * cycle) + 0.3 * noise
+            return out
+        if self.kind == "pressure":
+            return self.base + 2.0 * np.sin(2 * math.pi * t_s / 60.0) + 0.5 * noise
+        if self.kind == "counter":
+            steps = (self.rng.random(n) < 0.1).astype(np.float64)
+            out = self.total + np.cumsum(steps)
+            self.total = float(out[-1])
+            return out
+        steps = np.abs(0.001 + 0.0002 * noise)  # energy meter: kWh, always rising
+        out = self.total + np.cumsum(steps)
+        self.total = float(out[-1])
+        return out
+
+
+def _inject(
+    values: npt.NDArray[np.float64],
+    t_s: npt.NDArray[np.float64],
+    anomaly: Anomaly,
+    *,
+    scale: float,
+    period_s: float,
+) -> None:
+    """Apply an injected anomaly in place to the samples at simulated seconds `t_s`."""
+    if anomaly.kind == "spike":
+        # One sample: the first at or after the start time.
+        values[(t_s >= anomaly.at_s) & (t_s < anomaly.at_s + period_s)] += 50.0 * max(scale, 1.0)
+    elif anomaly.kind == "drift":
+        inside = (t_s >= anomaly.at_s) & (t_s < anomaly.at_s + anomaly.duration_s)
+        ramp = np.clip((t_s - anomaly.at_s) / max(anomaly.duration_s, 1e-9), 0, 1)
+        values[inside] += 10.0 * max(scale, 1.0) * ramp[inside]
+    else:
+        inside = (t_s >= anomaly.at_s) & (t_s < anomaly.at_s + anomaly.duration_s)
+        if inside.any():
+            values[inside] = round(float(values[inside][0]), 3)
+
+
+class Recorder:
+    """Writes exactly what was published: per message the topic and each channel's columns."""
+
+    def __init__(self, path: str) -> None:
+        self._file = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self._enc = msgspec.msgpack.Encoder()
+
+    def write(
+        self, topic: str, channels: list[tuple[str, npt.NDArray[np.int64], npt.NDArray[np.float64]]]
+    ) -> None:
+        frame = self._enc.encode(
+            [
+                topic,
+                [
+                    [name, t.astype("<i8").tobytes(), v.astype("<f8").tobytes()]
+                    for name, t, v in channels
+                ],
+            ]
+        )
+        self._file.write(len(frame).to_bytes(4, "little") + frame)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_record(
+    path: str,
+) -> Iterator[tuple[str, str, npt.NDArray[np.int64], npt.NDArray[np.float64]]]:
+    """(device path with prefix, sensor, times µs, values) for every channel a recording holds."""
+    dec = msgspec.msgpack.Decoder()
+    with open(path, "rb") as f:
+        while header := f.read(4):
+            topic, channels = dec.decode(f.read(int.from_bytes(header, "little")))
+            for name, t, v in channels:
+                yield topic, name, np.frombuffer(t, "<i8"), np.frombuffer(v, "<f8")
+
+
+def _encode(
+    fmt: str,
+    t0: int,
+    dt_us: int,
+    channels: list[tuple[str, str, npt.NDArray[np.float64]]],
+    seq: int,
+) -> tuple[bytes, str]:
+    if fmt == "json":
+        body = {
+            "v": 1,
+            "t0": t0,
+            "seq": seq,
+            "ch": [{"s": s, "dt": dt_us, "v": v.tolist(), "u": u} for s, u, v in channels],
+        }
+        return msgspec.json.encode(body), "application/json"
+    body = {
+        "v": 1,
+        "t0": t0,
+        "seq": seq,
+        "ch": [
+            {"s": s, "dt": dt_us, "v": v.astype("<f8").tobytes(), "u": u} for s, u, v in channels
+        ],
+    }
+    return msgspec.msgpack.encode(body), "application/msgpack"
+
+
+def _connect(url: str, client_id: str) -> Any:
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+        raise ConfigError(f"--url {url!r}: expected mqtt://host[:port] or mqtts://host[:port]")
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    client.max_inflight_messages_set(1000)
+    client.max_queued_messages_set(0)
+    if parts.username:
+        client.username_pw_set(unquote(parts.username), unquote(parts.password or ""))
+    if parts.scheme == "mqtts":
+        client.tls_set()
+    client.connect(parts.hostname, parts.port or (8883 if parts.scheme == "mqtts" else 1883))
+    client.loop_start()
+    return client
+
+
+def run_worker(settings: SimSettings, devices: list[Device], index: int, counter: Any) -> None:
+    """Publish the batches of `devices` until the simulated duration is over (one process)."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    client = _connect(settings.url, f"{settings.client_prefix}-{os.getpid()}-{index}")
+    recorder = Recorder(f"{settings.record}.{index}") if settings.record else None
+    signals = {
+        (d.path, s): _Signal(k, d.seed + i) for d in devices for i, (s, k) in enumerate(d.sensors)
+    }
+    matches = {
+        (d.path, s): [
+            a for a in settings.anomalies if fnmatch.fnmatchcase(f"{d.path}/{s}", a.pattern)
+        ]
+        for d in devices
+        for s, _ in d.sensors
+    }
+    dt_us = round(1e6 / settings.hz)
+    steps = (
+        math.ceil(settings.duration_s * settings.hz / settings.batch) if settings.duration_s else 0
+    )
+    started = time.monotonic()
+    sent = 0
+    pending: list[mqtt.MQTTMessageInfo] = []
+    step = 0
+    try:
+        while steps == 0 or step < steps:
+            idx = np.arange(step * settings.batch, (step + 1) * settings.batch, dtype=np.int64)
+            t_s = idx / settings.hz
+            t0 = settings.start_us + step * settings.batch * dt_us
+            times = settings.start_us + idx * dt_us
+            for dev in devices:
+                channels = []
+                for name, kind in dev.sensors:
+                    values = signals[(dev.path, name)].values(t_s)
+                    for anomaly in matches[(dev.path, name)]:
+                        _inject(
+                            values,
+                            t_s,
+                            anomaly,
+                            scale=abs(signals[(dev.path, name)].base) / 10,
+                            period_s=1 / settings.hz,
+                        )
+                    channels.append((name, _UNITS[kind], values))
+                payload, ctype = _encode(settings.fmt, int(t0), dt_us, channels, step)
+                topic = f"{settings.prefix}/{dev.path}"
+                props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+                props.ContentType = ctype
+                props.UserProperty = ("ts", str(time.time_ns() // 1000))
+                info = client.publish(topic, payload, qos=settings.qos, properties=props)
+                pending.append(info)
+                if recorder:
+                    recorder.write(topic, [(n, times, v) for n, _, v in channels])
+                sent += len(dev.sensors) * settings.batch
+                with counter.get_lock():
+                    counter.value += len(dev.sensors) * settings.batch
+                if settings.rate > 0:
+                    ahead = sent / settings.rate - (time.monotonic() - started)
+                    if ahead > 0:
+                        time.sleep(ahead)
+            if settings.realtime:
+                ahead = (t0 + settings.batch * dt_us) / 1e6 - time.time()
+                if ahead > 0:
+                    time.sleep(ahead)
+            if len(pending) > 2000:
+                for info in pending:
+                    info.wait_for_publish(timeout=60)
+                pending.clear()
+            step += 1
+        for info in pending:
+            info.wait_for_publish(timeout=60)
+    finally:
+        if recorder:
+            recorder.close()
+        client.disconnect()
+        client.loop_stop()
+
+
+def simulate(
+    settings: SimSettings, devices: list[Device], *, processes: int, progress: bool
+) -> int:
+    """Publish from `processes` worker processes, showing rate and totals; returns readings sent."""
+    if not devices:
+        raise ConfigError("the plant has no devices")
+    processes = max(1, min(processes, len(devices)))
+    ctx = mp.get_context("spawn")
+    counter = ctx.Value("q", 0)
+    workers = [
+        ctx.Process(
+            target=run_worker, args=(settings, devices[i::processes], i, counter), daemon=True
+        )
+        for i in range(processes)
+    ]
+    started = time.monotonic()
+    for w in workers:
+        w.start()
+    stop_progress = threading.Event()
+
+    def show() -> None:
+        last, last_t = 0, started
+        while not stop_progress.wait(1.0):
+            now, total = time.monotonic(), counter.value
+            print(
+                f"simulate: {total:>12,} readings sent, "
+                f"{(total - last) / (now - last_t):>10,.0f}/s",
+                file=sys.stderr,
+                flush=True,
+            )
+            last, last_t = total, now
+
+    shower = threading.Thread(target=show, daemon=True) if progress else None
+    if shower:
+        shower.start()
+    try:
+        for w in workers:
+            w.join()
+    except KeyboardInterrupt:
+        for w in workers:
+            w.terminate()
+    finally:
+        stop_progress.set()
+    failed = [w.exitcode for w in workers if w.exitcode != 0]
+    elapsed = time.monotonic() - started
+    total = counter.value
+    print(
+        f"simulate: done, {total:,} readings in {elapsed:.1f}s "
+        f"({total / max(elapsed, 1e-9):,.0f}/s)",
+        file=sys.stderr,
+    )
+    if failed:
+        raise IngestError(f"{len(failed)} publisher process(es) failed (exit codes {failed})")
+    return int(total)
