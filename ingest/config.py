@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from ingest.anomaly import AnomalyRule
 from ingest.errors import ConfigError
 
 ENV_PREFIX = "INGEST_"
@@ -24,7 +25,6 @@ class Db(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     url: str = ""
     migrate_url: str = ""
-    writers: int = 2
     connect_timeout_s: float = 10.0
     retry_min_s: float = 0.5
     retry_max_s: float = 30.0
@@ -33,8 +33,6 @@ class Db(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         for key, value in (("url", self.url), ("migrate_url", self.migrate_url)):
             if value and not re.match(r"^postgres(ql)?://", value):
                 raise ValueError(f"{key}: must start with postgresql://")
-        if not 1 <= self.writers <= 16:
-            raise ValueError("writers: must be between 1 and 16")
         if self.connect_timeout_s <= 0:
             raise ValueError("connect_timeout_s: must be > 0")
         if self.retry_min_s <= 0:
@@ -126,6 +124,18 @@ class Limits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ValueError(f"min_time: {exc}") from None
 
 
+class Rollups(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """[rollups]: 1-minute and 1-hour aggregates computed on the way in."""
+
+    enabled: bool = True
+
+
+class Anomaly(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """[anomaly]: filters per sensor; the first rule whose glob matches device/sensor applies."""
+
+    rules: tuple[AnomalyRule, ...] = ()
+
+
 class Metrics(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """[metrics]: the Prometheus exposition and health endpoints."""
 
@@ -151,6 +161,8 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     mqtt: Mqtt = msgspec.field(default_factory=Mqtt)
     flush: Flush = msgspec.field(default_factory=Flush)
     limits: Limits = msgspec.field(default_factory=Limits)
+    rollups: Rollups = msgspec.field(default_factory=Rollups)
+    anomaly: Anomaly = msgspec.field(default_factory=Anomaly)
     metrics: Metrics = msgspec.field(default_factory=Metrics)
     log: Log = msgspec.field(default_factory=Log)
 
@@ -192,12 +204,13 @@ def env_name(section: str, key: str) -> str:
     return f"{ENV_PREFIX}{section}_{key}".upper()
 
 
-def _from_env(env: Mapping[str, str]) -> dict[str, dict[str, str]]:
-    known: dict[str, tuple[str, str]] = {}
+def _from_env(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    known: dict[str, tuple[str, str, bool]] = {}
     for section, struct in _sections().items():
         for field in msgspec.structs.fields(struct):
-            known[env_name(section, field.name)] = (section, field.name)
-    out: dict[str, dict[str, str]] = {}
+            is_list = getattr(field.type, "__origin__", None) in (tuple, list)
+            known[env_name(section, field.name)] = (section, field.name, is_list)
+    out: dict[str, dict[str, Any]] = {}
     for name, value in env.items():
         if not name.startswith(ENV_PREFIX) or name in _ENV_IGNORED:
             continue
@@ -206,7 +219,14 @@ def _from_env(env: Mapping[str, str]) -> dict[str, dict[str, str]]:
             raise ConfigError(
                 f"{name}: unknown setting (see the configuration table in the README)"
             )
-        out.setdefault(target[0], {})[target[1]] = value
+        section, key, is_list = target
+        parsed: Any = value
+        if is_list:  # a list setting (anomaly.rules) is given as JSON
+            try:
+                parsed = msgspec.json.decode(value)
+            except msgspec.DecodeError as exc:
+                raise ConfigError(f"{section}.{key} ({name}): not valid JSON: {exc}") from None
+        out.setdefault(section, {})[key] = parsed
     return out
 
 
@@ -214,7 +234,8 @@ def _describe(path: str) -> str:
     """`$.flush.max_readings` -> `flush.max_readings (INGEST_FLUSH_MAX_READINGS)`."""
     parts = [p for p in path.removeprefix("$").split(".") if p]
     if len(parts) >= 2:
-        return f"{parts[0]}.{parts[1]} ({env_name(parts[0], parts[1])})"
+        key = re.sub(r"\[\d+\]$", "", parts[1])
+        return f"{parts[0]}.{parts[1]} ({env_name(parts[0], key)})"
     if len(parts) == 1:
         return f"[{parts[0]}]"
     return "config"

@@ -1,71 +1,259 @@
-"""What a flush writes besides its readings: registry last-seen times, rollups, anomaly events."""
+"""What a flush writes besides its readings: rollups, anomaly events, sensors' last-seen times."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import asyncpg
 import numpy as np
+import numpy.typing as npt
 
-from ingest.config import Config
-from ingest.registry import LAST_SEEN_SQL, Registry
+from ingest import metrics
+from ingest.anomaly import AnomalyDetector, AnomalyRule, Event, Pending, StateNeed, rule_for
+from ingest.kernels import HOUR_US, MINUTE_US, Rollup, rollup, warm_up
+from ingest.registry import Registry
 from ingest.sink import Readings, Upsert
 
+# Microseconds since the Unix epoch to timestamptz, exactly, inside the database.
+_TS = "(timestamptz 'epoch' + {} * interval '1 microsecond')"
 
-def segment_ends(sensor: np.ndarray) -> np.ndarray:
+
+def _rollup_sql(table: str) -> str:
+    return f"""
+INSERT INTO telemetry.{table} AS r
+       (bucket, sensor_id, min, max, sum, count, first, first_time, last, last_time)
+SELECT {_TS.format("u.bucket")}, u.sensor_id, u.min, u.max, u.sum, u.count,
+       u.first, {_TS.format("u.first_time")}, u.last, {_TS.format("u.last_time")}
+  FROM unnest($1::int[], $2::int8[], $3::float8[], $4::float8[], $5::float8[], $6::int8[],
+              $7::float8[], $8::int8[], $9::float8[], $10::int8[])
+       AS u(sensor_id, bucket, min, max, sum, count, first, first_time, last, last_time)
+ON CONFLICT (sensor_id, bucket) DO UPDATE SET
+    min = least(r.min, EXCLUDED.min),
+    max = greatest(r.max, EXCLUDED.max),
+    sum = r.sum + EXCLUDED.sum,
+    count = r.count + EXCLUDED.count,
+    first = CASE WHEN EXCLUDED.first_time < r.first_time THEN EXCLUDED.first ELSE r.first END,
+    first_time = least(r.first_time, EXCLUDED.first_time),
+    last = CASE WHEN EXCLUDED.last_time > r.last_time THEN EXCLUDED.last ELSE r.last END,
+    last_time = greatest(r.last_time, EXCLUDED.last_time)
+"""
+
+
+ROLLUP_TABLES = (
+    ("1m", MINUTE_US, _rollup_sql("rollup_1m")),
+    ("1h", HOUR_US, _rollup_sql("rollup_1h")),
+)
+
+ANOMALY_SQL = f"""
+INSERT INTO telemetry.anomalies AS a (start_time, sensor_id, kind, end_time, value, score, detail)
+SELECT {_TS.format("e.start_time")}, e.sensor_id, e.kind,
+       CASE WHEN e.end_time IS NULL THEN NULL ELSE {_TS.format("e.end_time")} END,
+       e.value, e.score, e.detail
+  FROM unnest($1::int8[], $2::int[], $3::text[], $4::int8[], $5::float8[], $6::float8[],
+              $7::text[]) AS e(start_time, sensor_id, kind, end_time, value, score, detail)
+ON CONFLICT (sensor_id, kind, start_time) DO UPDATE SET
+    end_time = EXCLUDED.end_time, value = EXCLUDED.value, score = EXCLUDED.score,
+    detail = EXCLUDED.detail
+"""
+
+# A sensor's last-seen time moves forward only.
+LAST_SEEN_SQL = f"""
+UPDATE telemetry.sensors s SET last_seen = {_TS.format("v.t")}
+  FROM unnest($1::int[], $2::int8[]) AS v(id, t)
+ WHERE s.id = v.id AND (s.last_seen IS NULL OR s.last_seen < {_TS.format("v.t")})
+"""
+
+_US = "(extract(epoch FROM {}) * 1000000)::int8"
+_FINITE = "value NOT IN ('NaN'::float8, 'Infinity'::float8, '-Infinity'::float8)"
+# The history a sensor's anomaly state is rebuilt from: its last n committed finite readings,
+# and every finite reading within span microseconds of its latest one. Readings of the coming
+# flush that are older than those are late for the detector, as they would have been for an
+# ingester that had run all along.
+_HISTORY_SQL = f"""
+SELECT k.sensor_id, {_US.format("h.time")} AS t, h.value
+  FROM unnest($1::int[], $2::int[], $3::int8[]) AS k(sensor_id, n, span)
+ CROSS JOIN LATERAL (
+       SELECT time, value FROM telemetry.readings
+        WHERE sensor_id = k.sensor_id AND {_FINITE}
+        ORDER BY time DESC LIMIT k.n
+ ) AS h
+UNION
+SELECT k.sensor_id, {_US.format("r.time")}, r.value
+  FROM unnest($1::int[], $2::int[], $3::int8[]) AS k(sensor_id, n, span)
+ CROSS JOIN LATERAL (
+       SELECT max(time) AS latest FROM telemetry.readings
+        WHERE sensor_id = k.sensor_id AND {_FINITE}
+ ) AS l
+  JOIN telemetry.readings r
+    ON r.sensor_id = k.sensor_id AND k.span > 0
+   AND r.time > l.latest - k.span * interval '1 microsecond' AND r.{_FINITE}
+ ORDER BY 1, 2
+"""
+_OPEN_EVENTS_SQL = f"""
+SELECT sensor_id, kind, {_US.format("start_time")} AS start, value, score, detail
+  FROM telemetry.anomalies WHERE sensor_id = ANY($1::int[]) AND end_time IS NULL
+"""
+
+
+def segment_ends(sensor: npt.NDArray[np.int32]) -> npt.NDArray[np.intp]:
     """Index of the last row of each sensor's run in a slab sorted by sensor."""
     if not len(sensor):
-        return np.empty(0, dtype=np.int64)
+        return np.empty(0, dtype=np.intp)
     return np.flatnonzero(np.append(sensor[1:] != sensor[:-1], True))
+
+
+def _rollup_upsert(sql: str, r: Rollup) -> Upsert:
+    columns = (
+        r.sensor,
+        r.bucket,
+        r.min,
+        r.max,
+        r.sum,
+        r.count,
+        r.first,
+        r.first_time,
+        r.last,
+        r.last_time,
+    )
+    return Upsert(sql, tuple(c.tolist() for c in columns))
+
+
+def _anomaly_upsert(events: Sequence[Event]) -> Upsert:
+    return Upsert(
+        ANOMALY_SQL,
+        (
+            [e.start for e in events],
+            [e.sensor for e in events],
+            [e.kind for e in events],
+            [e.end for e in events],
+            [e.value for e in events],
+            [e.score for e in events],
+            [e.detail for e in events],
+        ),
+    )
 
 
 class Deriver:
     """Computes a flush's extra writes, transactionally. Called from the writer task only.
 
-    `prepare` may read the database; `derive` never awaits and is called inside the flush's
-    transaction with the rows that were new; `commit` or `abandon` follows the transaction.
+    `prepare` reads what it needs from the database before the flush's transaction; `derive`
+    never awaits and is called inside that transaction with exactly the rows that were new;
+    then `commit` (after the commit) or `abandon` (after a failure) is called.
     """
 
-    def __init__(self, cfg: Config) -> None:
-        self.cfg = cfg
+    def __init__(self, *, rules: Sequence[AnomalyRule], rollups: bool) -> None:
+        self._rules = tuple(rules)
+        self._rollups = rollups
+        self.detector = AnomalyDetector()
+        self._assigned: set[int] = set()
         self._registry: Registry | None = None
+        self._pending: Pending | None = None
         self._last_seen: list[int] = []
+        self._open: set[tuple[int, str, int]] = set()  # open events, to count new ones
 
-    def warm_up(self) -> None:
-        """Compile (or load from cache) every kernel before the first message."""
+    @staticmethod
+    def warm_up() -> None:
+        """Compile (or load from the on-disk cache) every kernel before the first message."""
+        warm_up()
 
     async def prepare(
         self, conn: asyncpg.Connection, *, readings: Readings, registry: Registry
     ) -> None:
+        """Give new sensors their anomaly rule and rebuild the state of sensors seen first."""
         self._registry = registry
+        if not self._rules or not len(readings):
+            return
+        ends = segment_ends(readings.sensor)
+        sensors = readings.sensor[ends].tolist()
+        for sensor_id in sensors:
+            if sensor_id not in self._assigned:
+                device, name = registry.name_of(sensor_id)
+                rule = rule_for(rules=self._rules, path=f"{device}/{name}")
+                self.detector.assign(sensor_id=sensor_id, rule=rule)
+                self._assigned.add(sensor_id)
+        needs = self.detector.state_needed(sensor_ids=readings.sensor[ends])
+        if needs:
+            await self._restore(conn, needs)
+
+    async def _restore(self, conn: asyncpg.Connection, needs: dict[int, StateNeed]) -> None:
+        ids = list(needs)
+        rows = await conn.fetch(
+            _HISTORY_SQL, ids, [needs[i].readings for i in ids], [needs[i].span_us for i in ids]
+        )
+        events = await conn.fetch(_OPEN_EVENTS_SQL, ids)
+        history: dict[int, tuple[list[int], list[float]]] = {i: ([], []) for i in ids}
+        for row in rows:
+            times, values = history[row["sensor_id"]]
+            times.append(row["t"])
+            values.append(row["value"])
+        open_events: dict[int, list[Event]] = {i: [] for i in ids}
+        for row in events:
+            open_events[row["sensor_id"]].append(
+                Event(
+                    sensor=row["sensor_id"],
+                    kind=row["kind"],
+                    start=row["start"],
+                    end=None,
+                    value=row["value"],
+                    score=row["score"],
+                    detail=row["detail"],
+                )
+            )
+            self._open.add((row["sensor_id"], row["kind"], row["start"]))
+        for sensor_id in ids:
+            times, values = history[sensor_id]
+            self.detector.restore(
+                sensor_id=sensor_id,
+                time=np.asarray(times, np.int64),
+                value=np.asarray(values, np.float64),
+                open_events=open_events[sensor_id],
+            )
 
     def derive(self, new: Readings) -> list[tuple[str, Upsert]]:
+        """The extra writes for the rows of a flush that were new. Never awaits."""
         out: list[tuple[str, Upsert]] = []
-        if self._registry is not None and len(new):
+        self._pending = None
+        if not len(new):
+            return out
+        if self._rollups:
+            for width, bucket_us, sql in ROLLUP_TABLES:
+                r = rollup(sensor=new.sensor, time=new.time, value=new.value, bucket_us=bucket_us)
+                out.append((f"rollup_{width}", _rollup_upsert(sql, r)))
+        if self._rules:
+            self._pending = self.detector.process(sensor=new.sensor, time=new.time, value=new.value)
+            if self._pending.events:
+                out.append(("anomalies", _anomaly_upsert(self._pending.events)))
+        if self._registry is not None:
             ends = segment_ends(new.sensor)
             due = set(self._registry.last_seen_due(new.sensor[ends].tolist()))
             self._last_seen = sorted(due)
             if due:
                 pick = [i for i in ends.tolist() if int(new.sensor[i]) in due]
-                out.append(
-                    (
-                        "last_seen",
-                        Upsert(
-                            LAST_SEEN_SQL, (new.sensor[pick].tolist(), _timestamps(new.time[pick]))
-                        ),
-                    )
-                )
+                upsert = Upsert(LAST_SEEN_SQL, (new.sensor[pick].tolist(), new.time[pick].tolist()))
+                out.append(("last_seen", upsert))
         return out
 
-    def commit(self) -> None:
+    def commit(self, extras: dict[str, int]) -> None:
+        """The flush committed: advance the anomaly state and count what was written."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            self.detector.commit(pending)
+            metrics.LATE_READINGS.inc(pending.late)
+            for event in pending.events:
+                key = (event.sensor, event.kind, event.start)
+                if key not in self._open:
+                    metrics.ANOMALIES.labels(event.kind).inc()
+                if event.end is None:
+                    self._open.add(key)
+                else:
+                    self._open.discard(key)
+        for width, _, _ in ROLLUP_TABLES:
+            metrics.ROLLUP_ROWS.labels(width).inc(extras.get(f"rollup_{width}", 0))
         self._last_seen = []
 
     def abandon(self) -> None:
+        """The flush did not commit: forget what `derive` computed for it."""
+        self._pending = None
         if self._registry is not None:
             self._registry.forget_last_seen(self._last_seen)
         self._last_seen = []
-
-
-def _timestamps(us: np.ndarray) -> list[object]:
-    from datetime import UTC, datetime, timedelta
-
-    epoch = datetime(1970, 1, 1, tzinfo=UTC)
-    return [epoch + timedelta(microseconds=int(u)) for u in us.tolist()]

@@ -125,7 +125,7 @@ class Pipeline:
         self.cfg = cfg
         self.health = health
         self.registry = Registry()
-        self.deriver = Deriver(cfg)
+        self.deriver = Deriver(rules=cfg.anomaly.rules, rollups=cfg.rollups.enabled)
         self.sink = Sink(dsn=cfg.db.url, connect_timeout_s=cfg.db.connect_timeout_s)
         self.source = MqttSource(
             settings=_source_settings(cfg), on_reconnect=metrics.MQTT_RECONNECTS.inc
@@ -262,7 +262,7 @@ class Pipeline:
         except BaseException:
             self.deriver.abandon()
             raise
-        self.deriver.commit()
+        self.deriver.commit(result.extras)
         done = time.time()
         metrics.READINGS_WRITTEN.inc(result.inserted)
         metrics.READINGS_DUPLICATE.inc(result.duplicates)

@@ -40,11 +40,6 @@ UPDATE telemetry.sensors s SET unit = u.unit
   FROM unnest($1::int[], $2::text[]) AS u(id, unit)
  WHERE s.id = u.id AND s.unit IS DISTINCT FROM u.unit
 """
-LAST_SEEN_SQL = """
-UPDATE telemetry.sensors s SET last_seen = v.ts
-  FROM unnest($1::int[], $2::timestamptz[]) AS v(id, ts)
- WHERE s.id = v.id AND (s.last_seen IS NULL OR s.last_seen < v.ts)
-"""
 
 
 @dataclass(frozen=True, slots=True)
