@@ -30,7 +30,10 @@ stack-status:
 	$(STACK) status
 
 run: $(VENV)/.installed stack-up
-	@$(WITH_STACK_ENV) $(BIN)/ingest migrate && exec $(BIN)/ingest run
+	@$(WITH_STACK_ENV) export PATH="$(CURDIR)/$(BIN):$$PATH"; ingest migrate && deploy/local/demo
+
+bench-e2e: $(VENV)/.installed stack-up
+	@$(WITH_STACK_ENV) $(BIN)/python -m benchmarks.e2e
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check ingest tests benchmarks
@@ -41,7 +44,7 @@ test: $(VENV)/.installed stack-up lint
 	@$(WITH_STACK_ENV) $(BIN)/pytest
 
 bench: $(VENV)/.installed stack-up
-	@$(WITH_STACK_ENV) $(BIN)/pytest benchmarks --benchmark-enable -p no:cacheprovider
+	@$(WITH_STACK_ENV) $(BIN)/pytest benchmarks/bench_*.py --benchmark-enable -p no:cacheprovider
 
 clean: stack-down
 	rm -rf $(VENV) .stack

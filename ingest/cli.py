@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -189,7 +190,10 @@ def _check_config(args: argparse.Namespace) -> int:
     from ingest import config as config_mod
 
     cfg = config_mod.load(path=args.config)
-    print(msgspec.json.format(msgspec.json.encode(cfg)).decode())
+    shown = msgspec.to_builtins(cfg)
+    for section, key in (("db", "url"), ("db", "migrate_url"), ("mqtt", "url")):
+        shown[section][key] = re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", shown[section][key])
+    print(msgspec.json.format(msgspec.json.encode(shown)).decode())
     return 0
 
 

@@ -6,6 +6,7 @@ import fnmatch
 import math
 import multiprocessing as mp
 import os
+import signal
 import sys
 import threading
 import time
@@ -294,6 +295,7 @@ def run_worker(settings: SimSettings, devices: list[Device], index: int, counter
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops the workers
     client = _connect(settings.url, f"{settings.client_prefix}-{os.getpid()}-{index}")
     recorder = Recorder(f"{settings.record}.{index}") if settings.record else None
     signals = {
@@ -311,11 +313,12 @@ def run_worker(settings: SimSettings, devices: list[Device], index: int, counter
         math.ceil(settings.duration_s * settings.hz / settings.batch) if settings.duration_s else 0
     )
     started = time.monotonic()
+    parent = os.getppid()
     sent = 0
     pending: list[mqtt.MQTTMessageInfo] = []
     step = 0
     try:
-        while steps == 0 or step < steps:
+        while (steps == 0 or step < steps) and os.getppid() == parent:  # ends with its parent
             idx = np.arange(step * settings.batch, (step + 1) * settings.batch, dtype=np.int64)
             t_s = idx / settings.hz
             t0 = settings.start_us + step * settings.batch * dt_us
@@ -383,6 +386,11 @@ def simulate(
         for i in range(processes)
     ]
     started = time.monotonic()
+
+    def terminate(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)  # stop the workers too, as Ctrl-C does
     for w in workers:
         w.start()
     stop_progress = threading.Event()
@@ -408,6 +416,9 @@ def simulate(
     except KeyboardInterrupt:
         for w in workers:
             w.terminate()
+        for w in workers:
+            w.join()
+        raise
     finally:
         stop_progress.set()
     failed = [w.exitcode for w in workers if w.exitcode != 0]
