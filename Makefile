@@ -44,7 +44,7 @@ test: $(VENV)/.installed stack-up lint
 	@$(WITH_STACK_ENV) $(BIN)/pytest
 
 bench: $(VENV)/.installed stack-up
-	@$(WITH_STACK_ENV) $(BIN)/pytest benchmarks/bench_*.py --benchmark-enable -p no:cacheprovider
+	@$(WITH_STACK_ENV) $(BIN)/pytest benchmarks --benchmark-enable -p no:cacheprovider
 
 clean: stack-down
 	rm -rf $(VENV) .stack
