@@ -210,9 +210,13 @@ class Deriver:
             )
 
     def derive(self, new: Readings) -> list[tuple[str, Upsert]]:
-        """The extra writes for the rows of a flush that were new. Never awaits."""
+        """The extra writes for the rows of a flush that were new. Never awaits.
+
+        A second call for the same flush replaces the first (the sink calls it again when some
+        rows turned out to be stored already).
+        """
+        self.abandon()
         out: list[tuple[str, Upsert]] = []
-        self._pending = None
         if not len(new):
             return out
         if self._rollups:

@@ -20,7 +20,26 @@ from prometheus_client import (
 
 log = logging.getLogger(__name__)
 
-_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_LATENCY_BUCKETS = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.25,
+    0.3,
+    0.4,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
 
 MESSAGES_RECEIVED = Counter("ingest_messages_received_total", "MQTT messages received.")
 MESSAGES_ACKED = Counter(

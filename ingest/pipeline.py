@@ -141,7 +141,8 @@ class Pipeline:
         )
         self._job = FlushJob()
         self._job_started = 0.0
-        self._queue: asyncio.Queue[FlushJob | None] = asyncio.Queue(maxsize=2)
+        self._queue: asyncio.Queue[FlushJob | None] = asyncio.Queue(maxsize=1)
+        self._writer_idle = False
         self._dispatch_lock = asyncio.Lock()
 
     # ------------------------------------------------------------------ intake
@@ -189,9 +190,12 @@ class Pipeline:
             await self._queue.put(job)
 
     async def _intake(self) -> None:
+        # A flush goes to the writer when it is full, or at once when the writer is idle: under
+        # load, flushes grow with what gathers while the previous one is written; at low rates,
+        # nothing waits for a timer.
         async for msg in self.source.messages():
             self._accept(msg)
-            if self._job.readings >= self.cfg.flush.max_readings:
+            if self._job.readings >= self.cfg.flush.max_readings or self._writer_idle:
                 await self._dispatch()
             await self._budget.wait_for_room()
 
@@ -206,7 +210,14 @@ class Pipeline:
     # ------------------------------------------------------------------ writer
 
     async def _writer(self) -> None:
-        while (job := await self._queue.get()) is not None:
+        while True:
+            if self._queue.empty() and self._job:
+                await self._dispatch()  # what gathered while the last flush was written
+            self._writer_idle = True
+            job = await self._queue.get()
+            self._writer_idle = False
+            if job is None:
+                return
             await self._commit(job)
             for msg in job.received:
                 self.source.ack(msg.token)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import math
 import multiprocessing as mp
@@ -379,10 +380,10 @@ def simulate(
     processes = max(1, min(processes, len(devices)))
     ctx = mp.get_context("spawn")
     counter = ctx.Value("q", 0)
+    # --rate is for the whole run: each process publishes its share.
+    share = dataclasses.replace(settings, rate=settings.rate / processes)
     workers = [
-        ctx.Process(
-            target=run_worker, args=(settings, devices[i::processes], i, counter), daemon=True
-        )
+        ctx.Process(target=run_worker, args=(share, devices[i::processes], i, counter), daemon=True)
         for i in range(processes)
     ]
     started = time.monotonic()

@@ -210,15 +210,24 @@ class Sink:
 
         The readings go in with one binary COPY; when that collides with rows already stored (a
         redelivery), the slab goes through a staging table and only new rows are inserted.
-        `derive` is called with exactly the rows that were new (never awaits) and returns named
-        extra writes (rollups, anomaly events) that commit in the same transaction.
+        `derive` returns named extra writes (rollups, anomaly events) for the rows it is given,
+        which commit in the same transaction. It runs in a worker thread while the COPY is in
+        flight, on the assumption that every row is new; when some were not, it is called again
+        with exactly the new rows, and its last result is the one written. It must not await,
+        and nothing else may touch what it uses until `write` returns.
         """
         conn = self.connection
         result = WriteResult(dead_letters=len(dead_letters))
         try:
             async with conn.transaction():
-                new = await self._insert_readings(conn, readings, result)
-                for name, upsert in derive(new):
+                speculative = asyncio.ensure_future(asyncio.to_thread(derive, readings))
+                try:
+                    new = await self._insert_readings(conn, readings, result)
+                finally:
+                    extras = await speculative  # never leave it running on failure
+                if new is not readings:
+                    extras = derive(new)
+                for name, upsert in extras:
                     if len(upsert):
                         await conn.execute(upsert.sql, *upsert.columns)
                     result.extras[name] = len(upsert)
