@@ -370,6 +370,54 @@ def bad_messages(site: str) -> list[tuple[str, bytes, str | None, str]]:
         ),
         (
             dev,
+            mp({"v": 1, "t0": T0, "ch": [{"s": "x", "dt": 1, "v": [1.0, 2.0], "q": [0]}]}),
+            None,
+            "ch[0].q: 1 quality values for 2 values",
+        ),
+        (
+            dev,
+            mp({"v": 1, "t0": T0, "ch": [{"s": "x", "t": [0, 10**17], "v": [1.0, 2.0]}]}),
+            None,
+            "ch[0].t: 5194-11-16T09:46:40Z is after the accepted window (ends …",
+        ),
+        (
+            dev,
+            mp({"v": 1, "t0": T0, "ch": [{"s": "x", "t": [0, 1], "dt": 5, "v": [1.0, 2.0]}]}),
+            None,
+            "ch[0].t: not allowed together with dt",
+        ),
+        (
+            dev,
+            mp({"v": 1, "t0": T0, "ch": [{"s": "x", "dt": 5, "v": []}]}),
+            None,
+            "ch[0].v: is empty; at least one value is required",
+        ),
+        (
+            dev,
+            mp({"v": 1, "t0": T0, "ch": [{"s": "x", "dt": 5, "v": b"\0" * 8 * 1001}]}),
+            None,
+            "ch: 1001 readings exceed the 1000-reading limit",
+        ),
+        (
+            dev,
+            mp({"v": 1, "t0": T0, "ch": [{"s": "x", "dt": 5, "v": [1.0], "u": "x" * 40}]}),
+            None,
+            "ch[0].u: has 40 characters, over the 32-character limit",
+        ),
+        (
+            dev,
+            mp({"v": 1, "t0": T0, "ch": [{"s": "x" * 65, "dt": 5, "v": [1.0]}]}),
+            None,
+            "ch[0].s: has 65 characters, over the 64-character limit",
+        ),
+        (
+            dev,
+            b'{"v": 1, "t0": 1767225600000000, "ch": [{"s": "x", "dt": 5, "v": [1.0, null]}]}',
+            None,
+            "ch[0].v[1]: Expected `float`, got `null`",
+        ),
+        (
+            dev,
             mp({"v": 1, "t0": T0, "ch": [good_ch]}),
             "text/csv",
             "content-type: 'text/csv' is not application/msgpack or application/json",
@@ -384,6 +432,18 @@ def bad_messages(site: str) -> list[tuple[str, bytes, str | None, str]]:
 
 
 async def test_every_rejection_is_a_dead_letter_and_valid_messages_all_land(
+    database: Database, mqtt_url: str, prefix: str, site: str
+) -> None:
+    # A small readings limit, so that a batch over it still fits the payload size limit.
+    env = ingester_env(database, mqtt_url, prefix, INGEST_LIMITS_MAX_BATCH_READINGS="1000")
+    ingester = await Ingester(env).start()
+    try:
+        await _rejections(database, mqtt_url, prefix, site, ingester)
+    finally:
+        assert await ingester.stop() == 0, ingester.log.decode()
+
+
+async def _rejections(
     database: Database, mqtt_url: str, prefix: str, site: str, ingester: Ingester
 ) -> None:
     good, expected = sample_messages(site)

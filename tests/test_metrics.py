@@ -1,0 +1,74 @@
+"""Metrics, health endpoints and logs of a running ingester."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from ingest.metrics import reason_field
+from tests.conftest import Database
+from tests.helpers import Ingester, Publisher, http_get, wait_until
+from tests.test_deploy import promtool
+from tests.test_pipeline import T0, ingester_env
+
+
+@pytest.mark.parametrize(
+    ("reason", "field"),
+    [
+        ("ch[3].v: length 23 is not a multiple of 8", "ch.v"),
+        ("ch[0].q[12]: Expected `int` <= 255", "ch.q"),
+        ("payload: 2000000 bytes exceeds the 1048576-byte limit", "payload"),
+        ("topic: level 2 after the prefix 'a b' has a character outside ...", "topic"),
+        ("content-type: 'text/csv' is not application/msgpack or application/json", "content-type"),
+        ("x' OR 1=1 --: nonsense", "other"),
+        ("no colon at all and much longer than any field name could be", "other"),
+    ],
+)
+def test_dead_letter_label_is_the_field_without_indices(reason: str, field: str) -> None:
+    assert reason_field(reason) == field
+
+
+async def test_live_ingester_serves_metrics_health_and_json_logs(
+    database: Database, mqtt_url: str, prefix: str
+) -> None:
+    proc = await Ingester(
+        ingester_env(database, mqtt_url, prefix, INGEST_LOG_FORMAT="json")
+    ).start()
+    try:
+        good = msgspec.msgpack.encode(
+            {"v": 1, "t0": T0, "ch": [{"s": "x", "dt": 1, "v": [1.0, 2.0]}]}
+        )
+        with Publisher(mqtt_url) as pub:
+            pub.publish(f"{prefix}/site/dev-1", good)
+            pub.publish(f"{prefix}/site/dev-1", b"\xc1")
+            pub.publish(f"{prefix}/site/dev-1", msgspec.msgpack.encode({"v": 9}))
+
+        async def acked() -> bool:
+            return await proc.metric("ingest_messages_acknowledged_total") >= 3
+
+        await wait_until(acked)
+        assert await http_get(proc.port, "/healthz") == (200, b"ok\n")
+        assert await http_get(proc.port, "/readyz") == (
+            200,
+            b"broker: connected\ndatabase: connected\nschema: current\n",
+        )
+        assert (await http_get(proc.port, "/nope"))[0] == 404
+        status, body = await http_get(proc.port, "/metrics")
+        assert status == 200
+        text = body.decode()
+        assert 'ingest_dead_letters_total{field="payload"} 1.0' in text
+        assert 'ingest_dead_letters_total{field="v"} 1.0' in text
+        assert "ingest_readings_written_total 2.0" in text
+        assert "ingest_ready 1.0" in text
+        assert "ingest_sensors_known 1.0" in text
+        promtool("check", "metrics", stdin=text)  # Prometheus's own linter, on live values
+    finally:
+        assert await proc.stop() == 0
+    lines = proc.log.decode().splitlines()
+    assert lines, "no log lines"
+    entries = [msgspec.json.decode(line) for line in lines]  # every line is one JSON object
+    assert all(set(e) >= {"ts", "level", "logger", "msg"} for e in entries)
+    assert entries[-1]["msg"] == "stopped"
+    assert any(e["logger"] == "ingest.source" and "subscribed" in e["msg"] for e in entries)
+    # One line per notable event, never one per message.
+    assert len(entries) < 10
