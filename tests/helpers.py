@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
@@ -17,6 +16,8 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+
+from benchmarks.harness import free_port, http_get
 
 T = TypeVar("T")
 
@@ -37,12 +38,6 @@ async def wait_until(
         if loop.time() > deadline:
             pytest.fail(f"condition not met within {timeout}s (last value: {value!r})")
         await asyncio.sleep(every)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Publisher:
@@ -160,21 +155,3 @@ class Ingester:
         self.proc.kill()
         await self.proc.wait()
         await self._reader
-
-
-async def http_get(port: int, path: str) -> tuple[int, bytes]:
-    """(status, body) of a GET on localhost, or (0, b'') when nothing listens yet."""
-    try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 5)
-    except OSError:
-        return 0, b""
-    try:
-        writer.write(
-            f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode()
-        )
-        await writer.drain()
-        data = await asyncio.wait_for(reader.read(), 10)
-    finally:
-        writer.close()
-    head, _, body = data.partition(b"\r\n\r\n")
-    return int(head.split()[1]), body
