@@ -25,6 +25,7 @@ class Db(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     url: str = ""
     migrate_url: str = ""
+    writers: int = 2
     connect_timeout_s: float = 10.0
     retry_min_s: float = 0.5
     retry_max_s: float = 30.0
@@ -33,6 +34,8 @@ class Db(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         for key, value in (("url", self.url), ("migrate_url", self.migrate_url)):
             if value and not re.match(r"^postgres(ql)?://", value):
                 raise ValueError(f"{key}: must start with postgresql://")
+        if not 1 <= self.writers <= 16:
+            raise ValueError("writers: must be between 1 and 16")
         if self.connect_timeout_s <= 0:
             raise ValueError("connect_timeout_s: must be > 0")
         if self.retry_min_s <= 0:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import asyncpg
 import numpy as np
@@ -133,12 +135,24 @@ def _anomaly_upsert(events: Sequence[Event]) -> Upsert:
     )
 
 
-class Deriver:
-    """Computes a flush's extra writes, transactionally. Called from the writer task only.
+@dataclass(frozen=True, slots=True)
+class Derived:
+    """What `Deriver.derive` computed for some new rows: their extra writes, and what to apply
+    to the deriver once those committed."""
 
-    `prepare` reads what it needs from the database before the flush's transaction; `derive`
-    never awaits and is called inside that transaction with exactly the rows that were new;
-    then `commit` (after the commit) or `abandon` (after a failure) is called.
+    upserts: list[tuple[str, Upsert]]
+    pending: Pending | None = None
+    last_seen: tuple[int, ...] = ()
+    at: float = 0.0
+
+
+class Deriver:
+    """Computes a flush's extra writes. Called from the writer task only.
+
+    `prepare` reads what it needs from the database before the flush's transactions. `derive`
+    never awaits and changes nothing: it may run in worker threads, for disjoint sets of
+    sensors at once, while the writer task awaits. `commit` applies a `Derived` once the
+    transaction that wrote it has committed; a `Derived` whose transaction failed is dropped.
     """
 
     def __init__(self, *, rules: Sequence[AnomalyRule], rollups: bool) -> None:
@@ -147,8 +161,6 @@ class Deriver:
         self.detector = AnomalyDetector()
         self._assigned: set[int] = set()
         self._registry: Registry | None = None
-        self._pending: Pending | None = None
-        self._last_seen: list[int] = []
         self._open: set[tuple[int, str, int]] = set()  # open events, to count new ones
 
     @staticmethod
@@ -164,8 +176,7 @@ class Deriver:
         if not self._rules or not len(readings):
             return
         ends = segment_ends(readings.sensor)
-        sensors = readings.sensor[ends].tolist()
-        for sensor_id in sensors:
+        for sensor_id in readings.sensor[ends].tolist():
             if sensor_id not in self._assigned:
                 device, name = registry.name_of(sensor_id)
                 rule = rule_for(rules=self._rules, path=f"{device}/{name}")
@@ -209,37 +220,34 @@ class Deriver:
                 open_events=open_events[sensor_id],
             )
 
-    def derive(self, new: Readings) -> list[tuple[str, Upsert]]:
-        """The extra writes for the rows of a flush that were new. Never awaits.
-
-        A second call for the same flush replaces the first (the sink calls it again when some
-        rows turned out to be stored already).
-        """
-        self.abandon()
+    def derive(self, new: Readings) -> Derived:
+        """The extra writes for rows of a flush that were new. Never awaits, changes nothing."""
         out: list[tuple[str, Upsert]] = []
         if not len(new):
-            return out
+            return Derived(out)
         if self._rollups:
             for width, bucket_us, sql in ROLLUP_TABLES:
                 r = rollup(sensor=new.sensor, time=new.time, value=new.value, bucket_us=bucket_us)
                 out.append((f"rollup_{width}", _rollup_upsert(sql, r)))
+        pending = None
         if self._rules:
-            self._pending = self.detector.process(sensor=new.sensor, time=new.time, value=new.value)
-            if self._pending.events:
-                out.append(("anomalies", _anomaly_upsert(self._pending.events)))
+            pending = self.detector.process(sensor=new.sensor, time=new.time, value=new.value)
+            if pending.events:
+                out.append(("anomalies", _anomaly_upsert(pending.events)))
+        now = time.monotonic()
+        due: list[int] = []
         if self._registry is not None:
             ends = segment_ends(new.sensor)
-            due = set(self._registry.last_seen_due(new.sensor[ends].tolist()))
-            self._last_seen = sorted(due)
+            due_set = set(self._registry.last_seen_due(new.sensor[ends].tolist(), now=now))
+            pick = [i for i in ends.tolist() if int(new.sensor[i]) in due_set]
+            due = new.sensor[pick].tolist()
             if due:
-                pick = [i for i in ends.tolist() if int(new.sensor[i]) in due]
-                upsert = Upsert(LAST_SEEN_SQL, (new.sensor[pick].tolist(), new.time[pick].tolist()))
-                out.append(("last_seen", upsert))
-        return out
+                out.append(("last_seen", Upsert(LAST_SEEN_SQL, (due, new.time[pick].tolist()))))
+        return Derived(out, pending, tuple(due), now)
 
-    def commit(self, extras: dict[str, int]) -> None:
-        """The flush committed: advance the anomaly state and count what was written."""
-        pending, self._pending = self._pending, None
+    def commit(self, derived: Derived, *, written: dict[str, int]) -> None:
+        """`derived` committed: advance the anomaly state and count what was written."""
+        pending = derived.pending
         if pending is not None:
             self.detector.commit(pending)
             metrics.LATE_READINGS.inc(pending.late)
@@ -251,13 +259,7 @@ class Deriver:
                     self._open.add(key)
                 else:
                     self._open.discard(key)
+        if self._registry is not None and derived.last_seen:
+            self._registry.last_seen_written(derived.last_seen, now=derived.at)
         for width, _, _ in ROLLUP_TABLES:
-            metrics.ROLLUP_ROWS.labels(width).inc(extras.get(f"rollup_{width}", 0))
-        self._last_seen = []
-
-    def abandon(self) -> None:
-        """The flush did not commit: forget what `derive` computed for it."""
-        self._pending = None
-        if self._registry is not None:
-            self._registry.forget_last_seen(self._last_seen)
-        self._last_seen = []
+            metrics.ROLLUP_ROWS.labels(width).inc(written.get(f"rollup_{width}", 0))

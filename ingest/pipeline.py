@@ -126,7 +126,10 @@ class Pipeline:
         self.health = health
         self.registry = Registry()
         self.deriver = Deriver(rules=cfg.anomaly.rules, rollups=cfg.rollups.enabled)
-        self.sink = Sink(dsn=cfg.db.url, connect_timeout_s=cfg.db.connect_timeout_s)
+        self.sinks = [
+            Sink(dsn=cfg.db.url, connect_timeout_s=cfg.db.connect_timeout_s)
+            for _ in range(cfg.db.writers)
+        ]
         self.source = MqttSource(
             settings=_source_settings(cfg), on_reconnect=metrics.MQTT_RECONNECTS.inc
         )
@@ -227,11 +230,17 @@ class Pipeline:
             )
 
     async def _commit(self, job: FlushJob) -> None:
-        """Write one flush, retrying transient database errors with capped backoff."""
+        """Write one flush, retrying transient database errors with capped backoff.
+
+        The flush is split by sensor over the writer connections, each part in a transaction
+        of its own, written at the same time; a part that committed is not written again.
+        """
         delay = self.cfg.db.retry_min_s
+        started = time.monotonic()
+        written: set[int] = set()
         while True:
             try:
-                await self._try_commit(job)
+                await self._try_commit(job, written, started)
                 self.health.database = True
                 return
             except TransientSinkError as exc:
@@ -245,12 +254,13 @@ class Pipeline:
                 )
                 await asyncio.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, self.cfg.db.retry_max_s)
-                with contextlib.suppress(TransientSinkError):
-                    await self.sink.connect()
+                for sink in self.sinks:
+                    if not sink.connected:
+                        with contextlib.suppress(TransientSinkError):
+                            await sink.connect()
 
-    async def _try_commit(self, job: FlushJob) -> None:
-        conn = self.sink.connection
-        started = time.monotonic()
+    async def _try_commit(self, job: FlushJob, written: set[int], started: float) -> None:
+        conn = self.sinks[0].connection
         sensors: dict[SensorKey, str | None] = {}
         for item in job.accepted:
             for ch in item.batch.channels:
@@ -266,31 +276,51 @@ class Pipeline:
         metrics.SENSORS_KNOWN.set(len(self.registry))
         readings, superseded = build_readings(job, self.registry)
         await self.deriver.prepare(conn, readings=readings, registry=self.registry)
-        try:
-            result = await self.sink.write(
-                readings=readings, dead_letters=job.dead_letters, derive=self.deriver.derive
-            )
-        except BaseException:
-            self.deriver.abandon()
-            raise
-        self.deriver.commit(result.extras)
+        parts = len(self.sinks)
+        slabs = [readings.select(readings.sensor % parts == p) for p in range(parts)]
+        todo = [
+            p
+            for p in range(parts)
+            if p not in written and (len(slabs[p]) or (p == 0 and job.dead_letters))
+        ]
+        outcomes = await asyncio.gather(
+            *(
+                self.sinks[p].write(
+                    readings=slabs[p],
+                    dead_letters=job.dead_letters if p == 0 else (),
+                    derive=self.deriver.derive,
+                )
+                for p in todo
+            ),
+            return_exceptions=True,
+        )
+        failure: BaseException | None = None
+        for p, outcome in zip(todo, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                failure = failure or outcome
+                continue
+            result, derived = outcome
+            written.add(p)
+            self.deriver.commit(derived, written=result.extras)
+            metrics.READINGS_WRITTEN.inc(result.inserted)
+            metrics.READINGS_DUPLICATE.inc(result.duplicates)
+            metrics.COPY_SECONDS.observe(result.copy_seconds)
+            if result.staged:
+                log.info(
+                    "a flush part of %d readings held %d already stored (redelivery)",
+                    result.inserted + result.duplicates,
+                    result.duplicates,
+                )
+        if failure is not None:
+            raise failure
         done = time.time()
-        metrics.READINGS_WRITTEN.inc(result.inserted)
-        metrics.READINGS_DUPLICATE.inc(result.duplicates)
         metrics.READINGS_SUPERSEDED.inc(superseded)
         metrics.FLUSH_READINGS.observe(len(readings))
         metrics.FLUSH_SECONDS.observe(time.monotonic() - started)
-        metrics.COPY_SECONDS.observe(result.copy_seconds)
         metrics.LAST_COMMIT.set(done)
         for msg in job.received:
             sent = msg.published_us / 1e6 if msg.published_us else msg.received_ns / 1e9
             metrics.COMMIT_LAG.observe(max(0.0, done - sent))
-        if result.staged:
-            log.info(
-                "flush of %d readings held %d already stored (redelivery)",
-                len(readings),
-                result.duplicates,
-            )
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -300,9 +330,10 @@ class Pipeline:
         delay = self.cfg.db.retry_min_s
         while not stop.is_set():
             try:
-                await self.sink.connect()
+                for sink in self.sinks:
+                    await sink.connect()
                 self.health.database = True
-                behind = await pending(self.sink.connection, migrations=migrations)
+                behind = await pending(self.sinks[0].connection, migrations=migrations)
                 if not behind:
                     self.health.schema = True
                     return True
@@ -336,7 +367,8 @@ class Pipeline:
             if not writer.done():
                 # Shield the final flush: a second signal during the grace period is ignored.
                 await asyncio.shield(self._drain(writer))
-        await self.sink.close()
+        for sink in self.sinks:
+            await sink.close()
 
     async def _drain(self, writer: asyncio.Task[None]) -> None:
         with contextlib.suppress(asyncio.CancelledError):

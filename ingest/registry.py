@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -154,23 +153,16 @@ class Registry:
             )
             self._assets.update(paths)
 
-    def last_seen_due(self, sensor_ids: Iterable[int], *, now: float | None = None) -> list[int]:
-        """Sensors whose `last_seen` was not written in the last minute; marks them written.
+    def last_seen_due(self, sensor_ids: Iterable[int], *, now: float) -> list[int]:
+        """Sensors whose `last_seen` was not written in the last minute. Never changes state.
 
         Keeps the registry's `last_seen` within a minute of the truth without an UPDATE per
-        sensor per flush.
+        sensor per flush; `last_seen_written` records a committed write.
         """
-        now = time.monotonic() if now is None else now
-        due = [
-            s
-            for s in sensor_ids
-            if now - self._last_seen_written.get(s, -1e18) >= self._last_seen_every
-        ]
-        for s in due:
-            self._last_seen_written[s] = now
-        return due
+        written = self._last_seen_written
+        return [s for s in sensor_ids if now - written.get(s, -1e18) >= self._last_seen_every]
 
-    def forget_last_seen(self, sensor_ids: Iterable[int]) -> None:
-        """Undo `last_seen_due` for a flush whose transaction did not commit."""
+    def last_seen_written(self, sensor_ids: Iterable[int], *, now: float) -> None:
+        """Record that the `last_seen` of these sensors was committed at `now`."""
         for s in sensor_ids:
-            self._last_seen_written.pop(s, None)
+            self._last_seen_written[s] = now

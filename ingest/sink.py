@@ -7,7 +7,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, cast
+from typing import Any, Protocol, TypeVar, cast
 
 import asyncpg
 import numpy as np
@@ -82,6 +82,16 @@ class Upsert:
 
     def __len__(self) -> int:
         return len(self.columns[0]) if self.columns else 0
+
+
+class Extras(Protocol):
+    """What a flush's `derive` step returns: named extra writes for the same transaction."""
+
+    @property
+    def upserts(self) -> Sequence[tuple[str, Upsert]]: ...
+
+
+D = TypeVar("D", bound=Extras)
 
 
 @dataclass(slots=True)
@@ -172,6 +182,10 @@ class Sink:
         await self.close()
 
     @property
+    def connected(self) -> bool:
+        return self._conn is not None and not self._conn.is_closed()
+
+    @property
     def connection(self) -> asyncpg.Connection:
         if self._conn is None or self._conn.is_closed():
             raise TransientSinkError("database connection: not connected")
@@ -204,17 +218,18 @@ class Sink:
         *,
         readings: Readings,
         dead_letters: Sequence[DeadLetter],
-        derive: Callable[[Readings], Sequence[tuple[str, Upsert]]],
-    ) -> WriteResult:
+        derive: Callable[[Readings], D],
+    ) -> tuple[WriteResult, D]:
         """Write one flush in one transaction and commit.
 
         The readings go in with one binary COPY; when that collides with rows already stored (a
         redelivery), the slab goes through a staging table and only new rows are inserted.
-        `derive` returns named extra writes (rollups, anomaly events) for the rows it is given,
-        which commit in the same transaction. It runs in a worker thread while the COPY is in
-        flight, on the assumption that every row is new; when some were not, it is called again
-        with exactly the new rows, and its last result is the one written. It must not await,
-        and nothing else may touch what it uses until `write` returns.
+        `derive` returns named extra writes (`.upserts`: rollups, anomaly events) for the rows
+        it is given, which commit in the same transaction; the one used is returned. It runs
+        in a worker thread while the COPY is in flight, on the assumption that every row is
+        new; when some were not, it is called again with exactly the new rows, and its last
+        result is the one written. It must not await, and must not change what another
+        concurrent `write` uses.
         """
         conn = self.connection
         result = WriteResult(dead_letters=len(dead_letters))
@@ -227,7 +242,7 @@ class Sink:
                     extras = await speculative  # never leave it running on failure
                 if new is not readings:
                     extras = derive(new)
-                for name, upsert in extras:
+                for name, upsert in extras.upserts:
                     if len(upsert):
                         await conn.execute(upsert.sql, *upsert.columns)
                     result.extras[name] = len(upsert)
@@ -249,7 +264,7 @@ class Sink:
                     )
         except (TimeoutError, asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
             raise classify(exc) from exc
-        return result
+        return result, extras
 
     async def _insert_readings(
         self, conn: asyncpg.Connection, readings: Readings, result: WriteResult
