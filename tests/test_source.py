@@ -524,3 +524,56 @@ async def test_unreadable_ca_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"^mqtt\.tls_ca_file: "):
         async with MqttSource(settings=config):
             pass
+
+
+@pytest.mark.parametrize("qos", [0, 1])
+@pytest.mark.parametrize(
+    "props",
+    [
+        {},
+        {"ContentType": "application/msgpack"},
+        {"ContentType": "application/json", "UserProperty": [("ts", "17"), ("k", "välue")]},
+        {"PayloadFormatIndicator": 1, "MessageExpiryInterval": 60, "TopicAlias": 3},
+    ],
+)
+def test_fast_publish_parse_matches_paho(qos: int, props: dict[str, object]) -> None:
+    from paho.mqtt import _packet
+    from paho.mqtt.enums import MQTTProtocolVersion
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    from ingest.source import _FastPublish
+
+    properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    for key, value in props.items():
+        setattr(properties, key, value)
+    topic = b"telemetry/plant1/press-shop/line2/press-07"
+    packet = len(topic).to_bytes(2, "big") + topic
+    packet += (4242).to_bytes(2, "big") if qos else b""
+    packet += properties.pack() + b"\x00\x01payload"  # type: ignore[no-untyped-call]
+    command = 0x30 | (qos << 1) | 0x01
+    ours = _FastPublish._parse(command, packet)
+    theirs = _packet.decode_publish(command, packet, MQTTProtocolVersion.MQTTv5)
+    assert ours is not None
+    assert (ours.topic, ours.mid, ours.qos, ours.retain, ours.payload) == (
+        theirs.topic.decode(),
+        theirs.mid,
+        theirs.qos,
+        theirs.retain,
+        theirs.payload,
+    )
+    assert getattr(ours.properties, "ContentType", None) == getattr(
+        theirs.properties, "ContentType", None
+    )
+    assert ours.properties.UserProperty == list(getattr(theirs.properties, "UserProperty", []))
+
+
+def test_fast_publish_leaves_the_unusual_to_paho() -> None:
+    from ingest.source import _FastPublish
+
+    topic = b"a/b"
+    head = len(topic).to_bytes(2, "big") + topic + (1).to_bytes(2, "big")
+    assert _FastPublish._parse(0x34, head + b"\x00x") is None  # QoS 2
+    assert _FastPublish._parse(0x32, head + b"\x02\x0b\x05x") is None  # subscription identifier
+    assert _FastPublish._parse(0x32, head + b"\x05\x03\x00\x09ab") is None  # string too long
+    assert _FastPublish._parse(0x32, b"\x00\x00" + (1).to_bytes(2, "big") + b"\x00x") is None
