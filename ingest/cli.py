@@ -159,7 +159,7 @@ def _migrate(args: argparse.Namespace) -> int:
     from ingest import config as config_mod
     from ingest.migrate import migrate
 
-    cfg = config_mod.load(path=args.config)
+    cfg = config_mod.load(path=args.config, for_migrate=True)
     _setup_logging(level=cfg.log.level, fmt=cfg.log.format)
     dsn = cfg.db.migrate_url or cfg.db.url
     schema_dir = Path(args.schema_dir) if args.schema_dir else None

@@ -244,8 +244,13 @@ def _describe(path: str) -> str:
     return "config"
 
 
-def load(*, path: str | None = None, env: Mapping[str, str] | None = None) -> Config:
-    """Read the TOML file (optional) and the environment; raise ConfigError naming the bad key."""
+def load(
+    *, path: str | None = None, env: Mapping[str, str] | None = None, for_migrate: bool = False
+) -> Config:
+    """Read the TOML file (optional) and the environment; raise ConfigError naming the bad key.
+
+    `for_migrate`: only a database URL for migrations is needed (db.migrate_url or db.url).
+    """
     env = os.environ if env is None else env
     path = path or env.get("INGEST_CONFIG") or None
     raw: dict[str, Any] = {}
@@ -265,6 +270,8 @@ def load(*, path: str | None = None, env: Mapping[str, str] | None = None) -> Co
         config = msgspec.convert(raw, type=Config, strict=False)
     except msgspec.ValidationError as exc:
         raise ConfigError(_explain(exc)) from exc
+    if for_migrate and config.db.migrate_url:
+        return config
     if not config.db.url:
         raise ConfigError(
             "db.url (INGEST_DB_URL): is required, e.g. postgresql://ingest:secret@dbhost:5432/telemetry"

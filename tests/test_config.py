@@ -125,3 +125,10 @@ def test_readme_table_documents_every_key() -> None:
         assert re.search(rf"^\| `{section}\.{key}` \| `{env}` \|", readme, re.M), (
             f"{section}.{key} is not in the README's configuration table"
         )
+
+
+def test_migrate_needs_only_the_owner_url() -> None:
+    env = {"INGEST_MIGRATE_DB_URL": "postgresql://owner@db/telemetry"}
+    assert config.load(env=env, for_migrate=True).db.migrate_url == env["INGEST_MIGRATE_DB_URL"]
+    with pytest.raises(ConfigError, match=r"^db.url \(INGEST_DB_URL\): is required"):
+        config.load(env=env)
