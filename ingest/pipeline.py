@@ -10,6 +10,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 
+import asyncpg
 import numpy as np
 
 from ingest import metrics
@@ -269,13 +270,15 @@ class Pipeline:
                     sensors[key] = ch.unit
         try:
             await self.registry.resolve(conn, sensors=sensors)
+            metrics.SENSORS_KNOWN.set(len(self.registry))
+            readings, superseded = build_readings(job, self.registry)
+            await self.deriver.prepare(conn, readings=readings, registry=self.registry)
         except (PermanentSinkError, TransientSinkError):
             raise
         except Exception as exc:
+            if not isinstance(exc, asyncpg.PostgresError):
+                self.sinks[0].discard()  # its state is unknown after a client-side error
             raise classify(exc) from exc
-        metrics.SENSORS_KNOWN.set(len(self.registry))
-        readings, superseded = build_readings(job, self.registry)
-        await self.deriver.prepare(conn, readings=readings, registry=self.registry)
         parts = len(self.sinks)
         slabs = [readings.select(readings.sensor % parts == p) for p in range(parts)]
         todo = [

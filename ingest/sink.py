@@ -133,6 +133,11 @@ def encode_copy(readings: Readings, *, positions: bool = False) -> memoryview:
     return buf.data
 
 
+# Failures on the client side of a connection. InternalClientError: asyncpg read a message it
+# did not expect (a restart's FATAL 57P01 arriving while idle) and the connection stays unusable.
+_CLIENT_ERRORS = (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.InternalClientError)
+
+
 def classify(exc: BaseException) -> TransientSinkError | PermanentSinkError:
     """Wrap a database error by SQLSTATE class (never by message text)."""
     if isinstance(exc, asyncpg.PostgresError):
@@ -140,7 +145,7 @@ def classify(exc: BaseException) -> TransientSinkError | PermanentSinkError:
         if state.startswith(_TRANSIENT_CLASSES):
             return TransientSinkError(f"database: {exc} (SQLSTATE {state})")
         return PermanentSinkError(f"database: {exc} (SQLSTATE {state})")
-    if isinstance(exc, OSError | asyncio.TimeoutError | asyncpg.InterfaceError):
+    if isinstance(exc, _CLIENT_ERRORS):
         return TransientSinkError(f"database connection: {exc or type(exc).__name__}")
     return PermanentSinkError(f"database: {exc}")
 
@@ -210,8 +215,14 @@ class Sink:
         if conn is not None and not conn.is_closed():
             try:
                 await asyncio.wait_for(conn.close(), timeout=5)
-            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            except (asyncpg.PostgresError, *_CLIENT_ERRORS):
                 conn.terminate()
+
+    def discard(self) -> None:
+        """Drop the connection at once: after a client-side error its state is unknown."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.terminate()
 
     async def write(
         self,
@@ -262,7 +273,9 @@ class Sink:
                             for d in dead_letters
                         ],
                     )
-        except (TimeoutError, asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
+        except (asyncpg.PostgresError, *_CLIENT_ERRORS) as exc:
+            if not isinstance(exc, asyncpg.PostgresError):
+                self.discard()
             raise classify(exc) from exc
         return result, extras
 
