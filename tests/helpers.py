@@ -7,10 +7,13 @@ import os
 import signal
 import sys
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TypeVar
 from urllib.parse import urlsplit
 
+import asyncpg
+import msgspec
+import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
@@ -18,6 +21,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from benchmarks.harness import free_port, http_get
+from tests.conftest import Database
 
 T = TypeVar("T")
 
@@ -155,3 +159,77 @@ class Ingester:
         self.proc.kill()
         await self.proc.wait()
         await self._reader
+
+
+# ------------------------------------------------------------------------------ streams
+
+T0 = 1_767_225_600_000_000  # 2026-01-01T00:00:00Z in µs
+Row = tuple[int, str, str, float, int]  # (time µs, device, sensor, value, quality)
+
+
+def ingester_env(db: Database, mqtt_url: str, prefix: str, **extra: str) -> dict[str, str]:
+    return {
+        "INGEST_DB_URL": db.ingest_url,
+        "INGEST_MQTT_URL": mqtt_url,
+        "INGEST_MQTT_TOPIC_PREFIX": prefix,
+        "INGEST_MQTT_CLIENT_ID": f"ingest-{uuid.uuid4().hex[:8]}",
+        "INGEST_MQTT_RECONNECT_MIN_S": "0.1",
+        "INGEST_MQTT_RECONNECT_MAX_S": "1",
+        "INGEST_DB_RETRY_MIN_S": "0.1",
+        "INGEST_DB_RETRY_MAX_S": "1",
+        **extra,
+    }
+
+
+async def acked_at_least(proc: Ingester, n: int, *, timeout: float = 60.0) -> None:  # noqa: ASYNC109
+    async def done() -> bool:
+        return await proc.metric("ingest_messages_acknowledged_total") >= n
+
+    await wait_until(done, timeout=timeout)
+
+
+def f8(values: Iterable[float]) -> bytes:
+    return np.asarray(list(values), dtype="<f8").tobytes()
+
+
+def batch_payload(t0: int, channels: list[dict[str, object]], *, seq: int | None = None) -> bytes:
+    doc: dict[str, object] = {"v": 1, "t0": t0, "ch": channels}
+    if seq is not None:
+        doc["seq"] = seq
+    return msgspec.msgpack.encode(doc)
+
+
+def stream(
+    site: str, *, devices: int, messages: int, per_message: int, seed: int = 7
+) -> tuple[list[tuple[str, bytes]], set[Row]]:
+    """A regular stream: each device sends `messages` batches of `per_message` readings.
+
+    Returns (device path, payload) in publishing order and the rows they must produce.
+    """
+    out: list[tuple[str, bytes]] = []
+    rows: set[Row] = set()
+    rng = np.random.default_rng(seed)
+    for m in range(messages):
+        for d in range(devices):
+            device = f"{site}/line1/dev-{d:02d}"
+            values = np.round(rng.normal(50, 5, per_message), 6)
+            t0 = T0 + m * per_message * 1000
+            out.append(
+                (device, batch_payload(t0, [{"s": "temp", "dt": 1000, "v": f8(values)}], seq=m))
+            )
+            rows.update((t0 + i * 1000, device, "temp", float(v), 0) for i, v in enumerate(values))
+    return out, rows
+
+
+async def stored(db: Database, site: str) -> list[Row]:
+    """Every reading of the site, as the analysts see it (in µs, device, sensor, time order)."""
+    conn = await asyncpg.connect(db.analyst_url)
+    try:
+        rows = await conn.fetch(
+            "SELECT (extract(epoch FROM ts) * 1000000)::bigint AS t, device, sensor, value, quality"
+            "  FROM telemetry.readings_v WHERE device LIKE $1 || '/%' ORDER BY 2, 3, 1",
+            site,
+        )
+    finally:
+        await conn.close()
+    return [(r["t"], r["device"], r["sensor"], r["value"], r["quality"]) for r in rows]

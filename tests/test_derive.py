@@ -10,8 +10,7 @@ import msgspec
 import numpy as np
 
 from tests.conftest import Database
-from tests.helpers import Ingester, Publisher, wait_until
-from tests.test_pipeline import T0, ingester_env
+from tests.helpers import T0, Ingester, Publisher, ingester_env, wait_until
 
 HZ_US = 100_000  # 10 readings per second
 N = 600

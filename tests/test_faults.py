@@ -19,19 +19,13 @@ import pytest
 from benchmarks.harness import http_get
 from tests.conftest import Database, admin_dsn
 from tests.fault_helpers import (
-    T0,
     PrivateBroker,
     PrivateCluster,
-    Row,
     Service,
     SlowCloseProxy,
-    acked_at_least,
     assert_exactly_once,
-    batch_payload,
     dead_letters,
-    f8,
     ingest_waits_for_lock,
-    ingester_env,
     md5,
     new_prefix,
     new_site,
@@ -39,10 +33,19 @@ from tests.fault_helpers import (
     publish,
     purge_session,
     service_dir,
-    stream,
     table_lock,
 )
-from tests.helpers import Publisher, wait_until
+from tests.helpers import (
+    T0,
+    Publisher,
+    Row,
+    acked_at_least,
+    batch_payload,
+    f8,
+    ingester_env,
+    stream,
+    wait_until,
+)
 
 MiB = 1024 * 1024
 

@@ -29,16 +29,13 @@ from ingest.decode import Batch, DecodeLimits, decode_batch, parse_topic
 from ingest.errors import PayloadError
 from tests.conftest import Database
 from tests.fault_helpers import (
-    T0,
     Service,
-    acked_at_least,
-    f8,
-    ingester_env,
     new_prefix,
     new_site,
     publish,
     purge_session,
 )
+from tests.helpers import T0, acked_at_least, f8, ingester_env
 
 mp = msgspec.msgpack.encode
 MAX_PAYLOAD = 262_144

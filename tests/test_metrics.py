@@ -7,9 +7,8 @@ import pytest
 
 from ingest.metrics import reason_field
 from tests.conftest import Database
-from tests.helpers import Ingester, Publisher, http_get, wait_until
+from tests.helpers import T0, Ingester, Publisher, http_get, ingester_env, wait_until
 from tests.test_deploy import promtool
-from tests.test_pipeline import T0, ingester_env
 
 
 @pytest.mark.parametrize(

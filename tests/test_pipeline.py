@@ -12,10 +12,18 @@ import numpy as np
 import pytest
 
 from tests.conftest import Database
-from tests.helpers import Ingester, Publisher, wait_until
-
-T0 = 1_767_225_600_000_000  # 2026-01-01T00:00:00Z in µs
-Row = tuple[int, str, str, float, int]  # (time µs, device, sensor, value, quality)
+from tests.helpers import (
+    T0,
+    Ingester,
+    Publisher,
+    Row,
+    acked_at_least,
+    f8,
+    ingester_env,
+    stored,
+    stream,
+    wait_until,
+)
 
 
 @pytest.fixture
@@ -24,35 +32,11 @@ def site() -> str:
     return f"site-{uuid.uuid4().hex[:8]}"
 
 
-def ingester_env(db: Database, mqtt_url: str, prefix: str, **extra: str) -> dict[str, str]:
-    return {
-        "INGEST_DB_URL": db.ingest_url,
-        "INGEST_MQTT_URL": mqtt_url,
-        "INGEST_MQTT_TOPIC_PREFIX": prefix,
-        "INGEST_MQTT_CLIENT_ID": f"ingest-{uuid.uuid4().hex[:8]}",
-        **extra,
-    }
-
-
 @pytest.fixture
 async def ingester(database: Database, mqtt_url: str, prefix: str) -> AsyncIterator[Ingester]:
     proc = await Ingester(ingester_env(database, mqtt_url, prefix)).start()
     yield proc
     assert await proc.stop() == 0, proc.log.decode()
-
-
-async def stored(db: Database, site: str) -> list[Row]:
-    """Every reading of the site, as the analysts see it."""
-    conn = await asyncpg.connect(db.analyst_url)
-    try:
-        rows = await conn.fetch(
-            "SELECT (extract(epoch FROM ts) * 1000000)::bigint AS t, device, sensor, value, quality"
-            "  FROM telemetry.readings_v WHERE device LIKE $1 || '/%' ORDER BY 2, 3, 1",
-            site,
-        )
-    finally:
-        await conn.close()
-    return [(r["t"], r["device"], r["sensor"], r["value"], r["quality"]) for r in rows]
 
 
 async def dead_letters(db: Database, prefix: str) -> list[tuple[str, bytes, str, str | None]]:
@@ -66,17 +50,6 @@ async def dead_letters(db: Database, prefix: str) -> list[tuple[str, bytes, str,
     finally:
         await conn.close()
     return [(r["topic"], r["payload"], r["reason"], r["content_type"]) for r in rows]
-
-
-async def acked_at_least(proc: Ingester, n: int) -> None:
-    async def done() -> bool:
-        return await proc.metric("ingest_messages_acknowledged_total") >= n
-
-    await wait_until(done, timeout=60)
-
-
-def f8(values: list[float]) -> bytes:
-    return np.asarray(values, dtype="<f8").tobytes()
 
 
 def sample_messages(site: str) -> tuple[list[tuple[str, bytes, str | None]], list[Row]]:
@@ -473,34 +446,6 @@ async def _rejections(
         )
         unmatched.remove(match[0])
     assert await ingester.metric("ingest_dead_letters_total") == len(bad)
-
-
-def stream(
-    site: str, *, devices: int, messages: int, per_message: int
-) -> tuple[list[tuple[str, bytes]], set[Row]]:
-    """A regular stream: each device sends `messages` batches of `per_message` readings."""
-    out, rows = [], set()
-    rng = np.random.default_rng(7)
-    for m in range(messages):
-        for d in range(devices):
-            device = f"{site}/line1/dev-{d:02d}"
-            values = np.round(rng.normal(50, 5, per_message), 6)
-            t0 = T0 + m * per_message * 1000
-            out.append(
-                (
-                    device,
-                    msgspec.msgpack.encode(
-                        {
-                            "v": 1,
-                            "t0": t0,
-                            "seq": m,
-                            "ch": [{"s": "temp", "dt": 1000, "v": values.astype("<f8").tobytes()}],
-                        }
-                    ),
-                )
-            )
-            rows.update((t0 + i * 1000, device, "temp", float(v), 0) for i, v in enumerate(values))
-    return out, rows
 
 
 async def test_kill_9_mid_stream_loses_nothing_and_doubles_nothing(

@@ -27,7 +27,6 @@ from tests.fault_helpers import (
     PrivateCluster,
     Service,
     assert_exactly_once,
-    ingester_env,
     make_ca,
     make_certs,
     new_prefix,
@@ -35,9 +34,8 @@ from tests.fault_helpers import (
     private_cluster,
     publish,
     service_dir,
-    stream,
 )
-from tests.helpers import wait_until
+from tests.helpers import ingester_env, stream, wait_until
 
 # ------------------------------------------------------------------------------ fixtures
 
