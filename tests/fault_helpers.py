@@ -19,7 +19,6 @@ import secrets
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import uuid
@@ -35,7 +34,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from benchmarks.harness import free_port, http_get
+from benchmarks.harness import free_port
 from ingest.migrate import migrate
 from tests.conftest import Database
 from tests.helpers import Ingester, Row, stored, wait_until
@@ -567,59 +566,6 @@ def purge_session(url: str, client_id: str) -> None:
 # ------------------------------------------------------------------------------ the ingester
 
 
-class Service(Ingester):
-    """`ingest run` that can also be started without waiting for readiness."""
-
-    async def start(self, *, ready_timeout: float = TIMEOUT) -> Service:
-        await super().start(ready_timeout=ready_timeout)
-        return self
-
-    async def spawn(self) -> Service:
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "ingest.cli",
-            "run",
-            env=self.env,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        self._reader = asyncio.create_task(self._read_log())
-        return self
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.returncode is None
-
-    async def wait_ready(self, *, timeout: float = TIMEOUT) -> None:  # noqa: ASYNC109
-        async def ready() -> bool:
-            if not self.alive:
-                raise AssertionError(f"ingest run exited: {self.log.decode()}")
-            status, _ = await http_get(self.port, "/readyz")
-            return status == 200
-
-        await wait_until(ready, timeout=timeout)
-
-    def rss(self) -> int:
-        """Resident set size in bytes (VmRSS of /proc/<pid>/status)."""
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        raise AssertionError("no VmRSS in /proc status")
-
-    async def wait_exit(self, *, timeout: float = TIMEOUT) -> int:  # noqa: ASYNC109
-        assert self.proc is not None
-        async with asyncio.timeout(timeout):
-            code = await self.proc.wait()
-            await self._reader
-        return code
-
-
 # ------------------------------------------------------------------------------ data
 
 
@@ -635,7 +581,7 @@ async def stored_count(db: Database, site: str) -> int:
 
 
 async def assert_exactly_once(
-    db: Database, site: str, expected: set[Row], *, running: Sequence[Service] = ()
+    db: Database, site: str, expected: set[Row], *, running: Sequence[Ingester] = ()
 ) -> None:
     """Wait until the site holds as many readings as expected, then compare them all.
 

@@ -8,6 +8,7 @@ import signal
 import sys
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit
 
@@ -106,6 +107,13 @@ class Ingester:
         self.log = b""
 
     async def start(self, *, ready_timeout: float = 60.0) -> Ingester:
+        """Start `ingest run` and wait until it is ready."""
+        await self.spawn()
+        await self.wait_ready(timeout=ready_timeout)
+        return self
+
+    async def spawn(self) -> Ingester:
+        """Start `ingest run` without waiting for readiness."""
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -116,17 +124,39 @@ class Ingester:
             stderr=asyncio.subprocess.PIPE,
         )
         self._reader = asyncio.create_task(self._read_log())
+        return self
 
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    async def wait_ready(self, *, timeout: float = 60.0) -> None:  # noqa: ASYNC109
         async def ready() -> bool:
-            if self.proc is not None and self.proc.returncode is not None:
-                raise AssertionError(
-                    f"ingest run exited with {self.proc.returncode}: {self.log.decode()}"
-                )
+            if not self.alive:
+                raise AssertionError(f"ingest run exited: {self.log.decode()}")
             status, _ = await http_get(self.port, "/readyz")
             return status == 200
 
-        await wait_until(ready, timeout=ready_timeout)
-        return self
+        await wait_until(ready, timeout=timeout)
+
+    def rss(self) -> int:
+        """Resident set size in bytes (VmRSS of /proc/<pid>/status)."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS in /proc status")
+
+    async def wait_exit(self, *, timeout: float = 60.0) -> int:  # noqa: ASYNC109
+        assert self.proc is not None
+        async with asyncio.timeout(timeout):
+            code = await self.proc.wait()
+            await self._reader
+        return code
 
     async def _read_log(self) -> None:
         assert self.proc is not None

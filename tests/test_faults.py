@@ -21,7 +21,6 @@ from tests.conftest import Database, admin_dsn
 from tests.fault_helpers import (
     PrivateBroker,
     PrivateCluster,
-    Service,
     SlowCloseProxy,
     assert_exactly_once,
     dead_letters,
@@ -37,6 +36,7 @@ from tests.fault_helpers import (
 )
 from tests.helpers import (
     T0,
+    Ingester,
     Publisher,
     Row,
     acked_at_least,
@@ -76,7 +76,7 @@ async def test_kill_9_three_times_mid_stream_loses_nothing_and_doubles_nothing(
     pub = Publisher(mqtt_url)
     try:
         # 1. In the middle of the stream, while flushes are being written and acknowledged.
-        first = await Service(env).start()
+        first = await Ingester(env).start()
         for device, payload in chunks[0]:
             pub.publish(f"{prefix}/{device}", payload)
         await acked_at_least(first, 20)
@@ -87,7 +87,7 @@ async def test_kill_9_three_times_mid_stream_loses_nothing_and_doubles_nothing(
             pub.publish(f"{prefix}/{device}", payload)
         pub.wait()
         async with table_lock(database, "telemetry.readings") as holder:
-            second = await Service(env).start()
+            second = await Ingester(env).start()
             await wait_until(lambda: ingest_waits_for_lock(holder))
             assert await second.metric("ingest_inflight_messages") > 0
             await second.kill()
@@ -96,13 +96,13 @@ async def test_kill_9_three_times_mid_stream_loses_nothing_and_doubles_nothing(
         for device, payload in chunks[2]:
             pub.publish(f"{prefix}/{device}", payload)
         pub.wait()
-        third = await Service(env).start()
+        third = await Ingester(env).start()
         await acked_at_least(third, 1)
         await third.kill()
     finally:
         pub.close()
 
-    last = await Service(env).start()  # same client id: the persistent session resumes
+    last = await Ingester(env).start()  # same client id: the persistent session resumes
     try:
         await assert_exactly_once(database, site, expected, running=[last])
         assert await dead_letters(database, prefix) == []
@@ -120,7 +120,7 @@ async def test_postgres_restart_mid_stream_is_retried_and_loses_nothing(
     env = ingester_env(db, mqtt_url, prefix, INGEST_MQTT_RECEIVE_MAXIMUM="50")
     messages, expected = stream(site, devices=4, messages=100, per_message=200)
     before, during, after = messages[:150], messages[150:300], messages[300:]
-    ingester = await Service(env).start()
+    ingester = await Ingester(env).start()
     try:
         await publish(mqtt_url, topics(prefix, before))
         await acked_at_least(ingester, 50)
@@ -152,7 +152,7 @@ async def test_database_sessions_ended_while_idle_are_replaced(
     ) as proxy:
         db = replace(database, ingest_url=with_port(database.ingest_url, proxy.port))
         env = ingester_env(db, mqtt_url, prefix)
-        ingester = await Service(env).start()
+        ingester = await Ingester(env).start()
         try:
             await publish(mqtt_url, topics(prefix, first))
             await acked_at_least(ingester, len(first))
@@ -183,7 +183,7 @@ async def test_database_unreachable_at_start_waits_then_serves(
     env = ingester_env(db, mqtt_url, prefix)
     messages, expected = stream(site, devices=2, messages=20, per_message=50)
     await cluster.stop()
-    ingester = await Service(env).spawn()
+    ingester = await Ingester(env).spawn()
     try:
 
         async def alive() -> bool:
@@ -229,7 +229,7 @@ async def test_broker_restart_mid_stream_resumes_the_persistent_session(
         await broker.start()
         url = broker.url()
         env = ingester_env(database, url, prefix, INGEST_MQTT_RECEIVE_MAXIMUM="20")
-        ingester = await Service(env).start()
+        ingester = await Ingester(env).start()
         try:
             # Hold the ingester's flushes so that, when the broker goes down, it has messages
             # in flight (received, unacknowledged) and the broker has the rest queued.
@@ -303,7 +303,7 @@ async def test_stalled_database_keeps_memory_bounded_and_drops_nothing(
         broker = PrivateBroker(base)  # no persistence: the stall queues ~50 MB in it
         await broker.start()
         url = broker.url()
-        a = Service(
+        a = Ingester(
             ingester_env(
                 database,
                 url,
@@ -312,7 +312,7 @@ async def test_stalled_database_keeps_memory_bounded_and_drops_nothing(
                 INGEST_MQTT_RECEIVE_MAXIMUM="5",
             )
         )
-        b = Service(
+        b = Ingester(
             ingester_env(
                 database,
                 url,

@@ -29,13 +29,12 @@ from ingest.decode import Batch, DecodeLimits, decode_batch, parse_topic
 from ingest.errors import PayloadError
 from tests.conftest import Database
 from tests.fault_helpers import (
-    Service,
     new_prefix,
     new_site,
     publish,
     purge_session,
 )
-from tests.helpers import T0, acked_at_least, f8, ingester_env
+from tests.helpers import T0, Ingester, acked_at_least, f8, ingester_env
 
 mp = msgspec.msgpack.encode
 MAX_PAYLOAD = 262_144
@@ -191,7 +190,7 @@ async def test_hostile_stream_every_valid_reading_lands_every_bad_one_is_a_dead_
         INGEST_LIMITS_MAX_PAYLOAD_BYTES=str(MAX_PAYLOAD),
         INGEST_LIMITS_MAX_BATCH_READINGS=str(MAX_READINGS),
     )
-    ingester = await Service(env).start()
+    ingester = await Ingester(env).start()
     try:
         await publish(mqtt_url, stream)
         await acked_at_least(ingester, len(stream))

@@ -25,7 +25,6 @@ from tests.fault_helpers import (
     Certs,
     PrivateBroker,
     PrivateCluster,
-    Service,
     assert_exactly_once,
     make_ca,
     make_certs,
@@ -35,7 +34,7 @@ from tests.fault_helpers import (
     publish,
     service_dir,
 )
-from tests.helpers import ingester_env, stream, wait_until
+from tests.helpers import Ingester, ingester_env, stream, wait_until
 
 # ------------------------------------------------------------------------------ fixtures
 
@@ -117,7 +116,7 @@ async def test_tls_with_passwords_end_to_end(
         prefix,
         INGEST_MQTT_TLS_CA_FILE=str(tls_broker.certs.ca),
     )
-    ingester = await Service(env).start()
+    ingester = await Ingester(env).start()
     try:
         await publish(
             tls_broker.url("device"),
@@ -142,7 +141,7 @@ async def test_wrong_mqtt_password_stops_with_one_line_naming_mqtt_url(
         new_prefix(),
         INGEST_MQTT_TLS_CA_FILE=str(tls_broker.certs.ca),
     )
-    ingester = await Service(env).spawn()
+    ingester = await Ingester(env).spawn()
     code = await ingester.wait_exit()
     log = ingester.log.decode()
     assert code != 0, log
@@ -169,7 +168,7 @@ async def test_untrusted_server_certificate_is_never_accepted(
         new_prefix(),
         INGEST_MQTT_TLS_CA_FILE=str(tls_broker.other_ca),
     )
-    ingester = await Service(env).spawn()
+    ingester = await Ingester(env).spawn()
     try:
 
         async def refused_again_and_again() -> bool:
@@ -225,7 +224,7 @@ async def test_ingest_run_with_a_wrong_database_password_stops_with_one_line(
 ) -> None:
     db = cluster.as_database()
     bad = cluster.url("ingest", password="wrong-password")
-    ingester = await Service(ingester_env(db, mqtt_url, new_prefix(), INGEST_DB_URL=bad)).spawn()
+    ingester = await Ingester(ingester_env(db, mqtt_url, new_prefix(), INGEST_DB_URL=bad)).spawn()
     code = await ingester.wait_exit()
     log = ingester.log.decode()
     assert code == 1, log
