@@ -155,12 +155,12 @@ class Deriver:
     transaction that wrote it has committed; a `Derived` whose transaction failed is dropped.
     """
 
-    def __init__(self, *, rules: Sequence[AnomalyRule], rollups: bool) -> None:
+    def __init__(self, *, rules: Sequence[AnomalyRule], rollups: bool, registry: Registry) -> None:
         self._rules = tuple(rules)
         self._rollups = rollups
+        self._registry = registry
         self.detector = AnomalyDetector()
         self._assigned: set[int] = set()
-        self._registry: Registry | None = None
         self._open: set[tuple[int, str, int]] = set()  # open events, to count new ones
 
     @staticmethod
@@ -168,21 +168,18 @@ class Deriver:
         """Compile (or load from the on-disk cache) every kernel before the first message."""
         warm_up()
 
-    async def prepare(
-        self, conn: asyncpg.Connection, *, readings: Readings, registry: Registry
-    ) -> None:
+    async def prepare(self, conn: asyncpg.Connection, *, readings: Readings) -> None:
         """Give new sensors their anomaly rule and rebuild the state of sensors seen first."""
-        self._registry = registry
         if not self._rules or not len(readings):
             return
-        ends = segment_ends(readings.sensor)
-        for sensor_id in readings.sensor[ends].tolist():
+        sensor_ids = readings.sensor[segment_ends(readings.sensor)]
+        for sensor_id in sensor_ids.tolist():
             if sensor_id not in self._assigned:
-                device, name = registry.name_of(sensor_id)
+                device, name = self._registry.name_of(sensor_id)
                 rule = rule_for(rules=self._rules, path=f"{device}/{name}")
                 self.detector.assign(sensor_id=sensor_id, rule=rule)
                 self._assigned.add(sensor_id)
-        needs = self.detector.state_needed(sensor_ids=readings.sensor[ends])
+        needs = self.detector.state_needed(sensor_ids=sensor_ids)
         if needs:
             await self._restore(conn, needs)
 
@@ -235,14 +232,11 @@ class Deriver:
             if pending.events:
                 out.append(("anomalies", _anomaly_upsert(pending.events)))
         now = time.monotonic()
-        due: list[int] = []
-        if self._registry is not None:
-            ends = segment_ends(new.sensor)
-            due_set = set(self._registry.last_seen_due(new.sensor[ends].tolist(), now=now))
-            pick = [i for i in ends.tolist() if int(new.sensor[i]) in due_set]
-            due = new.sensor[pick].tolist()
-            if due:
-                out.append(("last_seen", Upsert(LAST_SEEN_SQL, (due, new.time[pick].tolist()))))
+        ends = segment_ends(new.sensor)  # each sensor's latest new reading
+        due = self._registry.last_seen_due(new.sensor[ends].tolist(), now=now)
+        if due:
+            pick = ends[np.isin(new.sensor[ends], due)]
+            out.append(("last_seen", Upsert(LAST_SEEN_SQL, (due, new.time[pick].tolist()))))
         return Derived(out, pending, tuple(due), now)
 
     def commit(self, derived: Derived, *, written: dict[str, int]) -> None:
@@ -259,7 +253,7 @@ class Deriver:
                     self._open.add(key)
                 else:
                     self._open.discard(key)
-        if self._registry is not None and derived.last_seen:
+        if derived.last_seen:
             self._registry.last_seen_written(derived.last_seen, now=derived.at)
         for width, _, _ in ROLLUP_TABLES:
             metrics.ROLLUP_ROWS.labels(width).inc(written.get(f"rollup_{width}", 0))

@@ -126,7 +126,9 @@ class Pipeline:
         self.cfg = cfg
         self.health = health
         self.registry = Registry()
-        self.deriver = Deriver(rules=cfg.anomaly.rules, rollups=cfg.rollups.enabled)
+        self.deriver = Deriver(
+            rules=cfg.anomaly.rules, rollups=cfg.rollups.enabled, registry=self.registry
+        )
         self.sinks = [
             Sink(dsn=cfg.db.url, connect_timeout_s=cfg.db.connect_timeout_s)
             for _ in range(cfg.db.writers)
@@ -272,7 +274,7 @@ class Pipeline:
             await self.registry.resolve(conn, sensors=sensors)
             metrics.SENSORS_KNOWN.set(len(self.registry))
             readings, superseded = build_readings(job, self.registry)
-            await self.deriver.prepare(conn, readings=readings, registry=self.registry)
+            await self.deriver.prepare(conn, readings=readings)
         except (PermanentSinkError, TransientSinkError):
             raise
         except Exception as exc:
@@ -280,7 +282,10 @@ class Pipeline:
                 self.sinks[0].discard()  # its state is unknown after a client-side error
             raise classify(exc) from exc
         parts = len(self.sinks)
-        slabs = [readings.select(readings.sensor % parts == p) for p in range(parts)]
+        slabs = [readings]
+        if parts > 1:
+            part_of = readings.sensor % parts
+            slabs = [readings.select(part_of == p) for p in range(parts)]
         todo = [
             p
             for p in range(parts)

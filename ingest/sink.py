@@ -100,7 +100,6 @@ class WriteResult:
 
     inserted: int = 0
     duplicates: int = 0
-    dead_letters: int = 0
     staged: bool = False
     copy_seconds: float = 0.0
     extras: dict[str, int] = field(default_factory=dict)
@@ -169,8 +168,8 @@ _STAGE_INSERT = (
 class Sink:
     """Writes flushes on one connection. Called from one task only.
 
-    An async context manager: entering connects (raising TransientSinkError when the database is
-    unreachable, so the caller can retry), leaving closes.
+    Not connected until `connect` (which raises TransientSinkError while the database is
+    unreachable, so the caller can retry); `close` or `discard` ends the connection.
     """
 
     def __init__(self, *, dsn: str, connect_timeout_s: float = 10.0) -> None:
@@ -178,13 +177,6 @@ class Sink:
         self._timeout = connect_timeout_s
         self._conn: asyncpg.Connection | None = None
         self._staging_ready = False
-
-    async def __aenter__(self) -> Sink:
-        await self.connect()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
 
     @property
     def connected(self) -> bool:
@@ -206,7 +198,7 @@ class Sink:
             asyncpg.InvalidCatalogNameError,
         ) as exc:
             raise PermanentSinkError(f"database: {exc}") from exc
-        except (TimeoutError, asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
+        except (asyncpg.PostgresError, *_CLIENT_ERRORS) as exc:
             raise classify(exc) from exc
         self._staging_ready = False
 
@@ -243,7 +235,7 @@ class Sink:
         concurrent `write` uses.
         """
         conn = self.connection
-        result = WriteResult(dead_letters=len(dead_letters))
+        result = WriteResult()
         try:
             async with conn.transaction():
                 speculative = asyncio.ensure_future(asyncio.to_thread(derive, readings))
