@@ -44,9 +44,10 @@ _P_MASK, _P_SPIKE_W, _P_DRIFT_W, _P_DRIFT_B, _P_FLAT_N, _P_FLAT_US, _P_HIST, _P_
 _NPI: Final = 8
 _Q_MIN, _Q_MAX, _Q_RATE, _Q_SPIKE_K, _Q_SPIKE_FLOOR, _Q_DRIFT_K, _Q_DRIFT_FLOOR = range(7)
 _NPF: Final = 7
-# Mutable state per slot: last time, flatline run, ring buffer position; last value.
-_S_LAST, _S_RUN_START, _S_RUN_COUNT, _S_HLEN, _S_HPOS = range(5)
-_NSI: Final = 5
+# Mutable state per slot: last time, flatline run, history length; last value. A slot's pool
+# area holds its last `hist` finite values in time order, then the spike window sorted.
+_S_LAST, _S_RUN_START, _S_RUN_COUNT, _S_HLEN = range(4)
+_NSI: Final = 4
 _S_PREV: Final = 0
 _NSF: Final = 1
 # Open-event state per slot and kind.
@@ -82,8 +83,11 @@ class AnomalyRule(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
       >= T (rounded to whole microseconds) from its first reading; either limit suffices. The
       event starts at the run's first reading; score is the run's duration in seconds.
 
-    A median of an even count is the mean of the middle two; sums run in time order. So every
-    statistic is a function of its window alone, bit for bit, however the stream was cut.
+    A median of an even count is the mean of the middle two. A sum over a window adds its
+    terms in eight lanes, lane r taking the window's readings r, r + 8, ... (oldest first) in
+    time order from 0.0, and returns ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7)); the
+    sample variance sums (x_j - b)**2 that way. So every statistic is a function of its window
+    alone, bit for bit, however the stream was cut.
     """
 
     match: str
@@ -315,9 +319,10 @@ def _bisect(buf: _F64, lo: int, hi: int, x: float, right: bool) -> int:
 
 
 @kernel
-def _kth_deviation(buf: _F64, split: int, nl: int, nr: int, med: float, k: int) -> float:
-    """The k-th smallest |x - med| (from 0), where buf holds nl sorted values below `med` up
-    to index `split` and nr sorted values from `split` on: a k-th of two sorted sequences.
+def _kth_pair(buf: _F64, split: int, nl: int, nr: int, med: float, k: int) -> Any:
+    """The k-th and (k-1)-th smallest |x - med| (from 0; -1.0 for none), where buf holds nl
+    sorted values below `med` up to index `split` and nr sorted values from `split` on: the
+    k-th of two sorted sequences, found by bisecting how many come from below.
     """
     lo = max(0, k + 1 - nr)
     hi = min(k + 1, nl)
@@ -329,71 +334,94 @@ def _kth_deviation(buf: _F64, split: int, nl: int, nr: int, med: float, k: int) 
         elif j > 0 and i < nl and abs(buf[split + j - 1] - med) > abs(buf[split - 1 - i] - med):
             lo = i + 1
         else:
-            below = abs(buf[split - i] - med) if i > 0 else -1.0
-            above = abs(buf[split + j - 1] - med) if j > 0 else -1.0
-            return max(below, above)
+            break
+    below = abs(buf[split - i] - med) if i > 0 else -1.0
+    above = abs(buf[split + j - 1] - med) if j > 0 else -1.0
+    if below >= above:
+        second = abs(buf[split - i + 1] - med) if i > 1 else -1.0
+        return below, max(second, above)
+    second = abs(buf[split + j - 2] - med) if j > 1 else -1.0
+    return above, max(below, second)
 
 
 @kernel
 def _mad(buf: _F64, lo: int, w: int, med: float) -> float:
-    """Median of |buf[q] - med| over the sorted buf[lo : lo + w]."""
-    split = _bisect(buf, lo, lo + w, med, False)
+    """Median of |buf[q] - med| over the sorted buf[lo : lo + w] (w >= 2), med its median."""
+    split = lo + w // 2  # buf[split] >= med; values before it are <= med
+    if buf[split - 1] >= med:
+        split = _bisect(buf, lo, split - 1, med, False)
     nl = split - lo
-    upper = _kth_deviation(buf, split, nl, w - nl, med, w // 2)
+    upper, lower = _kth_pair(buf, split, nl, w - nl, med, w // 2)
     if w % 2 == 1:
-        return upper
-    return (_kth_deviation(buf, split, nl, w - nl, med, w // 2 - 1) + upper) / 2.0
+        return float(upper)
+    return float((lower + upper) / 2.0)
 
 
 @kernel
 def _sorted_replace(buf: _F64, lo: int, n: int, old: float, new: float, remove: bool) -> None:
-    """In the sorted buf[lo : lo + n], replace one `old` by `new` if `remove`, else insert."""
-    at = _bisect(buf, lo, lo + n, new, True)
-    if not remove:
-        for q in range(lo + n, at, -1):
-            buf[q] = buf[q - 1]
-        buf[at] = new
-        return
-    gone = _bisect(buf, lo, lo + n, old, False)
-    if at <= gone:
-        for q in range(gone, at, -1):
-            buf[q] = buf[q - 1]
-        buf[at] = new
-    else:
-        for q in range(gone, at - 1):
+    """In the sorted buf[lo : lo + n], replace one `old` by `new` if `remove`, else insert.
+
+    The gap left by `old` (or the end) moves towards `new`'s place one element at a time:
+    readings close in time are usually close in value, so that walk is short.
+    """
+    q = _bisect(buf, lo, lo + n, old, False) if remove else lo + n
+    if remove and new > old:
+        while q + 1 < lo + n and buf[q + 1] < new:
             buf[q] = buf[q + 1]
-        buf[at - 1] = new
+            q += 1
+    else:
+        while q > lo and buf[q - 1] > new:
+            buf[q] = buf[q - 1]
+            q -= 1
+    buf[q] = new
 
 
 @kernel
-def _drift_z(ring: _F64, off: int, hcap: int, hpos: int, x: float, wd: int, wb: int) -> Any:
-    """(rolling mean, its distance from the baseline mean, baseline sd) from the ring buffer."""
-    start = hpos - (wd - 1 + wb)
-    if start < 0:
-        start += hcap
-    base = 0.0
-    for q in range(wb):
-        idx = start + q
-        if idx >= hcap:
-            idx -= hcap
-        base += ring[off + idx]
-    mean_b = base / wb
-    ss = 0.0
-    for q in range(wb):
-        idx = start + q
-        if idx >= hcap:
-            idx -= hcap
-        d = ring[off + idx] - mean_b
-        ss += d * d
-    recent = 0.0
-    for q in range(wb, wb + wd - 1):
-        idx = start + q
-        if idx >= hcap:
-            idx -= hcap
-        recent += ring[off + idx]
-    recent += x
-    mean_r = recent / wd
-    return mean_r, abs(mean_r - mean_b), math.sqrt(ss / (wb - 1))
+def _term(a: _F64, q: int, centre: float, squares: bool) -> float:
+    if squares:
+        d = a[q] - centre
+        return float(d * d)
+    return float(a[q])
+
+
+@kernel
+def _lane_sum(a: _F64, lo: int, n: int, centre: float) -> float:
+    """Sum of a[lo : lo + n] (of (a[q] - centre)**2 if `centre` is not NaN) in eight lanes.
+
+    Lane r adds the terms at q = lo + r, lo + r + 8, ... in order, from 0.0; the result is
+    ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7)). Eight independent sums keep the adds
+    pipelined, and the result still depends on the window's values alone.
+    """
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
+    sq = not math.isnan(centre)
+    end = lo + n
+    q = lo
+    while q + 8 <= end:
+        s0 += _term(a, q, centre, sq)
+        s1 += _term(a, q + 1, centre, sq)
+        s2 += _term(a, q + 2, centre, sq)
+        s3 += _term(a, q + 3, centre, sq)
+        s4 += _term(a, q + 4, centre, sq)
+        s5 += _term(a, q + 5, centre, sq)
+        s6 += _term(a, q + 6, centre, sq)
+        s7 += _term(a, q + 7, centre, sq)
+        q += 8
+    r = end - q
+    if r > 0:
+        s0 += _term(a, q, centre, sq)
+    if r > 1:
+        s1 += _term(a, q + 1, centre, sq)
+    if r > 2:
+        s2 += _term(a, q + 2, centre, sq)
+    if r > 3:
+        s3 += _term(a, q + 3, centre, sq)
+    if r > 4:
+        s4 += _term(a, q + 4, centre, sq)
+    if r > 5:
+        s5 += _term(a, q + 5, centre, sq)
+    if r > 6:
+        s6 += _term(a, q + 6, centre, sq)
+    return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
 
 
 @kernel
@@ -404,6 +432,100 @@ def _grow(ev_i: _I64, ev_f: _F64) -> Any:
     new_i[: ev_i.shape[0]] = ev_i
     new_f[: ev_f.shape[0]] = ev_f
     return new_i, new_f
+
+
+@kernel
+def _track(
+    kind: int,
+    sid: int,
+    i: int,
+    n: int,
+    verdicts: Any,
+    when: _I64,
+    oi: _I64,
+    of: _F64,
+    ev_i: _I64,
+    ev_f: _F64,
+    m: int,
+    touched: bool,
+) -> Any:
+    """Turn one filter's verdicts on readings i..n-1 (at times `when`) into events.
+
+    `verdicts` holds the (offending, score, value, start) columns; `oi`/`of` are the open-event
+    state of this sensor and kind, updated in place. Appends an upsert to ev_i/ev_f for every
+    event that ends, and at the end for the event left open if an offending reading touched
+    it. Stops early, returning where, when ev_i is full (arrays are never reassigned in the
+    loop: that would cost a reference count per reading). Returns (i, m, touched).
+    """
+    off, score, value, start = verdicts
+    is_open = oi[_E_OPEN] == 1
+    ev_start = oi[_E_START]
+    ev_last = oi[_E_LAST]
+    ev_value = of[_E_VALUE]
+    ev_score = of[_E_SCORE]
+    room = ev_i.shape[0] - 1  # the last row is kept for the event left open
+    while i < n:
+        if off[i]:
+            if not is_open:
+                is_open = True
+                ev_start = start[i]
+                ev_value = value[i]
+                ev_score = score[i]
+            elif score[i] > ev_score:
+                ev_value = value[i]
+                ev_score = score[i]
+            ev_last = when[i]
+            touched = True
+        elif is_open:
+            if m >= room:
+                break
+            ev_i[m, 0] = sid
+            ev_i[m, 1] = kind
+            ev_i[m, 2] = ev_start
+            ev_i[m, 3] = ev_last
+            ev_f[m, 0] = ev_value
+            ev_f[m, 1] = ev_score
+            m += 1
+            is_open = False
+        i += 1
+    if i == n and touched and is_open:
+        ev_i[m, 0] = sid
+        ev_i[m, 1] = kind
+        ev_i[m, 2] = ev_start
+        ev_i[m, 3] = _NO_TIME
+        ev_f[m, 0] = ev_value
+        ev_f[m, 1] = ev_score
+        m += 1
+    oi[_E_OPEN] = 1 if is_open else 0
+    oi[_E_START] = ev_start
+    oi[_E_LAST] = ev_last
+    of[_E_VALUE] = ev_value
+    of[_E_SCORE] = ev_score
+    return i, m, touched
+
+
+@kernel
+def _events(
+    kind: int,
+    sid: int,
+    n: int,
+    verdicts: Any,
+    when: _I64,
+    oi: _I64,
+    of: _F64,
+    ev_i: _I64,
+    ev_f: _F64,
+    m: int,
+) -> Any:
+    """`_track` over all n readings, growing the event arrays as needed: (ev_i, ev_f, m)."""
+    i = 0
+    touched = False
+    while True:
+        if m >= ev_i.shape[0] - 1:
+            ev_i, ev_f = _grow(ev_i, ev_f)
+        i, m, touched = _track(kind, sid, i, n, verdicts, when, oi, of, ev_i, ev_f, m, touched)
+        if i == n:
+            return ev_i, ev_f, m
 
 
 @kernel
@@ -420,23 +542,26 @@ def _process_kernel(
     ef: _F64,
     pool: _F64,
 ) -> Any:
-    """Run the filters over sorted columns; the new state goes to scratch copies, not `si`..."""
+    """Run the filters over sorted columns; the new state goes to scratch copies, not `si`...
+
+    Per sensor: the finite, timely readings are appended to the sensor's history in one
+    contiguous array, so every window is a slice of it; then each filter in turn judges them
+    all and `_track` turns its verdicts into events.
+    """
     n = sensor.shape[0]
     nseg = 0
-    size = 0
     for i in range(n):
         if i == 0 or sensor[i] != sensor[i - 1]:
             s = sensor[i]
-            slot = slot_of[s] if 0 <= s < slot_of.shape[0] else -1
-            if slot >= 0:
+            if 0 <= s < slot_of.shape[0] and slot_of[s] >= 0:
                 nseg += 1
-                size += pi[slot, _P_HIST] + pi[slot, _P_SPIKE_W]
     seg = np.empty(nseg, np.int64)
     seg_lo = np.empty(nseg, np.int64)
     seg_hi = np.empty(nseg, np.int64)
     xoff = np.empty(nseg, np.int64)
     j = -1
     size = 0
+    longest = 0
     current = False
     for i in range(n):
         if i == 0 or sensor[i] != sensor[i - 1]:
@@ -451,6 +576,8 @@ def _process_kernel(
             current = slot >= 0
         if current:
             seg_hi[j] = i + 1
+    for j in range(nseg):
+        longest = max(longest, seg_hi[j] - seg_lo[j] + pi[seg[j], _P_HIST])
     xsi = np.empty((nseg, _NSI), np.int64)
     xsf = np.empty((nseg, _NSF), np.float64)
     xei = np.empty((nseg, 5, _NEI), np.int64)
@@ -460,10 +587,13 @@ def _process_kernel(
     ev_f = np.empty((16 + nseg, 2), np.float64)
     m = 0
     late = 0
-    off_a = np.zeros(5, np.bool_)
-    score_a = np.zeros(5, np.float64)
-    value_a = np.zeros(5, np.float64)
-    start_a = np.zeros(5, np.int64)
+    ext = np.empty(longest, np.float64)  # history, then this flush's accepted values
+    when = np.empty(longest, np.int64)  # times of the accepted values
+    off = np.empty(longest, np.bool_)
+    score = np.empty(longest, np.float64)
+    val = np.empty(longest, np.float64)
+    start = np.empty(longest, np.int64)
+    verdicts = (off, score, val, start)
     for j in range(nseg):
         s = seg[j]
         xsi[j] = si[s]
@@ -471,154 +601,134 @@ def _process_kernel(
         xei[j] = ei[s]
         xef[j] = ef[s]
         mask = pi[s, _P_MASK]
-        spike_w = pi[s, _P_SPIKE_W]
-        drift_w = pi[s, _P_DRIFT_W]
-        drift_b = pi[s, _P_DRIFT_B]
-        flat_n = pi[s, _P_FLAT_N]
-        flat_us = pi[s, _P_FLAT_US]
         hcap = pi[s, _P_HIST]
+        spike_w = pi[s, _P_SPIKE_W]
         o = xoff[j]
         po = pi[s, _P_OFF]
         xpool[o : o + hcap + spike_w] = pool[po : po + hcap + spike_w]
-        lo_limit = pf[s, _Q_MIN]
-        hi_limit = pf[s, _Q_MAX]
-        max_rate = pf[s, _Q_RATE]
-        spike_k = pf[s, _Q_SPIKE_K]
-        spike_floor = pf[s, _Q_SPIKE_FLOOR]
-        drift_k = pf[s, _Q_DRIFT_K]
-        drift_floor = pf[s, _Q_DRIFT_FLOOR]
         last = xsi[j, _S_LAST]
-        run_start = xsi[j, _S_RUN_START]
-        run_count = xsi[j, _S_RUN_COUNT]
-        hlen = xsi[j, _S_HLEN]
-        hpos = xsi[j, _S_HPOS]
+        has_prev = last != _NO_TIME
         prev = xsf[j, _S_PREV]
-        sid = sensor[seg_lo[j]]
-        touched = 0
+        h = xsi[j, _S_HLEN]
+        ext[:h] = xpool[o : o + h]
+        na = 0
         for i in range(seg_lo[j], seg_hi[j]):
             x = value[i]
             if not math.isfinite(x):
                 continue
             t = time[i]
-            has_prev = last != _NO_TIME
-            if has_prev and t <= last:
+            if has_prev and t <= last:  # times rise within a sensor: only old ones are late
                 late += 1
                 continue
-            if mask & (1 << _RANGE):
-                off_a[_RANGE] = False
-                if x > hi_limit:
-                    off_a[_RANGE] = True
-                    score_a[_RANGE] = x - hi_limit
-                elif x < lo_limit:
-                    off_a[_RANGE] = True
-                    score_a[_RANGE] = lo_limit - x
-                value_a[_RANGE] = x
-                start_a[_RANGE] = t
-            if mask & (1 << _RATE):
-                off_a[_RATE] = False
-                if has_prev:
-                    rate = abs(x - prev) / (float(t - last) / 1e6)
-                    if rate > max_rate:
-                        off_a[_RATE] = True
-                        score_a[_RATE] = rate / max_rate
-                value_a[_RATE] = x
-                start_a[_RATE] = t
-            if mask & (1 << _SPIKE):
-                off_a[_SPIKE] = False
-                if hlen >= spike_w:
-                    med = _median(xpool, o + hcap, spike_w)
-                    sigma = MAD_SCALE * _mad(xpool, o + hcap, spike_w, med)
+            ext[h + na] = x
+            when[na] = t
+            na += 1
+        if na == 0:
+            continue
+        sid = sensor[seg_lo[j]]
+        if mask & (1 << _RANGE):
+            lo_limit = pf[s, _Q_MIN]
+            hi_limit = pf[s, _Q_MAX]
+            for i in range(na):
+                x = ext[h + i]
+                off[i] = x > hi_limit or x < lo_limit
+                score[i] = x - hi_limit if x > hi_limit else lo_limit - x
+                val[i] = x
+                start[i] = when[i]
+            ev_i, ev_f, m = _events(
+                _RANGE, sid, na, verdicts, when, xei[j, _RANGE], xef[j, _RANGE], ev_i, ev_f, m
+            )
+        if mask & (1 << _RATE):
+            max_rate = pf[s, _Q_RATE]
+            for i in range(na):
+                x = ext[h + i]
+                off[i] = False
+                if i > 0 or has_prev:
+                    px = ext[h + i - 1] if i > 0 else prev
+                    pt = when[i - 1] if i > 0 else last
+                    rate = abs(x - px) / (float(when[i] - pt) / 1e6)
+                    off[i] = rate > max_rate
+                    score[i] = rate / max_rate
+                val[i] = x
+                start[i] = when[i]
+            ev_i, ev_f, m = _events(
+                _RATE, sid, na, verdicts, when, xei[j, _RATE], xef[j, _RATE], ev_i, ev_f, m
+            )
+        if mask & (1 << _SPIKE):
+            spike_k = pf[s, _Q_SPIKE_K]
+            spike_floor = pf[s, _Q_SPIKE_FLOOR]
+            sw = o + hcap  # the sorted window of the last spike_w values
+            for i in range(na):
+                p = h + i
+                x = ext[p]
+                off[i] = False
+                full = p >= spike_w
+                if full:
+                    med = _median(xpool, sw, spike_w)
+                    sigma = MAD_SCALE * _mad(xpool, sw, spike_w, med)
                     if sigma < spike_floor:
                         sigma = spike_floor
                     dev = abs(x - med)
-                    if dev > spike_k * sigma:
-                        off_a[_SPIKE] = True
-                        score_a[_SPIKE] = dev / sigma if sigma > 0.0 else math.inf
-                value_a[_SPIKE] = x
-                start_a[_SPIKE] = t
-            if mask & (1 << _DRIFT):
-                off_a[_DRIFT] = False
-                if hlen >= drift_w - 1 + drift_b:
-                    mean_r, dist, sd = _drift_z(xpool, o, hcap, hpos, x, drift_w, drift_b)
+                    off[i] = dev > spike_k * sigma
+                    score[i] = dev / sigma if sigma > 0.0 else math.inf
+                val[i] = x
+                start[i] = when[i]
+                old = ext[p - spike_w] if full else 0.0
+                _sorted_replace(xpool, sw, min(p, spike_w), old, x, full)
+            ev_i, ev_f, m = _events(
+                _SPIKE, sid, na, verdicts, when, xei[j, _SPIKE], xef[j, _SPIKE], ev_i, ev_f, m
+            )
+        if mask & (1 << _DRIFT):
+            wd = pi[s, _P_DRIFT_W]
+            wb = pi[s, _P_DRIFT_B]
+            drift_k = pf[s, _Q_DRIFT_K]
+            drift_floor = pf[s, _Q_DRIFT_FLOOR]
+            for i in range(na):
+                p = h + i
+                off[i] = False
+                if p >= wd - 1 + wb:
+                    base = p - wd + 1 - wb
+                    mean_b = _lane_sum(ext, base, wb, math.nan) / wb
+                    sd = math.sqrt(_lane_sum(ext, base, wb, mean_b) / (wb - 1))
+                    mean_r = _lane_sum(ext, base + wb, wd, math.nan) / wd
                     if sd < drift_floor:
                         sd = drift_floor
-                    if dist > drift_k * sd:
-                        off_a[_DRIFT] = True
-                        score_a[_DRIFT] = dist / sd if sd > 0.0 else math.inf
-                    value_a[_DRIFT] = mean_r
-                start_a[_DRIFT] = t
-            if mask & (1 << _FLAT):
-                if has_prev and x == prev:
+                    dist = abs(mean_r - mean_b)
+                    off[i] = dist > drift_k * sd
+                    score[i] = dist / sd if sd > 0.0 else math.inf
+                    val[i] = mean_r
+                start[i] = when[i]
+            ev_i, ev_f, m = _events(
+                _DRIFT, sid, na, verdicts, when, xei[j, _DRIFT], xef[j, _DRIFT], ev_i, ev_f, m
+            )
+        run_start = xsi[j, _S_RUN_START]
+        run_count = xsi[j, _S_RUN_COUNT]
+        if mask & (1 << _FLAT):
+            flat_n = pi[s, _P_FLAT_N]
+            flat_us = pi[s, _P_FLAT_US]
+            for i in range(na):
+                x = ext[h + i]
+                if (i > 0 or has_prev) and x == (ext[h + i - 1] if i > 0 else prev):
                     run_count += 1
                 else:
-                    run_start = t
+                    run_start = when[i]
                     run_count = 1
-                dur = t - run_start
-                off_a[_FLAT] = (flat_n > 0 and run_count >= flat_n) or (
-                    flat_us > 0 and dur >= flat_us
-                )
-                score_a[_FLAT] = dur / 1e6
-                value_a[_FLAT] = x
-                start_a[_FLAT] = run_start
-            for k in range(5):
-                if not mask & (1 << k):
-                    continue
-                if off_a[k]:
-                    if xei[j, k, _E_OPEN] == 0:
-                        xei[j, k, _E_OPEN] = 1
-                        xei[j, k, _E_START] = start_a[k]
-                        xef[j, k, _E_VALUE] = value_a[k]
-                        xef[j, k, _E_SCORE] = score_a[k]
-                    elif score_a[k] > xef[j, k, _E_SCORE]:
-                        xef[j, k, _E_VALUE] = value_a[k]
-                        xef[j, k, _E_SCORE] = score_a[k]
-                    xei[j, k, _E_LAST] = t
-                    touched |= 1 << k
-                elif xei[j, k, _E_OPEN] == 1:
-                    if m == ev_i.shape[0]:
-                        ev_i, ev_f = _grow(ev_i, ev_f)
-                    ev_i[m, 0] = sid
-                    ev_i[m, 1] = k
-                    ev_i[m, 2] = xei[j, k, _E_START]
-                    ev_i[m, 3] = xei[j, k, _E_LAST]
-                    ev_f[m, 0] = xef[j, k, _E_VALUE]
-                    ev_f[m, 1] = xef[j, k, _E_SCORE]
-                    m += 1
-                    xei[j, k, _E_OPEN] = 0
-            if hcap > 0:
-                if spike_w > 0:
-                    old_idx = hpos - spike_w
-                    if old_idx < 0:
-                        old_idx += hcap
-                    full = hlen >= spike_w
-                    _sorted_replace(
-                        xpool, o + hcap, min(hlen, spike_w), xpool[o + old_idx], x, full
-                    )
-                xpool[o + hpos] = x
-                hpos += 1
-                if hpos == hcap:
-                    hpos = 0
-                if hlen < hcap:
-                    hlen += 1
-            last = t
-            prev = x
-        xsi[j, _S_LAST] = last
+                dur = when[i] - run_start
+                off[i] = (flat_n > 0 and run_count >= flat_n) or (flat_us > 0 and dur >= flat_us)
+                score[i] = dur / 1e6
+                val[i] = x
+                start[i] = run_start
+            ev_i, ev_f, m = _events(
+                _FLAT, sid, na, verdicts, when, xei[j, _FLAT], xef[j, _FLAT], ev_i, ev_f, m
+            )
+        total = h + na
+        keep = min(total, hcap)
+        xpool[o : o + keep] = ext[total - keep : total]
+        xsi[j, _S_LAST] = when[na - 1]
         xsi[j, _S_RUN_START] = run_start
         xsi[j, _S_RUN_COUNT] = run_count
-        xsi[j, _S_HLEN] = hlen
-        xsi[j, _S_HPOS] = hpos
-        xsf[j, _S_PREV] = prev
-        for k in range(5):
-            if touched & (1 << k) and xei[j, k, _E_OPEN] == 1:
-                if m == ev_i.shape[0]:
-                    ev_i, ev_f = _grow(ev_i, ev_f)
-                ev_i[m, 0] = sid
-                ev_i[m, 1] = k
-                ev_i[m, 2] = xei[j, k, _E_START]
-                ev_i[m, 3] = _NO_TIME
-                ev_f[m, 0] = xef[j, k, _E_VALUE]
-                ev_f[m, 1] = xef[j, k, _E_SCORE]
-                m += 1
+        xsi[j, _S_HLEN] = keep
+        xsf[j, _S_PREV] = ext[total - 1]
     return seg, xsi, xsf, xei, xef, xpool, xoff, ev_i[:m], ev_f[:m], late
 
 
@@ -786,7 +896,6 @@ class AnomalyDetector:
                 h = min(n, hcap)
                 self._pool[off : off + h] = v[n - h :]
                 si[_S_HLEN] = h
-                si[_S_HPOS] = h % hcap
             if spike_w:
                 w = min(n, spike_w)
                 self._pool[off + hcap : off + hcap + w] = np.sort(v[n - w :])
@@ -903,7 +1012,7 @@ class AnomalyDetector:
     # -- storage -----------------------------------------------------------------------------
 
     def _reset(self, slot: int) -> None:
-        self._si[slot] = (_NO_TIME, 0, 0, 0, 0)
+        self._si[slot] = (_NO_TIME, 0, 0, 0)
         self._sf[slot] = 0.0
         self._ei[slot] = 0
         self._ef[slot] = 0.0

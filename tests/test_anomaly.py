@@ -54,6 +54,14 @@ def _median(ordered: Sequence[float]) -> float:
     return ordered[h] if n % 2 else (ordered[h - 1] + ordered[h]) / 2.0
 
 
+def _lanes(terms: Sequence[float]) -> float:
+    """A window sum as the rule defines it: eight lanes in time order, added pairwise."""
+    s = [0.0] * 8
+    for q, term in enumerate(terms):
+        s[q % 8] += term
+    return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]))
+
+
 @dataclass
 class _Open:
     start: int
@@ -114,19 +122,9 @@ def reference_events(
             if i >= wd - 1 + wb:
                 base = vals[i - wd + 1 - wb : i - wd + 1]
                 recent = vals[i - wd + 1 : i + 1]
-                total = 0.0
-                for v in base:
-                    total += v
-                mean_b = total / wb
-                ss = 0.0
-                for v in base:
-                    d = v - mean_b
-                    ss += d * d
-                sd = math.sqrt(ss / (wb - 1))
-                total = 0.0
-                for v in recent:
-                    total += v
-                mean_r = total / wd
+                mean_b = _lanes(base) / wb
+                sd = math.sqrt(_lanes([(v - mean_b) * (v - mean_b) for v in base]) / (wb - 1))
+                mean_r = _lanes(recent) / wd
                 floor = rule.drift_min_sigma or 0.0
                 if sd < floor:
                     sd = floor
