@@ -665,12 +665,14 @@ def _process_kernel(
                 full = p >= spike_w
                 if full:
                     med = _median(xpool, sw, spike_w)
-                    sigma = MAD_SCALE * _mad(xpool, sw, spike_w, med)
-                    if sigma < spike_floor:
-                        sigma = spike_floor
                     dev = abs(x - med)
-                    off[i] = dev > spike_k * sigma
-                    score[i] = dev / sigma if sigma > 0.0 else math.inf
+                    # sigma >= the floor: within k floors of the median needs no MAD.
+                    if dev > spike_k * spike_floor:
+                        sigma = MAD_SCALE * _mad(xpool, sw, spike_w, med)
+                        if sigma < spike_floor:
+                            sigma = spike_floor
+                        off[i] = dev > spike_k * sigma
+                        score[i] = dev / sigma if sigma > 0.0 else math.inf
                 val[i] = x
                 start[i] = when[i]
                 old = ext[p - spike_w] if full else 0.0
@@ -689,13 +691,15 @@ def _process_kernel(
                 if p >= wd - 1 + wb:
                     base = p - wd + 1 - wb
                     mean_b = _lane_sum(ext, base, wb, math.nan) / wb
-                    sd = math.sqrt(_lane_sum(ext, base, wb, mean_b) / (wb - 1))
                     mean_r = _lane_sum(ext, base + wb, wd, math.nan) / wd
-                    if sd < drift_floor:
-                        sd = drift_floor
                     dist = abs(mean_r - mean_b)
-                    off[i] = dist > drift_k * sd
-                    score[i] = dist / sd if sd > 0.0 else math.inf
+                    # sd >= the floor: within k floors of the baseline needs no variance.
+                    if dist > drift_k * drift_floor:
+                        sd = math.sqrt(_lane_sum(ext, base, wb, mean_b) / (wb - 1))
+                        if sd < drift_floor:
+                            sd = drift_floor
+                        off[i] = dist > drift_k * sd
+                        score[i] = dist / sd if sd > 0.0 else math.inf
                     val[i] = mean_r
                 start[i] = when[i]
             ev_i, ev_f, m = _events(
