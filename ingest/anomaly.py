@@ -424,6 +424,40 @@ def _lane_sum(a: _F64, lo: int, n: int, centre: float) -> float:
     return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
 
 
+_RESYNC: Final = 32
+"""Drift's running window sums are recomputed exactly after this many slides."""
+
+
+@kernel
+def _abs_sum(a: _F64, lo: int, n: int) -> float:
+    total = 0.0
+    for q in range(lo, lo + n):
+        total += abs(a[q])
+    return total
+
+
+@kernel
+def _surely_quiet(
+    sb: float, sr: float, ab: float, ar: float, wb: int, wd: int, quiet: float
+) -> bool:
+    """True only if the exact drift distance |mean_r - mean_b| is at most `quiet`.
+
+    sb and sr are running sums of the baseline and recent windows, at most _RESYNC slides
+    (two additions each) from an exact lane sum; ab and ar bound the sum of |x| over every
+    value that went into them. Each differs from the lane sum of its window by at most
+    (2 * n + 2 * _RESYNC) * u * a (u = 2**-53: the recursive-summation bound applied to the
+    slides, the lane sum and the window's true sum); the means and their difference add a
+    few roundings more. The margin below covers all of it twice over; a sum that overflowed
+    makes it inf or NaN, and the answer False.
+    """
+    u = 2.0**-53
+    gamma = (2.0 * (wb + wd) + 2.0 * _RESYNC + 16.0) * u * 1.25
+    mean_b = sb / wb
+    mean_r = sr / wd
+    err = gamma * (ab / wb + ar / wd) + 8.0 * u * (abs(mean_b) + abs(mean_r))
+    return bool(abs(mean_r - mean_b) + 2.0 * err < quiet)
+
+
 @kernel
 def _grow(ev_i: _I64, ev_f: _F64) -> Any:
     cap = ev_i.shape[0] * 2
@@ -685,11 +719,34 @@ def _process_kernel(
             wb = pi[s, _P_DRIFT_B]
             drift_k = pf[s, _Q_DRIFT_K]
             drift_floor = pf[s, _Q_DRIFT_FLOOR]
+            quiet = drift_k * drift_floor  # sd >= the floor: dist <= quiet never offends
+            since = _RESYNC
+            sb = sr = ab = ar = 0.0
             for i in range(na):
                 p = h + i
                 off[i] = False
                 if p >= wd - 1 + wb:
                     base = p - wd + 1 - wb
+                    if quiet > 0.0:
+                        # Running sums of both windows, recomputed every _RESYNC readings,
+                        # settle most readings without the exact sums (see _surely_quiet).
+                        if since >= _RESYNC:
+                            sb = _lane_sum(ext, base, wb, math.nan)
+                            sr = _lane_sum(ext, base + wb, wd, math.nan)
+                            ab = _abs_sum(ext, base, wb)
+                            ar = _abs_sum(ext, base + wb, wd)
+                            since = 0
+                        else:
+                            moved = ext[base + wb - 1]  # from the recent window to the baseline
+                            gone = ext[base - 1]
+                            sb = sb + moved - gone
+                            sr = sr + ext[p] - moved
+                            ab += abs(moved) + abs(gone)
+                            ar += abs(ext[p]) + abs(moved)
+                            since += 1
+                        if _surely_quiet(sb, sr, ab, ar, wb, wd, quiet):
+                            start[i] = when[i]
+                            continue
                     mean_b = _lane_sum(ext, base, wb, math.nan) / wb
                     mean_r = _lane_sum(ext, base + wb, wd, math.nan) / wd
                     dist = abs(mean_r - mean_b)

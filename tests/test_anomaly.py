@@ -599,6 +599,27 @@ def test_drift_compares_the_rolling_mean_with_the_baseline_before_it() -> None:
     assert first.detail.startswith("mean of the last 2 is ")
 
 
+@pytest.mark.parametrize("offset", [0.0, -7.25, 1e3, 1e6, 3e11])
+def test_drift_right_at_the_floor_matches_the_reference(offset: float) -> None:
+    """Steps of exactly, just under and just over k * drift_min_sigma, on large offsets and
+    long enough to slide and re-sum the running window sums many times."""
+    rule = AnomalyRule(
+        match="*", drift_window=16, drift_baseline=64, drift_sigma=3.0, drift_min_sigma=0.5
+    )
+    quiet = 3.0 * 0.5
+    steps = [quiet, math.nextafter(quiet, 0), math.nextafter(quiet, 9), quiet * (1 - 1e-13)]
+    steps += [quiet * (1 + 1e-13), -quiet, math.nextafter(-quiet, 0), 2 * quiet, quiet / 2]
+    vals: list[float] = []
+    for i, step in enumerate(steps):
+        vals += [offset + 1e-9 * offset * (i % 3)] * 97 + [offset + step] * (29 + i)
+    apart = S  # one reading a second
+    upserts: dict[Key, Event] = {}
+    apply(upserts, run(rule, vals, step=apart))
+    expected = reference_events(3, rule, [(T0 + apart * i, v) for i, v in enumerate(vals)])
+    assert outcomes(upserts) == expected
+    assert expected  # some of the steps do offend
+
+
 def test_flatline_by_count_and_by_seconds_starts_with_the_run() -> None:
     vals = [1, 2, 2, 2, 2, 3]
     expected = Event(
