@@ -1141,6 +1141,16 @@ def _cpu_line(cpu: dict[str, float]) -> str:
     )
 
 
+def _ceiling(phase: dict[str, Any]) -> str:
+    """What the machine allows at the phase's measured CPU cost, every process counted."""
+    cores = os.cpu_count() or 1
+    per_reading = phase["cpu"]["machine"] / phase["readings"]
+    return (
+        f"All processes together spent {per_reading * 1e6:.2f} core-µs per reading: at that "
+        f"cost the {cores} cores allow at most {cores / per_reading:,.0f} readings/s."
+    )
+
+
 def render_markdown(res: Results) -> str:
     m, s, sus, limit, naive = res.machine, res.settings, res.sustained, res.limit, res.naive
     half, back = res.half_load, res.backlog
@@ -1193,7 +1203,8 @@ def render_markdown(res: Results) -> str:
         f"- Sustained: {sus['commit_window_s']:.1f} s from first to last commit, "
         f"{sus['flushes']:.0f} flushes; the ingester used {sus['cpu_cores']:.2f} cores; its "
         f"writer was in a flush transaction {sus['writer_busy']:.0%} of the time, in COPY "
-        f"{sus['copy_busy']:.0%}. Machine CPU: {_cpu_line(sus['cpu'])}.",
+        f"{sus['copy_busy']:.0%}. Machine CPU: {_cpu_line(sus['cpu'])}. "
+        f"{_ceiling(sus)}",
         f"- Half load: {half['readings_per_s']:,.0f} readings/s committed (asked "
         f"{half['target_readings_per_s']:,.0f}), {half['count']:,.0f} messages, "
         f"{half['flushes']:.0f} flushes (p50 {_ms(half['flush_p50_s'])}, p99 "
