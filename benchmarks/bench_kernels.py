@@ -12,8 +12,9 @@ import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 from pytest_benchmark.fixture import BenchmarkFixture
 
-from ingest.anomaly import MAD_SCALE, AnomalyDetector, AnomalyRule
+from ingest.anomaly import MAD_SCALE, AnomalyDetector
 from ingest.kernels import HOUR_US, MINUTE_US, rollup, warm_up
+from ingest.rules import AnomalyRule
 
 T0 = 1_767_225_600_000_000  # 2026-01-01T00:00:00Z
 SENSORS = 1_000

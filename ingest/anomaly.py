@@ -2,38 +2,25 @@
 
 from __future__ import annotations
 
-import fnmatch
 import math
 import operator
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Final, NoReturn
+from collections.abc import Iterable
+from typing import Any, Final
 
 import msgspec
 import numpy as np
 import numpy.typing as npt
 
 from ingest.kernels import kernel
+from ingest.rules import AnomalyRule
 
-__all__ = [
-    "KINDS",
-    "AnomalyDetector",
-    "AnomalyRule",
-    "Event",
-    "Pending",
-    "StateNeed",
-    "rule_for",
-    "warm_up",
-]
+__all__ = ["KINDS", "AnomalyDetector", "Event", "Pending", "StateNeed", "warm_up"]
 
 KINDS: Final = ("range", "rate", "spike", "drift", "flatline")
 """Event kinds; a kind's index in this tuple is its bit in the kernels' filter mask."""
 
 MAD_SCALE: Final = 1.4826
 """Scales a median absolute deviation to a standard deviation for normal data (Hampel)."""
-
-MAX_SPIKE_WINDOW: Final = 1024
-MAX_DRIFT_SPAN: Final = 10_000
-"""Upper bound of drift_window + drift_baseline: the kernel sums both windows per reading."""
 
 _NO_TIME: Final = -(2**63)
 _KIND_INDEX: Final = {kind: i for i, kind in enumerate(KINDS)}
@@ -58,118 +45,6 @@ _NEF: Final = 2
 
 _I64 = npt.NDArray[np.int64]
 _F64 = npt.NDArray[np.float64]
-
-
-class AnomalyRule(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    """Anomaly filters for the sensors whose "device/sensor" path matches `match`.
-
-    `match` is an fnmatch glob (case-sensitive; `*` also matches `/`); the first matching rule
-    of the configuration applies (`rule_for`). Each filter is optional; at least one is set.
-    A filter judges each finite reading x_i at time t_i (i counts a sensor's finite readings in
-    time order); a run of consecutive offending readings is one event. Exactly:
-
-    - range (`min`, `max`): offends if x_i > max (score x_i - max) or x_i < min (min - x_i).
-    - rate (`max_rate`, units/s): r_i = |x_i - x_i-1| / (t_i - t_i-1 in s) > max_rate;
-      score r_i / max_rate. Not judged on a sensor's first reading.
-    - spike (`spike_window` W, `spike_threshold` k = 3, `spike_min_sigma` f = 0; Hampel): over
-      the W readings before x_i, m = median and s = max(1.4826 * median |x_j - m|, f); offends
-      if |x_i - m| > k * s; score |x_i - m| / s (inf if s = 0). Judged from reading W + 1 on.
-    - drift (`drift_window` D, `drift_baseline` B, `drift_sigma` k = 3, `drift_min_sigma`
-      f = 0): r = mean of the last D readings (x_i included); over the B readings before
-      those, b = mean and s = max(sample standard deviation, f); offends if |r - b| > k * s;
-      score |r - b| / s (inf if s = 0), value r. Judged from reading D + B on.
-    - flatline (`flatline_count` N, `flatline_seconds` T): the run is x_i and the readings
-      equal to it (==) right before it; offends if the run holds >= N readings or lasts
-      >= T (rounded to whole microseconds) from its first reading; either limit suffices. The
-      event starts at the run's first reading; score is the run's duration in seconds.
-
-    A median of an even count is the mean of the middle two. A sum over a window adds its
-    terms in eight lanes, lane r taking the window's readings r, r + 8, ... (oldest first) in
-    time order from 0.0, and returns ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7)); the
-    sample variance sums (x_j - b)**2 that way. So every statistic is a function of its window
-    alone, bit for bit, however the stream was cut.
-    """
-
-    match: str
-    min: float | None = None
-    max: float | None = None
-    max_rate: float | None = None
-    spike_window: int | None = None
-    spike_threshold: float | None = None
-    spike_min_sigma: float | None = None
-    drift_window: int | None = None
-    drift_baseline: int | None = None
-    drift_sigma: float | None = None
-    drift_min_sigma: float | None = None
-    flatline_count: int | None = None
-    flatline_seconds: float | None = None
-
-    def __post_init__(self) -> None:
-        """Check every field; raise ValueError naming the rule and the field."""
-        _validate(self)
-
-
-def _validate(rule: AnomalyRule) -> None:
-    def fail(field: str, need: str) -> NoReturn:
-        got = getattr(rule, field)
-        raise ValueError(f"anomaly rule {rule.match!r}: {field} must be {need}, got {got!r}")
-
-    def number(field: str, need: str, ok: Callable[[float], bool]) -> None:
-        got = getattr(rule, field)
-        if got is None:
-            return
-        if isinstance(got, bool) or not isinstance(got, int | float):
-            fail(field, need)
-        if not math.isfinite(got) or not ok(float(got)):
-            fail(field, need)
-
-    def integer(field: str, low: int, high: int) -> None:
-        got = getattr(rule, field)
-        if got is None:
-            return
-        if isinstance(got, bool) or not isinstance(got, int) or not low <= got <= high:
-            fail(field, f"an integer from {low} to {high}")
-
-    def needs(field: str, base: str) -> None:
-        if getattr(rule, field) is not None and getattr(rule, base) is None:
-            raise ValueError(f"anomaly rule {rule.match!r}: {field} is set but {base} is not")
-
-    if not isinstance(rule.match, str) or not rule.match:
-        raise ValueError(f"anomaly rule: match must be a non-empty glob, got {rule.match!r}")
-    number("min", "a finite number", lambda _: True)
-    number("max", "a finite number", lambda _: True)
-    if rule.min is not None and rule.max is not None and rule.min > rule.max:
-        raise ValueError(f"anomaly rule {rule.match!r}: min {rule.min} is above max {rule.max}")
-    number("max_rate", "a finite number > 0", lambda x: x > 0)
-    integer("spike_window", 3, MAX_SPIKE_WINDOW)
-    number("spike_threshold", "a finite number > 0", lambda x: x > 0)
-    number("spike_min_sigma", "a finite number >= 0", lambda x: x >= 0)
-    needs("spike_threshold", "spike_window")
-    needs("spike_min_sigma", "spike_window")
-    integer("drift_window", 1, MAX_DRIFT_SPAN - 2)
-    integer("drift_baseline", 2, MAX_DRIFT_SPAN - 1)
-    needs("drift_window", "drift_baseline")
-    needs("drift_baseline", "drift_window")
-    drift_w, drift_b = rule.drift_window, rule.drift_baseline
-    if drift_w is not None and drift_b is not None and drift_w + drift_b > MAX_DRIFT_SPAN:
-        fail("drift_baseline", f"at most {MAX_DRIFT_SPAN} - drift_window")
-    number("drift_sigma", "a finite number > 0", lambda x: x > 0)
-    number("drift_min_sigma", "a finite number >= 0", lambda x: x >= 0)
-    needs("drift_sigma", "drift_window")
-    needs("drift_min_sigma", "drift_window")
-    integer("flatline_count", 2, 2**62)
-    number("flatline_seconds", "a number of seconds from 1e-6 to 1e9", lambda x: 1e-6 <= x <= 1e9)
-    filters = ("min", "max", "max_rate", "spike_window", "drift_window", "flatline_count")
-    if all(getattr(rule, f) is None for f in (*filters, "flatline_seconds")):
-        raise ValueError(f"anomaly rule {rule.match!r}: sets no filter")
-
-
-def rule_for(*, rules: Sequence[AnomalyRule], path: str) -> AnomalyRule | None:
-    """The first rule whose `match` glob matches `path` ("device/sensor"), or None."""
-    for rule in rules:
-        if fnmatch.fnmatchcase(path, rule.match):
-            return rule
-    return None
 
 
 class Event(msgspec.Struct, frozen=True, kw_only=True):

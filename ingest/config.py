@@ -13,8 +13,8 @@ from typing import Any, Literal
 
 import msgspec
 
-from ingest.anomaly import AnomalyRule
 from ingest.errors import ConfigError
+from ingest.rules import AnomalyRule
 
 ENV_PREFIX = "INGEST_"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

@@ -11,9 +11,10 @@ import numpy as np
 import numpy.typing as npt
 
 from ingest import metrics
-from ingest.anomaly import AnomalyDetector, AnomalyRule, Event, Pending, StateNeed, rule_for
+from ingest.anomaly import AnomalyDetector, Event, Pending, StateNeed
 from ingest.kernels import HOUR_US, MINUTE_US, Rollup, rollup, warm_up
 from ingest.registry import Registry
+from ingest.rules import AnomalyRule, rule_for
 from ingest.sink import Readings, Upsert
 
 # Microseconds since the Unix epoch to timestamptz, exactly, inside the database.

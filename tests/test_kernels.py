@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from ingest import anomaly, kernels
 from ingest.kernels import DAY_US, HOUR_US, MINUTE_US, Rollup, rollup, warm_up
+from ingest.rules import AnomalyRule
 
 T0 = 1_767_225_600_000_000  # 2026-01-01T00:00:00Z
 
@@ -246,7 +247,7 @@ def test_after_warm_up_nothing_compiles_again() -> None:
     for s in range(6):
         detector.assign(
             sensor_id=s,
-            rule=anomaly.AnomalyRule(match="*", max=1.0, spike_window=5, flatline_count=3),
+            rule=AnomalyRule(match="*", max=1.0, spike_window=5, flatline_count=3),
         )
     for cols in ((sensor, time, value), (sensor.astype(np.int64), time, value.astype(np.float32))):
         detector.commit(detector.process(sensor=cols[0], time=cols[1], value=cols[2]))
