@@ -193,8 +193,13 @@ def _inject(
     *,
     scale: float,
     period_s: float,
+    held: dict[Anomaly, float],
 ) -> None:
-    """Apply an injected anomaly in place to the samples at simulated seconds `t_s`."""
+    """Apply an injected anomaly in place to the samples at simulated seconds `t_s`.
+
+    A flatline holds the first value it covers (rounded to 3 decimals) across batches; that
+    value is kept in `held`, one mapping per sensor.
+    """
     if anomaly.kind == "spike":
         # One sample: the first at or after the start time.
         values[(t_s >= anomaly.at_s) & (t_s < anomaly.at_s + period_s)] += 50.0 * max(scale, 1.0)
@@ -205,7 +210,7 @@ def _inject(
     else:
         inside = (t_s >= anomaly.at_s) & (t_s < anomaly.at_s + anomaly.duration_s)
         if inside.any():
-            values[inside] = round(float(values[inside][0]), 3)
+            values[inside] = held.setdefault(anomaly, round(float(values[inside][0]), 3))
 
 
 class Recorder:
@@ -285,9 +290,45 @@ def _connect(url: str, client_id: str) -> Any:
         client.username_pw_set(unquote(parts.username), unquote(parts.password or ""))
     if parts.scheme == "mqtts":
         client.tls_set()
-    client.connect(parts.hostname, parts.port or (8883 if parts.scheme == "mqtts" else 1883))
-    client.loop_start()
+    host, port = parts.hostname, parts.port or (8883 if parts.scheme == "mqtts" else 1883)
+    refused: list[str] = []
+
+    def on_connect(client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if reason.is_failure:
+            refused.append(str(reason))
+
+    client.on_connect = on_connect
+    try:
+        client.connect(host, port)
+        deadline = time.monotonic() + 10.0
+        while not client.is_connected():
+            if refused:
+                raise IngestError(
+                    f"the broker at {host}:{port} refused the connection: {refused[0]}"
+                )
+            if time.monotonic() > deadline:
+                raise IngestError(f"no answer from the broker at {host}:{port} within 10s")
+            client.loop(timeout=0.1)
+    except OSError as exc:
+        raise IngestError(f"cannot connect to the broker at {host}:{port}: {exc}") from None
     return client
+
+
+def _idle(client: Any, seconds: float) -> None:
+    """Wait `seconds`, serving the client's network loop (acknowledgements, keepalive)."""
+    until = time.monotonic() + seconds
+    while (left := until - time.monotonic()) > 0:
+        client.loop(timeout=min(left, 1.0))
+
+
+def _settle(client: Any, pending: list[Any], *, timeout: float) -> None:
+    """Run the client's network loop until every message in `pending` is acknowledged."""
+    deadline = time.monotonic() + timeout
+    while not all(info.is_published() for info in pending):
+        if time.monotonic() > deadline:
+            raise IngestError(f"the broker did not acknowledge messages within {timeout:.0f}s")
+        client.loop(timeout=0.05)
+    pending.clear()
 
 
 def run_worker(settings: SimSettings, devices: list[Device], index: int, counter: Any) -> None:
@@ -297,7 +338,11 @@ def run_worker(settings: SimSettings, devices: list[Device], index: int, counter
     from paho.mqtt.properties import Properties
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops the workers
-    client = _connect(settings.url, f"{settings.client_prefix}-{os.getpid()}-{index}")
+    try:
+        client = _connect(settings.url, f"{settings.client_prefix}-{os.getpid()}-{index}")
+    except IngestError as exc:
+        print(f"ingest: publisher {index}: {exc}", file=sys.stderr)
+        sys.exit(1)
     recorder = Recorder(f"{settings.record}.{index}") if settings.record else None
     signals = {
         (d.path, s): _Signal(k, d.seed + i) for d in devices for i, (s, k) in enumerate(d.sensors)
@@ -309,6 +354,7 @@ def run_worker(settings: SimSettings, devices: list[Device], index: int, counter
         for d in devices
         for s, _ in d.sensors
     }
+    held: dict[tuple[str, str], dict[Anomaly, float]] = {key: {} for key in signals}
     dt_us = round(1e6 / settings.hz)
     steps = (
         math.ceil(settings.duration_s * settings.hz / settings.batch) if settings.duration_s else 0
@@ -335,6 +381,7 @@ def run_worker(settings: SimSettings, devices: list[Device], index: int, counter
                             anomaly,
                             scale=abs(signals[(dev.path, name)].base) / 10,
                             period_s=1 / settings.hz,
+                            held=held[(dev.path, name)],
                         )
                     channels.append((name, _UNITS[kind], values))
                 payload, ctype = _encode(settings.fmt, int(t0), dt_us, channels, step)
@@ -342,7 +389,10 @@ def run_worker(settings: SimSettings, devices: list[Device], index: int, counter
                 props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
                 props.ContentType = ctype
                 props.UserProperty = ("ts", str(time.time_ns() // 1000))
+                # The network loop runs in this thread: publish writes to the socket at once
+                # and loop() reads acknowledgements, with no hand-over to a network thread.
                 info = client.publish(topic, payload, qos=settings.qos, properties=props)
+                client.loop(timeout=0)
                 pending.append(info)
                 if recorder:
                     recorder.write(topic, [(n, times, v) for n, _, v in channels])
@@ -351,24 +401,17 @@ def run_worker(settings: SimSettings, devices: list[Device], index: int, counter
                     counter.value += len(dev.sensors) * settings.batch
                 if settings.rate > 0:
                     ahead = sent / settings.rate - (time.monotonic() - started)
-                    if ahead > 0:
-                        time.sleep(ahead)
+                    _idle(client, ahead)
             if settings.realtime:
-                ahead = (t0 + settings.batch * dt_us) / 1e6 - time.time()
-                if ahead > 0:
-                    time.sleep(ahead)
+                _idle(client, (t0 + settings.batch * dt_us) / 1e6 - time.time())
             if len(pending) > 2000:
-                for info in pending:
-                    info.wait_for_publish(timeout=60)
-                pending.clear()
+                _settle(client, pending, timeout=60)
             step += 1
-        for info in pending:
-            info.wait_for_publish(timeout=60)
+        _settle(client, pending, timeout=60)
     finally:
         if recorder:
             recorder.close()
         client.disconnect()
-        client.loop_stop()
 
 
 def simulate(
@@ -378,6 +421,7 @@ def simulate(
     if not devices:
         raise ConfigError("the plant has no devices")
     processes = max(1, min(processes, len(devices)))
+    _connect(settings.url, f"{settings.client_prefix}-{os.getpid()}").disconnect()  # fail early
     ctx = mp.get_context("spawn")
     counter = ctx.Value("q", 0)
     # --rate is for the whole run: each process publishes its share.
