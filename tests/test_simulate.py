@@ -1,0 +1,161 @@
+"""`ingest simulate` against the real broker, with the ingester writing to the real database.
+
+What the simulator records is compared with what the database holds, reading for reading, and
+the anomalies it injects must come out of the ingester's filters as events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+import json
+import sys
+import uuid
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from ingest.simulate import read_record
+from tests.conftest import Database
+from tests.helpers import T0, Ingester, Row, ingester_env, stored, wait_until
+
+START = "2026-01-01T00:00:00Z"  # T0
+S = 1_000_000  # a second in µs
+
+
+async def simulate(*args: str, timeout: float = 120.0) -> tuple[int, str]:  # noqa: ASYNC109
+    """Run `ingest simulate` to the end: (exit status, what it wrote to stderr)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "ingest.cli",
+        "simulate",
+        *args,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), timeout=timeout)
+    assert proc.returncode is not None
+    return proc.returncode, err.decode()
+
+
+def plant(folder: Path, site: str) -> Path:
+    """A plant file: two presses and two robots, the six default sensors each, under `site`."""
+    path = folder / "plant.toml"
+    path.write_text(
+        f'[[line]]\npath = "{site}/press-shop/line1"\ndevices = ["press-01", "press-02"]\n'
+        f'[[line]]\npath = "{site}/assembly/line1"\ndevices = ["robot-01", "robot-02"]\n'
+    )
+    return path
+
+
+def recorded(pattern: str, prefix: str) -> set[Row]:
+    """Every reading the simulator's recordings hold, as `stored` returns them."""
+    rows: set[Row] = set()
+    for path in sorted(glob.glob(pattern)):
+        for topic, sensor, times, values in read_record(path):
+            device = topic.removeprefix(f"{prefix}/")
+            rows.update(
+                (t, device, sensor, v, 0)
+                for t, v in zip(times.tolist(), values.tolist(), strict=True)
+            )
+    return rows
+
+
+async def events(db: Database, site: str) -> list[tuple[str, str, str, int, int | None]]:
+    conn = await asyncpg.connect(db.analyst_url)
+    try:
+        rows = await conn.fetch(
+            "SELECT device, sensor, kind, (extract(epoch FROM ts) * 1000000)::bigint AS t,"
+            "       (extract(epoch FROM end_ts) * 1000000)::bigint AS e"
+            "  FROM telemetry.anomalies_v WHERE device LIKE $1 || '/%' ORDER BY 1, 2, 3, 4",
+            site,
+        )
+    finally:
+        await conn.close()
+    return [(r["device"], r["sensor"], r["kind"], r["t"], r["e"]) for r in rows]
+
+
+@pytest.mark.parametrize("fmt", ["compact", "json"])
+async def test_what_simulate_records_is_exactly_what_is_stored(
+    database: Database, mqtt_url: str, prefix: str, tmp_path: Path, fmt: str
+) -> None:
+    site = f"site-{uuid.uuid4().hex[:8]}"
+    spiked, stuck = f"{site}/press-shop/line1/press-01", f"{site}/assembly/line1/robot-02"
+    rules = [
+        {"match": f"{site}/*/spindle.temp", "spike_window": 8, "spike_min_sigma": 0.5},
+        {"match": f"{stuck}/vib.rms", "flatline_count": 20},
+    ]
+    env = ingester_env(database, mqtt_url, prefix, INGEST_ANOMALY_RULES=json.dumps(rules))
+    ingester = await Ingester(env).start()
+    try:
+        code, err = await simulate(
+            *("--url", mqtt_url, "--prefix", prefix, "--plant", str(plant(tmp_path, site))),
+            *("--format", fmt, "--start", START, "--batch", "10", "--duration", "6"),
+            *("--processes", "2", "--record", str(tmp_path / "load"), "--quiet"),
+            *("--anomaly", f"spike:{spiked}/spindle.temp@3"),
+            *("--anomaly", f"flatline:{stuck}/vib.rms@1+4"),
+        )
+        assert code == 0, err
+        assert err.startswith("simulate: done, 1,440 readings in "), err
+        expected = recorded(str(tmp_path / "load.*"), prefix)
+        assert len(expected) == 4 * 6 * 60  # devices x sensors x (6 s at 10 Hz)
+
+        async def all_stored() -> bool:
+            return len(await stored(database, site)) >= len(expected)
+
+        await wait_until(all_stored, timeout=60)
+        assert set(await stored(database, site)) == expected
+        # The spike is one sample at 3 s; the flatline holds one value from 1 s to 4.9 s (40
+        # samples across four batches) and is judged from its 20th sample on.
+        assert await events(database, site) == [
+            (stuck, "vib.rms", "flatline", T0 + 1 * S, T0 + 4_900_000),
+            (spiked, "spindle.temp", "spike", T0 + 3 * S, T0 + 3 * S),
+        ]
+    finally:
+        assert await ingester.stop() == 0
+
+
+async def test_progress_lines_show_rate_and_total(mqtt_url: str, prefix: str) -> None:
+    code, err = await simulate(
+        *("--url", mqtt_url, "--prefix", prefix, "--devices", "2", "--batch", "10"),
+        *("--duration", "3", "--rate", "120", "--start", START),
+    )
+    assert code == 0, err
+    lines = err.splitlines()
+    progress, last = lines[:-1], lines[-1]
+    assert progress, err  # at 120 readings/s, 360 readings take 3 s: a line a second
+    assert all(line.startswith("simulate: ") and line.endswith("/s") for line in progress)
+    assert " readings sent, " in progress[-1]
+    assert last.startswith("simulate: done, 360 readings in "), err
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (
+            ["--anomaly", "wobble:*@1"],
+            2,
+            "ingest: config: --anomaly 'wobble:*@1': expected KIND:DEVICE/SENSOR-GLOB@SECONDS"
+            "[+DURATION] with KIND spike, drift or flatline",
+        ),
+        (["--plant", "/nonexistent/plant.toml"], 2, "ingest: config: plant file /nonexistent/"),
+        (
+            ["--url", "http://broker"],
+            2,
+            "ingest: config: --url 'http://broker': expected mqtt://host[:port] or mqtts://",
+        ),
+        (
+            ["--url", "mqtt://127.0.0.1:1"],
+            1,
+            "ingest: cannot connect to the broker at 127.0.0.1:1: [Errno 111] Connection refused",
+        ),
+        (["--processes", "0"], 2, "ingest simulate: argument --processes: "),
+    ],
+)
+async def test_bad_arguments_exit_with_one_line(args: list[str], code: int, message: str) -> None:
+    status, err = await simulate(*args)
+    assert status == code, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith(message), err
