@@ -12,7 +12,8 @@ import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 from pytest_benchmark.fixture import BenchmarkFixture
 
-from ingest.anomaly import MAD_SCALE, AnomalyDetector
+from ingest.anomaly import AnomalyDetector
+from ingest.filters import MAD_SCALE
 from ingest.kernels import HOUR_US, MINUTE_US, rollup, warm_up
 from ingest.rules import AnomalyRule
 

@@ -12,7 +12,8 @@ import pytest
 from hypothesis import HealthCheck, currently_in_test_context, event, given, settings
 from hypothesis import strategies as st
 
-from ingest.anomaly import KINDS, MAD_SCALE, AnomalyDetector, Event, StateNeed, warm_up
+from ingest.anomaly import KINDS, AnomalyDetector, Event, StateNeed, warm_up
+from ingest.filters import MAD_SCALE
 from ingest.rules import AnomalyRule, rule_for
 
 T0 = 1_767_225_600_000_000  # 2026-01-01T00:00:00Z

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ingest import anomaly, kernels
+from ingest import anomaly, filters, kernels
 from ingest.kernels import DAY_US, HOUR_US, MINUTE_US, Rollup, rollup, warm_up
 from ingest.rules import AnomalyRule
 
@@ -221,7 +221,7 @@ def test_bad_input_is_refused() -> None:
 def _signatures() -> dict[str, int]:
     return {
         f"{module.__name__}.{name}": len(fn.signatures)
-        for module in (kernels, anomaly)
+        for module in (kernels, filters)
         for name, fn in vars(module).items()
         if hasattr(fn, "signatures")
     }
@@ -234,9 +234,9 @@ def test_after_warm_up_nothing_compiles_again() -> None:
     entry_points = (
         "ingest.kernels._rollup_count",
         "ingest.kernels._rollup_fill",
-        "ingest.anomaly._check_sorted",
-        "ingest.anomaly._process_kernel",
-        "ingest.anomaly._commit_kernel",
+        "ingest.filters.check_sorted",
+        "ingest.filters.process_flush",
+        "ingest.filters.commit_flush",
     )
     assert all(before[name] == 1 for name in entry_points), before
     n = 600

@@ -1,0 +1,577 @@
+"""Numba kernels of the anomaly filters: the per-slot state layout, one pass over a flush
+(every filter, with the events it opens and closes), and applying that pass once committed.
+
+`ingest.anomaly` owns the arrays laid out here and is the only caller.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+
+from ingest.kernels import kernel
+
+KINDS: Final = ("range", "rate", "spike", "drift", "flatline")
+"""Event kinds; a kind's index in this tuple is its bit in the kernels' filter mask."""
+
+MAD_SCALE: Final = 1.4826
+"""Scales a median absolute deviation to a standard deviation for normal data (Hampel)."""
+
+NO_TIME: Final = -(2**63)
+RANGE, RATE, SPIKE, DRIFT, FLAT = 0, 1, 2, 3, 4
+
+# Rule parameters per slot (written by assign, read-only in the kernels).
+P_MASK, P_SPIKE_W, P_DRIFT_W, P_DRIFT_B, P_FLAT_N, P_FLAT_US, P_HIST, P_OFF = range(8)
+NPI: Final = 8
+Q_MIN, Q_MAX, Q_RATE, Q_SPIKE_K, Q_SPIKE_FLOOR, Q_DRIFT_K, Q_DRIFT_FLOOR = range(7)
+NPF: Final = 7
+# Mutable state per slot: last time, flatline run, history length; last value. A slot's pool
+# area holds its last `hist` finite values in time order, then the spike window sorted.
+S_LAST, S_RUN_START, S_RUN_COUNT, S_HLEN = range(4)
+NSI: Final = 4
+S_PREV: Final = 0
+NSF: Final = 1
+# Open-event state per slot and kind.
+E_OPEN, E_START, E_LAST = range(3)
+NEI: Final = 3
+E_VALUE, E_SCORE = range(2)
+NEF: Final = 2
+
+I64 = npt.NDArray[np.int64]
+F64 = npt.NDArray[np.float64]
+
+
+@kernel
+def check_sorted(sensor: npt.NDArray[np.int32], time: I64) -> int:
+    """-1 if sorted by (sensor, time) with unique keys, else the first offending row."""
+    for i in range(1, sensor.shape[0]):
+        if sensor[i] < sensor[i - 1] or (sensor[i] == sensor[i - 1] and time[i] <= time[i - 1]):
+            return i
+    return -1
+
+
+@kernel
+def _median(buf: F64, lo: int, w: int) -> float:
+    """Median of the sorted buf[lo : lo + w]."""
+    h = w // 2
+    if w % 2 == 1:
+        return float(buf[lo + h])
+    return float((buf[lo + h - 1] + buf[lo + h]) / 2.0)
+
+
+@kernel
+def _bisect(buf: F64, lo: int, hi: int, x: float, right: bool) -> int:
+    """First index in the sorted buf[lo:hi] whose value is > x (`right`) or >= x."""
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if buf[mid] < x or (right and buf[mid] == x):
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+@kernel
+def _kth_pair(buf: F64, split: int, nl: int, nr: int, med: float, k: int) -> Any:
+    """The k-th and (k-1)-th smallest |x - med| (from 0; -1.0 for none), where buf holds nl
+    sorted values below `med` up to index `split` and nr sorted values from `split` on: the
+    k-th of two sorted sequences, found by bisecting how many come from below.
+    """
+    lo = max(0, k + 1 - nr)
+    hi = min(k + 1, nl)
+    while True:
+        i = (lo + hi) // 2  # deviations taken from below med, j from above
+        j = k + 1 - i
+        if i > 0 and j < nr and abs(buf[split - i] - med) > abs(buf[split + j] - med):
+            hi = i - 1
+        elif j > 0 and i < nl and abs(buf[split + j - 1] - med) > abs(buf[split - 1 - i] - med):
+            lo = i + 1
+        else:
+            break
+    below = abs(buf[split - i] - med) if i > 0 else -1.0
+    above = abs(buf[split + j - 1] - med) if j > 0 else -1.0
+    if below >= above:
+        second = abs(buf[split - i + 1] - med) if i > 1 else -1.0
+        return below, max(second, above)
+    second = abs(buf[split + j - 2] - med) if j > 1 else -1.0
+    return above, max(below, second)
+
+
+@kernel
+def _mad(buf: F64, lo: int, w: int, med: float) -> float:
+    """Median of |buf[q] - med| over the sorted buf[lo : lo + w] (w >= 2), med its median."""
+    split = lo + w // 2  # buf[split] >= med; values before it are <= med
+    if buf[split - 1] >= med:
+        split = _bisect(buf, lo, split - 1, med, False)
+    nl = split - lo
+    upper, lower = _kth_pair(buf, split, nl, w - nl, med, w // 2)
+    if w % 2 == 1:
+        return float(upper)
+    return float((lower + upper) / 2.0)
+
+
+@kernel
+def _sorted_replace(buf: F64, lo: int, n: int, old: float, new: float, remove: bool) -> None:
+    """In the sorted buf[lo : lo + n], replace one `old` by `new` if `remove`, else insert.
+
+    The gap left by `old` (or the end) moves towards `new`'s place one element at a time:
+    readings close in time are usually close in value, so that walk is short.
+    """
+    q = _bisect(buf, lo, lo + n, old, False) if remove else lo + n
+    if remove and new > old:
+        while q + 1 < lo + n and buf[q + 1] < new:
+            buf[q] = buf[q + 1]
+            q += 1
+    else:
+        while q > lo and buf[q - 1] > new:
+            buf[q] = buf[q - 1]
+            q -= 1
+    buf[q] = new
+
+
+@kernel
+def _term(a: F64, q: int, centre: float, squares: bool) -> float:
+    if squares:
+        d = a[q] - centre
+        return float(d * d)
+    return float(a[q])
+
+
+@kernel
+def _lane_sum(a: F64, lo: int, n: int, centre: float) -> float:
+    """Sum of a[lo : lo + n] (of (a[q] - centre)**2 if `centre` is not NaN) in eight lanes.
+
+    Lane r adds the terms at q = lo + r, lo + r + 8, ... in order, from 0.0; the result is
+    ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7)). Eight independent sums keep the adds
+    pipelined, and the result still depends on the window's values alone.
+    """
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
+    sq = not math.isnan(centre)
+    end = lo + n
+    q = lo
+    while q + 8 <= end:
+        s0 += _term(a, q, centre, sq)
+        s1 += _term(a, q + 1, centre, sq)
+        s2 += _term(a, q + 2, centre, sq)
+        s3 += _term(a, q + 3, centre, sq)
+        s4 += _term(a, q + 4, centre, sq)
+        s5 += _term(a, q + 5, centre, sq)
+        s6 += _term(a, q + 6, centre, sq)
+        s7 += _term(a, q + 7, centre, sq)
+        q += 8
+    r = end - q
+    if r > 0:
+        s0 += _term(a, q, centre, sq)
+    if r > 1:
+        s1 += _term(a, q + 1, centre, sq)
+    if r > 2:
+        s2 += _term(a, q + 2, centre, sq)
+    if r > 3:
+        s3 += _term(a, q + 3, centre, sq)
+    if r > 4:
+        s4 += _term(a, q + 4, centre, sq)
+    if r > 5:
+        s5 += _term(a, q + 5, centre, sq)
+    if r > 6:
+        s6 += _term(a, q + 6, centre, sq)
+    return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+
+
+_RESYNC: Final = 32
+"""Drift's running window sums are recomputed exactly after this many slides."""
+
+
+@kernel
+def _abs_sum(a: F64, lo: int, n: int) -> float:
+    total = 0.0
+    for q in range(lo, lo + n):
+        total += abs(a[q])
+    return total
+
+
+@kernel
+def _surely_quiet(
+    sb: float, sr: float, ab: float, ar: float, wb: int, wd: int, quiet: float
+) -> bool:
+    """True only if the exact drift distance |mean_r - mean_b| is at most `quiet`.
+
+    sb and sr are running sums of the baseline and recent windows, at most _RESYNC slides
+    (two additions each) from an exact lane sum; ab and ar bound the sum of |x| over every
+    value that went into them. Each differs from the lane sum of its window by at most
+    (2 * n + 2 * _RESYNC) * u * a (u = 2**-53: the recursive-summation bound applied to the
+    slides, the lane sum and the window's true sum); the means and their difference add a
+    few roundings more. The margin below covers all of it twice over; a sum that overflowed
+    makes it inf or NaN, and the answer False.
+    """
+    u = 2.0**-53
+    gamma = (2.0 * (wb + wd) + 2.0 * _RESYNC + 16.0) * u * 1.25
+    mean_b = sb / wb
+    mean_r = sr / wd
+    err = gamma * (ab / wb + ar / wd) + 8.0 * u * (abs(mean_b) + abs(mean_r))
+    return bool(abs(mean_r - mean_b) + 2.0 * err < quiet)
+
+
+@kernel
+def _grow(ev_i: I64, ev_f: F64) -> Any:
+    cap = ev_i.shape[0] * 2
+    new_i = np.empty((cap, 4), np.int64)
+    new_f = np.empty((cap, 2), np.float64)
+    new_i[: ev_i.shape[0]] = ev_i
+    new_f[: ev_f.shape[0]] = ev_f
+    return new_i, new_f
+
+
+@kernel
+def _track(
+    kind: int,
+    sid: int,
+    i: int,
+    n: int,
+    verdicts: Any,
+    when: I64,
+    oi: I64,
+    of: F64,
+    ev_i: I64,
+    ev_f: F64,
+    m: int,
+    touched: bool,
+) -> Any:
+    """Turn one filter's verdicts on readings i..n-1 (at times `when`) into events.
+
+    `verdicts` holds the (offending, score, value, start) columns; `oi`/`of` are the open-event
+    state of this sensor and kind, updated in place. Appends an upsert to ev_i/ev_f for every
+    event that ends, and at the end for the event left open if an offending reading touched
+    it. Stops early, returning where, when ev_i is full (arrays are never reassigned in the
+    loop: that would cost a reference count per reading). Returns (i, m, touched).
+    """
+    off, score, value, start = verdicts
+    is_open = oi[E_OPEN] == 1
+    ev_start = oi[E_START]
+    ev_last = oi[E_LAST]
+    ev_value = of[E_VALUE]
+    ev_score = of[E_SCORE]
+    room = ev_i.shape[0] - 1  # the last row is kept for the event left open
+    while i < n:
+        if off[i]:
+            if not is_open:
+                is_open = True
+                ev_start = start[i]
+                ev_value = value[i]
+                ev_score = score[i]
+            elif score[i] > ev_score:
+                ev_value = value[i]
+                ev_score = score[i]
+            ev_last = when[i]
+            touched = True
+        elif is_open:
+            if m >= room:
+                break
+            ev_i[m, 0] = sid
+            ev_i[m, 1] = kind
+            ev_i[m, 2] = ev_start
+            ev_i[m, 3] = ev_last
+            ev_f[m, 0] = ev_value
+            ev_f[m, 1] = ev_score
+            m += 1
+            is_open = False
+        i += 1
+    if i == n and touched and is_open:
+        ev_i[m, 0] = sid
+        ev_i[m, 1] = kind
+        ev_i[m, 2] = ev_start
+        ev_i[m, 3] = NO_TIME
+        ev_f[m, 0] = ev_value
+        ev_f[m, 1] = ev_score
+        m += 1
+    oi[E_OPEN] = 1 if is_open else 0
+    oi[E_START] = ev_start
+    oi[E_LAST] = ev_last
+    of[E_VALUE] = ev_value
+    of[E_SCORE] = ev_score
+    return i, m, touched
+
+
+@kernel
+def _events(
+    kind: int,
+    sid: int,
+    n: int,
+    verdicts: Any,
+    when: I64,
+    oi: I64,
+    of: F64,
+    ev_i: I64,
+    ev_f: F64,
+    m: int,
+) -> Any:
+    """`_track` over all n readings, growing the event arrays as needed: (ev_i, ev_f, m)."""
+    i = 0
+    touched = False
+    while True:
+        if m >= ev_i.shape[0] - 1:
+            ev_i, ev_f = _grow(ev_i, ev_f)
+        i, m, touched = _track(kind, sid, i, n, verdicts, when, oi, of, ev_i, ev_f, m, touched)
+        if i == n:
+            return ev_i, ev_f, m
+
+
+@kernel
+def process_flush(
+    sensor: npt.NDArray[np.int32],
+    time: I64,
+    value: F64,
+    slot_of: npt.NDArray[np.int32],
+    pi: I64,
+    pf: F64,
+    si: I64,
+    sf: F64,
+    ei: I64,
+    ef: F64,
+    pool: F64,
+) -> Any:
+    """Run the filters over sorted columns; the new state goes to scratch copies, not `si`...
+
+    Per sensor: the finite, timely readings are appended to the sensor's history in one
+    contiguous array, so every window is a slice of it; then each filter in turn judges them
+    all and `_track` turns its verdicts into events.
+    """
+    n = sensor.shape[0]
+    nseg = 0
+    for i in range(n):
+        if i == 0 or sensor[i] != sensor[i - 1]:
+            s = sensor[i]
+            if 0 <= s < slot_of.shape[0] and slot_of[s] >= 0:
+                nseg += 1
+    seg = np.empty(nseg, np.int64)
+    seg_lo = np.empty(nseg, np.int64)
+    seg_hi = np.empty(nseg, np.int64)
+    xoff = np.empty(nseg, np.int64)
+    j = -1
+    size = 0
+    longest = 0
+    current = False
+    for i in range(n):
+        if i == 0 or sensor[i] != sensor[i - 1]:
+            s = sensor[i]
+            slot = slot_of[s] if 0 <= s < slot_of.shape[0] else -1
+            if slot >= 0:
+                j += 1
+                seg[j] = slot
+                seg_lo[j] = i
+                xoff[j] = size
+                size += pi[slot, P_HIST] + pi[slot, P_SPIKE_W]
+            current = slot >= 0
+        if current:
+            seg_hi[j] = i + 1
+    for j in range(nseg):
+        longest = max(longest, seg_hi[j] - seg_lo[j] + pi[seg[j], P_HIST])
+    xsi = np.empty((nseg, NSI), np.int64)
+    xsf = np.empty((nseg, NSF), np.float64)
+    xei = np.empty((nseg, 5, NEI), np.int64)
+    xef = np.empty((nseg, 5, NEF), np.float64)
+    xpool = np.empty(size, np.float64)
+    ev_i = np.empty((16 + nseg, 4), np.int64)
+    ev_f = np.empty((16 + nseg, 2), np.float64)
+    m = 0
+    late = 0
+    ext = np.empty(longest, np.float64)  # history, then this flush's accepted values
+    when = np.empty(longest, np.int64)  # times of the accepted values
+    off = np.empty(longest, np.bool_)
+    score = np.empty(longest, np.float64)
+    val = np.empty(longest, np.float64)
+    start = np.empty(longest, np.int64)
+    verdicts = (off, score, val, start)
+    for j in range(nseg):
+        s = seg[j]
+        xsi[j] = si[s]
+        xsf[j] = sf[s]
+        xei[j] = ei[s]
+        xef[j] = ef[s]
+        mask = pi[s, P_MASK]
+        hcap = pi[s, P_HIST]
+        spike_w = pi[s, P_SPIKE_W]
+        o = xoff[j]
+        po = pi[s, P_OFF]
+        xpool[o : o + hcap + spike_w] = pool[po : po + hcap + spike_w]
+        last = xsi[j, S_LAST]
+        has_prev = last != NO_TIME
+        prev = xsf[j, S_PREV]
+        h = xsi[j, S_HLEN]
+        ext[:h] = xpool[o : o + h]
+        na = 0
+        for i in range(seg_lo[j], seg_hi[j]):
+            x = value[i]
+            if not math.isfinite(x):
+                continue
+            t = time[i]
+            if has_prev and t <= last:  # times rise within a sensor: only old ones are late
+                late += 1
+                continue
+            ext[h + na] = x
+            when[na] = t
+            na += 1
+        if na == 0:
+            continue
+        sid = sensor[seg_lo[j]]
+        if mask & (1 << RANGE):
+            lo_limit = pf[s, Q_MIN]
+            hi_limit = pf[s, Q_MAX]
+            for i in range(na):
+                x = ext[h + i]
+                off[i] = x > hi_limit or x < lo_limit
+                score[i] = x - hi_limit if x > hi_limit else lo_limit - x
+                val[i] = x
+                start[i] = when[i]
+            ev_i, ev_f, m = _events(
+                RANGE, sid, na, verdicts, when, xei[j, RANGE], xef[j, RANGE], ev_i, ev_f, m
+            )
+        if mask & (1 << RATE):
+            max_rate = pf[s, Q_RATE]
+            for i in range(na):
+                x = ext[h + i]
+                off[i] = False
+                if i > 0 or has_prev:
+                    px = ext[h + i - 1] if i > 0 else prev
+                    pt = when[i - 1] if i > 0 else last
+                    rate = abs(x - px) / (float(when[i] - pt) / 1e6)
+                    off[i] = rate > max_rate
+                    score[i] = rate / max_rate
+                val[i] = x
+                start[i] = when[i]
+            ev_i, ev_f, m = _events(
+                RATE, sid, na, verdicts, when, xei[j, RATE], xef[j, RATE], ev_i, ev_f, m
+            )
+        if mask & (1 << SPIKE):
+            spike_k = pf[s, Q_SPIKE_K]
+            spike_floor = pf[s, Q_SPIKE_FLOOR]
+            sw = o + hcap  # the sorted window of the last spike_w values
+            for i in range(na):
+                p = h + i
+                x = ext[p]
+                off[i] = False
+                full = p >= spike_w
+                if full:
+                    med = _median(xpool, sw, spike_w)
+                    dev = abs(x - med)
+                    # sigma >= the floor: within k floors of the median needs no MAD.
+                    if dev > spike_k * spike_floor:
+                        sigma = MAD_SCALE * _mad(xpool, sw, spike_w, med)
+                        if sigma < spike_floor:
+                            sigma = spike_floor
+                        off[i] = dev > spike_k * sigma
+                        score[i] = dev / sigma if sigma > 0.0 else math.inf
+                val[i] = x
+                start[i] = when[i]
+                old = ext[p - spike_w] if full else 0.0
+                _sorted_replace(xpool, sw, min(p, spike_w), old, x, full)
+            ev_i, ev_f, m = _events(
+                SPIKE, sid, na, verdicts, when, xei[j, SPIKE], xef[j, SPIKE], ev_i, ev_f, m
+            )
+        if mask & (1 << DRIFT):
+            wd = pi[s, P_DRIFT_W]
+            wb = pi[s, P_DRIFT_B]
+            drift_k = pf[s, Q_DRIFT_K]
+            drift_floor = pf[s, Q_DRIFT_FLOOR]
+            quiet = drift_k * drift_floor  # sd >= the floor: dist <= quiet never offends
+            since = _RESYNC
+            sb = sr = ab = ar = 0.0
+            for i in range(na):
+                p = h + i
+                off[i] = False
+                if p >= wd - 1 + wb:
+                    base = p - wd + 1 - wb
+                    if quiet > 0.0:
+                        # Running sums of both windows, recomputed every _RESYNC readings,
+                        # settle most readings without the exact sums (see _surely_quiet).
+                        if since >= _RESYNC:
+                            sb = _lane_sum(ext, base, wb, math.nan)
+                            sr = _lane_sum(ext, base + wb, wd, math.nan)
+                            ab = _abs_sum(ext, base, wb)
+                            ar = _abs_sum(ext, base + wb, wd)
+                            since = 0
+                        else:
+                            moved = ext[base + wb - 1]  # from the recent window to the baseline
+                            gone = ext[base - 1]
+                            sb = sb + moved - gone
+                            sr = sr + ext[p] - moved
+                            ab += abs(moved) + abs(gone)
+                            ar += abs(ext[p]) + abs(moved)
+                            since += 1
+                        if _surely_quiet(sb, sr, ab, ar, wb, wd, quiet):
+                            start[i] = when[i]
+                            continue
+                    mean_b = _lane_sum(ext, base, wb, math.nan) / wb
+                    mean_r = _lane_sum(ext, base + wb, wd, math.nan) / wd
+                    dist = abs(mean_r - mean_b)
+                    # sd >= the floor: within k floors of the baseline needs no variance.
+                    if dist > drift_k * drift_floor:
+                        sd = math.sqrt(_lane_sum(ext, base, wb, mean_b) / (wb - 1))
+                        if sd < drift_floor:
+                            sd = drift_floor
+                        off[i] = dist > drift_k * sd
+                        score[i] = dist / sd if sd > 0.0 else math.inf
+                    val[i] = mean_r
+                start[i] = when[i]
+            ev_i, ev_f, m = _events(
+                DRIFT, sid, na, verdicts, when, xei[j, DRIFT], xef[j, DRIFT], ev_i, ev_f, m
+            )
+        run_start = xsi[j, S_RUN_START]
+        run_count = xsi[j, S_RUN_COUNT]
+        if mask & (1 << FLAT):
+            flat_n = pi[s, P_FLAT_N]
+            flat_us = pi[s, P_FLAT_US]
+            for i in range(na):
+                x = ext[h + i]
+                if (i > 0 or has_prev) and x == (ext[h + i - 1] if i > 0 else prev):
+                    run_count += 1
+                else:
+                    run_start = when[i]
+                    run_count = 1
+                dur = when[i] - run_start
+                off[i] = (flat_n > 0 and run_count >= flat_n) or (flat_us > 0 and dur >= flat_us)
+                score[i] = dur / 1e6
+                val[i] = x
+                start[i] = run_start
+            ev_i, ev_f, m = _events(
+                FLAT, sid, na, verdicts, when, xei[j, FLAT], xef[j, FLAT], ev_i, ev_f, m
+            )
+        total = h + na
+        keep = min(total, hcap)
+        xpool[o : o + keep] = ext[total - keep : total]
+        xsi[j, S_LAST] = when[na - 1]
+        xsi[j, S_RUN_START] = run_start
+        xsi[j, S_RUN_COUNT] = run_count
+        xsi[j, S_HLEN] = keep
+        xsf[j, S_PREV] = ext[total - 1]
+    return seg, xsi, xsf, xei, xef, xpool, xoff, ev_i[:m], ev_f[:m], late
+
+
+@kernel
+def commit_flush(
+    seg: I64,
+    xsi: I64,
+    xsf: F64,
+    xei: I64,
+    xef: F64,
+    xpool: F64,
+    xoff: I64,
+    pi: I64,
+    si: I64,
+    sf: F64,
+    ei: I64,
+    ef: F64,
+    pool: F64,
+) -> None:
+    """Copy the scratch state of a processed flush into the committed arrays."""
+    for j in range(seg.shape[0]):
+        s = seg[j]
+        si[s] = xsi[j]
+        sf[s] = xsf[j]
+        ei[s] = xei[j]
+        ef[s] = xef[j]
+        size = pi[s, P_HIST] + pi[s, P_SPIKE_W]
+        po = pi[s, P_OFF]
+        pool[po : po + size] = xpool[xoff[j] : xoff[j] + size]
