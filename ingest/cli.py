@@ -1,4 +1,4 @@
-"""The command line: `ingest run`, `ingest migrate`, `ingest simulate`."""
+"""The command line: `ingest run`, `migrate`, `retain`, `simulate`, `check-config`."""
 
 from __future__ import annotations
 
@@ -31,6 +31,14 @@ def _parser() -> argparse.ArgumentParser:
     mig = sub.add_parser("migrate", help="apply pending schema migrations and exit")
     mig.add_argument("--config", metavar="FILE", help="TOML configuration file (INGEST_CONFIG)")
     mig.add_argument("--schema-dir", metavar="DIR", help="folder of *.sql migrations")
+
+    ret = sub.add_parser(
+        "retain", help="drop chunks older than the [retention] settings (as the schema owner)"
+    )
+    ret.add_argument("--config", metavar="FILE", help="TOML configuration file (INGEST_CONFIG)")
+    ret.add_argument(
+        "--dry-run", action="store_true", help="only list the chunks that would be dropped"
+    )
 
     sim = sub.add_parser("simulate", help="publish a simulated plant's sensor data")
     sim.add_argument(
@@ -171,6 +179,24 @@ def _migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _retain(args: argparse.Namespace) -> int:
+    from ingest import config as config_mod
+    from ingest.retention import retain
+
+    cfg = config_mod.load(path=args.config, for_migrate=True)
+    dsn = cfg.db.migrate_url or cfg.db.url
+    outcomes = asyncio.run(retain(dsn=dsn, retention=cfg.retention, dry_run=args.dry_run))
+    if not outcomes:
+        print("ingest: retain: no retention set (retention.*_days), nothing dropped")
+    verb = "would drop" if args.dry_run else "dropped"
+    for o in outcomes:
+        print(
+            f"ingest: retain telemetry.{o.table}: {verb} {len(o.chunks)} chunk(s) with data "
+            f"older than {o.cutoff:%Y-%m-%dT%H:%M:%SZ} ({o.days:g} days)"
+        )
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     from ingest import config as config_mod
     from ingest.pipeline import run_service
@@ -203,6 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "run": _run,
         "migrate": _migrate,
         "simulate": _simulate,
+        "retain": _retain,
         "check-config": _check_config,
     }
     try:

@@ -139,6 +139,22 @@ class Anomaly(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     rules: tuple[AnomalyRule, ...] = ()
 
 
+class Retention(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """[retention]: days of data `ingest retain` keeps per table; 0 keeps everything."""
+
+    readings_days: float = 0.0
+    rollup_1m_days: float = 0.0
+    rollup_1h_days: float = 0.0
+    anomalies_days: float = 0.0
+    dead_letters_days: float = 0.0
+
+    def __post_init__(self) -> None:
+        for field in msgspec.structs.fields(self):
+            days = getattr(self, field.name)
+            if not (days == 0 or 1 / 24 <= days <= 36_500):
+                raise ValueError(f"{field.name}: must be 0 (keep all) or 1/24 to 36500 days")
+
+
 class Metrics(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """[metrics]: the Prometheus exposition and health endpoints."""
 
@@ -166,6 +182,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     limits: Limits = msgspec.field(default_factory=Limits)
     rollups: Rollups = msgspec.field(default_factory=Rollups)
     anomaly: Anomaly = msgspec.field(default_factory=Anomaly)
+    retention: Retention = msgspec.field(default_factory=Retention)
     metrics: Metrics = msgspec.field(default_factory=Metrics)
     log: Log = msgspec.field(default_factory=Log)
 
