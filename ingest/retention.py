@@ -25,6 +25,10 @@ TABLES = (
 )
 
 
+_SHOW = "SELECT show_chunks($1::regclass, older_than => $2::timestamptz)::text"
+_DROP = "SELECT drop_chunks($1::regclass, older_than => $2::timestamptz)::text"
+
+
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """What `retain` did (or, dry, would do) to one table."""
@@ -44,7 +48,7 @@ async def retain(
     the role does not own the tables or the schema is missing.
     """
     now = now or datetime.now(UTC)
-    call = "show_chunks" if dry_run else "drop_chunks"
+    query = _SHOW if dry_run else _DROP
     out: list[Outcome] = []
     try:
         conn = await asyncpg.connect(dsn)
@@ -57,11 +61,7 @@ async def retain(
                 continue
             cutoff = now - timedelta(days=days)
             try:
-                rows = await conn.fetch(
-                    f"SELECT {call}($1::regclass, older_than => $2::timestamptz)::text",
-                    f"telemetry.{table}",
-                    cutoff,
-                )
+                rows = await conn.fetch(query, f"telemetry.{table}", cutoff)
             except asyncpg.InsufficientPrivilegeError:
                 raise IngestError(
                     f"retain: telemetry.{table}: dropping chunks needs the tables' owner; "

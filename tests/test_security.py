@@ -394,9 +394,10 @@ class SqlSources:
     """Decides, per module, whether an expression is SQL text fixed before any payload exists.
 
     Safe: string literals; module-level names (computed at import time, before any message
-    arrives); f-strings, `%`, `+` and `.format()` of safe parts; loop variables unpacked from a
-    safe iterable; a function's parameter when every call of the function in the module passes
-    a safe value for it; the attributes listed in TRUSTED_ATTRIBUTES.
+    arrives); f-strings, `%`, `+` and `.format()` of safe parts; `a if c else b` of safe a and
+    b; loop variables unpacked from a safe iterable; a function's parameter when every call of
+    the function in the module passes a safe value for it; the attributes listed in
+    TRUSTED_ATTRIBUTES.
     """
 
     def __init__(self, tree: ast.Module) -> None:
@@ -440,6 +441,8 @@ class SqlSources:
                 return self.safe(left, scope) and self.safe(right, scope)
             case ast.Tuple(elts=elts) | ast.List(elts=elts):
                 return all(self.safe(e, scope) for e in elts)
+            case ast.IfExp(body=body, orelse=orelse):
+                return self.safe(body, scope) and self.safe(orelse, scope)
             case ast.Call(func=ast.Attribute(value=base, attr="format"), args=args, keywords=kw):
                 parts = [base, *args, *(k.value for k in kw)]
                 return all(self.safe(p, scope) for p in parts)
@@ -579,6 +582,7 @@ def test_no_sql_text_is_built_from_anything_but_constants() -> None:
         "SQL = 'SELECT 1'\nasync def f(conn, x):\n    SQL = x\n    await conn.execute(SQL)\n",
         "def g(x):\n    return f'SELECT {x}'\n",
         "async def run(conn, q):\n    await conn.execute(q)\nasync def f(conn, m):\n    await run(conn, m.topic)\n",
+        "Q = 'SELECT 1'\nasync def f(conn, m, dry):\n    await conn.fetch(Q if dry else m.topic)\n",
     ],
     ids=[
         "fstring",
@@ -591,6 +595,7 @@ def test_no_sql_text_is_built_from_anything_but_constants() -> None:
         "rebound",
         "built",
         "param",
+        "ifexp",
     ],
 )
 def test_the_sql_check_finds_sql_built_from_values(source: str) -> None:
@@ -603,8 +608,10 @@ def test_the_sql_check_accepts_constants() -> None:
         "def _sql(table):\n    return f'INSERT INTO {table} SELECT {_T.format(1)}'\n"
         "TABLES = (('a', _sql('a')), ('b', _sql('b')))\n"
         "Q = 'SELECT 1'\n"
-        "async def f(conn, m):\n"
+        "R = 'SELECT 2'\n"
+        "async def f(conn, m, dry):\n"
         "    await conn.execute(Q, m.topic)\n"
+        "    await conn.fetch(Q if dry else R, m.topic)\n"
         "    for name, sql in TABLES:\n        await conn.execute(sql, name)\n"
         "    await conn.copy_records_to_table('dead_letters', schema_name='telemetry', records=[m])\n"
     )
