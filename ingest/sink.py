@@ -176,7 +176,6 @@ class Sink:
         self._dsn = dsn
         self._timeout = connect_timeout_s
         self._conn: asyncpg.Connection | None = None
-        self._staging_ready = False
 
     @property
     def connected(self) -> bool:
@@ -200,7 +199,6 @@ class Sink:
             raise PermanentSinkError(f"database: {exc}") from exc
         except (asyncpg.PostgresError, *_CLIENT_ERRORS) as exc:
             raise classify(exc) from exc
-        self._staging_ready = False
 
     async def close(self) -> None:
         conn, self._conn = self._conn, None
@@ -226,77 +224,88 @@ class Sink:
         """Write one flush in one transaction and commit.
 
         The readings go in with one binary COPY; when that collides with rows already stored (a
-        redelivery), the slab goes through a staging table and only new rows are inserted.
-        `derive` returns named extra writes (`.upserts`: rollups, anomaly events) for the rows
-        it is given, which commit in the same transaction; the one used is returned. It runs
-        in a worker thread while the COPY is in flight, on the assumption that every row is
-        new; when some were not, it is called again with exactly the new rows, and its last
-        result is the one written. It must not await, and must not change what another
-        concurrent `write` uses.
+        redelivery), the transaction is rolled back and written again with the slab going
+        through a staging table, so that only new rows are inserted. `derive` returns named
+        extra writes (`.upserts`: rollups, anomaly events) for the rows it is given, which
+        commit in the same transaction; the one used is returned. On the COPY path it runs in a
+        worker thread while the COPY is in flight, on the assumption that every row is new; on
+        the staging path it is given exactly the new rows. It must not await, and must not
+        change what another concurrent `write` uses.
         """
         conn = self.connection
-        result = WriteResult()
         try:
-            async with conn.transaction():
-                speculative = asyncio.ensure_future(asyncio.to_thread(derive, readings))
-                try:
-                    new = await self._insert_readings(conn, readings, result)
-                finally:
-                    extras = await speculative  # never leave it running on failure
-                if new is not readings:
-                    extras = derive(new)
-                for name, upsert in extras.upserts:
-                    if len(upsert):
-                        await conn.execute(upsert.sql, *upsert.columns)
-                    result.extras[name] = len(upsert)
-                if dead_letters:
-                    await conn.copy_records_to_table(
-                        "dead_letters",
-                        schema_name="telemetry",
-                        columns=["received_at", "topic", "payload", "reason", "content_type"],
-                        records=[
-                            (
-                                _to_datetime(d.received_us),
-                                d.topic,
-                                d.payload,
-                                d.reason,
-                                d.content_type,
-                            )
-                            for d in dead_letters
-                        ],
-                    )
+            try:
+                return await self._transaction(conn, readings, dead_letters, derive, staged=False)
+            except asyncpg.UniqueViolationError:
+                return await self._transaction(conn, readings, dead_letters, derive, staged=True)
         except (asyncpg.PostgresError, *_CLIENT_ERRORS) as exc:
             if not isinstance(exc, asyncpg.PostgresError):
                 self.discard()
             raise classify(exc) from exc
+
+    async def _transaction(
+        self,
+        conn: asyncpg.Connection,
+        readings: Readings,
+        dead_letters: Sequence[DeadLetter],
+        derive: Callable[[Readings], D],
+        *,
+        staged: bool,
+    ) -> tuple[WriteResult, D]:
+        result = WriteResult()
+        async with conn.transaction():
+            if staged:
+                extras = derive(await self._stage_readings(conn, readings, result))
+            else:
+                speculative = asyncio.ensure_future(asyncio.to_thread(derive, readings))
+                try:
+                    await self._copy_readings(conn, readings, result)
+                finally:
+                    extras = await speculative  # never leave it running on failure
+            for name, upsert in extras.upserts:
+                if len(upsert):
+                    await conn.execute(upsert.sql, *upsert.columns)
+                result.extras[name] = len(upsert)
+            if dead_letters:
+                await conn.copy_records_to_table(
+                    "dead_letters",
+                    schema_name="telemetry",
+                    columns=["received_at", "topic", "payload", "reason", "content_type"],
+                    records=[
+                        (_to_datetime(d.received_us), d.topic, d.payload, d.reason, d.content_type)
+                        for d in dead_letters
+                    ],
+                )
         return result, extras
 
-    async def _insert_readings(
+    async def _copy_readings(
         self, conn: asyncpg.Connection, readings: Readings, result: WriteResult
-    ) -> Readings:
+    ) -> None:
         if not len(readings):
-            return readings
+            return
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
-            async with conn.transaction():  # a savepoint: a collision rolls back only the COPY
-                await conn.copy_to_table(
-                    "readings",
-                    schema_name="telemetry",
-                    source=cast(Any, encode_copy(readings)),  # a buffer: asyncpg sends it as is
-                    columns=list(_READING_COLUMNS),
-                    format="binary",
-                )
-            result.inserted = len(readings)
-            return readings
-        except asyncpg.UniqueViolationError:
-            pass
+            await conn.copy_to_table(
+                "readings",
+                schema_name="telemetry",
+                source=cast(Any, encode_copy(readings)),  # a buffer: asyncpg sends it as is
+                columns=list(_READING_COLUMNS),
+                format="binary",
+            )
         finally:
             result.copy_seconds = loop.time() - started
+        result.inserted = len(readings)
+
+    async def _stage_readings(
+        self, conn: asyncpg.Connection, readings: Readings, result: WriteResult
+    ) -> Readings:
+        """Insert the rows not stored yet through the session's staging table; those rows."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         result.staged = True
-        if not self._staging_ready:
-            await conn.execute(_STAGE_DDL)
-            self._staging_ready = True
+        # The temporary table is created in the transaction, so a rollback takes it away too.
+        await conn.execute(_STAGE_DDL)
         await conn.copy_to_table(
             "readings_stage",
             source=cast(Any, encode_copy(readings, positions=True)),
