@@ -26,6 +26,7 @@ class Db(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     url: str = ""
     migrate_url: str = ""
     writers: int = 2
+    split_min_readings: int = 10_000
     connect_timeout_s: float = 10.0
     retry_min_s: float = 0.5
     retry_max_s: float = 30.0
@@ -36,6 +37,8 @@ class Db(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                 raise ValueError(f"{key}: must start with postgresql://")
         if not 1 <= self.writers <= 16:
             raise ValueError("writers: must be between 1 and 16")
+        if self.split_min_readings < 1:
+            raise ValueError("split_min_readings: must be >= 1")
         if self.connect_timeout_s <= 0:
             raise ValueError("connect_timeout_s: must be > 0")
         if self.retry_min_s <= 0:

@@ -281,7 +281,9 @@ class Pipeline:
             if not isinstance(exc, asyncpg.PostgresError):
                 self.sinks[0].discard()  # its state is unknown after a client-side error
             raise classify(exc) from exc
-        parts = len(self.sinks)
+        # Split only into parts of at least db.split_min_readings: for a small flush a second
+        # transaction costs more than writing in parallel saves.
+        parts = max(1, min(len(self.sinks), len(readings) // self.cfg.db.split_min_readings))
         slabs = [readings]
         if parts > 1:
             part_of = readings.sensor % parts

@@ -205,6 +205,9 @@ def ingester_env(db: Database, mqtt_url: str, prefix: str, **extra: str) -> dict
         "INGEST_MQTT_CLIENT_ID": f"ingest-{uuid.uuid4().hex[:8]}",
         "INGEST_MQTT_RECONNECT_MIN_S": "0.1",
         "INGEST_MQTT_RECONNECT_MAX_S": "1",
+        # Split every flush over the writers, however small, so the tests' modest streams go
+        # through the parallel path (partial commits, retries of one part) as big ones do.
+        "INGEST_DB_SPLIT_MIN_READINGS": "1",
         "INGEST_DB_RETRY_MIN_S": "0.1",
         "INGEST_DB_RETRY_MAX_S": "1",
         **extra,

@@ -59,6 +59,15 @@ def test_defaults() -> None:
             "flush.interval_s (INGEST_FLUSH_INTERVAL_S): must be > 0",
         ),
         (
+            {**BASE, "INGEST_DB_SPLIT_MIN_READINGS": "0"},
+            "db.split_min_readings (INGEST_DB_SPLIT_MIN_READINGS): must be >= 1",
+        ),
+        (
+            {**BASE, "INGEST_RETENTION_READINGS_DAYS": "-7"},
+            "retention.readings_days (INGEST_RETENTION_READINGS_DAYS): must be 0 (keep all) or "
+            "1/24 to 36500 days",
+        ),
+        (
             {**BASE, "INGEST_MQTT_URL": "tcp://broker"},
             "mqtt.url (INGEST_MQTT_URL): must start with mqtt:// or mqtts://",
         ),
