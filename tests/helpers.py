@@ -27,6 +27,26 @@ from tests.conftest import Database
 T = TypeVar("T")
 
 
+async def ingest_cli(
+    *args: str,
+    env: dict[str, str] | None = None,
+    timeout: float = 120.0,  # noqa: ASYNC109 - a deadline for the whole command
+) -> tuple[int, str, str]:
+    """Run `ingest <args>` to the end with the environment plus `env`: (status, stdout, stderr)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "ingest.cli",
+        *args,
+        env={**os.environ, **(env or {})},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=timeout)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
 async def wait_until(
     predicate: Callable[[], Awaitable[T]],
     *,

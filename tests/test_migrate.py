@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
-import sys
 from pathlib import Path
 
 import asyncpg
@@ -13,23 +11,9 @@ import pytest
 
 from ingest.migrate import default_schema_dir, load_migrations, migrate
 from tests.conftest import Database
+from tests.helpers import ingest_cli
 
 SCHEMA_FILES = sorted(p.name for p in default_schema_dir().glob("*.sql"))
-
-
-async def _ingest(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "ingest.cli",
-        *args,
-        env={**os.environ, **env},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), timeout=120)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 def _migrate_env(db: Database) -> dict[str, str]:
@@ -38,7 +22,7 @@ def _migrate_env(db: Database) -> dict[str, str]:
 
 async def test_concurrent_migrate_applies_each_file_once(empty_database: Database) -> None:
     env = _migrate_env(empty_database)
-    results = await asyncio.gather(*(_ingest("migrate", env=env) for _ in range(4)))
+    results = await asyncio.gather(*(ingest_cli("migrate", env=env) for _ in range(4)))
     assert [r[0] for r in results] == [0, 0, 0, 0], [r[2] for r in results]
     applied_lines = [
         line for r in results for line in r[2].splitlines() if "applied migration" in line
@@ -53,7 +37,7 @@ async def test_concurrent_migrate_applies_each_file_once(empty_database: Databas
         await conn.close()
     expected = [(m.name, m.checksum) for m in load_migrations(default_schema_dir())]
     assert [(r["name"], r["checksum"]) for r in rows] == expected
-    code, out, _ = await _ingest("migrate", env=env)
+    code, out, _ = await ingest_cli("migrate", env=env)
     assert code == 0
     assert out.strip() == "ingest: 0 migration(s) applied, schema is current"
 
@@ -64,7 +48,7 @@ async def test_changed_migration_is_refused(empty_database: Database, tmp_path: 
     await migrate(dsn=empty_database.owner_url, schema_dir=schema)
     first = schema / SCHEMA_FILES[0]
     first.write_text(first.read_text() + "\n-- edited after it was applied\n")
-    code, out, err = await _ingest(
+    code, out, err = await ingest_cli(
         "migrate", "--schema-dir", str(schema), env=_migrate_env(empty_database)
     )
     assert code == 1
@@ -84,7 +68,7 @@ async def test_missing_applied_migration_is_refused(
     shutil.copytree(default_schema_dir(), schema)
     await migrate(dsn=empty_database.owner_url, schema_dir=schema)
     (schema / SCHEMA_FILES[-1]).unlink()
-    code, _, err = await _ingest(
+    code, _, err = await ingest_cli(
         "migrate", "--schema-dir", str(schema), env=_migrate_env(empty_database)
     )
     assert code == 1
@@ -132,7 +116,9 @@ async def test_readings_have_only_the_unique_index(database: Database) -> None:
 @pytest.mark.parametrize("bad", ["INGEST_DB_URL=mysql://x", "INGEST_FLUSH_INTERVAL_S=soon"])
 async def test_bad_config_is_one_line_naming_the_key(bad: str) -> None:
     key, value = bad.split("=", 1)
-    code, _, err = await _ingest("migrate", env={"INGEST_DB_URL": "postgresql://x/y", key: value})
+    code, _, err = await ingest_cli(
+        "migrate", env={"INGEST_DB_URL": "postgresql://x/y", key: value}
+    )
     assert code == 2
     assert len(err.strip().splitlines()) == 1
     assert err.startswith("ingest: config: ")

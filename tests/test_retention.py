@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
-import os
 import re
-import sys
 from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
 
 from tests.conftest import Database, create_database, drop_database
+from tests.helpers import ingest_cli
 
 CUTOFF = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"
 
@@ -48,19 +46,7 @@ async def db() -> AsyncIterator[Database]:
 
 
 async def ingest_retain(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "ingest.cli",
-        "retain",
-        *args,
-        env={**os.environ, **env},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    return await ingest_cli("retain", *args, env=env, timeout=60)
 
 
 async def ages(db: Database) -> dict[str, list[int]]:

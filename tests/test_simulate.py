@@ -6,10 +6,8 @@ the anomalies it injects must come out of the ingester's filters as events.
 
 from __future__ import annotations
 
-import asyncio
 import glob
 import json
-import sys
 import uuid
 from pathlib import Path
 
@@ -18,26 +16,16 @@ import pytest
 
 from ingest.simulate import read_record
 from tests.conftest import Database
-from tests.helpers import T0, Ingester, Row, ingester_env, stored, wait_until
+from tests.helpers import T0, Ingester, Row, ingest_cli, ingester_env, stored, wait_until
 
 START = "2026-01-01T00:00:00Z"  # T0
 S = 1_000_000  # a second in µs
 
 
-async def simulate(*args: str, timeout: float = 120.0) -> tuple[int, str]:  # noqa: ASYNC109
+async def simulate(*args: str) -> tuple[int, str]:
     """Run `ingest simulate` to the end: (exit status, what it wrote to stderr)."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "ingest.cli",
-        "simulate",
-        *args,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    _, err = await asyncio.wait_for(proc.communicate(), timeout=timeout)
-    assert proc.returncode is not None
-    return proc.returncode, err.decode()
+    code, _, err = await ingest_cli("simulate", *args)
+    return code, err
 
 
 def plant(folder: Path, site: str) -> Path:
