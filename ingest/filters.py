@@ -225,6 +225,19 @@ def _grow(ev_i: I64, ev_f: F64) -> Any:
 
 
 @kernel
+def _emit(
+    ev_i: I64, ev_f: F64, m: int, sid: int, kind: int, start: int, end: int, v: float, sc: float
+) -> None:
+    """Row m of the event upserts: (sensor, kind, start, end or NO_TIME) and (value, score)."""
+    ev_i[m, 0] = sid
+    ev_i[m, 1] = kind
+    ev_i[m, 2] = start
+    ev_i[m, 3] = end
+    ev_f[m, 0] = v
+    ev_f[m, 1] = sc
+
+
+@kernel
 def _track(
     kind: int,
     sid: int,
@@ -269,22 +282,12 @@ def _track(
         elif is_open:
             if m >= room:
                 break
-            ev_i[m, 0] = sid
-            ev_i[m, 1] = kind
-            ev_i[m, 2] = ev_start
-            ev_i[m, 3] = ev_last
-            ev_f[m, 0] = ev_value
-            ev_f[m, 1] = ev_score
+            _emit(ev_i, ev_f, m, sid, kind, ev_start, ev_last, ev_value, ev_score)
             m += 1
             is_open = False
         i += 1
     if i == n and touched and is_open:
-        ev_i[m, 0] = sid
-        ev_i[m, 1] = kind
-        ev_i[m, 2] = ev_start
-        ev_i[m, 3] = NO_TIME
-        ev_f[m, 0] = ev_value
-        ev_f[m, 1] = ev_score
+        _emit(ev_i, ev_f, m, sid, kind, ev_start, NO_TIME, ev_value, ev_score)
         m += 1
     oi[E_OPEN] = 1 if is_open else 0
     oi[E_START] = ev_start
