@@ -36,10 +36,10 @@ from ingest.filters import (
     S_RUN_COUNT,
     S_RUN_START,
     SPIKE,
-    check_sorted,
     commit_flush,
     process_flush,
 )
+from ingest.kernels import check_sorted
 from ingest.rules import AnomalyRule
 
 __all__ = ["KINDS", "AnomalyDetector", "Event", "Pending", "StateNeed", "warm_up"]

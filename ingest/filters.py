@@ -45,15 +45,6 @@ F64 = npt.NDArray[np.float64]
 
 
 @kernel
-def check_sorted(sensor: npt.NDArray[np.int32], time: I64) -> int:
-    """-1 if sorted by (sensor, time) with unique keys, else the first offending row."""
-    for i in range(1, sensor.shape[0]):
-        if sensor[i] < sensor[i - 1] or (sensor[i] == sensor[i - 1] and time[i] <= time[i - 1]):
-            return i
-    return -1
-
-
-@kernel
 def _median(buf: F64, lo: int, w: int) -> float:
     """Median of the sorted buf[lo : lo + w]."""
     h = w // 2

@@ -12,7 +12,16 @@ import numpy as np
 import numpy.typing as npt
 from numba import njit
 
-__all__ = ["DAY_US", "HOUR_US", "MINUTE_US", "Rollup", "kernel", "rollup", "warm_up"]
+__all__ = [
+    "DAY_US",
+    "HOUR_US",
+    "MINUTE_US",
+    "Rollup",
+    "check_sorted",
+    "kernel",
+    "rollup",
+    "warm_up",
+]
 
 MINUTE_US: Final = 60_000_000
 HOUR_US: Final = 3_600_000_000
@@ -36,6 +45,15 @@ def kernel(fn: _F) -> _F:
             _log.warning("numba cache unavailable, kernels compile at every start: %s", exc)
         _uncached.append(fn.__name__)
         return cast(_F, njit(nogil=True)(fn))
+
+
+@kernel
+def check_sorted(sensor: npt.NDArray[np.int32], time: npt.NDArray[np.int64]) -> int:
+    """-1 if sorted by (sensor, time) with unique keys, else the first offending row."""
+    for i in range(1, sensor.shape[0]):
+        if sensor[i] < sensor[i - 1] or (sensor[i] == sensor[i - 1] and time[i] <= time[i - 1]):
+            return i
+    return -1
 
 
 @dataclass(frozen=True, slots=True, eq=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import asyncpg
 
@@ -41,9 +42,11 @@ UPDATE telemetry.sensors s SET unit = u.unit
 """
 
 
-@dataclass(frozen=True, slots=True)
-class SensorKey:
-    """A sensor as named on the wire: the device's topic levels and the sensor name."""
+class SensorKey(NamedTuple):
+    """A sensor as named on the wire: the device's topic levels and the sensor name.
+
+    A tuple, since one is built and hashed for every channel of every message.
+    """
 
     levels: tuple[str, ...]  # asset levels, then the device id
     name: str

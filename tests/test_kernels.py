@@ -234,7 +234,7 @@ def test_after_warm_up_nothing_compiles_again() -> None:
     entry_points = (
         "ingest.kernels._rollup_count",
         "ingest.kernels._rollup_fill",
-        "ingest.filters.check_sorted",
+        "ingest.kernels.check_sorted",
         "ingest.filters.process_flush",
         "ingest.filters.commit_flush",
     )
