@@ -18,12 +18,15 @@ import msgspec
 import paho.mqtt.client as paho
 from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.enums import MQTTErrorCode
+from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from ingest import mqttwire
 from ingest.errors import ConfigError
+from ingest.mqttwire import Publish, published_us
 
 __all__ = ["AckToken", "MqttSource", "Received", "Settings"]
 
@@ -31,7 +34,10 @@ logger = logging.getLogger(__name__)
 _paho_logger = logging.getLogger(f"{__name__}.paho")
 
 _DEFAULT_PORTS: Final = {"mqtt": 1883, "mqtts": 8883}
-_USER_PROPERTY_TS: Final = "ts"
+# The reader takes up to this many bytes per system call, and at most so many calls before
+# letting the event loop run other work.
+_READ_CHUNK: Final = 256 * 1024
+_READS_PER_WAKEUP: Final = 8
 # CONNACK refusals that a retry cannot fix, and the setting to blame.
 _CONNACK_FATAL: Final = {
     0x84: ("mqtt.url", "the broker does not support MQTT v5"),
@@ -201,134 +207,36 @@ def _tls_context(settings: Settings) -> ssl.SSLContext:
     return context
 
 
-class _Inbox(asyncio.Queue["aiomqtt.Message | None"]):
-    """aiomqtt's incoming-message queue (given through ``queue_type``), with arrival times.
+class _Inbox(asyncio.Queue["tuple[Publish | None, int]"]):
+    """The connection's received messages, each with its arrival time; ``None`` ends it.
 
-    ``put_nowait`` runs in aiomqtt's paho callback at socket receipt; the time stamps wait in a
-    parallel deque. ``None`` is the end-of-connection marker, queued behind the messages
-    already received. The size is bounded by the reader pausing (see ``_ManualAckConnection``),
-    not here: refusing a message would leave it unacknowledged until the next reconnect.
+    The reader puts parsed PUBLISH packets with ``deliver``. aiomqtt also holds it as its
+    message queue (``queue_type``) and calls ``put_nowait`` with a ``Message`` for the rare
+    packet paho parses (see ``_ManualAckConnection``), and ``None`` is the end-of-connection
+    marker, queued behind the messages already received. The size is bounded by the reader
+    pausing, not here: refusing a message would leave it unacknowledged until the next
+    reconnect.
     """
 
-    def __init__(self) -> None:
-        super().__init__()
-        self._stamps: collections.deque[int] = collections.deque()
+    def deliver(self, message: Publish | None, received_ns: int) -> None:
+        super().put_nowait((message, received_ns))
 
-    def put_nowait(self, item: aiomqtt.Message | None) -> None:
-        super().put_nowait(item)
-        self._stamps.append(time.time_ns())
-
-    async def next(self) -> tuple[aiomqtt.Message | None, int]:
-        """The next item and its arrival time; cancellation never loses an item."""
-        item = await self.get()
-        return item, self._stamps.popleft()
-
-
-class _PublishProperties:
-    """The PUBLISH properties the source reads, in the attribute names of paho's Properties."""
-
-    __slots__ = ("ContentType", "UserProperty")
-
-    def __init__(self) -> None:
-        self.ContentType: str | None = None
-        self.UserProperty: list[tuple[str, str]] = []
-
-
-def _utf8(data: bytes, at: int) -> tuple[str, int]:
-    n = int.from_bytes(data[at : at + 2], "big")
-    end = at + 2 + n
-    if end > len(data):
-        raise ValueError("string runs past the properties")
-    return data[at + 2 : end].decode("utf-8"), end
-
-
-# Fixed-size PUBLISH properties the fast path skips: payload format indicator, message expiry
-# interval, topic alias.
-_SKIP: Final = {0x01: 1, 0x02: 4, 0x23: 2}
-
-
-class _FastPublish:
-    """paho's PUBLISH handler for the common case, without building paho's Properties object.
-
-    paho spends about 84 µs per PUBLISH, most of it constructing a generic MQTT v5 properties
-    object; this parses the QoS 0/1 packets the source receives in a few µs and builds the same
-    MQTTMessage. Anything unusual (QoS 2, a property it does not know, a malformed packet) goes
-    to paho's own handler, which decides what it means.
-    """
-
-    def __init__(self, client: paho.Client) -> None:
-        self._client = client
-        self._fallback = client._handle_publish
-
-    def __call__(self) -> MQTTErrorCode:
-        client = self._client
-        packet = client._in_packet
-        message = self._parse(packet["command"], bytes(packet["packet"]))
-        if message is None:
-            return self._fallback()
-        message.timestamp = time.monotonic()
-        client._handle_on_message(message)
-        if message.qos == 0 or client._manual_ack:
-            return MQTTErrorCode.MQTT_ERR_SUCCESS
-        return client._send_puback(message.mid)
-
-    @staticmethod
-    def _parse(command: int, data: bytes) -> paho.MQTTMessage | None:
-        """The message of a PUBLISH packet, or None for paho to handle."""
-        try:
-            return _FastPublish._parse_common(command, data)
-        except (ValueError, IndexError, UnicodeDecodeError):
-            return None
-
-    @staticmethod
-    def _parse_common(command: int, data: bytes) -> paho.MQTTMessage | None:
-        qos = (command & 0x06) >> 1
-        if qos > 1:
-            return None
-        n = int.from_bytes(data[0:2], "big")
-        topic = data[2 : 2 + n]
-        at = 2 + n
-        mid = 0
-        if qos:
-            mid = int.from_bytes(data[at : at + 2], "big")
-            at += 2
-        length, shift = 0, 0  # variable byte integer
-        while True:
-            byte = data[at]
-            at += 1
-            length |= (byte & 0x7F) << shift
-            if not byte & 0x80:
-                break
-            shift += 7
-            if shift > 21:
-                return None
-        end = at + length
-        if end > len(data) or not topic:
-            return None
-        props = _PublishProperties()
-        while at < end:
-            ident = data[at]
-            at += 1
-            if ident == 0x03:
-                props.ContentType, at = _utf8(data, at)
-            elif ident == 0x26:
-                key, at = _utf8(data, at)
-                value, at = _utf8(data, at)
-                props.UserProperty.append((key, value))
-            elif ident in _SKIP:
-                at += _SKIP[ident]
-            else:
-                return None
-        if at != end:
-            return None
-        topic.decode("utf-8")  # paho's check: a topic that is not UTF-8 goes the slow way
-        message = paho.MQTTMessage(mid=mid, topic=topic)
-        message.dup = bool(command & 0x08)
-        message.qos = qos
-        message.retain = bool(command & 0x01)
-        message.properties = props  # type: ignore[assignment]
-        message.payload = data[end:]
-        return message
+    def put_nowait(self, item: Any) -> None:
+        """aiomqtt's entry: a ``Message`` that paho parsed."""
+        message = cast("aiomqtt.Message", item)
+        props = message.properties
+        payload = message.payload
+        self.deliver(
+            Publish(
+                topic=message.topic.value,
+                payload=payload if isinstance(payload, bytes) else bytes(payload),
+                content_type=getattr(props, "ContentType", None),
+                published_us=published_us(getattr(props, "UserProperty", ())),
+                mid=message.mid,
+                qos=message.qos,
+            ),
+            time.time_ns(),
+        )
 
 
 class _ManualAckConnection:
@@ -337,14 +245,19 @@ class _ManualAckConnection:
     This is the only code that touches aiomqtt's private attribute ``Client._client`` (the paho
     client; aiomqtt 2.5 has no public way to turn automatic acknowledgement off). Through it:
 
-    - ``manual_ack_set(True)``, and ``ack(mid, qos)`` for each PUBACK. PUBACKs go out in the
-      order the PUBLISHes arrived, as MQTT requires [MQTT-4.6.0-2]: an acknowledgement given
-      early is held until every earlier message of this connection is acknowledged.
+    - ``manual_ack_set(True)``. PUBACKs go out in the order the PUBLISHes arrived, as MQTT
+      requires [MQTT-4.6.0-2]: an acknowledgement given early is held until every earlier
+      message of this connection is acknowledged. The PUBACKs released together are queued on
+      paho's output as one write.
     - paho's ``on_connect`` and ``on_disconnect`` are wrapped (session-present flag, end marker).
-    - The socket reader aiomqtt registers is replaced by one that stops reading while the
-      inbox holds ``limit`` messages. A conforming broker never sends that many unacknowledged
-      messages, but Mosquitto 2.0.11 does (each PUBACK can release up to Receive Maximum more
-      messages); TCP flow control then holds them back, and nothing is refused or reordered.
+    - The socket reader aiomqtt registers is replaced by one that reads the socket in large
+      chunks and frames the packets itself (paho reads a packet with four system calls). It
+      parses common PUBLISH packets (``ingest.mqttwire``) straight into the inbox and hands
+      every other packet to paho's packet handler, as paho's own reader would.
+    - That reader stops while the inbox holds ``limit`` messages. A conforming broker never
+      sends that many unacknowledged messages, but Mosquitto 2.0.11 does (each PUBACK can
+      release up to Receive Maximum more messages); TCP flow control then holds them back, and
+      nothing is refused or reordered. At most one chunk waits unparsed meanwhile.
     """
 
     def __init__(
@@ -355,8 +268,6 @@ class _ManualAckConnection:
             msg = "aiomqtt.Client._client is not a paho Client: update the manual-ack adapter"
             raise TypeError(msg)
         inner.manual_ack_set(True)
-        # An instance attribute, so only this client reads PUBLISH packets the fast way.
-        inner._handle_publish = _FastPublish(inner)  # type: ignore[method-assign]
         callbacks = (inner.on_connect, inner.on_disconnect, inner.on_socket_open)
         if any(callback is None for callback in callbacks):
             msg = "aiomqtt.Client no longer sets paho's callbacks: update the manual-ack adapter"
@@ -382,6 +293,9 @@ class _ManualAckConnection:
         self._closing = False
         self._fd = -1
         self._paused = False
+        self._buf = b""  # received bytes from self._pos on are not parsed yet
+        self._pos = 0
+        self._stamp = 0  # time.time_ns() when the last chunk arrived
         # Messages handed out and not yet PUBACKed, in arrival order: seq of the first, then
         # [mid, qos, acknowledged] per message.
         self._head = 0
@@ -405,7 +319,7 @@ class _ManualAckConnection:
         # depend on it (aiomqtt's on_socket_close does that).
 
     def _ended(self) -> None:
-        self.inbox.put_nowait(None)
+        self.inbox.deliver(None, time.time_ns())
         self.progress.set()
 
     def _on_socket_open(self, *args: Any) -> None:
@@ -420,24 +334,107 @@ class _ManualAckConnection:
             self._loop.add_reader(fd, self._on_readable)
 
     def _on_readable(self) -> None:
+        client = self._paho
         try:
-            while True:
-                self._paho.loop_read()
-                # Never pause before the SUBACK is read: with a session present the broker
-                # sends its queued messages ahead of the SUBACK, and pausing then would stall
-                # the subscription. It sends at most Receive Maximum of them unacknowledged.
-                if self.subscribed and self.inbox.qsize() >= self.limit:
-                    self._paused = True
-                    self._loop.remove_reader(self._fd)
+            if client._in_packet["command"]:
+                # paho's reader began this packet before this reader took over: paho ends it.
+                client.loop_read()
+                return
+            for _ in range(_READS_PER_WAKEUP):
+                if not self._take_packets():
                     return
-                # TLS may hold decrypted bytes the socket will not signal again.
-                sock = self._paho.socket()
-                pending = getattr(sock, "pending", None)
-                if pending is None or pending() == 0:
+                sock = client.socket()
+                if sock is None:
                     return
+                try:
+                    data = sock.recv(_READ_CHUNK)
+                except (BlockingIOError, ssl.SSLWantReadError):
+                    return
+                except ssl.SSLWantWriteError:
+                    client._call_socket_register_write()
+                    return
+                except OSError as exc:
+                    logger.debug("MQTT socket read failed: %s", exc)
+                    data = b""
+                if not data:
+                    client._loop_rc_handle(MQTTErrorCode.MQTT_ERR_CONN_LOST)
+                    return
+                client._last_bytes_received = paho.time_func()
+                self._stamp = time.time_ns()
+                self._buf = self._buf[self._pos :] + data if self._pos < len(self._buf) else data
+                self._pos = 0
+            self._take_packets()
         except Exception as exc:  # a paho or aiomqtt callback failed: drop the connection
             logger.warning("MQTT read failed (%r); dropping the connection", exc)
             self.abort()
+
+    def _take_packets(self) -> bool:
+        """Pass on every complete packet received; False if paused or the connection ended.
+
+        Never pauses before the SUBACK is read: with a session present the broker sends its
+        queued messages ahead of the SUBACK, and pausing then would stall the subscription.
+        It sends at most Receive Maximum of them unacknowledged.
+        """
+        buf, pos, inbox = self._buf, self._pos, self.inbox
+        try:
+            while pos < len(buf):
+                if self.subscribed and inbox.qsize() >= self.limit:
+                    self._paused = True
+                    self._loop.remove_reader(self._fd)
+                    return False
+                try:
+                    framed = mqttwire.frame(buf, pos)
+                except mqttwire.MalformedPacketError as exc:
+                    logger.warning("MQTT stream broken (%s); dropping the connection", exc)
+                    self._paho._loop_rc_handle(MQTTErrorCode.MQTT_ERR_PROTOCOL)
+                    return False
+                if framed is None:
+                    break
+                command, start, pos = framed
+                body = buf[start:pos]
+                if command & 0xF0 == mqttwire.PUBLISH:
+                    message = mqttwire.parse_publish(command, body)
+                    if message is not None:
+                        inbox.deliver(message, self._stamp)
+                        continue
+                if not self._paho_handles(command, body):
+                    return False
+        finally:
+            self._pos = pos
+        return True
+
+    def _paho_handles(self, command: int, body: bytes) -> bool:
+        """Give one packet to paho's handler, as paho's reader does; False if it closed."""
+        client = self._paho
+        client._in_packet = {
+            "command": command,
+            "have_remaining": 1,
+            "remaining_count": [],
+            "remaining_mult": 1,
+            "remaining_length": len(body),
+            "packet": bytearray(body),
+            "to_process": 0,
+            "pos": 0,
+        }
+        try:
+            rc = client._packet_handle()
+        except MalformedPacket as exc:
+            logger.debug("MQTT packet malformed: %s", exc)
+            rc = MQTTErrorCode.MQTT_ERR_PROTOCOL
+        finally:
+            client._in_packet = {
+                "command": 0,
+                "have_remaining": 0,
+                "remaining_count": [],
+                "remaining_mult": 1,
+                "remaining_length": 0,
+                "packet": bytearray(),
+                "to_process": 0,
+                "pos": 0,
+            }
+        if rc:
+            client._loop_rc_handle(rc)
+        return client.socket() is not None
 
     def _resume(self) -> None:
         if self._paused and self.inbox.qsize() < self.limit:
@@ -489,8 +486,8 @@ class _ManualAckConnection:
             logger.warning("MQTT disconnect was not clean: %s", exc)
         self.alive = False
 
-    async def next(self) -> tuple[aiomqtt.Message | None, int]:
-        item = await self.inbox.next()
+    async def next(self) -> tuple[Publish | None, int]:
+        item = await self.inbox.get()
         self._resume()
         return item
 
@@ -510,12 +507,23 @@ class _ManualAckConnection:
             return False
         self._ledger[index][2] = 1
         if index == 0:
+            mids: list[int] = []
             while self._ledger and self._ledger[0][2]:
                 mid, qos, _ = self._ledger.popleft()
                 self._head += 1
+                if qos == 1:
+                    mids.append(mid)
+                    continue
+                self._send_pubacks(mids)
                 self._paho.ack(mid, qos)
+            self._send_pubacks(mids)
             self.progress.set()
         return True
+
+    def _send_pubacks(self, mids: list[int]) -> None:
+        if mids:
+            self._paho._packet_queue(mqttwire.PUBACK, mqttwire.pubacks(mids), 0, 1)
+            mids.clear()
 
 
 class _Messages:
@@ -696,24 +704,14 @@ class MqttSource:
         task = asyncio.current_task()
         return self._closed and not (task is not None and task.cancelling())
 
-    def _received(
-        self, conn: _ManualAckConnection, message: aiomqtt.Message, received_ns: int
-    ) -> Received:
-        content_type: str | None = None
-        published_us: int | None = None
-        props = message.properties
-        if props is not None:
-            content_type = getattr(props, "ContentType", None)
-            for key, value in getattr(props, "UserProperty", ()):
-                if key == _USER_PROPERTY_TS and value.isascii() and value.isdigit():
-                    published_us = int(value)
+    def _received(self, conn: _ManualAckConnection, message: Publish, received_ns: int) -> Received:
         seq = conn.track(mid=message.mid, qos=message.qos) if message.qos > 0 else -1
         return Received(
-            topic=message.topic.value,
+            topic=message.topic,
             payload=message.payload,
-            content_type=content_type,
+            content_type=message.content_type,
             received_ns=received_ns,
-            published_us=published_us,
+            published_us=message.published_us,
             token=AckToken(generation=conn.generation, seq=seq, mid=message.mid, qos=message.qos),
         )
 

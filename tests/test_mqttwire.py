@@ -1,0 +1,133 @@
+"""The source's MQTT packet framing and PUBLISH parsing, against paho's own encoder and decoder."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ingest import mqttwire
+from ingest.mqttwire import Publish, frame, parse_publish, pubacks
+
+
+def _props(values: dict[str, object]) -> bytes:
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    for key, value in values.items():
+        setattr(properties, key, value)
+    return properties.pack()  # type: ignore[no-untyped-call,no-any-return]
+
+
+def _remaining(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _packet(first: int, body: bytes) -> bytes:
+    return bytes([first]) + _remaining(len(body)) + body
+
+
+@pytest.mark.parametrize("qos", [0, 1])
+@pytest.mark.parametrize(
+    "props",
+    [
+        {},
+        {"ContentType": "application/msgpack"},
+        {"ContentType": "application/json", "UserProperty": [("ts", "17"), ("k", "välue")]},
+        {"PayloadFormatIndicator": 1, "MessageExpiryInterval": 60, "TopicAlias": 3},
+    ],
+)
+def test_parse_publish_matches_paho(qos: int, props: dict[str, object]) -> None:
+    from paho.mqtt import _packet
+    from paho.mqtt.enums import MQTTProtocolVersion
+
+    topic = b"telemetry/plant1/press-shop/line2/press-07"
+    body = len(topic).to_bytes(2, "big") + topic
+    body += (4242).to_bytes(2, "big") if qos else b""
+    body += _props(props) + b"\x00\x01payload"
+    command = 0x30 | (qos << 1) | 0x01
+    ours = parse_publish(command, body)
+    theirs = _packet.decode_publish(command, body, MQTTProtocolVersion.MQTTv5)
+    assert ours == Publish(
+        topic=theirs.topic.decode(),
+        payload=bytes(theirs.payload),
+        content_type=getattr(theirs.properties, "ContentType", None),
+        published_us=17 if props.get("UserProperty") else None,
+        mid=theirs.mid,
+        qos=theirs.qos,
+    )
+
+
+@pytest.mark.parametrize(
+    ("pairs", "expected"),
+    [
+        ([], None),
+        ([("ts", "1700000000000000")], 1_700_000_000_000_000),
+        ([("ts", "1"), ("ts", "2")], 2),
+        ([("ts", "-5")], None),
+        ([("ts", "12.5")], None),
+        ([("ts", "١٢")], None),  # Arabic-Indic digits: isdigit() is True, isascii() is not
+        ([("TS", "5")], None),
+    ],
+)
+def test_published_us_reads_only_a_decimal_ts(
+    pairs: list[tuple[str, str]], expected: int | None
+) -> None:
+    assert mqttwire.published_us(pairs) == expected
+
+
+def test_parse_publish_leaves_the_unusual_to_paho() -> None:
+    topic = b"a/b"
+    head = len(topic).to_bytes(2, "big") + topic + (1).to_bytes(2, "big")
+    assert parse_publish(0x34, head + b"\x00x") is None  # QoS 2
+    assert parse_publish(0x32, head + b"\x02\x0b\x05x") is None  # subscription identifier
+    assert parse_publish(0x32, head + b"\x05\x03\x00\x09ab") is None  # string too long
+    assert parse_publish(0x32, b"\x00\x00" + (1).to_bytes(2, "big") + b"\x00x") is None
+    assert parse_publish(0x32, b"\x00\x02\xff\xfe" + (1).to_bytes(2, "big") + b"\x00x") is None
+    assert parse_publish(0x32, head) is None  # no property length
+
+
+@given(
+    bodies=st.lists(st.binary(max_size=300), min_size=1, max_size=8),
+    cuts=st.lists(st.integers(min_value=0, max_value=3000), max_size=6),
+)
+def test_frame_finds_every_packet_wherever_the_stream_is_cut(
+    bodies: list[bytes], cuts: list[int]
+) -> None:
+    """Chunks as a socket may return them: every packet comes out whole, in order, once."""
+    stream = b"".join(_packet(0x30 | (i % 16), b) for i, b in enumerate(bodies))
+    bounds = sorted({min(c, len(stream)) for c in cuts} | {len(stream)})
+    buf, pos, start, found = b"", 0, 0, []
+    for bound in bounds:
+        buf, pos = buf[pos:] + stream[start:bound], 0
+        start = bound
+        while (framed := frame(buf, pos)) is not None:
+            first, body_start, pos = framed
+            found.append((first, buf[body_start:pos]))
+    assert found == [(0x30 | (i % 16), b) for i, b in enumerate(bodies)]
+    assert pos == len(buf)
+
+
+def test_frame_of_a_large_packet_waits_for_all_of_it() -> None:
+    packet = _packet(0x32, bytes(200_000))
+    assert _remaining(200_000) == b"\xc0\x9a\x0c"
+    assert frame(packet[:1], 0) is None
+    assert frame(packet[:3], 0) is None
+    assert frame(packet[:-1], 0) is None
+    assert frame(packet, 0) == (0x32, 4, len(packet))
+
+
+def test_frame_refuses_a_remaining_length_of_five_bytes() -> None:
+    with pytest.raises(mqttwire.MalformedPacketError, match="longer than four bytes"):
+        frame(b"\x30\xff\xff\xff\xff\x01", 0)
+
+
+def test_pubacks_are_one_packet_per_id_in_order() -> None:
+    assert pubacks([1, 0x1234, 65535]) == b"\x40\x02\x00\x01\x40\x02\x12\x34\x40\x02\xff\xff"
+    assert pubacks([]) == b""
