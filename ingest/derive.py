@@ -15,21 +15,33 @@ from ingest.anomaly import AnomalyDetector, Event, Pending, StateNeed
 from ingest.kernels import HOUR_US, MINUTE_US, Rollup, rollup, warm_up
 from ingest.registry import Registry
 from ingest.rules import AnomalyRule, rule_for
-from ingest.sink import Readings, Upsert
+from ingest.sink import Readings, StagedUpsert, Upsert, copy_data
 
 # Microseconds since the Unix epoch to timestamptz, exactly, inside the database.
 _TS = "(timestamptz 'epoch' + {} * interval '1 microsecond')"
 
 
-def _rollup_sql(table: str) -> str:
+ROLLUP_TABLES = (("1m", MINUTE_US), ("1h", HOUR_US))
+"""(width, bucket in µs): telemetry.rollup_<width>, each written by ROLLUP_SQL."""
+
+# A flush's rollup partials of every width go through one session temporary table.
+ROLLUP_STAGE = "rollup_stage"
+_ROLLUP_STAGE_DDL = f"""
+CREATE TEMPORARY TABLE IF NOT EXISTS {ROLLUP_STAGE}
+       (bucket_us int8, sensor_id int4, bucket int8, min float8, max float8, sum float8,
+        count int8, first float8, first_time int8, last float8, last_time int8)
+       ON COMMIT DELETE ROWS
+"""
+_ROLLUP_WIRE = (">i8", ">i4", ">i8", ">f8", ">f8", ">f8", ">i8", ">f8", ">i8", ">f8", ">i8")
+
+
+def _rollup_insert(table: str, bucket_us: int) -> str:
     return f"""
 INSERT INTO telemetry.{table} AS r
        (bucket, sensor_id, min, max, sum, count, first, first_time, last, last_time)
 SELECT {_TS.format("u.bucket")}, u.sensor_id, u.min, u.max, u.sum, u.count,
        u.first, {_TS.format("u.first_time")}, u.last, {_TS.format("u.last_time")}
-  FROM unnest($1::int[], $2::int8[], $3::float8[], $4::float8[], $5::float8[], $6::int8[],
-              $7::float8[], $8::int8[], $9::float8[], $10::int8[])
-       AS u(sensor_id, bucket, min, max, sum, count, first, first_time, last, last_time)
+  FROM {ROLLUP_STAGE} u WHERE u.bucket_us = {bucket_us}
 ON CONFLICT (sensor_id, bucket) DO UPDATE SET
     min = least(r.min, EXCLUDED.min),
     max = greatest(r.max, EXCLUDED.max),
@@ -38,13 +50,13 @@ ON CONFLICT (sensor_id, bucket) DO UPDATE SET
     first = CASE WHEN EXCLUDED.first_time < r.first_time THEN EXCLUDED.first ELSE r.first END,
     first_time = least(r.first_time, EXCLUDED.first_time),
     last = CASE WHEN EXCLUDED.last_time > r.last_time THEN EXCLUDED.last ELSE r.last END,
-    last_time = greatest(r.last_time, EXCLUDED.last_time)
-"""
+    last_time = greatest(r.last_time, EXCLUDED.last_time)"""
 
 
-ROLLUP_TABLES = (
-    ("1m", MINUTE_US, _rollup_sql("rollup_1m")),
-    ("1h", HOUR_US, _rollup_sql("rollup_1h")),
+# Both widths in one statement, the first as a data-modifying CTE.
+ROLLUP_SQL = (
+    f"WITH minute AS ({_rollup_insert('rollup_1m', MINUTE_US)}\n)\n"
+    f"{_rollup_insert('rollup_1h', HOUR_US)}"
 )
 
 ANOMALY_SQL = f"""
@@ -105,20 +117,33 @@ def segment_ends(sensor: npt.NDArray[np.int32]) -> npt.NDArray[np.intp]:
     return np.flatnonzero(np.append(sensor[1:] != sensor[:-1], True))
 
 
-def _rollup_upsert(sql: str, r: Rollup) -> Upsert:
-    columns = (
-        r.sensor,
-        r.bucket,
-        r.min,
-        r.max,
-        r.sum,
-        r.count,
-        r.first,
-        r.first_time,
-        r.last,
-        r.last_time,
+def _rollup_upsert(partials: Sequence[tuple[int, Rollup]]) -> StagedUpsert:
+    """One staged upsert of the rollup partials (bucket in µs, rows) of every width."""
+    columns = [
+        np.concatenate([np.full(len(r.sensor), us, np.int64) for us, r in partials]),
+        *(
+            np.concatenate([getattr(r, name) for _, r in partials])
+            for name in (
+                "sensor",
+                "bucket",
+                "min",
+                "max",
+                "sum",
+                "count",
+                "first",
+                "first_time",
+                "last",
+                "last_time",
+            )
+        ),
+    ]
+    return StagedUpsert(
+        stage=ROLLUP_STAGE,
+        stage_ddl=_ROLLUP_STAGE_DDL,
+        data=copy_data(list(zip(_ROLLUP_WIRE, columns, strict=True))),
+        rows=len(columns[0]),
+        sql=ROLLUP_SQL,
     )
-    return Upsert(sql, tuple(c.tolist() for c in columns))
 
 
 def _anomaly_upsert(events: Sequence[Event]) -> Upsert:
@@ -141,7 +166,9 @@ class Derived:
     """What `Deriver.derive` computed for some new rows: their extra writes, and what to apply
     to the deriver once those committed."""
 
-    upserts: list[tuple[str, Upsert]]
+    upserts: list[tuple[str, Upsert | StagedUpsert]]
+    rollup_rows: tuple[tuple[str, int], ...] = ()
+    """Rollup partials per width, for the metrics."""
     pending: Pending | None = None
     last_seen: tuple[int, ...] = ()
     at: float = 0.0
@@ -220,13 +247,17 @@ class Deriver:
 
     def derive(self, new: Readings) -> Derived:
         """The extra writes for rows of a flush that were new. Never awaits, changes nothing."""
-        out: list[tuple[str, Upsert]] = []
+        out: list[tuple[str, Upsert | StagedUpsert]] = []
         if not len(new):
             return Derived(out)
+        rollup_rows: tuple[tuple[str, int], ...] = ()
         if self._rollups:
-            for width, bucket_us, sql in ROLLUP_TABLES:
-                r = rollup(sensor=new.sensor, time=new.time, value=new.value, bucket_us=bucket_us)
-                out.append((f"rollup_{width}", _rollup_upsert(sql, r)))
+            partials = [
+                (width, us, rollup(sensor=new.sensor, time=new.time, value=new.value, bucket_us=us))
+                for width, us in ROLLUP_TABLES
+            ]
+            out.append(("rollups", _rollup_upsert([(us, r) for _, us, r in partials])))
+            rollup_rows = tuple((width, len(r.sensor)) for width, _, r in partials)
         pending = None
         if self._rules:
             pending = self.detector.process(sensor=new.sensor, time=new.time, value=new.value)
@@ -238,9 +269,9 @@ class Deriver:
         if due:
             pick = ends[np.isin(new.sensor[ends], due)]
             out.append(("last_seen", Upsert(LAST_SEEN_SQL, (due, new.time[pick].tolist()))))
-        return Derived(out, pending, tuple(due), now)
+        return Derived(out, rollup_rows, pending, tuple(due), now)
 
-    def commit(self, derived: Derived, *, written: dict[str, int]) -> None:
+    def commit(self, derived: Derived) -> None:
         """`derived` committed: advance the anomaly state and count what was written."""
         pending = derived.pending
         if pending is not None:
@@ -256,5 +287,5 @@ class Deriver:
                     self._open.discard(key)
         if derived.last_seen:
             self._registry.last_seen_written(derived.last_seen, now=derived.at)
-        for width, _, _ in ROLLUP_TABLES:
-            metrics.ROLLUP_ROWS.labels(width).inc(written.get(f"rollup_{width}", 0))
+        for width, rows in derived.rollup_rows:
+            metrics.ROLLUP_ROWS.labels(width).inc(rows)

@@ -21,24 +21,6 @@ PG_EPOCH_US = 946_684_800_000_000  # 2000-01-01T00:00:00Z in Unix microseconds
 _HEADER = b"PGCOPY\n\xff\r\n\x00" + (0).to_bytes(4, "big") + (0).to_bytes(4, "big")
 _TRAILER = (-1).to_bytes(2, "big", signed=True)
 
-# One COPY row of telemetry.readings (time, sensor_id, value, quality) in PostgreSQL's binary
-# format: a field count, then a length and a big-endian value per field. Every field has a fixed
-# width, so a whole slab is one numpy structured array.
-_READING_ROW = np.dtype(
-    [
-        ("nfields", ">i2"),
-        ("time_len", ">i4"),
-        ("time", ">i8"),
-        ("sensor_len", ">i4"),
-        ("sensor", ">i4"),
-        ("value_len", ">i4"),
-        ("value", ">f8"),
-        ("quality_len", ">i4"),
-        ("quality", ">i2"),
-    ]
-)
-# The staging table carries each row's position in the slab, to tell which rows were new.
-_STAGED_ROW = np.dtype([*_READING_ROW.descr, ("pos_len", ">i4"), ("pos", ">i4")])
 _READING_COLUMNS = ("time", "sensor_id", "value", "quality")
 
 # SQLSTATE classes a retry can fix: connection exceptions, insufficient resources, operator
@@ -84,11 +66,30 @@ class Upsert:
         return len(self.columns[0]) if self.columns else 0
 
 
+@dataclass(frozen=True, slots=True)
+class StagedUpsert:
+    """Extra rows too many for array parameters: binary COPY data for a session temporary
+    table (`stage`, created by `stage_ddl`, emptied at every commit), which `sql` then reads.
+
+    asyncpg encodes an array parameter element by element, with an isinstance check against
+    collections.abc each; COPY data is built from whole columns.
+    """
+
+    stage: str
+    stage_ddl: str
+    data: memoryview
+    rows: int
+    sql: str
+
+    def __len__(self) -> int:
+        return self.rows
+
+
 class Extras(Protocol):
     """What a flush's `derive` step returns: named extra writes for the same transaction."""
 
     @property
-    def upserts(self) -> Sequence[tuple[str, Upsert]]: ...
+    def upserts(self) -> Sequence[tuple[str, Upsert | StagedUpsert]]: ...
 
 
 D = TypeVar("D", bound=Extras)
@@ -105,31 +106,39 @@ class WriteResult:
     extras: dict[str, int] = field(default_factory=dict)
 
 
+def copy_data(columns: Sequence[tuple[str, npt.NDArray[Any]]]) -> memoryview:
+    """PostgreSQL binary COPY data for equal-length columns, each with its big-endian wire type
+    (">i2", ">i4", ">i8", ">f8"), built without a row loop."""
+    n = len(columns[0][1]) if columns else 0
+    fields: list[tuple[str, str]] = [("nfields", ">i2")]
+    for i, (wire, _) in enumerate(columns):
+        fields += [(f"len{i}", ">i4"), (f"val{i}", wire)]
+    dtype = np.dtype(fields)
+    buf = np.empty(len(_HEADER) + n * dtype.itemsize + len(_TRAILER), dtype=np.uint8)
+    buf[: len(_HEADER)] = np.frombuffer(_HEADER, dtype=np.uint8)
+    buf[len(buf) - len(_TRAILER) :] = np.frombuffer(_TRAILER, dtype=np.uint8)
+    rows = buf[len(_HEADER) : len(buf) - len(_TRAILER)].view(dtype)
+    rows["nfields"] = len(columns)
+    for i, (_, values) in enumerate(columns):
+        rows[f"len{i}"] = dtype[f"val{i}"].itemsize
+        rows[f"val{i}"] = values
+    return buf.data
+
+
 def encode_copy(readings: Readings, *, positions: bool = False) -> memoryview:
-    """PostgreSQL binary COPY data for `readings`, built from the columns without a row loop.
+    """Binary COPY data of `readings` (time, sensor_id, value, quality).
 
     With `positions`, each row also carries its index in the slab (the staging table's `pos`).
     """
-    n = len(readings)
-    dtype = _STAGED_ROW if positions else _READING_ROW
-    body = n * dtype.itemsize
-    buf = np.empty(len(_HEADER) + body + len(_TRAILER), dtype=np.uint8)
-    buf[: len(_HEADER)] = np.frombuffer(_HEADER, dtype=np.uint8)
-    buf[len(_HEADER) + body :] = np.frombuffer(_TRAILER, dtype=np.uint8)
-    rows = buf[len(_HEADER) : len(_HEADER) + body].view(dtype)
-    rows["nfields"] = 5 if positions else 4
-    rows["time_len"] = 8
-    np.subtract(readings.time, PG_EPOCH_US, out=rows["time"], casting="unsafe")
-    rows["sensor_len"] = 4
-    rows["sensor"] = readings.sensor
-    rows["value_len"] = 8
-    rows["value"] = readings.value
-    rows["quality_len"] = 2
-    rows["quality"] = readings.quality
+    columns: list[tuple[str, npt.NDArray[Any]]] = [
+        (">i8", readings.time - PG_EPOCH_US),
+        (">i4", readings.sensor),
+        (">f8", readings.value),
+        (">i2", readings.quality),
+    ]
     if positions:
-        rows["pos_len"] = 4
-        rows["pos"] = np.arange(n, dtype=np.int32)
-    return buf.data
+        columns.append((">i4", np.arange(len(readings), dtype=np.int32)))
+    return copy_data(columns)
 
 
 # Failures on the client side of a connection. InternalClientError: asyncpg read a message it
@@ -176,6 +185,7 @@ class Sink:
         self._dsn = dsn
         self._timeout = connect_timeout_s
         self._conn: asyncpg.Connection | None = None
+        self._stages: set[str] = set()  # temporary tables the connection has
 
     @property
     def connected(self) -> bool:
@@ -191,6 +201,7 @@ class Sink:
         """(Re)connect; raises TransientSinkError, or PermanentSinkError (bad password, no db)."""
         await self.close()
         try:
+            self._stages.clear()
             self._conn = await asyncpg.connect(self._dsn, timeout=self._timeout)
         except (
             asyncpg.InvalidAuthorizationSpecificationError,
@@ -253,6 +264,7 @@ class Sink:
         staged: bool,
     ) -> tuple[WriteResult, D]:
         result = WriteResult()
+        created: list[str] = []
         async with conn.transaction():
             if staged:
                 extras = derive(await self._stage_readings(conn, readings, result))
@@ -263,7 +275,16 @@ class Sink:
                 finally:
                     extras = await speculative  # never leave it running on failure
             for name, upsert in extras.upserts:
-                if len(upsert):
+                if isinstance(upsert, StagedUpsert):
+                    if upsert.rows:
+                        if upsert.stage not in self._stages:
+                            await conn.execute(upsert.stage_ddl)
+                            created.append(upsert.stage)
+                        await conn.copy_to_table(
+                            upsert.stage, source=cast(Any, upsert.data), format="binary"
+                        )
+                        await conn.execute(upsert.sql)
+                elif len(upsert):
                     await conn.execute(upsert.sql, *upsert.columns)
                 result.extras[name] = len(upsert)
             if dead_letters:
@@ -276,6 +297,7 @@ class Sink:
                         for d in dead_letters
                     ],
                 )
+        self._stages.update(created)  # a rollback would have taken them away again
         return result, extras
 
     async def _copy_readings(

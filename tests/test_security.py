@@ -387,14 +387,17 @@ SQL_WORDS = re.compile(
 TRUSTED_ATTRIBUTES = {
     "migration.sql": "the schema/*.sql files shipped with the package (ingest migrate)",
     "upsert.sql": "an Upsert's SQL, checked where every Upsert is built (below)",
+    "upsert.stage": "a StagedUpsert's table, checked where every StagedUpsert is built (below)",
+    "upsert.stage_ddl": "a StagedUpsert's DDL, checked where every StagedUpsert is built (below)",
 }
+STAGED_FIELDS = ("stage", "stage_ddl", "sql")
 
 
 class SqlSources:
     """Decides, per module, whether an expression is SQL text fixed before any payload exists.
 
-    Safe: string literals; module-level names (computed at import time, before any message
-    arrives); f-strings, `%`, `+` and `.format()` of safe parts; `a if c else b` of safe a and
+    Safe: string literals; module-level names, assigned or imported (computed at import
+    time, before any message arrives); f-strings, `%`, `+` and `.format()` of safe parts; `a if c else b` of safe a and
     b; loop variables unpacked from a safe iterable; a function's parameter when every call of
     the function in the module passes a safe value for it; the attributes listed in
     TRUSTED_ATTRIBUTES.
@@ -409,6 +412,8 @@ class SqlSources:
                 targets = [statement.target]
             for target in targets:
                 self.constants |= {n.id for n in ast.walk(target) if isinstance(n, ast.Name)}
+            if isinstance(statement, ast.ImportFrom):
+                self.constants |= {alias.asname or alias.name for alias in statement.names}
         for node in ast.walk(tree):  # a name rebound through `global` is not a constant
             if isinstance(node, ast.Global):
                 self.constants -= set(node.names)
@@ -540,6 +545,13 @@ def sql_check(source: str, filename: str) -> Iterator[str]:
             if name in SQL_CALLS | TABLE_CALLS | {"Upsert"} and first:
                 sound = check.safe(first[0], scope)
                 yield "" if sound else f"{where}: {name}() gets {ast.unparse(first[0])!r}"
+            if name == "StagedUpsert":
+                if node.args:
+                    yield f"{where}: StagedUpsert() takes its SQL by keyword"
+                for keyword in node.keywords:
+                    if keyword.arg in STAGED_FIELDS:
+                        sound = check.safe(keyword.value, scope)
+                        yield "" if sound else f"{where}: StagedUpsert({keyword.arg}=...)"
             if name in TABLE_CALLS:
                 for keyword in node.keywords:
                     if keyword.arg == "schema_name" and not check.safe(keyword.value, scope):
@@ -579,6 +591,8 @@ def test_no_sql_text_is_built_from_anything_but_constants() -> None:
         "async def f(conn, msg):\n    await conn.copy_records_to_table(msg.topic, records=[])\n",
         "async def f(conn, s):\n    await conn.copy_to_table('t', schema_name=s, source=b'')\n",
         "def f(name):\n    return Upsert(f'UPDATE t SET a = {name}', ())\n",
+        "def f(name):\n    return StagedUpsert(stage=name, stage_ddl='', data=b'', rows=0, sql='')\n",
+        "def f(q):\n    return StagedUpsert('t', 'CREATE TEMP TABLE t ()', b'', 0, q)\n",
         "SQL = 'SELECT 1'\nasync def f(conn, x):\n    SQL = x\n    await conn.execute(SQL)\n",
         "def g(x):\n    return f'SELECT {x}'\n",
         "async def run(conn, q):\n    await conn.execute(q)\nasync def f(conn, m):\n    await run(conn, m.topic)\n",
@@ -592,6 +606,8 @@ def test_no_sql_text_is_built_from_anything_but_constants() -> None:
         "table",
         "schema",
         "upsert",
+        "staged",
+        "staged-positional",
         "rebound",
         "built",
         "param",
@@ -614,5 +630,8 @@ def test_the_sql_check_accepts_constants() -> None:
         "    await conn.fetch(Q if dry else R, m.topic)\n"
         "    for name, sql in TABLES:\n        await conn.execute(sql, name)\n"
         "    await conn.copy_records_to_table('dead_letters', schema_name='telemetry', records=[m])\n"
+        "from ingest.kernels import MINUTE_US\n"
+        "S = f'SELECT {MINUTE_US}'\n"
+        "def g(d):\n    return StagedUpsert(stage='s', stage_ddl=S, data=d, rows=1, sql=Q)\n"
     )
     assert list(sql_problems(source, "good.py")) == []
