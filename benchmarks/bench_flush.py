@@ -34,19 +34,21 @@ def _flush(*, overlap: bool) -> tuple[FlushJob, Registry]:
         device, step = m % DEVICES, m // DEVICES
         levels = ("plant1", "line1", f"machine-{device:02d}")
         t0 = T0 + step * SAMPLES * DT_US
+        n = SENSORS_PER_DEVICE * SAMPLES
+        time = np.tile(t0 + np.arange(SAMPLES, dtype=np.int64) * DT_US, SENSORS_PER_DEVICE)
+        value = rng.normal(50, 5, n)
+        quality = np.zeros(n, np.uint8)
+        if overlap and m == MESSAGES - 1:
+            time[SAMPLES - 1] = T0 - 1  # earlier than everything of that sensor
         channels = []
         for s in range(SENSORS_PER_DEVICE):
             name = f"sensor-{s}"
             key = SensorKey(levels, name)
             if key not in registry._sensors:
                 registry._sensors[key] = _Known(len(registry._sensors) + 1, None)
-            time = t0 + np.arange(SAMPLES, dtype=np.int64) * DT_US
-            channels.append(
-                Channel(name, None, time, rng.normal(50, 5, SAMPLES), np.zeros(SAMPLES, np.uint8))
-            )
-        if overlap and m == MESSAGES - 1:
-            channels[0].time[-1] = T0 - 1  # earlier than everything of that sensor
-        job.accepted.append(_Accepted(levels, Batch(m, tuple(channels), 6 * SAMPLES)))
+            part = slice(s * SAMPLES, (s + 1) * SAMPLES)
+            channels.append(Channel(name, None, time[part], value[part], quality[part]))
+        job.accepted.append(_Accepted(levels, Batch(m, tuple(channels), n, time, value, quality)))
         job.readings += SENSORS_PER_DEVICE * SAMPLES
     return job, registry
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Final, TypeAlias
+from typing import Annotated, Final, TypeAlias, cast
 
 import msgspec
 import numpy as np
@@ -37,7 +37,8 @@ class DecodeLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class Channel(msgspec.Struct, frozen=True, eq=False):
-    """The readings of one sensor: three owned, C-contiguous arrays of equal length (>= 1).
+    """The readings of one sensor: three C-contiguous arrays of equal length (>= 1), views of
+    its batch's columns.
 
     `eq=False`: channels compare by identity (element-wise array equality has no truth value).
     """
@@ -49,12 +50,19 @@ class Channel(msgspec.Struct, frozen=True, eq=False):
     quality: npt.NDArray[np.uint8]
 
 
-class Batch(msgspec.Struct, frozen=True):
-    """One decoded payload: at least one channel. A sensor name may occur in several channels."""
+class Batch(msgspec.Struct, frozen=True, eq=False):
+    """One decoded payload: at least one channel. A sensor name may occur in several channels.
+
+    `time`, `value` and `quality` hold every reading, channel after channel, in three owned
+    arrays that share no memory with the payload; each channel's arrays are views of them.
+    """
 
     seq: int | None
     channels: tuple[Channel, ...]
     readings: int  # total readings over all channels
+    time: npt.NDArray[np.int64]
+    value: npt.NDArray[np.float64]
+    quality: npt.NDArray[np.uint8]
 
 
 # --------------------------------------------------------------------------------------------
@@ -139,6 +147,7 @@ _first_non_blank: Final = re.compile(rb"[^ \t\r\n]").search
 _F8: Final = np.dtype("<f8")
 _F4: Final = np.dtype("<f4")
 _I8: Final = np.dtype("<i8")
+_JOIN_MAX: Final = 8192  # readings: above it, a batch's bin values are not joined first
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _ONE_US: Final = timedelta(microseconds=1)
 _REASON_MAX: Final = 240
@@ -439,71 +448,160 @@ def _decode_channels(
     counts: list[int] = []
     units: dict[str, tuple[str, int]] = {}
     total = 0
+    plain = True  # float64 bin values, regular times, no quality: the usual shape
     for i, c in enumerate(wire):
-        field = f"ch[{i}]"
-        _check_name(f"{field}.s", c.s)
-        if c.u is not UNSET:
-            _check_unit(f"{field}.u", c.u)
-            seen = units.setdefault(c.s, (c.u, i))
-            if seen[0] != c.u:
+        # The common case is checked inline; a field's name is only built for an error.
+        name = c.s
+        if not _is_name(name):
+            _check_name(f"ch[{i}].s", name)
+        u = c.u
+        if u is not UNSET:
+            if not (u and len(u) <= _UNIT_MAX and u.isprintable() and u[0] != " " != u[-1]):
+                _check_unit(f"ch[{i}].u", u)
+            seen = units.setdefault(name, (u, i))
+            if seen[0] != u:
                 raise PayloadError(
-                    f"{field}.u: {_excerpt(c.u)} differs from {_excerpt(seen[0])}"
+                    f"ch[{i}].u: {_excerpt(u)} differs from {_excerpt(seen[0])}"
                     f" given for the same sensor in ch[{seen[1]}]"
                 )
+        vt = c.vt
+        itemsize = 8 if vt is UNSET or vt == "f8" else _itemsize(f"ch[{i}]", vt)
         v = c.v
+        nbytes = -1
         if isinstance(v, memoryview):
-            itemsize = _itemsize(field, c.vt)
-            if v.nbytes % itemsize:
-                raise PayloadError(f"{field}.v: length {v.nbytes} is not a multiple of {itemsize}")
-            n = v.nbytes // itemsize
+            nbytes = v.nbytes
+            if nbytes % itemsize:
+                raise PayloadError(f"ch[{i}].v: length {nbytes} is not a multiple of {itemsize}")
+            n = nbytes // itemsize
         else:
-            _itemsize(field, c.vt)
             n = len(v)
         if n == 0:
-            raise PayloadError(f"{field}.v: is empty; at least one value is required")
+            raise PayloadError(f"ch[{i}].v: is empty; at least one value is required")
         t = c.t
         if t is not UNSET:
             if c.dt is not UNSET:
-                raise PayloadError(f"{field}.t: not allowed together with dt")
+                raise PayloadError(f"ch[{i}].t: not allowed together with dt")
             if isinstance(t, memoryview):
                 if t.nbytes % 8:
-                    raise PayloadError(f"{field}.t: length {t.nbytes} is not a multiple of 8")
+                    raise PayloadError(f"ch[{i}].t: length {t.nbytes} is not a multiple of 8")
                 nt = t.nbytes // 8
             else:
                 nt = len(t)
             if nt != n:
-                raise PayloadError(f"{field}.t: {nt} offsets for {n} values")
+                raise PayloadError(f"ch[{i}].t: {nt} offsets for {n} values")
         elif c.dt is UNSET and n != 1:
-            raise PayloadError(f"{field}.dt: one of dt or t is required for {n} values")
+            raise PayloadError(f"ch[{i}].dt: one of dt or t is required for {n} values")
         q = c.q
-        if not isinstance(q, (int, UnsetType)):
+        plain = plain and nbytes >= 0 and itemsize == 8 and t is UNSET and q is UNSET
+        if q is not UNSET and not isinstance(q, int):
             nq = q.nbytes if isinstance(q, memoryview) else len(q)
             if nq != n:
-                raise PayloadError(f"{field}.q: {nq} quality values for {n} values")
+                raise PayloadError(f"ch[{i}].q: {nq} quality values for {n} values")
         counts.append(n)
         total += n
     if total > limits.max_readings:
         raise PayloadError(f"ch: {total} readings exceed the {limits.max_readings}-reading limit")
 
-    # Pass 2: build owned arrays; one copy of each bin field, no Python object per reading.
-    channels: list[Channel] = []
-    for i, (c, n) in enumerate(zip(wire, counts, strict=True)):
+    # Pass 2: the batch's columns; one copy of each bin field, no Python object per reading.
+    if plain:
+        views = cast("list[memoryview]", [c.v for c in wire])
+        if total <= _JOIN_MAX:  # one join and one conversion cost least
+            value = np.frombuffer(b"".join(views), dtype=_F8).astype(np.float64)
+        else:  # no temporary copy: a large one is returned to the system and faulted in again
+            value = np.concatenate([np.frombuffer(v, dtype=_F8) for v in views], dtype=np.float64)
+        quality = np.zeros(total, dtype=np.uint8)
+    else:
+        value = _values(wire, counts, total)
+        quality = _batch_quality(wire, counts, total)
+    time = _batch_times(t0, wire, counts, total, window)
+    return _batch(seq, wire, counts, time=time, value=value, quality=quality)
+
+
+def _batch(
+    seq: int | None,
+    wire: Sequence[_ChannelWire],
+    counts: Sequence[int],
+    *,
+    time: npt.NDArray[np.int64],
+    value: npt.NDArray[np.float64],
+    quality: npt.NDArray[np.uint8],
+) -> Batch:
+    """A Batch of these columns, cut into channels of `counts` readings, in order."""
+    channels = []
+    at = 0
+    for c, n in zip(wire, counts, strict=True):
+        end = at + n
+        unit = None if c.u is UNSET else c.u
+        channels.append(Channel(c.s, unit, time[at:end], value[at:end], quality[at:end]))
+        at = end
+    return Batch(seq, tuple(channels), at, time, value, quality)
+
+
+def _values(
+    wire: Sequence[_ChannelWire], counts: Sequence[int], total: int
+) -> npt.NDArray[np.float64]:
+    out = np.empty(total, dtype=np.float64)
+    at = 0
+    for c, n in zip(wire, counts, strict=True):
         v = c.v
-        if isinstance(v, memoryview):
-            raw = np.frombuffer(v, dtype=_F4 if c.vt == "f4" else _F8)
-            value = raw.astype(np.float64)
-        else:
-            value = np.array(v, dtype=np.float64)
-        channels.append(
-            Channel(
-                name=c.s,
-                unit=None if c.u is UNSET else c.u,
-                time=_times(f"ch[{i}]", c, n, t0, window),
-                value=value,
-                quality=_quality(c.q, n),
-            )
+        out[at : at + n] = (
+            np.frombuffer(v, dtype=_F4 if c.vt == "f4" else _F8) if isinstance(v, memoryview) else v
         )
-    return Batch(seq=seq, channels=tuple(channels), readings=total)
+        at += n
+    return out
+
+
+def _batch_times(
+    t0: int,
+    wire: Sequence[_ChannelWire],
+    counts: Sequence[int],
+    total: int,
+    window: tuple[int, int],
+) -> npt.NDArray[np.int64]:
+    if any(c.t is not UNSET for c in wire):
+        out = np.empty(total, dtype=np.int64)
+        at = 0
+        for i, (c, n) in enumerate(zip(wire, counts, strict=True)):
+            _times(f"ch[{i}]", c, n, t0, window, out[at : at + n])
+            at += n
+        return out
+    # Regular sampling only: t0 + k * dt within each channel (dt 0 for a single reading).
+    dts = [0 if c.dt is UNSET or n == 1 else c.dt for c, n in zip(wire, counts, strict=True)]
+    last = max(dt * (n - 1) for dt, n in zip(dts, counts, strict=True))
+    if t0 + last > window[1]:  # name the first channel that ends too late
+        for i, (dt, n) in enumerate(zip(dts, counts, strict=True)):
+            _check_window(f"ch[{i}].dt", t0, t0 + dt * (n - 1), window)
+    n0, dt0 = counts[0], dts[0]
+    if len(set(counts)) == 1 and len(set(dts)) == 1:
+        one = np.arange(n0, dtype=np.int64)
+        one *= dt0
+        one += t0
+        out = np.empty(total, dtype=np.int64)
+        out.reshape(len(counts), n0)[:] = one
+        return out
+    lengths = np.array(counts, dtype=np.int64)
+    step = np.arange(total, dtype=np.int64)
+    step -= np.repeat(np.cumsum(lengths) - lengths, lengths)  # index within its channel
+    step *= np.repeat(np.array(dts, dtype=np.int64), lengths)
+    step += t0
+    return step
+
+
+def _batch_quality(
+    wire: Sequence[_ChannelWire], counts: Sequence[int], total: int
+) -> npt.NDArray[np.uint8]:
+    out = np.empty(total, dtype=np.uint8)
+    at = 0
+    for c, n in zip(wire, counts, strict=True):
+        q = c.q
+        if q is UNSET:
+            out[at : at + n] = 0
+        elif isinstance(q, memoryview):
+            out[at : at + n] = np.frombuffer(q, dtype=np.uint8)
+        else:  # one value for all, or a list (checked to be 0..255)
+            out[at : at + n] = q
+        at += n
+    return out
 
 
 def _itemsize(field: str, vt: str | UnsetType) -> int:
@@ -515,8 +613,14 @@ def _itemsize(field: str, vt: str | UnsetType) -> int:
 
 
 def _times(
-    field: str, c: _ChannelWire, n: int, t0: int, window: tuple[int, int]
-) -> npt.NDArray[np.int64]:
+    field: str,
+    c: _ChannelWire,
+    n: int,
+    t0: int,
+    window: tuple[int, int],
+    out: npt.NDArray[np.int64],
+) -> None:
+    """Write the n absolute times of channel `c` to `out`."""
     t = c.t
     if t is not UNSET:
         offsets = (
@@ -524,30 +628,15 @@ def _times(
         )
         # Bounds in Python ints first: t0 + offset cannot overflow once inside the window.
         _check_window(f"{field}.t", t0 + int(offsets.min()), t0 + int(offsets.max()), window)
-        return np.add(offsets, t0, dtype=np.int64)
+        np.add(offsets, t0, out=out)
+        return
     if c.dt is UNSET or n == 1:
-        return np.full(n, t0, dtype=np.int64)
+        out[:] = t0
+        return
     dt = c.dt
-    last = t0 + dt * (n - 1)
-    _check_window(f"{field}.dt", t0, last, window)
-    if last + dt <= _I64_MAX:  # one pass; numpy sizes it as (stop - start) / dt, exactly n
-        times = np.arange(t0, last + dt, dt, dtype=np.int64)
-        if times.shape[0] == n:
-            return times
-    times = np.arange(n, dtype=np.int64)
-    times *= dt
-    times += t0
-    return times
-
-
-def _quality(q: int | memoryview | list[int] | UnsetType, n: int) -> npt.NDArray[np.uint8]:
-    if q is UNSET:
-        return np.zeros(n, dtype=np.uint8)
-    if isinstance(q, int):
-        return np.full(n, q, dtype=np.uint8)
-    if isinstance(q, memoryview):
-        return np.frombuffer(q, dtype=np.uint8).copy()
-    return np.array(q, dtype=np.uint8)
+    _check_window(f"{field}.dt", t0, t0 + dt * (n - 1), window)
+    np.multiply(np.arange(n, dtype=np.int64), dt, out=out)
+    out += t0
 
 
 def _decode_samples(
@@ -578,14 +667,14 @@ def _decode_samples(
                 column = columns[name] = ([], [])
             column[0].append(at)
             column[1].append(value)
-    channels = tuple(
-        Channel(
-            name=name,
-            unit=None,
-            time=np.array(times, dtype=np.int64),
-            value=np.array(vals, dtype=np.float64),
-            quality=np.zeros(len(vals), dtype=np.uint8),
-        )
-        for name, (times, vals) in columns.items()
-    )
-    return Batch(seq=None, channels=channels, readings=total)
+    names = list(columns)
+    times = np.array([t for name in names for t in columns[name][0]], dtype=np.int64)
+    vals = np.array([v for name in names for v in columns[name][1]], dtype=np.float64)
+    zeros = np.zeros(total, dtype=np.uint8)
+    channels = []
+    at = 0
+    for name in names:
+        end = at + len(columns[name][0])
+        channels.append(Channel(name, None, times[at:end], vals[at:end], zeros[at:end]))
+        at = end
+    return Batch(None, tuple(channels), total, times, vals, zeros)

@@ -15,10 +15,10 @@ import numpy as np
 
 from ingest import metrics
 from ingest.config import Config, parse_rfc3339_us
-from ingest.decode import Batch, Channel, DecodeLimits, decode_batch, parse_topic
+from ingest.decode import Batch, DecodeLimits, decode_batch, parse_topic
 from ingest.derive import Deriver
 from ingest.errors import ConfigError, PayloadError, PermanentSinkError, TransientSinkError
-from ingest.kernels import check_sorted
+from ingest.kernels import check_sorted, gather
 from ingest.migrate import default_schema_dir, load_migrations, pending
 from ingest.registry import Registry, SensorKey
 from ingest.sink import DeadLetter, Readings, Sink, classify
@@ -88,16 +88,17 @@ def build_readings(job: FlushJob, registry: Registry) -> tuple[Readings, int]:
     the reading that arrived last wins. Returns the columns and how many were superseded.
 
     Channels usually hold rising times, and a sensor's channels from later messages start
-    after the earlier ones end: then ordering whole channels by (sensor, first time) sorts the
-    flush, which one linear check confirms. Anything else takes a stable sort of every reading.
+    after the earlier ones end: then gathering whole channels in (sensor, first time) order
+    sorts the flush, which one linear check confirms. Anything else takes a stable sort of
+    every reading.
     """
-    pieces: list[tuple[int, int, int, Channel]] = []  # (sensor, first time, arrival, channel)
-    for item in job.accepted:
-        for ch in item.batch.channels:
-            sensor_id = registry.get(SensorKey(item.levels, ch.name))
-            assert sensor_id is not None, "resolve() registers every sensor of the flush first"
-            pieces.append((sensor_id, int(ch.time[0]), len(pieces), ch))
-    if not pieces:
+    batches = [item.batch for item in job.accepted]
+    sensors = [
+        registry.get(SensorKey(item.levels, ch.name))
+        for item in job.accepted
+        for ch in item.batch.channels
+    ]
+    if not sensors:
         empty = Readings(
             np.empty(0, np.int64),
             np.empty(0, np.int32),
@@ -105,20 +106,18 @@ def build_readings(job: FlushJob, registry: Registry) -> tuple[Readings, int]:
             np.empty(0, np.uint8),
         )
         return empty, 0
-    ordered = sorted(pieces, key=lambda p: (p[0], p[1], p[2]))
-    slab = _concatenate(ordered)
+    assert None not in sensors, "resolve() registers every sensor of the flush first"
+    sensor = np.array(sensors, dtype=np.int32)  # per channel, in arrival order
+    lengths = np.array([len(ch.time) for b in batches for ch in b.channels], dtype=np.int64)
+    starts = np.cumsum(lengths) - lengths
+    time = np.concatenate([b.time for b in batches])
+    value = np.concatenate([b.value for b in batches])
+    quality = np.concatenate([b.quality for b in batches])
+    order = np.lexsort((time[starts], sensor))  # stable: ties keep arrival order
+    slab = Readings(*gather(time, value, quality, starts[order], lengths[order], sensor[order]))
     if check_sorted(slab.sensor, slab.time) < 0:
         return slab, 0
-    return _sort_readings(_concatenate(pieces))
-
-
-def _concatenate(pieces: list[tuple[int, int, int, Channel]]) -> Readings:
-    return Readings(
-        np.concatenate([p[3].time for p in pieces]),
-        np.repeat(np.array([p[0] for p in pieces], np.int32), [len(p[3].time) for p in pieces]),
-        np.concatenate([p[3].value for p in pieces]),
-        np.concatenate([p[3].quality for p in pieces]),
-    )
+    return _sort_readings(Readings(time, np.repeat(sensor, lengths), value, quality))
 
 
 def _sort_readings(arrived: Readings) -> tuple[Readings, int]:

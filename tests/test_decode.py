@@ -52,7 +52,31 @@ def decode(
     limits: DecodeLimits = LIMITS,
     now_us: int = NOW,
 ) -> Batch:
-    return decode_batch(payload, content_type=content_type, limits=limits, now_us=now_us)
+    b = decode_batch(payload, content_type=content_type, limits=limits, now_us=now_us)
+    check_columns(b, payload)
+    return b
+
+
+def check_columns(b: Batch, payload: bytes) -> None:
+    """The batch owns its three columns; the channels are consecutive views of them."""
+    raw = np.frombuffer(payload, dtype=np.uint8)
+    columns = ((b.time, np.int64), (b.value, np.float64), (b.quality, np.uint8))
+    for column, dtype in columns:
+        assert column.dtype == dtype
+        assert column.shape == (b.readings,)
+        assert column.flags.owndata
+        assert column.flags.c_contiguous
+        assert column.flags.writeable
+        assert not np.shares_memory(column, raw)
+    at = 0
+    for c in b.channels:
+        n = len(c.time)
+        for part, (column, _) in zip((c.time, c.value, c.quality), columns, strict=True):
+            assert part.base is column
+            assert part.shape == (n,)
+            assert np.shares_memory(part, column[at : at + n])
+        at += n
+    assert at == b.readings
 
 
 def reason(payload: bytes, **kw: Any) -> str:
@@ -85,7 +109,6 @@ def assert_channel(
     np.testing.assert_array_equal(c.quality, np.array(q, dtype=np.uint8))
     for arr, dtype in ((c.time, np.int64), (c.value, np.float64), (c.quality, np.uint8)):
         assert arr.dtype == dtype
-        assert arr.flags.owndata
         assert arr.flags.c_contiguous
         assert arr.flags.writeable
 

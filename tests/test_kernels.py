@@ -218,6 +218,23 @@ def test_bad_input_is_refused() -> None:
         rollup(sensor=np.zeros(2, np.int32), time=np.zeros(1), value=np.zeros(2), bucket_us=1)
 
 
+def test_gather_takes_runs_in_the_order_given() -> None:
+    time = np.arange(10, 20, dtype=np.int64)
+    value = time * 0.5
+    quality = np.arange(10, dtype=np.uint8)
+    starts = np.array([6, 0, 3], np.int64)
+    lengths = np.array([4, 2, 1], np.int64)
+    sensors = np.array([7, 8, 9], np.int32)
+    t, s, v, q = kernels.gather(time, value, quality, starts, lengths, sensors)
+    assert t.tolist() == [16, 17, 18, 19, 10, 11, 13]
+    assert s.tolist() == [7, 7, 7, 7, 8, 8, 9]
+    assert v.tolist() == [8.0, 8.5, 9.0, 9.5, 5.0, 5.5, 6.5]
+    assert q.tolist() == [6, 7, 8, 9, 0, 1, 3]
+    assert (t.dtype, s.dtype, v.dtype, q.dtype) == (np.int64, np.int32, np.float64, np.uint8)
+    empty = kernels.gather(time, value, quality, starts[:0], lengths[:0], sensors[:0])
+    assert [len(column) for column in empty] == [0, 0, 0, 0]
+
+
 def _signatures() -> dict[str, int]:
     return {
         f"{module.__name__}.{name}": len(fn.signatures)
@@ -235,6 +252,7 @@ def test_after_warm_up_nothing_compiles_again() -> None:
         "ingest.kernels._rollup_count",
         "ingest.kernels._rollup_fill",
         "ingest.kernels.check_sorted",
+        "ingest.kernels.gather",
         "ingest.filters.process_flush",
         "ingest.filters.commit_flush",
     )
