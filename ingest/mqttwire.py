@@ -1,8 +1,10 @@
-"""MQTT v5 packets on the source's read path: framing a byte stream, parsing PUBLISH.
+"""MQTT v5 packets: framing a byte stream, parsing PUBLISH, and the few packets the simulator's
+publisher writes.
 
 No I/O here. The source reads the socket in large chunks, frames every packet in them, parses
 the PUBLISH packets it receives at QoS 0 and 1 itself and hands anything else (including a
-PUBLISH this module does not take) to paho, which decides what it means.
+PUBLISH this module does not take) to paho, which decides what it means. `ingest simulate`
+publishes with `ingest.publisher`, which builds its packets here.
 """
 
 from __future__ import annotations
@@ -134,3 +136,99 @@ def _parse(command: int, data: bytes) -> Publish | None:
 def pubacks(mids: list[int]) -> bytes:
     """PUBACK packets (reason: success) for `mids`, in order, as one byte string."""
     return b"".join(bytes((PUBACK, 2, mid >> 8, mid & 0xFF)) for mid in mids)
+
+
+# -- the publisher's side (ingest simulate) ----------------------------------------------------
+
+CONNECT: Final = 0x10
+CONNACK: Final = 0x20
+PINGREQ_PACKET: Final = b"\xc0\x00"
+PINGRESP: Final = 0xD0
+DISCONNECT: Final = 0xE0
+DISCONNECT_PACKET: Final = b"\xe0\x00"
+
+# CONNACK properties: identifier -> size in bytes, or "s" (string or binary: 2-byte length),
+# "p" (string pair), "v" (variable byte integer).
+_CONNACK_PROPERTIES: Final[dict[int, int | str]] = {
+    0x11: 4, 0x12: "s", 0x13: 2, 0x15: "s", 0x16: "s", 0x1A: "s", 0x1C: "s", 0x1F: "s",
+    0x21: 2, 0x22: 2, 0x24: 1, 0x25: 1, 0x26: "p", 0x27: 4, 0x28: 1, 0x29: 1, 0x2A: 1,
+}  # fmt: skip
+RECEIVE_MAXIMUM: Final = 0x21
+SERVER_KEEP_ALIVE: Final = 0x13
+REASON_STRING: Final = 0x1F
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _string(data: bytes) -> bytes:
+    return len(data).to_bytes(2, "big") + data
+
+
+def packet(first: int, body: bytes) -> bytes:
+    """A whole packet: first byte, remaining length, body."""
+    return bytes((first,)) + _varint(len(body)) + body
+
+
+def connect(*, client_id: str, username: str | None, password: str | None, keepalive: int) -> bytes:
+    """A CONNECT packet, MQTT v5, clean start, no session kept, no properties."""
+    flags = 0x02 | (0x80 if username is not None else 0) | (0x40 if password is not None else 0)
+    body = _string(b"MQTT") + bytes((5, flags)) + keepalive.to_bytes(2, "big") + b"\x00"
+    body += _string(client_id.encode())
+    if username is not None:
+        body += _string(username.encode())
+    if password is not None:
+        body += _string(password.encode())
+    return packet(CONNECT, body)
+
+
+def connack(body: bytes) -> tuple[int, dict[int, int | str]]:
+    """(reason code, the numeric and text properties) of a CONNACK body."""
+    reason = body[1]
+    length, shift, at = 0, 0, 2
+    while True:
+        byte = body[at]
+        at += 1
+        length |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            break
+        shift += 7
+    end = at + length
+    found: dict[int, int | str] = {}
+    while at < end:
+        ident = body[at]
+        at += 1
+        kind = _CONNACK_PROPERTIES.get(ident)
+        if isinstance(kind, int):
+            found[ident] = int.from_bytes(body[at : at + kind], "big")
+            at += kind
+        elif kind == "s":
+            n = int.from_bytes(body[at : at + 2], "big")
+            found[ident] = body[at + 2 : at + 2 + n].decode("utf-8", "replace")
+            at += 2 + n
+        elif kind == "p":
+            _, at = _utf8(body, at)
+            _, at = _utf8(body, at)
+        else:
+            raise ValueError(f"unknown CONNACK property 0x{ident:02x}")
+    return reason, found
+
+
+def publish_properties(content_type: str, user: list[tuple[str, str]]) -> bytes:
+    """PUBLISH properties: a content type and user properties, length first."""
+    props = bytes((_CONTENT_TYPE,)) + _string(content_type.encode())
+    for key, value in user:
+        props += bytes((_USER_PROPERTY,)) + _string(key.encode()) + _string(value.encode())
+    return _varint(len(props)) + props
+
+
+def publish(*, topic: bytes, payload: bytes, qos: int, mid: int, properties: bytes) -> bytes:
+    """A PUBLISH packet (no retain, no dup); `properties` as publish_properties makes them."""
+    head = _string(topic) + (mid.to_bytes(2, "big") if qos else b"") + properties
+    return packet(PUBLISH | (qos << 1), head + payload)

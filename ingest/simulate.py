@@ -16,13 +16,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import unquote, urlsplit
 
 import msgspec
 import numpy as np
 import numpy.typing as npt
 
 from ingest.errors import ConfigError, IngestError
+from ingest.mqttwire import publish_properties
+from ingest.publisher import Publisher
 
 Kind = Literal["temperature", "vibration", "current", "pressure", "counter", "energy"]
 KINDS: tuple[str, ...] = ("temperature", "vibration", "current", "pressure", "counter", "energy")
@@ -276,70 +277,11 @@ def _encode(
     return msgspec.msgpack.encode(body), "application/msgpack"
 
 
-def _connect(url: str, client_id: str) -> Any:
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion
-
-    parts = urlsplit(url)
-    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-        raise ConfigError(f"--url {url!r}: expected mqtt://host[:port] or mqtts://host[:port]")
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
-    client.max_inflight_messages_set(1000)
-    client.max_queued_messages_set(0)
-    if parts.username:
-        client.username_pw_set(unquote(parts.username), unquote(parts.password or ""))
-    if parts.scheme == "mqtts":
-        client.tls_set()
-    host, port = parts.hostname, parts.port or (8883 if parts.scheme == "mqtts" else 1883)
-    refused: list[str] = []
-
-    def on_connect(client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
-        if reason.is_failure:
-            refused.append(str(reason))
-
-    client.on_connect = on_connect
-    try:
-        client.connect(host, port)
-        deadline = time.monotonic() + 10.0
-        while not client.is_connected():
-            if refused:
-                raise IngestError(
-                    f"the broker at {host}:{port} refused the connection: {refused[0]}"
-                )
-            if time.monotonic() > deadline:
-                raise IngestError(f"no answer from the broker at {host}:{port} within 10s")
-            client.loop(timeout=0.1)
-    except OSError as exc:
-        raise IngestError(f"cannot connect to the broker at {host}:{port}: {exc}") from None
-    return client
-
-
-def _idle(client: Any, seconds: float) -> None:
-    """Wait `seconds`, serving the client's network loop (acknowledgements, keepalive)."""
-    until = time.monotonic() + seconds
-    while (left := until - time.monotonic()) > 0:
-        client.loop(timeout=min(left, 1.0))
-
-
-def _settle(client: Any, pending: list[Any], *, timeout: float) -> None:
-    """Run the client's network loop until every message in `pending` is acknowledged."""
-    deadline = time.monotonic() + timeout
-    while not all(info.is_published() for info in pending):
-        if time.monotonic() > deadline:
-            raise IngestError(f"the broker did not acknowledge messages within {timeout:.0f}s")
-        client.loop(timeout=0.05)
-    pending.clear()
-
-
 def run_worker(settings: SimSettings, devices: list[Device], index: int, counter: Any) -> None:
     """Publish the batches of `devices` until the simulated duration is over (one process)."""
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.packettypes import PacketTypes
-    from paho.mqtt.properties import Properties
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops the workers
     try:
-        client = _connect(settings.url, f"{settings.client_prefix}-{os.getpid()}-{index}")
+        client = Publisher(settings.url, f"{settings.client_prefix}-{os.getpid()}-{index}")
     except IngestError as exc:
         print(f"ingest: publisher {index}: {exc}", file=sys.stderr)
         sys.exit(1)
@@ -362,7 +304,6 @@ def run_worker(settings: SimSettings, devices: list[Device], index: int, counter
     started = time.monotonic()
     parent = os.getppid()
     sent = 0
-    pending: list[mqtt.MQTTMessageInfo] = []
     step = 0
     try:
         while (steps == 0 or step < steps) and os.getppid() == parent:  # ends with its parent
@@ -386,14 +327,8 @@ def run_worker(settings: SimSettings, devices: list[Device], index: int, counter
                     channels.append((name, _UNITS[kind], values))
                 payload, ctype = _encode(settings.fmt, int(t0), dt_us, channels, step)
                 topic = f"{settings.prefix}/{dev.path}"
-                props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-                props.ContentType = ctype
-                props.UserProperty = ("ts", str(time.time_ns() // 1000))
-                # The network loop runs in this thread: publish writes to the socket at once
-                # and loop() reads acknowledgements, with no hand-over to a network thread.
-                info = client.publish(topic, payload, qos=settings.qos, properties=props)
-                client.loop(timeout=0)
-                pending.append(info)
+                props = publish_properties(ctype, [("ts", str(time.time_ns() // 1000))])
+                client.publish(topic, payload, qos=settings.qos, properties=props)
                 if recorder:
                     recorder.write(topic, [(n, times, v) for n, _, v in channels])
                 sent += len(dev.sensors) * settings.batch
@@ -401,17 +336,19 @@ def run_worker(settings: SimSettings, devices: list[Device], index: int, counter
                     counter.value += len(dev.sensors) * settings.batch
                 if settings.rate > 0:
                     ahead = sent / settings.rate - (time.monotonic() - started)
-                    _idle(client, ahead)
+                    if ahead > 0:
+                        client.idle(ahead)
             if settings.realtime:
-                _idle(client, (t0 + settings.batch * dt_us) / 1e6 - time.time())
-            if len(pending) > 2000:
-                _settle(client, pending, timeout=60)
+                client.idle((t0 + settings.batch * dt_us) / 1e6 - time.time())
             step += 1
-        _settle(client, pending, timeout=60)
+        client.settle(timeout=60)
+    except IngestError as exc:
+        print(f"ingest: publisher {index}: {exc}", file=sys.stderr)
+        sys.exit(1)
     finally:
         if recorder:
             recorder.close()
-        client.disconnect()
+        client.close()
 
 
 def simulate(
@@ -421,7 +358,7 @@ def simulate(
     if not devices:
         raise ConfigError("the plant has no devices")
     processes = max(1, min(processes, len(devices)))
-    _connect(settings.url, f"{settings.client_prefix}-{os.getpid()}").disconnect()  # fail early
+    Publisher(settings.url, f"{settings.client_prefix}-{os.getpid()}").close()  # fail early
     ctx = mp.get_context("spawn")
     counter = ctx.Value("q", 0)
     # --rate is for the whole run: each process publishes its share.

@@ -131,3 +131,57 @@ def test_frame_refuses_a_remaining_length_of_five_bytes() -> None:
 def test_pubacks_are_one_packet_per_id_in_order() -> None:
     assert pubacks([1, 0x1234, 65535]) == b"\x40\x02\x00\x01\x40\x02\x12\x34\x40\x02\xff\xff"
     assert pubacks([]) == b""
+
+
+def test_publish_round_trips_through_paho_and_our_parser() -> None:
+    from paho.mqtt import _packet
+    from paho.mqtt.enums import MQTTProtocolVersion
+
+    props = mqttwire.publish_properties("application/msgpack", [("ts", "1700000000000000")])
+    for qos, mid in ((0, 0), (1, 65535)):
+        data = mqttwire.publish(
+            topic=b"p/plant1/dev", payload=b"\x01\x02", qos=qos, mid=mid, properties=props
+        )
+        framed = frame(data, 0)
+        assert framed is not None
+        first, start, end = framed
+        assert end == len(data)
+        body = data[start:end]
+        assert parse_publish(first, body) == Publish(
+            "p/plant1/dev", b"\x01\x02", "application/msgpack", 1_700_000_000_000_000, mid, qos
+        )
+        theirs = _packet.decode_publish(first, body, MQTTProtocolVersion.MQTTv5)
+        assert (theirs.topic, theirs.qos, theirs.mid, bytes(theirs.payload)) == (
+            b"p/plant1/dev",
+            qos,
+            mid,
+            b"\x01\x02",
+        )
+
+
+def test_connect_packet_bytes() -> None:
+    data = mqttwire.connect(client_id="sim-1", username="dev", password="pw", keepalive=60)
+    assert data == (
+        b"\x10\x1b"  # CONNECT, remaining length 27
+        b"\x00\x04MQTT\x05"  # protocol name and level 5
+        b"\xc2\x00\x3c\x00"  # user name, password, clean start; keepalive 60; no properties
+        b"\x00\x05sim-1\x00\x03dev\x00\x02pw"
+    )
+    assert mqttwire.connect(client_id="a", username=None, password=None, keepalive=5) == (
+        b"\x10\x0e\x00\x04MQTT\x05\x02\x00\x05\x00\x00\x01a"
+    )
+
+
+def test_connack_reason_and_properties() -> None:
+    props = (
+        b"\x21\x00\x14"  # receive maximum 20
+        b"\x13\x00\x1e"  # server keep alive 30
+        b"\x12\x00\x03abc"  # assigned client identifier
+        b"\x26\x00\x01k\x00\x01v"  # a user property (skipped)
+        b"\x1f\x00\x04nope"  # reason string
+    )
+    body = b"\x00\x87" + bytes([len(props)]) + props
+    assert mqttwire.connack(body) == (0x87, {0x21: 20, 0x13: 30, 0x12: "abc", 0x1F: "nope"})
+    assert mqttwire.connack(b"\x01\x00\x00") == (0, {})
+    with pytest.raises(ValueError, match="unknown CONNACK property 0x7f"):
+        mqttwire.connack(b"\x00\x00\x02\x7f\x00")

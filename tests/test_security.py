@@ -34,7 +34,8 @@ from tests.fault_helpers import (
     publish,
     service_dir,
 )
-from tests.helpers import Ingester, ingester_env, stream, wait_until
+from tests.helpers import Ingester, ingest_cli, ingester_env, stored, stream, wait_until
+from tests.test_simulate import recorded
 
 # ------------------------------------------------------------------------------ fixtures
 
@@ -154,6 +155,63 @@ async def test_wrong_mqtt_password_stops_with_one_line_naming_mqtt_url(
     )
     assert "Traceback" not in log
     assert "not-the-password" not in log
+
+
+async def test_simulate_publishes_over_tls_with_a_password(
+    tls_broker: TlsBroker, cluster: PrivateCluster, tmp_path: Path
+) -> None:
+    """`ingest simulate` (its own MQTT client) over TLS; the CA comes from SSL_CERT_FILE."""
+    site, prefix = new_site(), new_prefix()
+    env = ingester_env(
+        cluster.as_database(),
+        tls_broker.url("ingest"),
+        prefix,
+        INGEST_MQTT_TLS_CA_FILE=str(tls_broker.certs.ca),
+    )
+    ingester = await Ingester(env).start()
+    try:
+        plant = tmp_path / "plant.toml"
+        plant.write_text(f'[[line]]\npath = "{site}/line1"\ndevices = ["press-01", "press-02"]\n')
+        code, _, err = await ingest_cli(
+            *("simulate", "--url", tls_broker.url("device"), "--prefix", prefix, "--quiet"),
+            *("--plant", str(plant), "--batch", "10", "--duration", "3"),
+            *("--start", "2026-01-01T00:00:00Z", "--record", str(tmp_path / "load")),
+            env={"SSL_CERT_FILE": str(tls_broker.certs.ca)},
+        )
+        assert code == 0, err
+        expected = recorded(str(tmp_path / "load.*"), prefix)
+        assert len(expected) == 2 * 6 * 30
+
+        async def all_stored() -> bool:
+            return len(await stored(cluster.as_database(), site)) >= len(expected)
+
+        await wait_until(all_stored, timeout=60)
+        assert set(await stored(cluster.as_database(), site)) == expected
+    finally:
+        assert await ingester.stop() == 0, ingester.log.decode()
+
+
+@pytest.mark.parametrize(
+    ("password", "ca", "line"),
+    [
+        ("not-the-password", "ca", "the broker at {at} refused the connection: not authorized"),
+        (None, "other", "cannot connect to the broker at {at}: [SSL: CERTIFICATE_VERIFY_FAILED]"),
+    ],
+    ids=["password", "certificate"],
+)
+async def test_simulate_refused_or_untrusted_is_one_line(
+    tls_broker: TlsBroker, password: str | None, ca: str, line: str
+) -> None:
+    ca_file = tls_broker.certs.ca if ca == "ca" else tls_broker.other_ca
+    code, out, err = await ingest_cli(
+        *("simulate", "--url", tls_broker.url("device", password), "--prefix", new_prefix()),
+        *("--devices", "1", "--duration", "1"),
+        env={"SSL_CERT_FILE": str(ca_file)},
+    )
+    assert (code, out) == (1, ""), err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("ingest: " + line.format(at=f"localhost:{tls_broker.broker.port}")), err
+    assert "not-the-password" not in err
 
 
 async def test_untrusted_server_certificate_is_never_accepted(

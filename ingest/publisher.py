@@ -1,0 +1,199 @@
+"""A small MQTT v5 publisher for `ingest simulate`: QoS 0 or 1, a window of unacknowledged
+messages, acknowledgements read in chunks.
+
+paho spends most of a load generator's time on its own bookkeeping: a PUBACK costs four reads
+and a dispatch, a PUBLISH a properties object. This client writes each PUBLISH with one
+system call and reads whatever acknowledgements have arrived with one more, every few
+messages. It connects with a clean start and keeps no session: it is a load, not a device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import select
+import socket
+import ssl
+import time
+from typing import Final
+from urllib.parse import unquote, urlsplit
+
+from ingest import mqttwire
+from ingest.errors import ConfigError, IngestError
+
+_READ: Final = 256 * 1024
+_DRAIN_EVERY: Final = 32  # messages between non-blocking reads of acknowledgements
+_REASONS: Final = {
+    0x80: "unspecified error",
+    0x81: "malformed packet",
+    0x82: "protocol error",
+    0x83: "implementation specific error",
+    0x84: "unsupported protocol version",
+    0x85: "client identifier not valid",
+    0x86: "bad user name or password",
+    0x87: "not authorized",
+    0x88: "server unavailable",
+    0x89: "server busy",
+    0x8A: "banned",
+    0x8C: "bad authentication method",
+    0x90: "topic name invalid",
+    0x95: "packet too large",
+    0x97: "quota exceeded",
+    0x99: "payload format invalid",
+    0x9F: "connection rate exceeded",
+}
+
+
+def _reason(code: int) -> str:
+    return _REASONS.get(code, f"reason code 0x{code:02x}")
+
+
+class Publisher:
+    """One connection to the broker at `url` (mqtt:// or mqtts://, credentials in the URL)."""
+
+    def __init__(
+        self, url: str, client_id: str, *, window: int = 1000, keepalive: int = 60
+    ) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            raise ConfigError(f"--url {url!r}: expected mqtt://host[:port] or mqtts://host[:port]")
+        tls = parts.scheme == "mqtts"
+        host, port = parts.hostname, parts.port or (8883 if tls else 1883)
+        self.where = f"{host}:{port}"
+        self._keepalive = keepalive
+        try:
+            sock = socket.create_connection((host, port), timeout=10.0)
+            if tls:
+                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError as exc:
+            raise IngestError(f"cannot connect to the broker at {self.where}: {exc}") from None
+        self._sock = sock
+        self._buf = b""
+        self._pos = 0
+        self._inflight = 0
+        self._mid = 0
+        self._since_drain = 0
+        self._last_sent = time.monotonic()
+        username = None if parts.username is None else unquote(parts.username)
+        password = None if parts.password is None else unquote(parts.password or "")
+        self._send(
+            mqttwire.connect(
+                client_id=client_id, username=username, password=password, keepalive=keepalive
+            )
+        )
+        self._window = window
+        self._connack: tuple[int, dict[int, int | str]] | None = None
+        reason, props = self._wait_connack(timeout=10.0)
+        if reason >= 0x80:
+            detail = props.get(mqttwire.REASON_STRING)
+            raise IngestError(
+                f"the broker at {self.where} refused the connection: {_reason(reason)}"
+                + (f" ({detail})" if detail else "")
+            )
+        window_max = props.get(mqttwire.RECEIVE_MAXIMUM)
+        if isinstance(window_max, int):
+            self._window = max(1, min(window, window_max))
+        server_keepalive = props.get(mqttwire.SERVER_KEEP_ALIVE)
+        if isinstance(server_keepalive, int) and server_keepalive:
+            self._keepalive = server_keepalive
+        self._sock.settimeout(None)
+
+    def _wait_connack(self, *, timeout: float) -> tuple[int, dict[int, int | str]]:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._connack is not None:
+                return self._connack
+            if not self._read(until=deadline):
+                raise IngestError(f"no answer from the broker at {self.where} within 10s")
+
+    def publish(self, topic: str, payload: bytes, *, qos: int, properties: bytes) -> None:
+        """Send one message; blocks while the window of unacknowledged ones is full."""
+        mid = 0
+        if qos:
+            while self._inflight >= self._window:
+                self._read(until=time.monotonic() + 60.0, wait=True)
+            self._mid = self._mid % 65535 + 1
+            mid = self._mid
+            self._inflight += 1
+        self._send(
+            mqttwire.publish(
+                topic=topic.encode(), payload=payload, qos=qos, mid=mid, properties=properties
+            )
+        )
+        self._since_drain += 1
+        if self._since_drain >= _DRAIN_EVERY:
+            self._since_drain = 0
+            while self._read(until=0.0):
+                pass
+
+    def idle(self, seconds: float) -> None:
+        """Wait `seconds`, reading acknowledgements and keeping the connection alive."""
+        until = time.monotonic() + seconds
+        while (now := time.monotonic()) < until:
+            if now - self._last_sent >= self._keepalive / 2:
+                self._send(mqttwire.PINGREQ_PACKET)
+            self._read(until=min(until, now + self._keepalive / 2), wait=True)
+
+    def settle(self, *, timeout: float) -> None:
+        """Wait until every message sent is acknowledged."""
+        deadline = time.monotonic() + timeout
+        while self._inflight:
+            if time.monotonic() > deadline:
+                raise IngestError(f"the broker did not acknowledge messages within {timeout:.0f}s")
+            self._read(until=deadline, wait=True)
+
+    def close(self) -> None:
+        with contextlib.suppress(IngestError):
+            self._send(mqttwire.DISCONNECT_PACKET)
+        self._sock.close()
+
+    # -- the socket --
+
+    def _failed(self, exc: OSError) -> IngestError:
+        return IngestError(f"the connection to the broker at {self.where} failed: {exc}")
+
+    def _send(self, data: bytes) -> None:
+        try:
+            self._sock.sendall(data)
+        except OSError as exc:
+            raise IngestError(
+                f"the connection to the broker at {self.where} failed: {exc}"
+            ) from None
+        self._last_sent = time.monotonic()
+
+    def _read(self, *, until: float, wait: bool = False) -> bool:
+        """Read and handle what arrived (waiting up to `until` if `wait`, or for the CONNACK);
+        False if nothing did."""
+        sock = self._sock
+        pending = isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
+        if not pending:
+            left = max(0.0, until - time.monotonic()) if (wait or self._connack is None) else 0.0
+            if not select.select([sock], [], [], left)[0]:
+                return False
+        try:
+            data = sock.recv(_READ)
+        except (BlockingIOError, ssl.SSLWantReadError):
+            return False
+        except OSError as exc:
+            raise IngestError(
+                f"the connection to the broker at {self.where} failed: {exc}"
+            ) from None
+        if not data:
+            raise IngestError(f"the broker at {self.where} closed the connection")
+        self._buf = self._buf[self._pos :] + data
+        self._pos = 0
+        while (framed := mqttwire.frame(self._buf, self._pos)) is not None:
+            first, start, self._pos = framed
+            self._handle(first & 0xF0, self._buf[start : self._pos])
+        return True
+
+    def _handle(self, kind: int, body: bytes) -> None:
+        if kind == mqttwire.PUBACK:
+            if len(body) > 2 and body[2] >= 0x80:
+                raise IngestError(f"the broker refused a message: {_reason(body[2])}")
+            self._inflight -= 1
+        elif kind == mqttwire.CONNACK:
+            self._connack = mqttwire.connack(body)
+        elif kind == mqttwire.DISCONNECT:
+            code = body[0] if body else 0
+            raise IngestError(f"the broker at {self.where} disconnected: {_reason(code)}")
