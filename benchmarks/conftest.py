@@ -1,9 +1,9 @@
-"""Micro-benchmarks run with the allocator settings of `ingest run` (see ingest/malloc.py)."""
+"""Micro-benchmarks run with the allocator settings of `ingest run` (see ingest/memory.py)."""
 
 from __future__ import annotations
 
-from ingest import malloc
+from ingest import memory
 
 
 def pytest_configure() -> None:
-    malloc.keep_freed_memory()
+    memory.keep_freed_memory()

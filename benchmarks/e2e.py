@@ -67,7 +67,7 @@ from benchmarks.harness import (
     scrape,
 )
 from ingest import config as ingest_config
-from ingest import malloc
+from ingest import memory
 from ingest.decode import DecodeLimits, decode_batch
 from ingest.errors import ConfigError, IngestError
 from ingest.migrate import migrate
@@ -1273,7 +1273,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         opts = parse_options(argv)
         # The limit's writer runs here: it gets the allocator settings `ingest run` uses.
-        malloc.keep_freed_memory()
+        memory.keep_freed_memory()
         res = asyncio.run(run(opts))
         paths = write_results(res, opts.out)
     except BenchError as exc:

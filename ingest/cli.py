@@ -199,12 +199,12 @@ def _retain(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from ingest import config as config_mod
-    from ingest import malloc
+    from ingest import memory
     from ingest.pipeline import run_service
 
     cfg = config_mod.load(path=args.config)
     _setup_logging(level=cfg.log.level, fmt=cfg.log.format)
-    malloc.keep_freed_memory()
+    memory.keep_freed_memory()
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on every supported platform

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import asyncpg
 import numpy as np
 
-from ingest import metrics
+from ingest import memory, metrics
 from ingest.config import Config, parse_rfc3339_us
 from ingest.decode import Batch, DecodeLimits, decode_batch, parse_topic
 from ingest.derive import Deriver
@@ -444,6 +444,7 @@ async def run_service(cfg: Config, *, stop: asyncio.Event | None = None) -> int:
     pipeline = Pipeline(cfg, health=health)
     started = time.monotonic()
     pipeline.deriver.warm_up()
+    memory.freeze_startup()
     log.info("kernels ready in %.2fs", time.monotonic() - started)
     failed: list[BaseException] = []
     async with metrics.serve(host=cfg.metrics.host, port=cfg.metrics.port, health=health):

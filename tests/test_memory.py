@@ -9,8 +9,8 @@ import pytest
 
 _PROBE = """
 import sys
-from ingest import malloc
-applied = malloc.keep_freed_memory() if sys.argv[1] == "tuned" else None
+from ingest import memory
+applied = memory.keep_freed_memory() if sys.argv[1] == "tuned" else None
 
 def resident_kib():
     with open("/proc/self/statm") as f:
