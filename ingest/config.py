@@ -26,7 +26,7 @@ class Db(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     url: str = ""
     migrate_url: str = ""
     writers: int = 2
-    split_min_readings: int = 10_000
+    split_min_readings: int = 4_000
     connect_timeout_s: float = 10.0
     retry_min_s: float = 0.5
     retry_max_s: float = 30.0
