@@ -93,6 +93,12 @@ def _parser() -> argparse.ArgumentParser:
         "simulated seconds (for D seconds); repeatable",
     )
     sim.add_argument("--record", metavar="PATH", help="record what was published to PATH.<n>")
+    sim.add_argument(
+        "--ca-file",
+        metavar="PEM",
+        help="CA certificates to verify an mqtts:// broker with (default: INGEST_MQTT_TLS_CA_FILE,"
+        " else the system's)",
+    )
     sim.add_argument("--quiet", action="store_true", help="no progress lines")
 
     chk = sub.add_parser("check-config", help="validate the configuration and print it")
@@ -138,8 +144,12 @@ def _simulate(args: argparse.Namespace) -> int:
             raise ConfigError(f"--start: {exc}") from None
     else:
         start_us = time.time_ns() // 1000
+    url = args.url or os.environ.get("INGEST_MQTT_URL", "mqtt://127.0.0.1:1883")
+    ca_file = args.ca_file
+    if ca_file is None and url.lower().startswith("mqtts://"):
+        ca_file = os.environ.get("INGEST_MQTT_TLS_CA_FILE") or None
     settings = SimSettings(
-        url=args.url or os.environ.get("INGEST_MQTT_URL", "mqtt://127.0.0.1:1883"),
+        url=url,
         prefix=args.prefix or os.environ.get("INGEST_MQTT_TOPIC_PREFIX", "telemetry"),
         hz=args.hz,
         batch=args.batch,
@@ -150,6 +160,7 @@ def _simulate(args: argparse.Namespace) -> int:
         duration_s=args.duration,
         anomalies=tuple(Anomaly.parse(a) for a in args.anomaly),
         record=args.record,
+        ca_file=ca_file,
     )
     simulate(settings, devices, processes=args.processes, progress=not args.quiet)
     return 0

@@ -51,19 +51,33 @@ class Publisher:
     """One connection to the broker at `url` (mqtt:// or mqtts://, credentials in the URL)."""
 
     def __init__(
-        self, url: str, client_id: str, *, window: int = 1000, keepalive: int = 60
+        self,
+        url: str,
+        client_id: str,
+        *,
+        ca_file: str | None = None,
+        window: int = 1000,
+        keepalive: int = 60,
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
             raise ConfigError(f"--url {url!r}: expected mqtt://host[:port] or mqtts://host[:port]")
         tls = parts.scheme == "mqtts"
+        context = None
+        if tls:
+            try:
+                context = ssl.create_default_context(cafile=ca_file)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(f"--ca-file {ca_file!r}: cannot load it: {exc}") from None
+        elif ca_file is not None:
+            raise ConfigError(f"--ca-file: set, but --url {url!r} is not mqtts://")
         host, port = parts.hostname, parts.port or (8883 if tls else 1883)
         self.where = f"{host}:{port}"
         self._keepalive = keepalive
         try:
             sock = socket.create_connection((host, port), timeout=10.0)
-            if tls:
-                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
+            if context is not None:
+                sock = context.wrap_socket(sock, server_hostname=host)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError as exc:
             raise IngestError(f"cannot connect to the broker at {self.where}: {exc}") from None

@@ -121,6 +121,7 @@ class SimSettings:
     record: str | None
     qos: int = 1
     client_prefix: str = "sim"
+    ca_file: str | None = None  # for mqtts://; None: the system's CAs
 
 
 def load_plant(path: str | None) -> list[Device]:
@@ -281,7 +282,11 @@ def run_worker(settings: SimSettings, devices: list[Device], index: int, counter
     """Publish the batches of `devices` until the simulated duration is over (one process)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops the workers
     try:
-        client = Publisher(settings.url, f"{settings.client_prefix}-{os.getpid()}-{index}")
+        client = Publisher(
+            settings.url,
+            f"{settings.client_prefix}-{os.getpid()}-{index}",
+            ca_file=settings.ca_file,
+        )
     except IngestError as exc:
         print(f"ingest: publisher {index}: {exc}", file=sys.stderr)
         sys.exit(1)
@@ -358,7 +363,8 @@ def simulate(
     if not devices:
         raise ConfigError("the plant has no devices")
     processes = max(1, min(processes, len(devices)))
-    Publisher(settings.url, f"{settings.client_prefix}-{os.getpid()}").close()  # fail early
+    client_id = f"{settings.client_prefix}-{os.getpid()}"
+    Publisher(settings.url, client_id, ca_file=settings.ca_file).close()  # fail early
     ctx = mp.get_context("spawn")
     counter = ctx.Value("q", 0)
     # --rate is for the whole run: each process publishes its share.

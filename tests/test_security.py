@@ -160,7 +160,7 @@ async def test_wrong_mqtt_password_stops_with_one_line_naming_mqtt_url(
 async def test_simulate_publishes_over_tls_with_a_password(
     tls_broker: TlsBroker, cluster: PrivateCluster, tmp_path: Path
 ) -> None:
-    """`ingest simulate` (its own MQTT client) over TLS; the CA comes from SSL_CERT_FILE."""
+    """`ingest simulate` (its own MQTT client) over TLS, verifying the broker with --ca-file."""
     site, prefix = new_site(), new_prefix()
     env = ingester_env(
         cluster.as_database(),
@@ -176,7 +176,7 @@ async def test_simulate_publishes_over_tls_with_a_password(
             *("simulate", "--url", tls_broker.url("device"), "--prefix", prefix, "--quiet"),
             *("--plant", str(plant), "--batch", "10", "--duration", "3"),
             *("--start", "2026-01-01T00:00:00Z", "--record", str(tmp_path / "load")),
-            env={"SSL_CERT_FILE": str(tls_broker.certs.ca)},
+            *("--ca-file", str(tls_broker.certs.ca)),
         )
         assert code == 0, err
         expected = recorded(str(tmp_path / "load.*"), prefix)
@@ -202,11 +202,12 @@ async def test_simulate_publishes_over_tls_with_a_password(
 async def test_simulate_refused_or_untrusted_is_one_line(
     tls_broker: TlsBroker, password: str | None, ca: str, line: str
 ) -> None:
+    # The CA from the environment: INGEST_MQTT_TLS_CA_FILE, as the ingester reads it.
     ca_file = tls_broker.certs.ca if ca == "ca" else tls_broker.other_ca
     code, out, err = await ingest_cli(
         *("simulate", "--url", tls_broker.url("device", password), "--prefix", new_prefix()),
         *("--devices", "1", "--duration", "1"),
-        env={"SSL_CERT_FILE": str(ca_file)},
+        env={"INGEST_MQTT_TLS_CA_FILE": str(ca_file)},
     )
     assert (code, out) == (1, ""), err
     assert len(err.splitlines()) == 1, err

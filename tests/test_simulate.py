@@ -140,6 +140,16 @@ async def test_progress_lines_show_rate_and_total(mqtt_url: str, prefix: str) ->
             "ingest: cannot connect to the broker at 127.0.0.1:1: [Errno 111] Connection refused",
         ),
         (["--processes", "0"], 2, "ingest simulate: argument --processes: "),
+        (
+            ["--url", "mqtts://127.0.0.1:1", "--ca-file", "/nonexistent/ca.pem"],
+            2,
+            "ingest: config: --ca-file '/nonexistent/ca.pem': cannot load it: ",
+        ),
+        (
+            ["--url", "mqtt://127.0.0.1:1", "--ca-file", "/nonexistent/ca.pem"],
+            2,
+            "ingest: config: --ca-file: set, but --url 'mqtt://127.0.0.1:1' is not mqtts://",
+        ),
     ],
 )
 async def test_bad_arguments_exit_with_one_line(args: list[str], code: int, message: str) -> None:
