@@ -166,7 +166,7 @@ class Derived:
     """What `Deriver.derive` computed for some new rows: their extra writes, and what to apply
     to the deriver once those committed."""
 
-    upserts: list[tuple[str, Upsert | StagedUpsert]]
+    upserts: list[Upsert | StagedUpsert]
     rollup_rows: tuple[tuple[str, int], ...] = ()
     """Rollup partials per width, for the metrics."""
     pending: Pending | None = None
@@ -247,7 +247,7 @@ class Deriver:
 
     def derive(self, new: Readings) -> Derived:
         """The extra writes for rows of a flush that were new. Never awaits, changes nothing."""
-        out: list[tuple[str, Upsert | StagedUpsert]] = []
+        out: list[Upsert | StagedUpsert] = []
         if not len(new):
             return Derived(out)
         rollup_rows: tuple[tuple[str, int], ...] = ()
@@ -256,19 +256,19 @@ class Deriver:
                 (width, us, rollup(sensor=new.sensor, time=new.time, value=new.value, bucket_us=us))
                 for width, us in ROLLUP_TABLES
             ]
-            out.append(("rollups", _rollup_upsert([(us, r) for _, us, r in partials])))
+            out.append(_rollup_upsert([(us, r) for _, us, r in partials]))
             rollup_rows = tuple((width, len(r.sensor)) for width, _, r in partials)
         pending = None
         if self._rules:
             pending = self.detector.process(sensor=new.sensor, time=new.time, value=new.value)
             if pending.events:
-                out.append(("anomalies", _anomaly_upsert(pending.events)))
+                out.append(_anomaly_upsert(pending.events))
         now = time.monotonic()
         ends = segment_ends(new.sensor)  # each sensor's latest new reading
         due = self._registry.last_seen_due(new.sensor[ends].tolist(), now=now)
         if due:
             pick = ends[np.isin(new.sensor[ends], due)]
-            out.append(("last_seen", Upsert(LAST_SEEN_SQL, (due, new.time[pick].tolist()))))
+            out.append(Upsert(LAST_SEEN_SQL, (due, new.time[pick].tolist())))
         return Derived(out, rollup_rows, pending, tuple(due), now)
 
     def commit(self, derived: Derived) -> None:

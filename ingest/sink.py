@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TypeVar, cast
 
@@ -86,10 +86,10 @@ class StagedUpsert:
 
 
 class Extras(Protocol):
-    """What a flush's `derive` step returns: named extra writes for the same transaction."""
+    """What a flush's `derive` step returns: extra writes for the same transaction."""
 
     @property
-    def upserts(self) -> Sequence[tuple[str, Upsert | StagedUpsert]]: ...
+    def upserts(self) -> Sequence[Upsert | StagedUpsert]: ...
 
 
 D = TypeVar("D", bound=Extras)
@@ -103,7 +103,6 @@ class WriteResult:
     duplicates: int = 0
     staged: bool = False
     copy_seconds: float = 0.0
-    extras: dict[str, int] = field(default_factory=dict)
 
 
 def copy_data(columns: Sequence[tuple[str, npt.NDArray[Any]]]) -> memoryview:
@@ -236,7 +235,7 @@ class Sink:
 
         The readings go in with one binary COPY; when that collides with rows already stored (a
         redelivery), the transaction is rolled back and written again with the slab going
-        through a staging table, so that only new rows are inserted. `derive` returns named
+        through a staging table, so that only new rows are inserted. `derive` returns the
         extra writes (`.upserts`: rollups, anomaly events) for the rows it is given, which
         commit in the same transaction; the one used is returned. On the COPY path it runs in a
         worker thread while the COPY is in flight, on the assumption that every row is new; on
@@ -274,7 +273,7 @@ class Sink:
                     await self._copy_readings(conn, readings, result)
                 finally:
                     extras = await speculative  # never leave it running on failure
-            for name, upsert in extras.upserts:
+            for upsert in extras.upserts:
                 if isinstance(upsert, StagedUpsert):
                     if upsert.rows:
                         if upsert.stage not in self._stages:
@@ -286,7 +285,6 @@ class Sink:
                         await conn.execute(upsert.sql)
                 elif len(upsert):
                     await conn.execute(upsert.sql, *upsert.columns)
-                result.extras[name] = len(upsert)
             if dead_letters:
                 await conn.copy_records_to_table(
                     "dead_letters",
