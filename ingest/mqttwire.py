@@ -40,24 +40,34 @@ class Publish(NamedTuple):
     qos: int
 
 
-def frame(buf: bytes | bytearray, pos: int) -> tuple[int, int, int] | None:
-    """(first byte, body start, end) of the packet at buf[pos:], or None until it is complete."""
-    n = len(buf)
-    at = pos + 1
-    length = shift = 0
+def _read_varint(data: bytes | bytearray, at: int) -> tuple[int, int] | None:
+    """(value, where it ends) of the variable byte integer at data[at:], or None if the data
+    ends first; MalformedPacketError if it runs over four bytes."""
+    value = shift = 0
     while True:
-        if at >= n:
+        if at >= len(data):
             return None
-        byte = buf[at]
+        byte = data[at]
         at += 1
-        length |= (byte & 0x7F) << shift
+        value |= (byte & 0x7F) << shift
         if not byte & 0x80:
-            break
+            return value, at
         shift += 7
         if shift > 21:
-            raise MalformedPacketError("remaining length longer than four bytes")
+            raise MalformedPacketError("variable byte integer longer than four bytes")
+
+
+def frame(buf: bytes | bytearray, pos: int) -> tuple[int, int, int] | None:
+    """(first byte, body start, end) of the packet at buf[pos:], or None until it is complete.
+
+    Raises MalformedPacketError for a remaining length longer than four bytes.
+    """
+    got = _read_varint(buf, pos + 1)
+    if got is None:
+        return None
+    length, at = got
     end = at + length
-    return None if end > n else (buf[pos], at, end)
+    return None if end > len(buf) else (buf[pos], at, end)
 
 
 def published_us(user_properties: Iterable[tuple[str, str]]) -> int | None:
@@ -100,16 +110,10 @@ def _parse(command: int, data: bytes) -> Publish | None:
     if qos:
         mid = int.from_bytes(data[at : at + 2], "big")
         at += 2
-    length = shift = 0  # variable byte integer
-    while True:
-        byte = data[at]
-        at += 1
-        length |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            break
-        shift += 7
-        if shift > 21:
-            return None
+    got = _read_varint(data, at)  # the properties' length
+    if got is None:
+        return None
+    length, at = got
     end = at + length
     if end > len(data) or not topic:
         return None
@@ -191,14 +195,10 @@ def connect(*, client_id: str, username: str | None, password: str | None, keepa
 def connack(body: bytes) -> tuple[int, dict[int, int | str]]:
     """(reason code, the numeric and text properties) of a CONNACK body."""
     reason = body[1]
-    length, shift, at = 0, 0, 2
-    while True:
-        byte = body[at]
-        at += 1
-        length |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            break
-        shift += 7
+    got = _read_varint(body, 2)
+    if got is None:
+        raise ValueError("CONNACK ends inside its properties' length")
+    length, at = got
     end = at + length
     found: dict[int, int | str] = {}
     while at < end:

@@ -20,19 +20,6 @@ def _props(values: dict[str, object]) -> bytes:
     return properties.pack()  # type: ignore[no-untyped-call,no-any-return]
 
 
-def _remaining(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _packet(first: int, body: bytes) -> bytes:
-    return bytes([first]) + _remaining(len(body)) + body
-
-
 @pytest.mark.parametrize("qos", [0, 1])
 @pytest.mark.parametrize(
     "props",
@@ -101,7 +88,7 @@ def test_frame_finds_every_packet_wherever_the_stream_is_cut(
     bodies: list[bytes], cuts: list[int]
 ) -> None:
     """Chunks as a socket may return them: every packet comes out whole, in order, once."""
-    stream = b"".join(_packet(0x30 | (i % 16), b) for i, b in enumerate(bodies))
+    stream = b"".join(mqttwire.packet(0x30 | (i % 16), b) for i, b in enumerate(bodies))
     bounds = sorted({min(c, len(stream)) for c in cuts} | {len(stream)})
     buf, pos, start, found = b"", 0, 0, []
     for bound in bounds:
@@ -115,8 +102,8 @@ def test_frame_finds_every_packet_wherever_the_stream_is_cut(
 
 
 def test_frame_of_a_large_packet_waits_for_all_of_it() -> None:
-    packet = _packet(0x32, bytes(200_000))
-    assert _remaining(200_000) == b"\xc0\x9a\x0c"
+    packet = mqttwire.packet(0x32, bytes(200_000))
+    assert packet[:4] == b"\x32\xc0\x9a\x0c"  # 200,000 as a variable byte integer
     assert frame(packet[:1], 0) is None
     assert frame(packet[:3], 0) is None
     assert frame(packet[:-1], 0) is None
