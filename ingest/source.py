@@ -239,6 +239,20 @@ class _Inbox(asyncio.Queue["tuple[Publish | None, int]"]):
         )
 
 
+def _paho_in_packet(command: int, body: bytes) -> Any:
+    """paho's incoming-packet state for a whole packet read (command 0: none in progress)."""
+    return {
+        "command": command,
+        "have_remaining": 1 if command else 0,
+        "remaining_count": [],
+        "remaining_mult": 1,
+        "remaining_length": len(body),
+        "packet": bytearray(body),
+        "to_process": 0,
+        "pos": 0,
+    }
+
+
 class _ManualAckConnection:
     """One connection: an aiomqtt client with manual PUBACKs, flow control and an ack ledger.
 
@@ -406,32 +420,14 @@ class _ManualAckConnection:
     def _paho_handles(self, command: int, body: bytes) -> bool:
         """Give one packet to paho's handler, as paho's reader does; False if it closed."""
         client = self._paho
-        client._in_packet = {
-            "command": command,
-            "have_remaining": 1,
-            "remaining_count": [],
-            "remaining_mult": 1,
-            "remaining_length": len(body),
-            "packet": bytearray(body),
-            "to_process": 0,
-            "pos": 0,
-        }
+        client._in_packet = _paho_in_packet(command, body)
         try:
             rc = client._packet_handle()
         except MalformedPacket as exc:
             logger.debug("MQTT packet malformed: %s", exc)
             rc = MQTTErrorCode.MQTT_ERR_PROTOCOL
         finally:
-            client._in_packet = {
-                "command": 0,
-                "have_remaining": 0,
-                "remaining_count": [],
-                "remaining_mult": 1,
-                "remaining_length": 0,
-                "packet": bytearray(),
-                "to_process": 0,
-                "pos": 0,
-            }
+            client._in_packet = _paho_in_packet(0, b"")  # paho's state between packets
         if rc:
             client._loop_rc_handle(rc)
         return client.socket() is not None
