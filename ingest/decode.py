@@ -511,33 +511,34 @@ def _decode_channels(
             value = np.concatenate([np.frombuffer(v, dtype=_F8) for v in views], dtype=np.float64)
         quality = np.zeros(total, dtype=np.uint8)
     else:
-        value = _values(wire, counts, total)
+        value = _batch_values(wire, counts, total)
         quality = _batch_quality(wire, counts, total)
     time = _batch_times(t0, wire, counts, total, window)
-    return _batch(seq, wire, counts, time=time, value=value, quality=quality)
+    names = [(c.s, None if c.u is UNSET else c.u) for c in wire]
+    return _batch(seq, names, counts, time=time, value=value, quality=quality)
 
 
 def _batch(
     seq: int | None,
-    wire: Sequence[_ChannelWire],
+    names: Sequence[tuple[str, str | None]],
     counts: Sequence[int],
     *,
     time: npt.NDArray[np.int64],
     value: npt.NDArray[np.float64],
     quality: npt.NDArray[np.uint8],
 ) -> Batch:
-    """A Batch of these columns, cut into channels of `counts` readings, in order."""
+    """A Batch of these columns, cut in order into channels of (name, unit) and `counts`
+    readings."""
     channels = []
     at = 0
-    for c, n in zip(wire, counts, strict=True):
+    for (name, unit), n in zip(names, counts, strict=True):
         end = at + n
-        unit = None if c.u is UNSET else c.u
-        channels.append(Channel(c.s, unit, time[at:end], value[at:end], quality[at:end]))
+        channels.append(Channel(name, unit, time[at:end], value[at:end], quality[at:end]))
         at = end
     return Batch(seq, tuple(channels), at, time, value, quality)
 
 
-def _values(
+def _batch_values(
     wire: Sequence[_ChannelWire], counts: Sequence[int], total: int
 ) -> npt.NDArray[np.float64]:
     out = np.empty(total, dtype=np.float64)
@@ -668,13 +669,11 @@ def _decode_samples(
             column[0].append(at)
             column[1].append(value)
     names = list(columns)
-    times = np.array([t for name in names for t in columns[name][0]], dtype=np.int64)
-    vals = np.array([v for name in names for v in columns[name][1]], dtype=np.float64)
-    zeros = np.zeros(total, dtype=np.uint8)
-    channels = []
-    at = 0
-    for name in names:
-        end = at + len(columns[name][0])
-        channels.append(Channel(name, None, times[at:end], vals[at:end], zeros[at:end]))
-        at = end
-    return Batch(None, tuple(channels), total, times, vals, zeros)
+    return _batch(
+        None,
+        [(name, None) for name in names],
+        [len(columns[name][0]) for name in names],
+        time=np.array([t for name in names for t in columns[name][0]], dtype=np.int64),
+        value=np.array([v for name in names for v in columns[name][1]], dtype=np.float64),
+        quality=np.zeros(total, dtype=np.uint8),
+    )
