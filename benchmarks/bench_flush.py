@@ -15,7 +15,7 @@ import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
 
 from ingest.decode import Batch, Channel
-from ingest.pipeline import FlushJob, _Accepted, build_readings
+from ingest.pipeline import FlushJob, _Accepted, build_readings, channel_keys
 from ingest.registry import Registry, SensorKey, _Known
 
 T0 = 1_767_225_600_000_000  # 2026-01-01T00:00:00Z
@@ -78,7 +78,8 @@ def summary(request: pytest.FixtureRequest) -> _Summary:
 @pytest.mark.parametrize("overlap", [False, True], ids=["channels in order", "sort every reading"])
 def test_build_readings(overlap: bool, benchmark: BenchmarkFixture, summary: _Summary) -> None:
     job, registry = _flush(overlap=overlap)
-    slab, superseded = benchmark(build_readings, job, registry)
+    ids = [registry.get(key) for key in channel_keys(job)]
+    slab, superseded = benchmark(build_readings, job, ids)
     assert superseded == 0
     assert len(slab) == job.readings
     key = slab.sensor.astype(np.int64) << 40 | (slab.time - (T0 - 1))

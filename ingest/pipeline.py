@@ -8,6 +8,7 @@ import logging
 import random
 import signal
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -83,9 +84,15 @@ class _Budget:
             self._changed.notify_all()
 
 
-def build_readings(job: FlushJob, registry: Registry) -> tuple[Readings, int]:
+def channel_keys(job: FlushJob) -> list[SensorKey]:
+    """The sensor of every channel of the flush, in arrival order."""
+    return [SensorKey(item.levels, ch.name) for item in job.accepted for ch in item.batch.channels]
+
+
+def build_readings(job: FlushJob, sensor_ids: Sequence[int | None]) -> tuple[Readings, int]:
     """The flush's readings as columns sorted by (sensor, time); for a repeated (sensor, time)
     the reading that arrived last wins. Returns the columns and how many were superseded.
+    `sensor_ids` holds the id of every channel's sensor, in arrival order.
 
     Channels usually hold rising times, and a sensor's channels from later messages start
     after the earlier ones end: then gathering whole channels in (sensor, first time) order
@@ -93,12 +100,7 @@ def build_readings(job: FlushJob, registry: Registry) -> tuple[Readings, int]:
     every reading.
     """
     batches = [item.batch for item in job.accepted]
-    sensors = [
-        registry.get(SensorKey(item.levels, ch.name))
-        for item in job.accepted
-        for ch in item.batch.channels
-    ]
-    if not sensors:
+    if not sensor_ids:
         empty = Readings(
             np.empty(0, np.int64),
             np.empty(0, np.int32),
@@ -106,8 +108,8 @@ def build_readings(job: FlushJob, registry: Registry) -> tuple[Readings, int]:
             np.empty(0, np.uint8),
         )
         return empty, 0
-    assert None not in sensors, "resolve() registers every sensor of the flush first"
-    sensor = np.array(sensors, dtype=np.int32)  # per channel, in arrival order
+    assert None not in sensor_ids, "resolve() registers every sensor of the flush first"
+    sensor = np.array(sensor_ids, dtype=np.int32)  # per channel, in arrival order
     lengths = np.array([len(ch.time) for b in batches for ch in b.channels], dtype=np.int64)
     starts = np.cumsum(lengths) - lengths
     time = np.concatenate([b.time for b in batches])
@@ -284,16 +286,17 @@ class Pipeline:
 
     async def _try_commit(self, job: FlushJob, written: set[int], started: float) -> None:
         conn = self.sinks[0].connection
+        keys = channel_keys(job)
+        units = (ch.unit for item in job.accepted for ch in item.batch.channels)
         sensors: dict[SensorKey, str | None] = {}
-        for item in job.accepted:
-            for ch in item.batch.channels:
-                key = SensorKey(item.levels, ch.name)
-                if ch.unit is not None or key not in sensors:
-                    sensors[key] = ch.unit
+        for key, unit in zip(keys, units, strict=True):
+            if unit is not None or key not in sensors:
+                sensors[key] = unit
         try:
             await self.registry.resolve(conn, sensors=sensors)
             metrics.SENSORS_KNOWN.set(len(self.registry))
-            readings, superseded = build_readings(job, self.registry)
+            ids = [self.registry.get(key) for key in keys]
+            readings, superseded = build_readings(job, ids)
             await self.deriver.prepare(conn, readings=readings)
         except (PermanentSinkError, TransientSinkError):
             raise
