@@ -89,21 +89,25 @@ class Publisher:
         self._since_drain = 0
         self._last_sent = time.monotonic()
         username = None if parts.username is None else unquote(parts.username)
-        password = None if parts.password is None else unquote(parts.password or "")
-        self._send(
-            mqttwire.connect(
-                client_id=client_id, username=username, password=password, keepalive=keepalive
-            )
-        )
+        password = None if parts.password is None else unquote(parts.password)
         self._window = window
         self._connack: tuple[int, dict[int, int | str]] | None = None
-        reason, props = self._wait_connack(timeout=10.0)
-        if reason >= 0x80:
-            detail = props.get(mqttwire.REASON_STRING)
-            raise IngestError(
-                f"the broker at {self.where} refused the connection: {_reason(reason)}"
-                + (f" ({detail})" if detail else "")
+        try:
+            self._send(
+                mqttwire.connect(
+                    client_id=client_id, username=username, password=password, keepalive=keepalive
+                )
             )
+            reason, props = self._wait_connack(timeout=10.0)
+            if reason >= 0x80:
+                detail = props.get(mqttwire.REASON_STRING)
+                raise IngestError(
+                    f"the broker at {self.where} refused the connection: {_reason(reason)}"
+                    + (f" ({detail})" if detail else "")
+                )
+        except IngestError:
+            sock.close()
+            raise
         window_max = props.get(mqttwire.RECEIVE_MAXIMUM)
         if isinstance(window_max, int):
             self._window = max(1, min(window, window_max))
@@ -118,7 +122,9 @@ class Publisher:
             if self._connack is not None:
                 return self._connack
             if not self._read(until=deadline):
-                raise IngestError(f"no answer from the broker at {self.where} within 10s")
+                raise IngestError(
+                    f"no answer from the broker at {self.where} within {timeout:.0f}s"
+                )
 
     def publish(self, topic: str, payload: bytes, *, qos: int, properties: bytes) -> None:
         """Send one message; blocks while the window of unacknowledged ones is full."""
