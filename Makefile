@@ -1,13 +1,16 @@
 # make run: bring the local stack up and run the service (Ctrl-C stops it).
 # make test: the same set-up, then lint, type-check and the whole test suite.
+# make deps-upgrade: take the newest releases pyproject.toml allows into requirements.lock, then
+# rebuild the venv from it and run the whole suite.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+LOCK := requirements.lock
 STACK := deploy/local/stack
 WITH_STACK_ENV = set -a; eval "$$($(STACK) env)"; set +a;
 
-.PHONY: run test lint bench bench-e2e stack-up stack-down stack-status clean
+.PHONY: run test lint bench bench-e2e stack-up stack-down stack-status clean deps-lock deps-upgrade
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || { \
@@ -15,10 +18,30 @@ $(BIN)/python:
 	  else echo "make: Python's venv is missing; run: sudo apt-get install -y python3-venv" >&2; exit 1; fi; }
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed: $(BIN)/python pyproject.toml
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+# Exact versions with their hashes from the lock, then the package itself without resolving
+# anything (its build backend, setuptools, is in the lock too).
+$(VENV)/.installed: $(BIN)/python $(LOCK) pyproject.toml
+	$(BIN)/python -m pip install -q --require-hashes --no-deps -r $(LOCK)
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	$(BIN)/python -m pip check
 	touch $@
+
+# The lock is universal: one file for every supported Python and platform, made by uv, which
+# resolves for all of them at once. Without --upgrade, uv keeps the pins already in the file and
+# moves only what pyproject.toml no longer allows.
+LOCK_COMPILE = $(BIN)/uv pip compile pyproject.toml --extra test --extra dev --universal \
+	--python-version 3.11 --generate-hashes --quiet --custom-compile-command 'make deps-lock' -o $(LOCK)
+
+deps-lock: $(VENV)/.installed
+	$(LOCK_COMPILE)
+
+deps-upgrade: $(VENV)/.installed
+	cp $(LOCK) $(VENV)/lock.before
+	$(LOCK_COMPILE) --upgrade
+	@diff <(grep -E '^[A-Za-z0-9]' $(VENV)/lock.before) <(grep -E '^[A-Za-z0-9]' $(LOCK)) \
+	  | sed -nE 's/^< /was: /p; s/^> /now: /p' || true
+	rm -rf $(VENV)
+	$(MAKE) test
 
 stack-up:
 	$(STACK) up
