@@ -12,6 +12,7 @@ import numpy as np
 import numpy.typing as npt
 from msgspec import UNSET, Meta, UnsetType
 
+from ingest.diagnose import diagnose, excerpt
 from ingest.errors import PayloadError
 
 __all__ = ["Batch", "Channel", "DecodeLimits", "decode_batch", "parse_topic"]
@@ -122,16 +123,9 @@ class _JsonSample(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     values: dict[str, float]
 
 
-class _VersionProbe(msgspec.Struct, frozen=True):
-    """Lenient look at `v` only, used on the error path so a future version is named as such."""
-
-    v: int | None = None
-
-
+_JSON_SCHEMA: Final = _JsonObject | list[_JsonSample]
 _MSGPACK_DECODER: Final = msgspec.msgpack.Decoder(_MsgpackBatch)
-_JSON_DECODER: Final = msgspec.json.Decoder(_JsonObject | list[_JsonSample])
-_MSGPACK_PROBE: Final = msgspec.msgpack.Decoder(_VersionProbe)
-_JSON_PROBE: Final = msgspec.json.Decoder(_VersionProbe)
+_JSON_DECODER: Final = msgspec.json.Decoder(_JSON_SCHEMA)
 
 _ChannelWire: TypeAlias = _MsgpackChannel | _JsonChannel
 
@@ -150,33 +144,6 @@ _I8: Final = np.dtype("<i8")
 _JOIN_MAX: Final = 8192  # readings: above it, a batch's bin values are not joined first
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _ONE_US: Final = timedelta(microseconds=1)
-_REASON_MAX: Final = 240
-_MSGSPEC_FIELD: Final = re.compile(r"Object (contains unknown|missing required) field `(.*)`", re.S)
-
-
-def _excerpt(text: str, limit: int = _NAME_MAX) -> str:
-    """A quoted, one-line excerpt of untrusted text: escaped like repr, about `limit` chars."""
-    out: list[str] = []
-    size = 0
-    for char in text:
-        if char.isprintable() and char not in "'\\":
-            piece = char
-        else:
-            piece = "\\" + char if char in "'\\" else repr(char)[1:-1]
-        size += len(piece)
-        if size > limit:
-            return "'" + "".join(out) + "'..."
-        out.append(piece)
-    return "'" + "".join(out) + "'"
-
-
-def _one_line(text: str) -> str:
-    """Escape non-printable characters and cap the length of a reason built by a library."""
-    if not text.isprintable():
-        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[: _REASON_MAX + 1])
-    if len(text) > _REASON_MAX:
-        text = text[:_REASON_MAX] + "..."
-    return text
 
 
 def _name_problem(name: str) -> str | None:
@@ -187,7 +154,7 @@ def _name_problem(name: str) -> str | None:
         return "is empty"
     if len(name) > _NAME_MAX:
         return f"has {len(name)} characters, over the {_NAME_MAX}-character limit"
-    return f"{_excerpt(name)} has a character outside {_NAME_CHARS}"
+    return f"{excerpt(name)} has a character outside {_NAME_CHARS}"
 
 
 def _check_name(field: str, name: str) -> None:
@@ -205,9 +172,9 @@ def _check_unit(field: str, unit: str) -> None:
             f"{field}: has {len(unit)} characters, over the {_UNIT_MAX}-character limit"
         )
     if not unit.isprintable():
-        raise PayloadError(f"{field}: {_excerpt(unit)} has a non-printable character")
+        raise PayloadError(f"{field}: {excerpt(unit)} has a non-printable character")
     if unit[0] == " " or unit[-1] == " ":
-        raise PayloadError(f"{field}: {_excerpt(unit)} has a leading or trailing space")
+        raise PayloadError(f"{field}: {excerpt(unit)} has a leading or trailing space")
 
 
 def _fmt_us(us: int) -> str:
@@ -237,58 +204,10 @@ def _to_us(value: int | datetime) -> int:
     return value
 
 
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
-
-
-def _from_validation(exc: msgspec.ValidationError, version: int | None) -> PayloadError:
-    """Turn msgspec's `... - at `$.ch[0].v`` into `ch[0].v: ...`.
-
-    The part before the colon only ever holds names of this schema and indices, so it can serve
-    as a bounded metrics label; a sender's unknown key is quoted after the colon.
-    """
-    if version is not None and version != 1:
-        return PayloadError(f"v: unsupported format version {version}")
-    text, sep, where = str(exc).rpartition(" - at `")
-    if not sep:
-        text, where = str(exc), "$`"
-    if where.startswith("key` in `"):  # a map key of the wrong type
-        text, where = "key: " + text, where.removeprefix("key` in `")
-    path = where[1:-1].removeprefix(".")  # "$.ch[0].v`" -> "ch[0].v"; "$[2].ts`" -> "[2].ts"
-    match = _MSGSPEC_FIELD.fullmatch(text)
-    if match is not None and match[1] == "missing required":  # a key of our own schema
-        return PayloadError(f"{_join(path, match[2])}: missing required field")
-    if match is not None:  # the key is the sender's: keep it out of the field part of the reason
-        note = ""
-        if path.startswith("[") and match[2] in ("v", "t0", "seq", "ch"):
-            note = " (a JSON array holds only single-sample objects)"
-        return PayloadError(f"{path or 'payload'}: unknown field {_excerpt(match[2])}{note}")
-    return PayloadError(f"{path or 'payload'}: {_one_line(text)}")
-
-
 # What msgspec raises for bad input: its own errors, and UnicodeDecodeError for a str that is
-# not UTF-8. RecursionError cannot come from the typed decoders (their nesting is bounded) but
-# can from the lenient probe, which skips unknown values.
+# not UTF-8 in some releases. The reason is then worked out by ingest.diagnose, never taken
+# from the error's text.
 _DECODE_ERRORS: Final = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
-
-
-def _probe_version(payload: bytes, *, json: bool) -> int | None:
-    try:
-        probe = (_JSON_PROBE if json else _MSGPACK_PROBE).decode(payload)
-    except _DECODE_ERRORS:
-        return None
-    return probe.v
-
-
-def _decode_error(payload: bytes, exc: Exception, *, json: bool) -> PayloadError:
-    if isinstance(exc, msgspec.ValidationError):
-        return _from_validation(exc, _probe_version(payload, json=json))
-    if isinstance(exc, UnicodeDecodeError):
-        bad = exc.object[exc.start : exc.start + 1].hex()
-        return PayloadError(f"payload: a string is not UTF-8 (byte 0x{bad}: {exc.reason})")
-    if isinstance(exc, RecursionError):  # pragma: no cover - see _DECODE_ERRORS
-        return PayloadError("payload: nested too deeply")
-    return PayloadError(f"payload: {_one_line(str(exc))}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -309,7 +228,7 @@ def parse_topic(topic: str, *, prefix: str) -> tuple[str, ...]:
     if base:
         if not topic.startswith(base + "/"):
             raise PayloadError(
-                f"topic: {_excerpt(topic, 128)} is not under the prefix {_excerpt(base, 128)}"
+                f"topic: {excerpt(topic, 128)} is not under the prefix {excerpt(base, 128)}"
             )
         rest = topic[len(base) + 1 :]
     if not rest:
@@ -377,7 +296,7 @@ def _is_json(payload: bytes, content_type: str | None) -> bool:
             return False
         if kind:
             raise PayloadError(
-                f"content-type: {_excerpt(content_type)} is not application/msgpack"
+                f"content-type: {excerpt(content_type)} is not application/msgpack"
                 " or application/json"
             )
     first = _first_non_blank(payload)
@@ -390,7 +309,7 @@ def _decode_msgpack(payload: bytes, limits: DecodeLimits, window: tuple[int, int
     try:
         wire = _MSGPACK_DECODER.decode(payload)
     except _DECODE_ERRORS as exc:
-        raise _decode_error(payload, exc, json=False) from exc
+        raise diagnose(payload, _MsgpackBatch, json=False) from exc
     if wire.v != 1:
         raise PayloadError(f"v: unsupported format version {wire.v}")
     seq = None if wire.seq is UNSET else wire.seq
@@ -401,7 +320,7 @@ def _decode_json(payload: bytes, limits: DecodeLimits, window: tuple[int, int]) 
     try:
         wire = _JSON_DECODER.decode(payload)
     except _DECODE_ERRORS as exc:
-        raise _decode_error(payload, exc, json=True) from exc
+        raise diagnose(payload, _JSON_SCHEMA, json=True) from exc
     if isinstance(wire, list):
         if not wire:
             raise PayloadError("payload: empty JSON array; at least one sample is required")
@@ -461,7 +380,7 @@ def _decode_channels(
             seen = units.setdefault(name, (u, i))
             if seen[0] != u:
                 raise PayloadError(
-                    f"ch[{i}].u: {_excerpt(u)} differs from {_excerpt(seen[0])}"
+                    f"ch[{i}].u: {excerpt(u)} differs from {excerpt(seen[0])}"
                     f" given for the same sensor in ch[{seen[1]}]"
                 )
         vt = c.vt
@@ -610,7 +529,7 @@ def _itemsize(field: str, vt: str | UnsetType) -> int:
         return 8
     if vt == "f4":
         return 4
-    raise PayloadError(f'{field}.vt: {_excerpt(vt)} is not "f8" or "f4"')
+    raise PayloadError(f'{field}.vt: {excerpt(vt)} is not "f8" or "f4"')
 
 
 def _times(
