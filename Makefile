@@ -7,6 +7,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 LOCK := requirements.lock
+RUNTIME_LOCK := requirements-runtime.lock
 STACK := deploy/local/stack
 WITH_STACK_ENV = set -a; eval "$$($(STACK) env)"; set +a;
 
@@ -26,18 +27,23 @@ $(VENV)/.installed: $(BIN)/python $(LOCK) pyproject.toml
 	$(BIN)/python -m pip check
 	touch $@
 
-# The lock is universal: one file for every supported Python and platform, made by uv, which
+# The locks are universal: one file for every supported Python and platform, made by uv, which
 # resolves for all of them at once. Without --upgrade, uv keeps the pins already in the file and
-# moves only what pyproject.toml no longer allows.
-LOCK_COMPILE = $(BIN)/uv pip compile pyproject.toml --extra test --extra dev --universal \
-	--python-version 3.11 --generate-hashes --quiet --custom-compile-command 'make deps-lock' -o $(LOCK)
+# moves only what pyproject.toml no longer allows. The runtime lock (the container image's) is
+# the service's own closure, constrained to the versions of the full lock.
+UV_COMPILE = $(BIN)/uv pip compile pyproject.toml --universal --python-version 3.11 \
+	--generate-hashes --quiet --custom-compile-command 'make deps-lock'
+LOCK_COMPILE = $(UV_COMPILE) --extra test --extra build --extra dev -o $(LOCK)
+RUNTIME_LOCK_COMPILE = $(UV_COMPILE) --extra build -c $(LOCK) -o $(RUNTIME_LOCK)
 
 deps-lock: $(VENV)/.installed
 	$(LOCK_COMPILE)
+	$(RUNTIME_LOCK_COMPILE)
 
 deps-upgrade: $(VENV)/.installed
 	cp $(LOCK) $(VENV)/lock.before
 	$(LOCK_COMPILE) --upgrade
+	$(RUNTIME_LOCK_COMPILE)
 	@diff <(grep -E '^[A-Za-z0-9]' $(VENV)/lock.before) <(grep -E '^[A-Za-z0-9]' $(LOCK)) \
 	  | sed -nE 's/^< /was: /p; s/^> /now: /p' || true
 	rm -rf $(VENV)
