@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
 import asyncpg
@@ -43,19 +45,22 @@ class Migration:
     checksum: str
 
 
-def default_schema_dir() -> Path:
-    """The `schema/` folder shipped beside the package (source checkout or container image)."""
-    return Path(__file__).resolve().parent.parent / "schema"
+def default_schema_dir() -> Traversable:
+    """The migrations shipped inside the package as `ingest.schema` (the top-level `schema/`
+    folder of the source tree, mapped by pyproject.toml)."""
+    return resources.files("ingest.schema")
 
 
-def load_migrations(schema_dir: Path) -> list[Migration]:
-    """Read every `*.sql` file of `schema_dir`, sorted by name."""
+def load_migrations(schema_dir: Traversable) -> list[Migration]:
+    """Read every `*.sql` file of `schema_dir` (a folder or package resources), sorted by name."""
     if not schema_dir.is_dir():
         raise MigrationError(f"schema folder {schema_dir} does not exist")
     found = []
-    for path in sorted(schema_dir.glob("*.sql")):
-        data = path.read_bytes()
-        found.append(Migration(path.name, data.decode("utf-8"), hashlib.sha256(data).hexdigest()))
+    for entry in sorted(schema_dir.iterdir(), key=lambda e: e.name):
+        if not entry.name.endswith(".sql") or not entry.is_file():
+            continue
+        data = entry.read_bytes()
+        found.append(Migration(entry.name, data.decode("utf-8"), hashlib.sha256(data).hexdigest()))
     if not found:
         raise MigrationError(f"schema folder {schema_dir} holds no .sql files")
     return found
@@ -88,7 +93,7 @@ async def pending(conn: asyncpg.Connection, *, migrations: list[Migration]) -> l
     return [m for m in migrations if m.name not in applied]
 
 
-async def migrate(*, dsn: str, schema_dir: Path | None = None) -> list[str]:
+async def migrate(*, dsn: str, schema_dir: Path | Traversable | None = None) -> list[str]:
     """Apply pending migrations, each in its own transaction; returns the names applied.
 
     Safe to run from many processes at once: a session advisory lock serialises them, and each

@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from ingest import config, metrics
 from ingest.config import Config, Flush, Limits, Metrics
 from ingest.errors import ConfigError
-from ingest.migrate import default_schema_dir
+from ingest.migrate import default_schema_dir, load_migrations
 from tests.conftest import Database
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -302,19 +302,20 @@ def test_dockerfile_runs_the_cli_as_a_non_root_user_with_a_warm_numba_cache() ->
 
 
 def test_image_finds_the_schema() -> None:
-    """The image puts the migrations where ingest.migrate looks for them in an installed wheel."""
-    package_dir = Path(config.__file__).resolve().parent
-    schema_dir = default_schema_dir()
+    """The migrations ship inside the package, and the image's build checks it loads them."""
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    setuptools = pyproject["tool"]["setuptools"]
+    assert "ingest.schema" in setuptools["packages"]
+    assert setuptools["package-dir"]["ingest.schema"] == "schema"
+    assert setuptools["package-data"]["ingest.schema"] == ["*.sql"]
+    assert [m.name for m in load_migrations(default_schema_dir())] == sorted(
+        p.name for p in (ROOT / "schema").glob("*.sql")
+    )
     text = "\n".join(f"{word} {rest}" for word, rest in dockerfile())
-    if schema_dir.is_relative_to(package_dir):
-        pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
-        data = pyproject["tool"]["setuptools"]["package-data"]["ingest"]
-        assert any("sql" in pattern for pattern in data), "schema shipped as package data"
-    else:
-        assert schema_dir.parent == package_dir.parent
-        assert "COPY schema/" in text
-        assert "default_schema_dir()" in text
-        assert "load_migrations(default_schema_dir())" in text, "the build checks it loads"
+    assert "COPY schema/ schema/" in text
+    assert "python -I -c 'from ingest.migrate import default_schema_dir, load_migrations" in text
+    assert "site-packages" not in text, "nothing is copied in by hand"
+    assert "cp " not in text, "nothing is copied in by hand"
 
 
 def test_dockerignore_admits_what_the_dockerfile_copies() -> None:

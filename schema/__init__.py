@@ -1,0 +1,1 @@
+"""The schema migrations, shipped as package data and applied by `ingest migrate`."""
