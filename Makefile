@@ -11,7 +11,7 @@ RUNTIME_LOCK := requirements-runtime.lock
 STACK := deploy/local/stack
 WITH_STACK_ENV = set -a; eval "$$($(STACK) env)"; set +a;
 
-.PHONY: run test lint bench bench-e2e stack-up stack-down stack-status clean deps-lock deps-upgrade
+.PHONY: run test lint bench bench-e2e bench-quality stack-up stack-down stack-status clean deps-lock deps-upgrade
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || { \
@@ -71,6 +71,9 @@ lint: $(VENV)/.installed
 
 test: $(VENV)/.installed stack-up lint
 	@$(WITH_STACK_ENV) $(BIN)/pytest
+
+bench-quality: $(VENV)/.installed
+	$(BIN)/python -m benchmarks.anomaly_quality --per-file
 
 bench: $(VENV)/.installed stack-up
 	@$(WITH_STACK_ENV) $(BIN)/pytest benchmarks --benchmark-enable -p no:cacheprovider
