@@ -384,7 +384,7 @@ async def test_stalled_database_keeps_memory_bounded_and_drops_nothing(
                 (len(p), md5(p)) for _, p, _ in junk_a
             )
             assert {d.reason for d in letters} == {
-                "payload: MessagePack data is malformed: invalid opcode '\\xc1' (byte 0)"
+                "payload: MessagePack is malformed: byte 0 is 0xc1, which is no type"
             }
             assert await dead_letters(database, prefix_b) == []
         finally:

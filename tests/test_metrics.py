@@ -15,7 +15,7 @@ from tests.test_deploy import promtool
     ("reason", "field"),
     [
         ("ch[3].v: length 23 is not a multiple of 8", "ch.v"),
-        ("ch[0].q[12]: Expected `int` <= 255", "ch.q"),
+        ("ch[0].q[12]: 300 is above the maximum 255", "ch.q"),
         ("payload: 2000000 bytes exceeds the 1048576-byte limit", "payload"),
         ("topic: level 2 after the prefix 'a b' has a character outside ...", "topic"),
         ("content-type: 'text/csv' is not application/msgpack or application/json", "content-type"),
