@@ -19,7 +19,7 @@ import msgspec
 import pytest
 
 from ingest.errors import ConfigError
-from ingest.source import MqttSource, Received, Settings
+from ingest.mqtt import MqttSource, Received, Settings
 from tests.mqtt_helpers import (
     TIMEOUT,
     Collector,
@@ -100,7 +100,7 @@ async def test_messages_arrive_with_topic_payload_and_content_type(
 
 _KILLED_CONSUMER = """
 import asyncio, json, sys
-from ingest.source import MqttSource, Settings
+from ingest.mqtt import MqttSource, Settings
 
 async def main():
     url, client_id, prefix, n, k = sys.argv[1], sys.argv[2], sys.argv[3], *map(int, sys.argv[4:6])
@@ -482,11 +482,11 @@ async def test_iteration_ends_when_closed_while_connecting(
 @pytest.mark.parametrize(
     ("url", "reason"),
     [
-        ("http://broker:1883", "scheme"),
+        ("http://broker:1883", "must start with mqtt:// or mqtts://"),
         ("mqtt://", "host"),
         ("mqtt://broker:99999", "valid URL"),
         ("mqtt://broker:1883/topic", "nothing after it"),
-        ("broker:1883", "scheme"),
+        ("broker:1883", "must start with mqtt:// or mqtts://"),
     ],
 )
 def test_bad_url_is_a_config_error(url: str, reason: str) -> None:
@@ -497,7 +497,7 @@ def test_bad_url_is_a_config_error(url: str, reason: str) -> None:
 @pytest.mark.parametrize(
     ("overrides", "key"),
     [
-        ({"client_id": ""}, "mqtt.client_id"),
+        ({"client_id": "no spaces"}, "mqtt.client_id"),
         ({"topic_prefix": "a/#"}, "mqtt.topic_prefix"),
         ({"share_group": "a/b"}, "mqtt.share_group"),
         ({"receive_maximum": 0}, "mqtt.receive_maximum"),

@@ -1,4 +1,4 @@
-"""The source's MQTT packet framing and PUBLISH parsing, against paho's own encoder and decoder."""
+"""MQTT packets (ingest.mqtt.packets): framing and parsing, against paho as an independent peer."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ingest import mqttwire
-from ingest.mqttwire import Publish, frame, parse_publish, pubacks
+from ingest.mqtt import packets
+from ingest.mqtt.packets import Publish, frame, parse_publish, pubacks
 
 
 def _props(values: dict[str, object]) -> bytes:
@@ -66,10 +66,10 @@ def test_parse_publish_matches_paho(qos: int, props: dict[str, object]) -> None:
 def test_published_us_reads_only_a_decimal_ts(
     pairs: list[tuple[str, str]], expected: int | None
 ) -> None:
-    assert mqttwire.published_us(pairs) == expected
+    assert packets.published_us(pairs) == expected
 
 
-def test_parse_publish_leaves_the_unusual_to_paho() -> None:
+def test_parse_publish_leaves_the_unusual_to_the_full_parser() -> None:
     topic = b"a/b"
     head = len(topic).to_bytes(2, "big") + topic + (1).to_bytes(2, "big")
     assert parse_publish(0x34, head + b"\x00x") is None  # QoS 2
@@ -88,7 +88,7 @@ def test_frame_finds_every_packet_wherever_the_stream_is_cut(
     bodies: list[bytes], cuts: list[int]
 ) -> None:
     """Chunks as a socket may return them: every packet comes out whole, in order, once."""
-    stream = b"".join(mqttwire.packet(0x30 | (i % 16), b) for i, b in enumerate(bodies))
+    stream = b"".join(packets.packet(0x30 | (i % 16), b) for i, b in enumerate(bodies))
     bounds = sorted({min(c, len(stream)) for c in cuts} | {len(stream)})
     buf, pos, start, found = b"", 0, 0, []
     for bound in bounds:
@@ -102,7 +102,7 @@ def test_frame_finds_every_packet_wherever_the_stream_is_cut(
 
 
 def test_frame_of_a_large_packet_waits_for_all_of_it() -> None:
-    packet = mqttwire.packet(0x32, bytes(200_000))
+    packet = packets.packet(0x32, bytes(200_000))
     assert packet[:4] == b"\x32\xc0\x9a\x0c"  # 200,000 as a variable byte integer
     assert frame(packet[:1], 0) is None
     assert frame(packet[:3], 0) is None
@@ -111,7 +111,7 @@ def test_frame_of_a_large_packet_waits_for_all_of_it() -> None:
 
 
 def test_frame_refuses_a_remaining_length_of_five_bytes() -> None:
-    with pytest.raises(mqttwire.MalformedPacketError, match="longer than four bytes"):
+    with pytest.raises(packets.MalformedPacketError, match="longer than four bytes"):
         frame(b"\x30\xff\xff\xff\xff\x01", 0)
 
 
@@ -124,9 +124,9 @@ def test_publish_round_trips_through_paho_and_our_parser() -> None:
     from paho.mqtt import _packet
     from paho.mqtt.enums import MQTTProtocolVersion
 
-    props = mqttwire.publish_properties("application/msgpack", [("ts", "1700000000000000")])
+    props = packets.publish_properties("application/msgpack", [("ts", "1700000000000000")])
     for qos, mid in ((0, 0), (1, 65535)):
-        data = mqttwire.publish(
+        data = packets.publish(
             topic=b"p/plant1/dev", payload=b"\x01\x02", qos=qos, mid=mid, properties=props
         )
         framed = frame(data, 0)
@@ -147,14 +147,14 @@ def test_publish_round_trips_through_paho_and_our_parser() -> None:
 
 
 def test_connect_packet_bytes() -> None:
-    data = mqttwire.connect(client_id="sim-1", username="dev", password="pw", keepalive=60)
+    data = packets.connect(client_id="sim-1", username="dev", password="pw", keepalive=60)
     assert data == (
         b"\x10\x1b"  # CONNECT, remaining length 27
         b"\x00\x04MQTT\x05"  # protocol name and level 5
         b"\xc2\x00\x3c\x00"  # user name, password, clean start; keepalive 60; no properties
         b"\x00\x05sim-1\x00\x03dev\x00\x02pw"
     )
-    assert mqttwire.connect(client_id="a", username=None, password=None, keepalive=5) == (
+    assert packets.connect(client_id="a", username=None, password=None, keepalive=5) == (
         b"\x10\x0e\x00\x04MQTT\x05\x02\x00\x05\x00\x00\x01a"
     )
 
@@ -168,7 +168,7 @@ def test_connack_reason_and_properties() -> None:
         b"\x1f\x00\x04nope"  # reason string
     )
     body = b"\x00\x87" + bytes([len(props)]) + props
-    assert mqttwire.connack(body) == (0x87, {0x21: 20, 0x13: 30, 0x12: "abc", 0x1F: "nope"})
-    assert mqttwire.connack(b"\x01\x00\x00") == (0, {})
+    assert packets.connack(body) == (0x87, {0x21: 20, 0x13: 30, 0x12: "abc", 0x1F: "nope"})
+    assert packets.connack(b"\x01\x00\x00") == (0, {})
     with pytest.raises(ValueError, match="unknown CONNACK property 0x7f"):
-        mqttwire.connack(b"\x00\x00\x02\x7f\x00")
+        packets.connack(b"\x00\x00\x02\x7f\x00")
