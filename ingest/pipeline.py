@@ -251,9 +251,12 @@ class Pipeline:
             if job is None:
                 return
             await self._commit(job)
+            # Only what the current connection takes: after a reconnect the broker delivers
+            # the others again, and they are counted when those copies are acknowledged.
+            acked = 0
             for msg in job.received:
-                self.source.ack(msg.token)
-            metrics.MESSAGES_ACKED.inc(len(job.received))
+                acked += self.source.ack(msg.token)
+            metrics.MESSAGES_ACKED.inc(acked)
             await self._budget.release(
                 nbytes=job.nbytes, readings=job.readings, messages=len(job.received)
             )
