@@ -99,6 +99,7 @@ class Connection(asyncio.Protocol):
         )
         self._answers: dict[int, asyncio.Future[tuple[list[int], str | None]]] = {}
         self._mid = 0
+        self._acks: list[int] = []  # packet ids due a PUBACK, written at the next write
         self._last_sent = 0.0
         self._pings = 0  # PINGREQs without their PINGRESP yet
         self._ping_sent = 0.0  # when the oldest of them went out
@@ -226,6 +227,10 @@ class Connection(asyncio.Protocol):
                 self._ping_sent = self._loop.time()
         elif kind in (packets.SUBACK, packets.UNSUBACK):
             mid, codes, reason = packets.acks(body)
+            if kind == packets.SUBACK:
+                # The backlog of a resumed session came before it: from here on, the bounds
+                # apply, also to the rest of this chunk.
+                self.subscribed = True
             answer = self._answers.pop(mid, None)
             if answer is None:
                 raise ValueError(f"an answer to packet id {mid}, which is not waiting for one")
@@ -256,9 +261,15 @@ class Connection(asyncio.Protocol):
     # -- writing and keepalive --
 
     def _write(self, data: bytes) -> bool:
+        """Write `data` after the PUBACKs due, in one write."""
         transport = self._transport
         if transport is None or self.lost or transport.is_closing():
             return False
+        if self._acks:
+            data = packets.pubacks(self._acks) + data
+            self._acks = []
+        if not data:
+            return True
         transport.write(data)
         self._last_sent = self._loop.time()
         return True
@@ -281,37 +292,40 @@ class Connection(asyncio.Protocol):
 
     # -- used by the source --
 
-    async def get(self) -> tuple[Publish, int] | None:
-        """The next message and its arrival time; None once the connection has ended.
-
-        Messages received before the end are still handed out (their acknowledgements then
-        fail: the broker sends them again). Cancellation loses nothing. Call from one task.
-        """
-        inbox = self.inbox
-        while not inbox:
-            if self.lost:
-                return None
-            waiter = self._loop.create_future()
-            self._waiter = waiter
-            try:
-                await waiter
-            finally:
-                self._waiter = None
-        item = inbox.popleft()
+    def take(self) -> tuple[Publish, int]:
+        """The next message and its arrival time (the inbox must not be empty). Never awaits."""
+        item = self.inbox.popleft()
         self.queued_bytes -= len(item[0].payload)
         if self._paused:
             self._resume()
         return item
 
+    async def wait(self) -> None:
+        """Wait until the inbox holds a message or the connection has ended.
+
+        Cancellation loses nothing. Call from one task.
+        """
+        if self.inbox or self.lost:
+            return
+        waiter = self._loop.create_future()
+        self._waiter = waiter
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+
     def ack(self, seq: int) -> bool:
-        """Acknowledge message `seq`; the PUBACKs it releases go out in one write."""
+        """Acknowledge message `seq`. The PUBACKs it releases are written at the end of this
+        turn of the event loop, together with all others released meanwhile, in one write."""
         if self.lost:
             return False
         released = self.ledger.ack(seq)
         if released is None:
             return False
         if released:
-            self._write(packets.pubacks(released))
+            if not self._acks:
+                self._loop.call_soon(self._write, b"")
+            self._acks += released
             self.progress.set()
         return True
 

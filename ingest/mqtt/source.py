@@ -245,17 +245,19 @@ class MqttSource:
             conn = self._conn
             if conn is None:
                 conn = await self._connection()
-            # At most receive_maximum unacknowledged messages are handed out, even when the
-            # broker sends more (Mosquitto 2.0.11 does).
-            while not conn.lost and len(conn.ledger) >= conn.limit:
+            if conn.lost:
+                # What it received and did not hand out yet goes too: the broker sends it again.
+                self._lost(conn)
+            elif conn.inbox and len(conn.ledger) < conn.limit:  # the usual case: no await
+                message, received_ns = conn.take()
+                return self._received(conn, message, received_ns)
+            elif len(conn.ledger) >= conn.limit:
+                # At most receive_maximum unacknowledged messages are handed out, even when
+                # the broker sends more (Mosquitto 2.0.11 does).
                 conn.progress.clear()
                 await conn.progress.wait()
-            item = await conn.get()
-            if item is None:
-                self._lost(conn)
-                continue
-            message, received_ns = item
-            return self._received(conn, message, received_ns)
+            else:
+                await conn.wait()
 
     async def _connection(self) -> Connection:
         if self._closed:
@@ -410,4 +412,3 @@ class MqttSource:
                     + (f" ({reason})" if reason else ""),
                     code=code,
                 )
-        conn.subscribed = True
