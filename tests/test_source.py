@@ -524,3 +524,40 @@ async def test_unreadable_ca_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"^mqtt\.tls_ca_file: "):
         async with MqttSource(settings=config):
             pass
+
+
+PAUSE_S = 180.0
+
+
+@pytest.mark.slow
+async def test_keepalive_across_a_three_minute_intake_pause(
+    mqtt_url: str, prefix: str, client_ids: ClientIds
+) -> None:
+    # Three minutes without taking or acknowledging anything, with a 5 s keepalive, while the
+    # source's queue is at its bound (Mosquitto 2.0.11 fills it after the first PUBACK): the
+    # keepalive must go on, so the broker keeps the connection and delivers nothing twice.
+    limit, total = 5, 12
+    sent = outgoing(prefix, total)
+    config = settings(mqtt_url, client_ids("sub"), prefix, receive_maximum=limit, keepalive_s=5)
+    async with MqttSource(settings=config) as source:
+        it = source.messages()
+        first = asyncio.ensure_future(anext(it))
+        await wait_connected(source)
+        await publish(mqtt_url, sent, client_id=client_ids("pub"))
+        async with asyncio.timeout(TIMEOUT):
+            got = [await first] + [await anext(it) for _ in range(limit - 1)]
+        assert source.ack(got[0].token)
+        await until(lambda: source.queued >= 1)
+        await asyncio.sleep(PAUSE_S)
+        assert source.connected
+        assert source.reconnects == 0
+        for m in got[1:]:
+            assert source.ack(m.token)
+        async with asyncio.timeout(TIMEOUT):
+            while len(got) < total:
+                got.append(await anext(it))
+                assert source.ack(got[-1].token)
+        assert payloads(got) == [m.payload for m in sent]
+        assert {m.token.generation for m in got} == {got[0].token.generation}
+        assert await source.flush_acks()
+        assert source.reconnects == 0
