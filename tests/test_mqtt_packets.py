@@ -172,3 +172,86 @@ def test_connack_reason_and_properties() -> None:
     assert packets.connack(b"\x01\x00\x00") == (0, {})
     with pytest.raises(ValueError, match="unknown CONNACK property 0x7f"):
         packets.connack(b"\x00\x00\x02\x7f\x00")
+
+
+def test_connect_with_a_session_and_limits() -> None:
+    data = packets.connect(
+        client_id="i",
+        username=None,
+        password=None,
+        keepalive=30,
+        clean_start=False,
+        session_expiry_s=3600,
+        receive_maximum=1000,
+        maximum_packet_size=1_183_744,
+    )
+    assert data == (
+        b"\x10\x1b\x00\x04MQTT\x05\x00\x00\x1e"  # no flags: clean start off; keepalive 30
+        b"\x0d\x11\x00\x00\x0e\x10\x21\x03\xe8\x27\x00\x12\x10\x00"  # expiry, receive max, size
+        b"\x00\x01i"
+    )
+
+
+def test_subscribe_unsubscribe_and_their_answers() -> None:
+    assert packets.subscribe(mid=7, topic_filter="a/#", options=0x11) == (
+        b"\x82\x09\x00\x07\x00\x00\x03a/#\x11"
+    )
+    assert packets.unsubscribe(mid=8, topic_filters=["a/#", "b"]) == (
+        b"\xa2\x0b\x00\x08\x00\x00\x03a/#\x00\x01b"
+    )
+    assert packets.acks(b"\x00\x07\x00\x01") == (7, [1], None)
+    assert packets.acks(b"\x00\x08\x07\x1f\x00\x04nope\x87\x11") == (8, [0x87, 0x11], "nope")
+    with pytest.raises(ValueError, match="shorter"):
+        packets.acks(b"\x00\x01")
+
+
+def test_disconnect_with_reason_and_properties() -> None:
+    assert packets.disconnect() == b"\xe0\x00"
+    assert packets.disconnect(0x81) == b"\xe0\x01\x81"
+    data = packets.disconnect(0x04, reason_string="bye", session_expiry_s=0)
+    assert data == b"\xe0\x0d\x04\x0b\x11\x00\x00\x00\x00\x1f\x00\x03bye"
+    framed = frame(data, 0)
+    assert framed is not None
+    assert packets.parse_disconnect(data[framed[1] :]) == (0x04, "bye")
+    assert packets.parse_disconnect(b"") == (0, None)
+    assert packets.parse_disconnect(b"\x8b") == (0x8B, None)
+
+
+@pytest.mark.parametrize(
+    "props",
+    [
+        {"ContentType": "application/json", "SubscriptionIdentifier": 5},
+        {"ResponseTopic": "r/t", "CorrelationData": b"\x00\x01", "UserProperty": [("ts", "9")]},
+        {"PayloadFormatIndicator": 1, "MessageExpiryInterval": 60},
+    ],
+)
+def test_full_parser_takes_what_the_fast_one_leaves(props: dict[str, object]) -> None:
+    from paho.mqtt import _packet
+    from paho.mqtt.enums import MQTTProtocolVersion
+
+    topic = b"telemetry/a/b"
+    body = len(topic).to_bytes(2, "big") + topic + (99).to_bytes(2, "big")
+    body += _props(props) + b"payload"
+    theirs = _packet.decode_publish(0x32, body, MQTTProtocolVersion.MQTTv5)
+    assert packets.parse_publish_full(0x32, body) == Publish(
+        topic=theirs.topic.decode(),
+        payload=bytes(theirs.payload),
+        content_type=getattr(theirs.properties, "ContentType", None),
+        published_us=9 if props.get("UserProperty") else None,
+        mid=theirs.mid,
+        qos=theirs.qos,
+    )
+
+
+def test_full_parser_names_what_is_wrong() -> None:
+    head = b"\x00\x01t\x00\x01"
+    with pytest.raises(ValueError, match="QoS 2"):
+        packets.parse_publish_full(0x34, head + b"\x00x")
+    with pytest.raises(ValueError, match="topic alias"):
+        packets.parse_publish_full(0x32, head + b"\x03\x23\x00\x01x")
+    with pytest.raises(ValueError, match="unknown property 0x7f"):
+        packets.parse_publish_full(0x32, head + b"\x02\x7f\x00x")
+    with pytest.raises(ValueError, match="without a topic"):
+        packets.parse_publish_full(0x32, b"\x00\x00\x00\x01\x00x")
+    with pytest.raises(ValueError, match="malformed PUBLISH"):
+        packets.parse_publish_full(0x32, b"\x00\x02\xff\xfe\x00\x01\x00x")
