@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import tomllib
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -14,6 +13,7 @@ from typing import Any, Literal
 import msgspec
 
 from ingest.errors import ConfigError
+from ingest.mqtt.settings import Settings as Mqtt
 from ingest.rules import AnomalyRule
 
 ENV_PREFIX = "INGEST_"
@@ -45,46 +45,6 @@ class Db(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ValueError("retry_min_s: must be > 0")
         if self.retry_max_s < self.retry_min_s:
             raise ValueError("retry_max_s: must be >= retry_min_s")
-
-
-class Mqtt(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """[mqtt]: the broker, the session and the subscription."""
-
-    url: str = "mqtt://127.0.0.1:1883"
-    client_id: str = ""
-    topic_prefix: str = "telemetry"
-    share_group: str = ""
-    receive_maximum: int = 1000
-    session_expiry_s: int = 3600
-    keepalive_s: int = 30
-    tls_ca_file: str = ""
-    tls_cert_file: str = ""
-    tls_key_file: str = ""
-    tls_insecure: bool = False
-    reconnect_min_s: float = 0.5
-    reconnect_max_s: float = 30.0
-
-    def __post_init__(self) -> None:
-        if not re.match(r"^mqtts?://", self.url):
-            raise ValueError("url: must start with mqtt:// or mqtts://")
-        level = r"[A-Za-z0-9_.:-]{1,64}"
-        if not re.fullmatch(rf"{level}(/{level})*", self.topic_prefix):
-            raise ValueError(
-                "topic_prefix: must be topic levels of 1-64 characters from A-Z a-z 0-9 _ . : - "
-                "separated by /"
-            )
-        if self.share_group and not re.fullmatch(level, self.share_group):
-            raise ValueError("share_group: must be 1-64 characters from A-Z a-z 0-9 _ . : -")
-        if self.client_id and not re.fullmatch(r"[A-Za-z0-9_.:-]{1,128}", self.client_id):
-            raise ValueError("client_id: must be 1-128 characters from A-Z a-z 0-9 _ . : -")
-        if not 1 <= self.receive_maximum <= 65535:
-            raise ValueError("receive_maximum: must be between 1 and 65535")
-        if self.session_expiry_s < 0:
-            raise ValueError("session_expiry_s: must be >= 0")
-        if self.keepalive_s < 1:
-            raise ValueError("keepalive_s: must be >= 1")
-        if bool(self.tls_cert_file) != bool(self.tls_key_file):
-            raise ValueError("tls_key_file: must be set together with tls_cert_file")
 
 
 class Flush(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -192,10 +152,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     @property
     def client_id(self) -> str:
         """The MQTT client id: configured, else derived from the host name (stable per host)."""
-        if self.mqtt.client_id:
-            return self.mqtt.client_id
-        host = re.sub(r"[^A-Za-z0-9_.:-]", "-", socket.gethostname())[:100] or "host"
-        return f"ingest-{host}"
+        return self.mqtt.session_client_id
 
 
 # Environment variables that do not follow INGEST_<SECTION>_<KEY>.
@@ -310,7 +267,8 @@ def _explain(exc: msgspec.ValidationError) -> str:
         name = field.group(1) if field else "?"
         where = f"{path.removeprefix('$.')}.{name}" if path != "$" else name
         return f"{where}: unknown key (see the configuration table in the README)"
-    own = re.match(r"^([a-z_]+): (.*)$", message)
+    # Our own checks start "key: " ([mqtt]'s "mqtt.key: ", so that it reads alone too).
+    own = re.match(r"^(?:[a-z_]+\.)?([a-z_]+): (.*)$", message)
     if own and path.count(".") == 1:
         return f"{_describe(path + '.' + own.group(1))}: {own.group(2)}"
     return f"{_describe(path)}: {message[0].lower()}{message[1:]}"

@@ -21,9 +21,9 @@ from ingest.derive import Deriver
 from ingest.errors import ConfigError, PayloadError, PermanentSinkError, TransientSinkError
 from ingest.kernels import check_sorted, gather
 from ingest.migrate import default_schema_dir, load_migrations, pending
+from ingest.mqtt import MqttSource, Received
 from ingest.registry import Registry, SensorKey
 from ingest.sink import DeadLetter, Readings, Sink, classify
-from ingest.source import MqttSource, Received, Settings
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,11 @@ class Pipeline:
             for _ in range(cfg.db.writers)
         ]
         self.source = MqttSource(
-            settings=_source_settings(cfg), on_reconnect=metrics.MQTT_RECONNECTS.inc
+            settings=cfg.mqtt,
+            max_payload_bytes=cfg.limits.max_payload_bytes,
+            # What waits unread in the source counts towards memory as much as what is in flight.
+            max_queued_bytes=cfg.flush.max_inflight_bytes // 4,
+            on_reconnect=metrics.MQTT_RECONNECTS.inc,
         )
         self.limits = DecodeLimits(
             max_payload_bytes=cfg.limits.max_payload_bytes,
@@ -247,9 +251,12 @@ class Pipeline:
             if job is None:
                 return
             await self._commit(job)
+            # Only what the current connection takes: after a reconnect the broker delivers
+            # the others again, and they are counted when those copies are acknowledged.
+            acked = 0
             for msg in job.received:
-                self.source.ack(msg.token)
-            metrics.MESSAGES_ACKED.inc(len(job.received))
+                acked += self.source.ack(msg.token)
+            metrics.MESSAGES_ACKED.inc(acked)
             await self._budget.release(
                 nbytes=job.nbytes, readings=job.readings, messages=len(job.received)
             )
@@ -416,25 +423,6 @@ class Pipeline:
                 self.cfg.flush.shutdown_grace_s,
             )
             writer.cancel()
-
-
-def _source_settings(cfg: Config) -> Settings:
-    m = cfg.mqtt
-    return Settings(
-        url=m.url,
-        client_id=cfg.client_id,
-        topic_prefix=m.topic_prefix,
-        share_group=m.share_group or None,
-        receive_maximum=m.receive_maximum,
-        session_expiry_s=m.session_expiry_s,
-        keepalive_s=m.keepalive_s,
-        tls_ca_file=m.tls_ca_file or None,
-        tls_cert_file=m.tls_cert_file or None,
-        tls_key_file=m.tls_key_file or None,
-        tls_insecure=m.tls_insecure,
-        reconnect_min_s=m.reconnect_min_s,
-        reconnect_max_s=m.reconnect_max_s,
-    )
 
 
 async def run_service(cfg: Config, *, stop: asyncio.Event | None = None) -> int:

@@ -1,5 +1,5 @@
 """A small MQTT v5 publisher for `ingest simulate`: QoS 0 or 1, a window of unacknowledged
-messages, acknowledgements read in chunks.
+messages, acknowledgements read in chunks; its packets are those of ``ingest.mqtt.packets``.
 
 paho spends most of a load generator's time on its own bookkeeping: a PUBACK costs four reads
 and a dispatch, a PUBLISH a properties object. This client writes each PUBLISH with one
@@ -17,8 +17,8 @@ import time
 from typing import Final
 from urllib.parse import unquote, urlsplit
 
-from ingest import mqttwire
 from ingest.errors import ConfigError, IngestError
+from ingest.mqtt import packets
 
 _READ: Final = 256 * 1024
 _DRAIN_EVERY: Final = 32  # messages between non-blocking reads of acknowledgements
@@ -94,13 +94,13 @@ class Publisher:
         self._connack: tuple[int, dict[int, int | str]] | None = None
         try:
             self._send(
-                mqttwire.connect(
+                packets.connect(
                     client_id=client_id, username=username, password=password, keepalive=keepalive
                 )
             )
             reason, props = self._wait_connack(timeout=10.0)
             if reason >= 0x80:
-                detail = props.get(mqttwire.REASON_STRING)
+                detail = props.get(packets.REASON_STRING)
                 raise IngestError(
                     f"the broker at {self.where} refused the connection: {_reason(reason)}"
                     + (f" ({detail})" if detail else "")
@@ -108,10 +108,10 @@ class Publisher:
         except IngestError:
             sock.close()
             raise
-        window_max = props.get(mqttwire.RECEIVE_MAXIMUM)
+        window_max = props.get(packets.RECEIVE_MAXIMUM)
         if isinstance(window_max, int):
             self._window = max(1, min(window, window_max))
-        server_keepalive = props.get(mqttwire.SERVER_KEEP_ALIVE)
+        server_keepalive = props.get(packets.SERVER_KEEP_ALIVE)
         if isinstance(server_keepalive, int) and server_keepalive:
             self._keepalive = server_keepalive
         self._sock.settimeout(None)
@@ -136,7 +136,7 @@ class Publisher:
             mid = self._mid
             self._inflight += 1
         self._send(
-            mqttwire.publish(
+            packets.publish(
                 topic=topic.encode(), payload=payload, qos=qos, mid=mid, properties=properties
             )
         )
@@ -151,7 +151,7 @@ class Publisher:
         until = time.monotonic() + seconds
         while (now := time.monotonic()) < until:
             if now - self._last_sent >= self._keepalive / 2:
-                self._send(mqttwire.PINGREQ_PACKET)
+                self._send(packets.PINGREQ_PACKET)
             self._read(until=min(until, now + self._keepalive / 2), wait=True)
 
     def settle(self, *, timeout: float) -> None:
@@ -164,7 +164,7 @@ class Publisher:
 
     def close(self) -> None:
         with contextlib.suppress(IngestError):
-            self._send(mqttwire.DISCONNECT_PACKET)
+            self._send(packets.DISCONNECT_PACKET)
         self._sock.close()
 
     # -- the socket --
@@ -202,18 +202,21 @@ class Publisher:
             raise IngestError(f"the broker at {self.where} closed the connection")
         self._buf = self._buf[self._pos :] + data
         self._pos = 0
-        while (framed := mqttwire.frame(self._buf, self._pos)) is not None:
+        while (framed := packets.frame(self._buf, self._pos)) is not None:
             first, start, self._pos = framed
             self._handle(first & 0xF0, self._buf[start : self._pos])
         return True
 
     def _handle(self, kind: int, body: bytes) -> None:
-        if kind == mqttwire.PUBACK:
+        if kind == packets.PUBACK:
             if len(body) > 2 and body[2] >= 0x80:
                 raise IngestError(f"the broker refused a message: {_reason(body[2])}")
             self._inflight -= 1
-        elif kind == mqttwire.CONNACK:
-            self._connack = mqttwire.connack(body)
-        elif kind == mqttwire.DISCONNECT:
-            code = body[0] if body else 0
-            raise IngestError(f"the broker at {self.where} disconnected: {_reason(code)}")
+        elif kind == packets.CONNACK:
+            self._connack = packets.connack(body)
+        elif kind == packets.DISCONNECT:
+            code, text = packets.parse_disconnect(body)
+            raise IngestError(
+                f"the broker at {self.where} disconnected: {_reason(code)}"
+                + (f" ({text})" if text else "")
+            )

@@ -22,7 +22,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ingest.errors import ConfigError, IngestError
-from ingest.mqttwire import publish_properties
+from ingest.mqtt.packets import publish_properties
 from ingest.publisher import Publisher
 
 Kind = Literal["temperature", "vibration", "current", "pressure", "counter", "energy"]

@@ -1,4 +1,4 @@
-"""MQTT test helpers: a plain paho publisher and session tools, independent of ingest.source."""
+"""MQTT test helpers: a plain paho publisher and session tools, independent of ingest.mqtt."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from ingest.source import MqttSource, Received
+from ingest.mqtt import MqttSource, Received
 
 TIMEOUT = 10.0
 

@@ -19,7 +19,7 @@ import msgspec
 import pytest
 
 from ingest.errors import ConfigError
-from ingest.source import MqttSource, Received, Settings
+from ingest.mqtt import MqttSource, Received, Settings
 from tests.mqtt_helpers import (
     TIMEOUT,
     Collector,
@@ -100,7 +100,7 @@ async def test_messages_arrive_with_topic_payload_and_content_type(
 
 _KILLED_CONSUMER = """
 import asyncio, json, sys
-from ingest.source import MqttSource, Settings
+from ingest.mqtt import MqttSource, Settings
 
 async def main():
     url, client_id, prefix, n, k = sys.argv[1], sys.argv[2], sys.argv[3], *map(int, sys.argv[4:6])
@@ -482,11 +482,11 @@ async def test_iteration_ends_when_closed_while_connecting(
 @pytest.mark.parametrize(
     ("url", "reason"),
     [
-        ("http://broker:1883", "scheme"),
+        ("http://broker:1883", "must start with mqtt:// or mqtts://"),
         ("mqtt://", "host"),
         ("mqtt://broker:99999", "valid URL"),
         ("mqtt://broker:1883/topic", "nothing after it"),
-        ("broker:1883", "scheme"),
+        ("broker:1883", "must start with mqtt:// or mqtts://"),
     ],
 )
 def test_bad_url_is_a_config_error(url: str, reason: str) -> None:
@@ -497,7 +497,7 @@ def test_bad_url_is_a_config_error(url: str, reason: str) -> None:
 @pytest.mark.parametrize(
     ("overrides", "key"),
     [
-        ({"client_id": ""}, "mqtt.client_id"),
+        ({"client_id": "no spaces"}, "mqtt.client_id"),
         ({"topic_prefix": "a/#"}, "mqtt.topic_prefix"),
         ({"share_group": "a/b"}, "mqtt.share_group"),
         ({"receive_maximum": 0}, "mqtt.receive_maximum"),
@@ -524,3 +524,40 @@ async def test_unreadable_ca_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"^mqtt\.tls_ca_file: "):
         async with MqttSource(settings=config):
             pass
+
+
+PAUSE_S = 180.0
+
+
+@pytest.mark.slow
+async def test_keepalive_across_a_three_minute_intake_pause(
+    mqtt_url: str, prefix: str, client_ids: ClientIds
+) -> None:
+    # Three minutes without taking or acknowledging anything, with a 5 s keepalive, while the
+    # source's queue is at its bound (Mosquitto 2.0.11 fills it after the first PUBACK): the
+    # keepalive must go on, so the broker keeps the connection and delivers nothing twice.
+    limit, total = 5, 12
+    sent = outgoing(prefix, total)
+    config = settings(mqtt_url, client_ids("sub"), prefix, receive_maximum=limit, keepalive_s=5)
+    async with MqttSource(settings=config) as source:
+        it = source.messages()
+        first = asyncio.ensure_future(anext(it))
+        await wait_connected(source)
+        await publish(mqtt_url, sent, client_id=client_ids("pub"))
+        async with asyncio.timeout(TIMEOUT):
+            got = [await first] + [await anext(it) for _ in range(limit - 1)]
+        assert source.ack(got[0].token)
+        await until(lambda: source.queued >= 1)
+        await asyncio.sleep(PAUSE_S)
+        assert source.connected
+        assert source.reconnects == 0
+        for m in got[1:]:
+            assert source.ack(m.token)
+        async with asyncio.timeout(TIMEOUT):
+            while len(got) < total:
+                got.append(await anext(it))
+                assert source.ack(got[-1].token)
+        assert payloads(got) == [m.payload for m in sent]
+        assert {m.token.generation for m in got} == {got[0].token.generation}
+        assert await source.flush_acks()
+        assert source.reconnects == 0

@@ -1,4 +1,4 @@
-"""The source's MQTT packet framing and PUBLISH parsing, against paho's own encoder and decoder."""
+"""MQTT packets (ingest.mqtt.packets): framing and parsing, against paho as an independent peer."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ingest import mqttwire
-from ingest.mqttwire import Publish, frame, parse_publish, pubacks
+from ingest.mqtt import packets
+from ingest.mqtt.packets import Publish, frame, parse_publish, pubacks
 
 
 def _props(values: dict[str, object]) -> bytes:
@@ -66,10 +66,10 @@ def test_parse_publish_matches_paho(qos: int, props: dict[str, object]) -> None:
 def test_published_us_reads_only_a_decimal_ts(
     pairs: list[tuple[str, str]], expected: int | None
 ) -> None:
-    assert mqttwire.published_us(pairs) == expected
+    assert packets.published_us(pairs) == expected
 
 
-def test_parse_publish_leaves_the_unusual_to_paho() -> None:
+def test_parse_publish_leaves_the_unusual_to_the_full_parser() -> None:
     topic = b"a/b"
     head = len(topic).to_bytes(2, "big") + topic + (1).to_bytes(2, "big")
     assert parse_publish(0x34, head + b"\x00x") is None  # QoS 2
@@ -88,7 +88,7 @@ def test_frame_finds_every_packet_wherever_the_stream_is_cut(
     bodies: list[bytes], cuts: list[int]
 ) -> None:
     """Chunks as a socket may return them: every packet comes out whole, in order, once."""
-    stream = b"".join(mqttwire.packet(0x30 | (i % 16), b) for i, b in enumerate(bodies))
+    stream = b"".join(packets.packet(0x30 | (i % 16), b) for i, b in enumerate(bodies))
     bounds = sorted({min(c, len(stream)) for c in cuts} | {len(stream)})
     buf, pos, start, found = b"", 0, 0, []
     for bound in bounds:
@@ -102,7 +102,7 @@ def test_frame_finds_every_packet_wherever_the_stream_is_cut(
 
 
 def test_frame_of_a_large_packet_waits_for_all_of_it() -> None:
-    packet = mqttwire.packet(0x32, bytes(200_000))
+    packet = packets.packet(0x32, bytes(200_000))
     assert packet[:4] == b"\x32\xc0\x9a\x0c"  # 200,000 as a variable byte integer
     assert frame(packet[:1], 0) is None
     assert frame(packet[:3], 0) is None
@@ -111,7 +111,7 @@ def test_frame_of_a_large_packet_waits_for_all_of_it() -> None:
 
 
 def test_frame_refuses_a_remaining_length_of_five_bytes() -> None:
-    with pytest.raises(mqttwire.MalformedPacketError, match="longer than four bytes"):
+    with pytest.raises(packets.MalformedPacketError, match="longer than four bytes"):
         frame(b"\x30\xff\xff\xff\xff\x01", 0)
 
 
@@ -124,9 +124,9 @@ def test_publish_round_trips_through_paho_and_our_parser() -> None:
     from paho.mqtt import _packet
     from paho.mqtt.enums import MQTTProtocolVersion
 
-    props = mqttwire.publish_properties("application/msgpack", [("ts", "1700000000000000")])
+    props = packets.publish_properties("application/msgpack", [("ts", "1700000000000000")])
     for qos, mid in ((0, 0), (1, 65535)):
-        data = mqttwire.publish(
+        data = packets.publish(
             topic=b"p/plant1/dev", payload=b"\x01\x02", qos=qos, mid=mid, properties=props
         )
         framed = frame(data, 0)
@@ -147,14 +147,14 @@ def test_publish_round_trips_through_paho_and_our_parser() -> None:
 
 
 def test_connect_packet_bytes() -> None:
-    data = mqttwire.connect(client_id="sim-1", username="dev", password="pw", keepalive=60)
+    data = packets.connect(client_id="sim-1", username="dev", password="pw", keepalive=60)
     assert data == (
         b"\x10\x1b"  # CONNECT, remaining length 27
         b"\x00\x04MQTT\x05"  # protocol name and level 5
         b"\xc2\x00\x3c\x00"  # user name, password, clean start; keepalive 60; no properties
         b"\x00\x05sim-1\x00\x03dev\x00\x02pw"
     )
-    assert mqttwire.connect(client_id="a", username=None, password=None, keepalive=5) == (
+    assert packets.connect(client_id="a", username=None, password=None, keepalive=5) == (
         b"\x10\x0e\x00\x04MQTT\x05\x02\x00\x05\x00\x00\x01a"
     )
 
@@ -168,7 +168,90 @@ def test_connack_reason_and_properties() -> None:
         b"\x1f\x00\x04nope"  # reason string
     )
     body = b"\x00\x87" + bytes([len(props)]) + props
-    assert mqttwire.connack(body) == (0x87, {0x21: 20, 0x13: 30, 0x12: "abc", 0x1F: "nope"})
-    assert mqttwire.connack(b"\x01\x00\x00") == (0, {})
+    assert packets.connack(body) == (0x87, {0x21: 20, 0x13: 30, 0x12: "abc", 0x1F: "nope"})
+    assert packets.connack(b"\x01\x00\x00") == (0, {})
     with pytest.raises(ValueError, match="unknown CONNACK property 0x7f"):
-        mqttwire.connack(b"\x00\x00\x02\x7f\x00")
+        packets.connack(b"\x00\x00\x02\x7f\x00")
+
+
+def test_connect_with_a_session_and_limits() -> None:
+    data = packets.connect(
+        client_id="i",
+        username=None,
+        password=None,
+        keepalive=30,
+        clean_start=False,
+        session_expiry_s=3600,
+        receive_maximum=1000,
+        maximum_packet_size=1_183_744,
+    )
+    assert data == (
+        b"\x10\x1b\x00\x04MQTT\x05\x00\x00\x1e"  # no flags: clean start off; keepalive 30
+        b"\x0d\x11\x00\x00\x0e\x10\x21\x03\xe8\x27\x00\x12\x10\x00"  # expiry, receive max, size
+        b"\x00\x01i"
+    )
+
+
+def test_subscribe_unsubscribe_and_their_answers() -> None:
+    assert packets.subscribe(mid=7, topic_filter="a/#", options=0x11) == (
+        b"\x82\x09\x00\x07\x00\x00\x03a/#\x11"
+    )
+    assert packets.unsubscribe(mid=8, topic_filters=["a/#", "b"]) == (
+        b"\xa2\x0b\x00\x08\x00\x00\x03a/#\x00\x01b"
+    )
+    assert packets.acks(b"\x00\x07\x00\x01") == (7, [1], None)
+    assert packets.acks(b"\x00\x08\x07\x1f\x00\x04nope\x87\x11") == (8, [0x87, 0x11], "nope")
+    with pytest.raises(ValueError, match="shorter"):
+        packets.acks(b"\x00\x01")
+
+
+def test_disconnect_with_reason_and_properties() -> None:
+    assert packets.disconnect() == b"\xe0\x00"
+    assert packets.disconnect(0x81) == b"\xe0\x01\x81"
+    data = packets.disconnect(0x04, reason_string="bye", session_expiry_s=0)
+    assert data == b"\xe0\x0d\x04\x0b\x11\x00\x00\x00\x00\x1f\x00\x03bye"
+    framed = frame(data, 0)
+    assert framed is not None
+    assert packets.parse_disconnect(data[framed[1] :]) == (0x04, "bye")
+    assert packets.parse_disconnect(b"") == (0, None)
+    assert packets.parse_disconnect(b"\x8b") == (0x8B, None)
+
+
+@pytest.mark.parametrize(
+    "props",
+    [
+        {"ContentType": "application/json", "SubscriptionIdentifier": 5},
+        {"ResponseTopic": "r/t", "CorrelationData": b"\x00\x01", "UserProperty": [("ts", "9")]},
+        {"PayloadFormatIndicator": 1, "MessageExpiryInterval": 60},
+    ],
+)
+def test_full_parser_takes_what_the_fast_one_leaves(props: dict[str, object]) -> None:
+    from paho.mqtt import _packet
+    from paho.mqtt.enums import MQTTProtocolVersion
+
+    topic = b"telemetry/a/b"
+    body = len(topic).to_bytes(2, "big") + topic + (99).to_bytes(2, "big")
+    body += _props(props) + b"payload"
+    theirs = _packet.decode_publish(0x32, body, MQTTProtocolVersion.MQTTv5)
+    assert packets.parse_publish_full(0x32, body) == Publish(
+        topic=theirs.topic.decode(),
+        payload=bytes(theirs.payload),
+        content_type=getattr(theirs.properties, "ContentType", None),
+        published_us=9 if props.get("UserProperty") else None,
+        mid=theirs.mid,
+        qos=theirs.qos,
+    )
+
+
+def test_full_parser_names_what_is_wrong() -> None:
+    head = b"\x00\x01t\x00\x01"
+    with pytest.raises(ValueError, match="QoS 2"):
+        packets.parse_publish_full(0x34, head + b"\x00x")
+    with pytest.raises(ValueError, match="topic alias"):
+        packets.parse_publish_full(0x32, head + b"\x03\x23\x00\x01x")
+    with pytest.raises(ValueError, match="unknown property 0x7f"):
+        packets.parse_publish_full(0x32, head + b"\x02\x7f\x00x")
+    with pytest.raises(ValueError, match="without a topic"):
+        packets.parse_publish_full(0x32, b"\x00\x00\x00\x01\x00x")
+    with pytest.raises(ValueError, match="malformed PUBLISH"):
+        packets.parse_publish_full(0x32, b"\x00\x02\xff\xfe\x00\x01\x00x")

@@ -1,0 +1,46 @@
+"""The ack ledger: which messages of one connection are handed out and not yet PUBACKed."""
+
+from __future__ import annotations
+
+import collections
+
+
+class AckLedger:
+    """QoS 1 messages handed out on one connection, in arrival order, until PUBACKed.
+
+    MQTT requires PUBACKs in the order the PUBLISHes arrived [MQTT-4.6.0-2]: an acknowledgement
+    given early is held until every earlier message is acknowledged, then released with them.
+    Never awaits; use it from the event loop's thread only.
+    """
+
+    __slots__ = ("_entries", "_head")
+
+    def __init__(self) -> None:
+        self._head = 0  # the sequence number of _entries[0]
+        # [packet id, acknowledged] per message, in arrival order.
+        self._entries: collections.deque[list[int]] = collections.deque()
+
+    def __len__(self) -> int:
+        """Messages handed out and not yet PUBACKed."""
+        return len(self._entries)
+
+    def track(self, mid: int) -> int:
+        """Record a message about to be handed out; returns its sequence number."""
+        seq = self._head + len(self._entries)
+        self._entries.append([mid, 0])
+        return seq
+
+    def ack(self, seq: int) -> list[int] | None:
+        """Acknowledge message `seq`: the packet ids now due a PUBACK, in order (often none:
+        an earlier message is still open), or None if `seq` is unknown or already used."""
+        entries = self._entries
+        index = seq - self._head
+        if not 0 <= index < len(entries) or entries[index][1]:
+            return None
+        entries[index][1] = 1
+        released: list[int] = []
+        if index == 0:
+            while entries and entries[0][1]:
+                released.append(entries.popleft()[0])
+            self._head += len(released)
+        return released

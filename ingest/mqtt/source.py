@@ -1,0 +1,414 @@
+"""The MQTT source stage: one persistent MQTT v5 session, QoS 1, acknowledged only on request."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import ssl
+import time
+from collections.abc import AsyncIterator, Callable
+from types import TracebackType
+from typing import Final, Self
+
+import msgspec
+
+from ingest.errors import ConfigError
+from ingest.mqtt import packets
+from ingest.mqtt.connection import Connection, ConnectionLostError, RefusedError
+from ingest.mqtt.packets import Publish
+from ingest.mqtt.settings import Settings, parse_url, tls_context
+
+__all__ = ["AckToken", "MqttSource", "Received", "maximum_packet_size"]
+
+# The source stage's log name, as operators filter it, whatever the module layout.
+logger = logging.getLogger("ingest.source")
+
+# QoS 1; retained messages only when the subscription is new (retain handling 1).
+_SUBSCRIBE_OPTIONS: Final = 0x01 | 0x10
+# Room for what a PUBLISH carries besides its payload: the fixed header, the topic and the
+# content type (MQTT strings, at most 64 KiB each), the packet id and small properties.
+PUBLISH_OVERHEAD: Final = 2 * (2 + 65535) + 4096
+# CONNACK refusals that a retry cannot fix, and the setting to blame.
+_CONNACK_FATAL: Final = {
+    0x84: ("mqtt.url", "the broker does not support MQTT v5"),
+    0x85: ("mqtt.client_id", "the broker rejected the client identifier"),
+    0x86: ("mqtt.url", "bad user name or password"),
+    0x87: ("mqtt.url", "not authorized to connect"),
+    0x8C: ("mqtt.url", "bad authentication method"),
+}
+# SUBACK refusals that a retry cannot fix.
+_SUBACK_FATAL: Final = {
+    0x87: ("mqtt.topic_prefix", "not authorized to subscribe"),
+    0x8F: ("mqtt.topic_prefix", "the broker rejected the topic filter"),
+    0x9E: ("mqtt.share_group", "the broker does not support shared subscriptions"),
+    0xA2: ("mqtt.topic_prefix", "the broker does not support wildcard subscriptions"),
+}
+
+
+def maximum_packet_size(max_payload_bytes: int) -> int:
+    """The Maximum Packet Size to announce for payloads of up to `max_payload_bytes`.
+
+    The broker discards larger messages for this client [MQTT-3.1.2-25]; a payload a little
+    over the limit still arrives and becomes a dead letter.
+    """
+    return min(packets.MAX_REMAINING_LENGTH, max_payload_bytes + PUBLISH_OVERHEAD)
+
+
+class AckToken(msgspec.Struct, frozen=True, gc=False):
+    """Opaque handle to acknowledge one message; valid only on the connection that delivered it."""
+
+    generation: int
+    seq: int
+    mid: int
+    qos: int
+
+
+class Received(msgspec.Struct, frozen=True, gc=False):
+    """One MQTT message as the source hands it to the pipeline."""
+
+    topic: str
+    payload: bytes
+    content_type: str | None
+    """The MQTT v5 content-type property, if the publisher set one."""
+    received_ns: int
+    """``time.time_ns()`` when the message arrived from the socket."""
+    published_us: int | None
+    """The user property ``ts`` (publisher's clock, µs since the Unix epoch) if present and an
+    integer. Only for end-to-end latency metrics; never trusted as a reading time."""
+    token: AckToken
+
+
+class _Messages:
+    """The iterator ``MqttSource.messages()`` returns; each ``__anext__`` is cancellation-safe."""
+
+    def __init__(self, source: MqttSource) -> None:
+        self._source = source
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> Received:
+        return await self._source.next_message()
+
+
+class MqttSource:
+    """The MQTT source stage: a persistent MQTT v5 session at QoS 1 with manual acknowledgement.
+
+    Use as ``async with MqttSource(settings=...) as source``. Entering does not connect (the
+    service must start and wait while the broker is down): the first connection is made by the
+    first ``__anext__`` of ``messages()``, and every connection loss is followed by reconnects
+    with capped, jittered exponential backoff, forever. Only faults a retry cannot fix leave
+    ``messages()``, as ``ConfigError`` (refused credentials or subscription, unreadable TLS files).
+    Exiting disconnects cleanly, which flushes the acknowledgements already given.
+
+    Acknowledge each message with ``ack(received.token)`` once its data is committed. Until
+    then the broker keeps it. The broker sends at most ``receive_maximum`` unacknowledged
+    messages (MQTT v5 Receive Maximum), so stopping to iterate is enough backpressure; the
+    source enforces the same bound itself, for brokers that exceed it: it hands out at most
+    ``receive_maximum`` unacknowledged messages and queues at most ``receive_maximum`` more,
+    or ``max_queued_bytes`` of payload (beyond that it stops reading the socket). After a
+    reconnect the broker redelivers the unacknowledged ones, under new tokens; acknowledging a
+    token of an earlier connection does nothing.
+    """
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        max_payload_bytes: int = 1_048_576,
+        max_queued_bytes: int = 64 * 1024 * 1024,
+        on_reconnect: Callable[[], None] | None = None,
+    ) -> None:
+        """``max_payload_bytes`` sets the Maximum Packet Size announced to the broker."""
+        self._settings = settings
+        self._endpoint = parse_url(settings.url)
+        self._client_id = settings.session_client_id
+        self._topic_filter = settings.topic_filter
+        # A filter nobody subscribes to: unsubscribing from it is a side-effect-free round trip.
+        self._flush_filter = f"{settings.topic_prefix}/$ingest-ack-flush"
+        self._max_packet = maximum_packet_size(max_payload_bytes)
+        self._max_queued_bytes = max_queued_bytes
+        self._connect_packet = packets.connect(
+            client_id=self._client_id,
+            username=self._endpoint.username,
+            password=self._endpoint.password,
+            keepalive=settings.keepalive_s,
+            clean_start=False,
+            session_expiry_s=settings.session_expiry_s,
+            receive_maximum=settings.receive_maximum,
+            maximum_packet_size=self._max_packet,
+        )
+        self._on_reconnect = on_reconnect
+        self._tls: ssl.SSLContext | None = None
+        self._entered = False
+        self._closed = False
+        self._conn: Connection | None = None
+        self._connector: asyncio.Task[Connection] | None = None
+        self._generation = 0
+        self._ever_connected = False
+        self._failures = 0
+        self._delay = 0.0
+        self.reconnects = 0
+        """Successful connections after the first one."""
+
+    async def __aenter__(self) -> Self:
+        """Load the TLS files (``ConfigError`` if unreadable); does not connect."""
+        if self._entered:
+            raise RuntimeError("MqttSource is not reentrant")
+        if self._endpoint.tls:
+            self._tls = await asyncio.to_thread(tls_context, self._settings)
+        self._entered = True
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Stop connecting and disconnect cleanly; iteration then ends."""
+        self._closed = True
+        connector, self._connector = self._connector, None
+        if connector is not None:
+            connector.cancel()
+            await asyncio.wait([connector])
+            if not connector.cancelled() and connector.exception() is not None:
+                logger.debug("MQTT connect failed at close: %s", connector.exception())
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await conn.close()
+
+    @property
+    def connected(self) -> bool:
+        """Whether a connection is up and subscribed (for health checks)."""
+        return self._conn is not None and self._conn.alive
+
+    @property
+    def queued(self) -> int:
+        """Messages received from the broker and not handed out yet."""
+        return 0 if self._conn is None else len(self._conn.inbox)
+
+    @property
+    def maximum_packet_size(self) -> int:
+        """The Maximum Packet Size this source announces in its CONNECT."""
+        return self._max_packet
+
+    def messages(self) -> AsyncIterator[Received]:
+        """Messages in arrival order, forever, reconnecting as needed.
+
+        Iterate from one task only. Cancelling a pending ``__anext__`` (a timeout around it) is
+        safe: no message is lost and a connection attempt in progress carries on. Raises
+        ``ConfigError`` when the broker refuses the credentials or the subscription; ends when
+        the source is closed.
+        """
+        if not self._entered:
+            raise RuntimeError("use MqttSource as an async context manager")
+        return _Messages(self)
+
+    def ack(self, token: AckToken) -> bool:
+        """Acknowledge one message. Never awaits; call it from the event loop's thread.
+
+        Returns ``True`` if the acknowledgement belongs to the current connection: the PUBACK
+        is then written, or held until every earlier message of this connection is
+        acknowledged too. Returns ``False`` if the connection that delivered the message is gone
+        (or the token was already used): the broker redelivers that message after the reconnect,
+        under a new token. QoS 0 tokens need no acknowledgement and return ``True``.
+        """
+        if token.qos == 0:
+            return True
+        conn = self._conn
+        if conn is None or conn.generation != token.generation:
+            return False
+        return conn.ack(token.seq)
+
+    async def flush_acks(self) -> bool:
+        """Wait until the broker has processed every PUBACK written so far.
+
+        One UNSUBSCRIBE round trip on the current connection, so it also waits for every message
+        the broker sent before. Returns ``False`` if there is no connection (acknowledgements
+        the broker did not get are void: it redelivers those messages), or if the answer does
+        not come within ``timeout_s``.
+        """
+        conn = self._conn
+        if conn is None or not conn.alive:
+            return False
+        try:
+            await conn.unsubscribe([self._flush_filter])
+        except (ConnectionLostError, TimeoutError):
+            return False
+        return True
+
+    async def next_message(self) -> Received:
+        """The next message (``messages()`` is the public way to iterate)."""
+        while True:
+            conn = self._conn
+            if conn is None:
+                conn = await self._connection()
+            if conn.lost:
+                # What it received and did not hand out yet goes too: the broker sends it again.
+                self._lost(conn)
+            elif conn.inbox and len(conn.ledger) < conn.limit:  # the usual case: no await
+                message, received_ns = conn.take()
+                return self._received(conn, message, received_ns)
+            elif len(conn.ledger) >= conn.limit:
+                # At most receive_maximum unacknowledged messages are handed out, even when
+                # the broker sends more (Mosquitto 2.0.11 does).
+                conn.progress.clear()
+                await conn.progress.wait()
+            else:
+                await conn.wait()
+
+    async def _connection(self) -> Connection:
+        if self._closed:
+            raise StopAsyncIteration
+        if self._connector is None:
+            self._connector = asyncio.create_task(self._connect(), name="mqtt-connect")
+        connector = self._connector
+        try:
+            return await asyncio.shield(connector)
+        except asyncio.CancelledError:
+            if self._closed_while_connecting():
+                raise StopAsyncIteration from None
+            raise
+        finally:
+            if connector.done() and self._connector is connector:
+                self._connector = None
+
+    def _closed_while_connecting(self) -> bool:
+        """The connect task was cancelled by ``__aexit__``, not this task by its owner."""
+        task = asyncio.current_task()
+        return self._closed and not (task is not None and task.cancelling())
+
+    def _received(self, conn: Connection, message: Publish, received_ns: int) -> Received:
+        seq = conn.ledger.track(message.mid) if message.qos else -1
+        return Received(
+            message.topic,
+            message.payload,
+            message.content_type,
+            received_ns,
+            message.published_us,
+            AckToken(conn.generation, seq, message.mid, message.qos),
+        )
+
+    def _lost(self, conn: Connection) -> None:
+        if self._conn is conn:
+            self._conn = None
+        if self._closed:
+            return
+        lived = time.monotonic() - conn.connected_at
+        self._failures = 1 if lived >= self._settings.reconnect_max_s else self._failures + 1
+        self._delay = self._backoff()
+        logger.warning(
+            "MQTT connection to %s lost; reconnecting in %.2f s (%s)",
+            self._endpoint.redacted,
+            self._delay,
+            conn.error or "closed by the broker",
+        )
+
+    def _backoff(self) -> float:
+        """Capped exponential backoff with jitter: a random value in [delay/2, delay]."""
+        settings = self._settings
+        exponent = min(self._failures - 1, 32)
+        delay = min(settings.reconnect_max_s, settings.reconnect_min_s * 2.0**exponent)
+        return delay * random.uniform(0.5, 1.0)
+
+    async def _connect(self) -> Connection:
+        """Connect and subscribe, retrying with backoff; runs as a task owned by the source."""
+        while True:
+            if self._delay > 0:
+                await asyncio.sleep(self._delay)
+            try:
+                conn = await self._connect_once()
+            except (ConnectionLostError, OSError, TimeoutError) as exc:
+                self._failures += 1
+                self._delay = self._backoff()
+                logger.warning(
+                    "MQTT connect to %s failed (%s); retrying in %.2f s",
+                    self._endpoint.redacted,
+                    str(exc) or type(exc).__name__,
+                    self._delay,
+                )
+                continue
+            self._delay = 0.0
+            self._conn = conn
+            first = not self._ever_connected
+            self._ever_connected = True
+            if not first and not conn.session_present:
+                logger.warning(
+                    "MQTT broker %s had no session for %r: what was published while it was "
+                    "disconnected is lost (session expired, or the broker lost its state)",
+                    self._endpoint.redacted,
+                    self._client_id,
+                )
+            logger.info(
+                "MQTT %s to %s as %r, subscribed to %r (session present: %s)",
+                "connected" if first else "reconnected",
+                self._endpoint.redacted,
+                self._client_id,
+                self._topic_filter,
+                conn.session_present,
+            )
+            if not first:
+                self.reconnects += 1
+                if self._on_reconnect is not None:
+                    try:
+                        self._on_reconnect()
+                    except Exception:
+                        logger.exception("on_reconnect callback failed")
+            return conn
+
+    async def _connect_once(self) -> Connection:
+        settings, endpoint = self._settings, self._endpoint
+        self._generation += 1
+        conn = Connection(
+            generation=self._generation,
+            receive_maximum=settings.receive_maximum,
+            max_queued_bytes=self._max_queued_bytes,
+            maximum_packet_size=self._max_packet,
+            keepalive_s=settings.keepalive_s,
+            timeout_s=settings.timeout_s,
+        )
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(settings.timeout_s):
+                await loop.create_connection(
+                    lambda: conn,
+                    endpoint.host,
+                    endpoint.port,
+                    ssl=self._tls,
+                    server_hostname=endpoint.host if self._tls is not None else None,
+                )
+            await conn.start(self._connect_packet)
+            await self._subscribe(conn)
+        except RefusedError as exc:
+            conn.abort()
+            if exc.code in _CONNACK_FATAL:
+                key, reason = _CONNACK_FATAL[exc.code]
+                raise ConfigError(
+                    f"{key}: {endpoint.redacted} refused the connection: {reason}"
+                ) from exc
+            raise
+        except BaseException:
+            conn.abort()
+            raise
+        return conn
+
+    async def _subscribe(self, conn: Connection) -> None:
+        topic_filter = self._topic_filter
+        codes, reason = await conn.subscribe(topic_filter, options=_SUBSCRIBE_OPTIONS)
+        for code in codes:
+            if code in _SUBACK_FATAL:
+                key, text = _SUBACK_FATAL[code]
+                raise ConfigError(f"{key}: subscribing to {topic_filter!r} failed: {text}")
+            if code == 0:
+                raise ConfigError(
+                    f"mqtt.url: the broker granted only QoS 0 for {topic_filter!r}; "
+                    "acknowledgement after commit needs QoS 1"
+                )
+            if code >= 0x80:
+                raise ConnectionLostError(
+                    f"subscribing to {topic_filter!r} failed: reason code 0x{code:02x}"
+                    + (f" ({reason})" if reason else ""),
+                    code=code,
+                )
