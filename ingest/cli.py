@@ -28,6 +28,18 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the ingester until SIGTERM or Ctrl-C")
     run.add_argument("--config", metavar="FILE", help="TOML configuration file (INGEST_CONFIG)")
 
+    drn = sub.add_parser(
+        "drain",
+        help="ingest what the broker holds for another member's session, then end that session",
+    )
+    drn.add_argument("--config", metavar="FILE", help="TOML configuration file (INGEST_CONFIG)")
+    drn.add_argument(
+        "--client-id",
+        required=True,
+        metavar="ID",
+        help="the client id of the member that will not come back",
+    )
+
     mig = sub.add_parser("migrate", help="apply pending schema migrations and exit")
     mig.add_argument("--config", metavar="FILE", help="TOML configuration file (INGEST_CONFIG)")
     mig.add_argument("--schema-dir", metavar="DIR", help="folder of *.sql migrations")
@@ -223,6 +235,23 @@ def _run(args: argparse.Namespace) -> int:
     return uvloop.run(run_service(cfg))
 
 
+def _drain(args: argparse.Namespace) -> int:
+    import msgspec
+
+    from ingest import config as config_mod
+    from ingest import memory
+    from ingest.mqtt import Settings
+    from ingest.pipeline import run_service
+
+    cfg = config_mod.load(path=args.config)
+    fields = msgspec.structs.asdict(cfg.mqtt)
+    fields["client_id"] = args.client_id
+    cfg = msgspec.structs.replace(cfg, mqtt=Settings(**fields))
+    _setup_logging(level=cfg.log.level, fmt=cfg.log.format)
+    memory.keep_freed_memory()
+    return asyncio.run(run_service(cfg, drain=True))
+
+
 def _check_config(args: argparse.Namespace) -> int:
     import msgspec
 
@@ -240,6 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handlers = {
         "run": _run,
+        "drain": _drain,
         "migrate": _migrate,
         "simulate": _simulate,
         "retain": _retain,

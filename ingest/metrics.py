@@ -94,6 +94,10 @@ INFLIGHT_BYTES = Gauge("ingest_inflight_bytes", "Payload bytes received and not 
 INFLIGHT_READINGS = Gauge("ingest_inflight_readings", "Readings received and not yet acknowledged.")
 SENSORS_KNOWN = Gauge("ingest_sensors_known", "Sensors in this ingester's registry cache.")
 MQTT_RECONNECTS = Counter("ingest_mqtt_reconnects_total", "Reconnections to the MQTT broker.")
+SESSIONS_ENDED = Counter(
+    "ingest_mqtt_sessions_ended_total",
+    "Broker sessions ended empty: a share group left on stop, or a session drained.",
+)
 DB_RETRIES = Counter(
     "ingest_db_retries_total", "Flush attempts retried after a transient database error."
 )

@@ -10,6 +10,7 @@ import signal
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import asyncpg
 import numpy as np
@@ -141,6 +142,11 @@ def _clean(text: str | None) -> str | None:
     return None if text is None else text.replace("\x00", "\\x00")
 
 
+# Leaving a share group: the session is empty once everything received is acknowledged and
+# nothing more arrived for this long after the broker confirmed the UNSUBSCRIBE.
+_QUIET_S = 1.0
+
+
 class Pipeline:
     """One ingester: intake task, flush timer and writer task under one TaskGroup."""
 
@@ -173,6 +179,9 @@ class Pipeline:
         )
         self._job = FlushJob()
         self._job_started = 0.0
+        self._last_received = time.monotonic()
+        self.session_ended = False
+        """Whether stopping ended the broker-side session (see `_end_session`)."""
         self._queue: asyncio.Queue[FlushJob | None] = asyncio.Queue(maxsize=1)
         self._writer_idle = False
         self._dispatch_lock = asyncio.Lock()
@@ -182,8 +191,9 @@ class Pipeline:
     def _accept(self, msg: Received) -> None:
         """Decode one message into the current flush, or make it a dead letter. Never awaits."""
         job = self._job
+        self._last_received = time.monotonic()
         if not job:
-            self._job_started = time.monotonic()
+            self._job_started = self._last_received
         job.received.append(msg)
         job.nbytes += len(msg.payload)
         metrics.MESSAGES_RECEIVED.inc()
@@ -390,16 +400,37 @@ class Pipeline:
             delay = min(delay * 2, self.cfg.db.retry_max_s)
         return False
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Run until `stop` is set, then stop intake, flush, acknowledge and return."""
+    async def run(self, stop: asyncio.Event, *, drain: bool = False) -> None:
+        """Run until `stop` is set, then stop intake, flush, acknowledge and return.
+
+        With a share group and `mqtt.leave_on_stop`, stopping first leaves the group (see
+        `_leave`). `drain`: take over the session of `mqtt.client_id` without subscribing,
+        ingest what the broker holds in it, end it and return (`ingest drain`).
+        """
         if not await self.wait_for_database(stop):
             return
+        cfg = self.cfg
+        leave = drain or (bool(cfg.mqtt.share_group) and cfg.mqtt.leave_on_stop)
+        if drain:
+            await self.source.leave()  # the first connection unsubscribes instead
         async with self.source, asyncio.TaskGroup() as tg:
             writer = tg.create_task(self._writer(), name="writer")
             timer = tg.create_task(self._timer(), name="flush-timer")
             intake = tg.create_task(self._intake(), name="intake")
             stopper = tg.create_task(stop.wait(), name="stop")
-            await asyncio.wait({writer, intake, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            watch: set[asyncio.Task[Any]] = {writer, intake, stopper}
+            drainer = None
+            if drain:
+                drainer = tg.create_task(self._empty_session(stop), name="drain")
+                watch.add(drainer)
+            await asyncio.wait(watch, return_when=asyncio.FIRST_COMPLETED)
+            emptied = False
+            if drainer is not None:
+                emptied = drainer.done() and drainer.result()
+                drainer.cancel()
+            elif leave and stop.is_set() and not writer.done() and not intake.done():
+                grace = cfg.flush.shutdown_grace_s
+                emptied = await self._leave(deadline=time.monotonic() + grace / 2)
             self.health.stopping = True
             intake.cancel()
             timer.cancel()
@@ -407,8 +438,70 @@ class Pipeline:
             if not writer.done():
                 # Shield the final flush: a second signal during the grace period is ignored.
                 await asyncio.shield(self._drain(writer))
+            if leave:
+                await self._end_session(emptied=emptied and writer.done() and self._idle())
         for sink in self.sinks:
             await sink.close()
+
+    def _idle(self) -> bool:
+        """Nothing received is unacknowledged: no flush gathering, waiting or being written."""
+        return (
+            not self._job
+            and self._queue.empty()
+            and self._budget.messages == 0
+            and self.source.queued == 0
+        )
+
+    async def _leave(self, *, deadline: float, stop: asyncio.Event | None = None) -> bool:
+        """Leave the share group: UNSUBSCRIBE, then take in, commit and acknowledge what the
+        broker still holds for this session until nothing arrives for `_QUIET_S`. True once
+        the session is empty; False at `deadline`, when `stop` is set, or without an answer.
+        """
+        if not await self.source.leave():
+            log.warning(
+                "could not unsubscribe from %r; the session is kept", self.cfg.mqtt.topic_filter
+            )
+            return False
+        log.info(
+            "unsubscribed from %r; finishing what the broker holds for this session",
+            self.cfg.mqtt.topic_filter,
+        )
+        while time.monotonic() < deadline and not (stop is not None and stop.is_set()):
+            if self._idle() and time.monotonic() - self._last_received >= _QUIET_S:
+                return True
+            await asyncio.sleep(0.05)
+        return False
+
+    async def _empty_session(self, stop: asyncio.Event) -> bool:
+        """`ingest drain`: wait for the first connection, then empty the session it found."""
+        while self.source.session_present is None:
+            if stop.is_set():
+                return False
+            await asyncio.sleep(0.05)
+        client_id = self.cfg.mqtt.session_client_id
+        if not self.source.session_present:
+            log.info("the broker had no session for %r: nothing to drain", client_id)
+            return True
+        log.info("took over the session of %r; ingesting what it holds", client_id)
+        return await self._leave(deadline=float("inf"), stop=stop)
+
+    async def _end_session(self, *, emptied: bool) -> None:
+        """End the broker-side session if it is known to be empty and every acknowledgement
+        reached the broker; otherwise keep it, so that nothing it still holds is lost."""
+        client_id = self.cfg.mqtt.session_client_id
+        if emptied and await self.source.flush_acks():
+            self.source.end_session_on_close()
+            self.session_ended = True
+            metrics.SESSIONS_ENDED.inc()
+            log.info("session of %r ended: it held nothing more", client_id)
+            return
+        log.warning(
+            "session of %r kept: it may still hold messages; they are delivered when %r "
+            "connects again, or run: ingest drain --client-id %s",
+            client_id,
+            client_id,
+            client_id,
+        )
 
     async def _drain(self, writer: asyncio.Task[None]) -> None:
         with contextlib.suppress(asyncio.CancelledError):
@@ -425,8 +518,14 @@ class Pipeline:
             writer.cancel()
 
 
-async def run_service(cfg: Config, *, stop: asyncio.Event | None = None) -> int:
-    """`ingest run`: warm the kernels, serve health and metrics, run until SIGTERM or SIGINT."""
+async def run_service(
+    cfg: Config, *, stop: asyncio.Event | None = None, drain: bool = False
+) -> int:
+    """`ingest run`: warm the kernels, serve health and metrics, run until SIGTERM or SIGINT.
+
+    `drain` (`ingest drain`): empty and end the session of `mqtt.client_id`, then return; 1 if
+    stopped before the session was empty (it is then kept).
+    """
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -440,12 +539,15 @@ async def run_service(cfg: Config, *, stop: asyncio.Event | None = None) -> int:
     failed: list[BaseException] = []
     async with metrics.serve(host=cfg.metrics.host, port=cfg.metrics.port, health=health):
         try:
-            await pipeline.run(stop)
+            await pipeline.run(stop, drain=drain)
         except* (PermanentSinkError, ConfigError) as group:
             failed.extend(group.exceptions)
     if failed:
         # Nothing of the failed flush was acknowledged: the broker keeps it for the next start.
         log.error("stopped: %s", failed[0])
+        return 1
+    if drain and not pipeline.session_ended:
+        log.error("stopped before the session was empty; it is kept")
         return 1
     log.info("stopped")
     return 0

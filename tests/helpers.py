@@ -7,7 +7,7 @@ import os
 import signal
 import sys
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit
@@ -114,7 +114,8 @@ class Publisher:
 class Ingester:
     """`ingest run` as a child process of the test, with its own metrics port."""
 
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], *, command: Sequence[str] = ("run",)) -> None:
+        self.command = tuple(command)
         self.port = free_port()
         self.env = {
             **os.environ,
@@ -138,7 +139,7 @@ class Ingester:
             sys.executable,
             "-m",
             "ingest.cli",
-            "run",
+            *self.command,
             env=self.env,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,

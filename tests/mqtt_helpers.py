@@ -89,6 +89,28 @@ def purge_session_sync(url: str, client_id: str) -> None:
         client.loop_stop()
 
 
+def session_present_sync(url: str, client_id: str) -> bool:
+    """Whether the broker held a session for ``client_id``. The probe resumes it without a
+    clean start and with session expiry 0, so it ends any session it finds."""
+    client, host, port = _client(url, client_id)
+    answer: list[bool] = []
+    done = threading.Event()
+
+    def on_connect(client: mqtt.Client, userdata: object, flags: Any, *rest: object) -> None:
+        answer.append(bool(flags.session_present))
+        done.set()
+
+    client.on_connect = on_connect
+    client.connect(host, port, clean_start=False)
+    client.loop_start()
+    try:
+        assert done.wait(timeout=TIMEOUT), f"no CONNACK for {client_id}"
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return answer[0]
+
+
 class Intruder:
     """A paho client that takes over a session by client id and never acknowledges anything."""
 

@@ -384,12 +384,15 @@ class Connection(asyncio.Protocol):
         if self._transport is not None:
             self._transport.abort()
 
-    async def close(self, reason: int = 0) -> None:
-        """DISCONNECT after every PUBACK already queued, then wait for the socket to close."""
+    async def close(self, reason: int = 0, *, session_expiry_s: int | None = None) -> None:
+        """DISCONNECT after every PUBACK already queued, then wait for the socket to close.
+
+        ``session_expiry_s`` replaces the session's expiry (0: the broker ends the session now).
+        """
         self.alive = False
         if self._transport is None or self.lost:
             return
-        self._write(packets.disconnect(reason))
+        self._write(packets.disconnect(reason, session_expiry_s=session_expiry_s))
         self._transport.close()
         try:
             async with asyncio.timeout(self.timeout_s):

@@ -43,6 +43,10 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """MQTT v5 Receive Maximum: the most unacknowledged QoS 1 messages the broker may send."""
     session_expiry_s: int = 3600
     """How long the broker keeps the session (and queues messages) while disconnected."""
+    leave_on_stop: bool = True
+    """With a ``share_group``: on SIGTERM, unsubscribe first, finish and acknowledge what is
+    in hand, then end the session, so the broker stops routing this member's share to it.
+    False, or without a share group: the session stays for the next start."""
     keepalive_s: int = 30
     timeout_s: float = 10.0
     """Wait this long for the connection, CONNACK, SUBACK, UNSUBACK and a clean disconnect."""

@@ -140,6 +140,10 @@ class MqttSource:
             maximum_packet_size=self._max_packet,
         )
         self._on_reconnect = on_reconnect
+        self._leaving = False
+        self._end_session = False
+        self.session_present: bool | None = None
+        """Whether the broker had a session for this client id at the first connection."""
         self._tls: ssl.SSLContext | None = None
         self._entered = False
         self._closed = False
@@ -177,7 +181,7 @@ class MqttSource:
                 logger.debug("MQTT connect failed at close: %s", connector.exception())
         conn, self._conn = self._conn, None
         if conn is not None:
-            await conn.close()
+            await conn.close(session_expiry_s=0 if self._end_session else None)
 
     @property
     def connected(self) -> bool:
@@ -238,6 +242,31 @@ class MqttSource:
         except (ConnectionLostError, TimeoutError):
             return False
         return True
+
+    async def leave(self) -> bool:
+        """Stop the subscription from taking new messages: UNSUBSCRIBE, and after a reconnect
+        unsubscribe again instead of subscribing.
+
+        What the broker already holds for this session (sent, or queued in it) still arrives and
+        must be acknowledged as usual. Returns ``True`` once the broker confirmed; ``False`` if
+        there is no connection or no answer within ``timeout_s``.
+        """
+        self._leaving = True
+        conn = self._conn
+        if conn is None or not conn.alive:
+            return False
+        try:
+            codes, _ = await conn.unsubscribe([self._topic_filter])
+        except (ConnectionLostError, TimeoutError):
+            return False
+        # 0x00 success, 0x11 no subscription existed: either way none is left.
+        return all(code < 0x80 for code in codes)
+
+    def end_session_on_close(self) -> None:
+        """Make closing end the broker-side session (DISCONNECT with Session Expiry 0), so the
+        broker neither keeps nor routes anything to it. Only once nothing is left in it: what
+        it still holds is dropped with it."""
+        self._end_session = True
 
     async def next_message(self) -> Received:
         """The next message (``messages()`` is the public way to iterate)."""
@@ -380,7 +409,12 @@ class MqttSource:
                     server_hostname=endpoint.host if self._tls is not None else None,
                 )
             await conn.start(self._connect_packet)
-            await self._subscribe(conn)
+            if self.session_present is None:
+                self.session_present = conn.session_present
+            if self._leaving:
+                await conn.unsubscribe([self._topic_filter])
+            else:
+                await self._subscribe(conn)
         except RefusedError as exc:
             conn.abort()
             if exc.code in _CONNACK_FATAL:

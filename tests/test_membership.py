@@ -1,0 +1,129 @@
+"""Membership changes lose nothing: a member leaving its share group, and `ingest drain`."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+
+from tests.conftest import Database
+from tests.helpers import Ingester, Publisher, ingester_env, stored, stream, wait_until
+from tests.mqtt_helpers import purge_session_sync, session_present_sync
+
+
+@pytest.fixture
+def site() -> str:
+    return f"site-{uuid.uuid4().hex[:8]}"
+
+
+async def acked(*members: Ingester) -> float:
+    return sum([await m.metric("ingest_messages_acknowledged_total") for m in members])
+
+
+async def test_sigterm_leaves_the_share_group_and_ends_the_session(
+    database: Database, mqtt_url: str, prefix: str, site: str
+) -> None:
+    group = f"g{uuid.uuid4().hex[:6]}"
+    a = await Ingester(
+        ingester_env(database, mqtt_url, prefix, INGEST_MQTT_SHARE_GROUP=group)
+    ).start()
+    b = await Ingester(
+        ingester_env(database, mqtt_url, prefix, INGEST_MQTT_SHARE_GROUP=group)
+    ).start()
+    a_id = a.env["INGEST_MQTT_CLIENT_ID"]
+    messages, expected = stream(site, devices=6, messages=40, per_message=20)
+    first, second = messages[:120], messages[120:]
+    try:
+        with Publisher(mqtt_url) as pub:
+            for device, payload in first:
+                pub.publish(f"{prefix}/{device}", payload)
+
+            async def first_half_acked() -> bool:
+                return await acked(a, b) >= len(first)
+
+            await wait_until(first_half_acked, timeout=60)
+            assert await a.stop() == 0, a.log.decode()
+            assert f"session of {a_id!r} ended".encode() in a.log, a.log.decode()
+            # The broker no longer holds a session for the member that left, so nothing of
+            # what follows is routed to it: the remaining member takes it all.
+            assert not await asyncio.to_thread(session_present_sync, mqtt_url, a_id)
+            for device, payload in second:
+                pub.publish(f"{prefix}/{device}", payload)
+
+        async def all_stored() -> bool:
+            return len(await stored(database, site)) >= len(expected)
+
+        await wait_until(all_stored, timeout=60)
+        rows = await stored(database, site)
+        assert len(rows) == len(expected)
+        assert set(rows) == expected
+    finally:
+        assert await b.stop() == 0, b.log.decode()
+
+
+async def test_without_leave_on_stop_the_session_stays(
+    database: Database, mqtt_url: str, prefix: str
+) -> None:
+    group = f"g{uuid.uuid4().hex[:6]}"
+    env = ingester_env(
+        database, mqtt_url, prefix, INGEST_MQTT_SHARE_GROUP=group, INGEST_MQTT_LEAVE_ON_STOP="false"
+    )
+    a = await Ingester(env).start()
+    assert await a.stop() == 0, a.log.decode()
+    assert b"ended" not in a.log
+    assert await asyncio.to_thread(session_present_sync, mqtt_url, env["INGEST_MQTT_CLIENT_ID"])
+
+
+async def test_drain_ingests_an_orphaned_session_and_ends_it(
+    database: Database, mqtt_url: str, prefix: str, site: str
+) -> None:
+    group = f"g{uuid.uuid4().hex[:6]}"
+    a = await Ingester(
+        ingester_env(database, mqtt_url, prefix, INGEST_MQTT_SHARE_GROUP=group)
+    ).start()
+    b = await Ingester(
+        ingester_env(database, mqtt_url, prefix, INGEST_MQTT_SHARE_GROUP=group)
+    ).start()
+    a_id = a.env["INGEST_MQTT_CLIENT_ID"]
+    messages, expected = stream(site, devices=6, messages=30, per_message=20)
+    try:
+        await a.kill()  # crashed, and will not come back
+        with Publisher(mqtt_url) as pub:
+            for device, payload in messages:
+                pub.publish(f"{prefix}/{device}", payload)
+
+        async def settled() -> bool:
+            return await b.metric("ingest_messages_acknowledged_total") >= 1
+
+        await wait_until(settled, timeout=60)
+        await asyncio.sleep(2)  # B has taken its share; the rest waits in A's session
+        before = await stored(database, site)
+        assert len(before) < len(expected), "the broker routed nothing to the crashed member"
+
+        drain = Ingester(
+            {**a.env, "INGEST_MQTT_CLIENT_ID": "unused"}, command=("drain", "--client-id", a_id)
+        )
+        await drain.spawn()
+        assert await drain.wait_exit(timeout=120) == 0, drain.log.decode()
+        assert f"session of {a_id!r} ended".encode() in drain.log, drain.log.decode()
+        rows = await stored(database, site)
+        assert len(rows) == len(expected)
+        assert set(rows) == expected
+        assert not await asyncio.to_thread(session_present_sync, mqtt_url, a_id)
+    finally:
+        assert await b.stop() == 0, b.log.decode()
+        await asyncio.to_thread(purge_session_sync, mqtt_url, a_id)
+
+
+async def test_drain_of_a_client_id_without_a_session_ends_at_once(
+    database: Database, mqtt_url: str, prefix: str
+) -> None:
+    client_id = f"gone-{uuid.uuid4().hex[:8]}"
+    drain = Ingester(
+        ingester_env(database, mqtt_url, prefix), command=("drain", "--client-id", client_id)
+    )
+    await drain.spawn()
+    assert await drain.wait_exit(timeout=120) == 0, drain.log.decode()
+    assert b"nothing to drain" in drain.log
+    assert not await asyncio.to_thread(session_present_sync, mqtt_url, client_id)
