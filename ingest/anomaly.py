@@ -11,6 +11,7 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
+from ingest.drift import DRIFT_SIZE
 from ingest.filters import (
     DRIFT,
     FLAT,
@@ -27,16 +28,18 @@ from ingest.filters import (
     P_HIST,
     P_MASK,
     P_OFF,
+    P_SIZE,
     P_SPIKE_W,
     RANGE,
     RATE,
-    S_HLEN,
     S_LAST,
     S_PREV,
     S_RUN_COUNT,
     S_RUN_START,
+    S_SEEN,
     SPIKE,
     commit_flush,
+    fill_drift,
     process_flush,
 )
 from ingest.kernels import check_sorted
@@ -126,8 +129,9 @@ def _compile(rule: AnomalyRule) -> _Compiled:
     flat_us = max(1, round(rule.flatline_seconds * 1e6)) if rule.flatline_seconds else 0
     if flat_n or flat_us:
         mask |= 1 << FLAT
-    hist = max(spike_w, drift_w - 1 + drift_b)
-    ints = (mask, spike_w, drift_w, drift_b, flat_n, flat_us, hist, 0)
+    hist = max(spike_w, drift_w + drift_b)  # drift: the reading leaving the baseline too
+    size = hist + spike_w + (DRIFT_SIZE if drift_w else 0)
+    ints = (mask, spike_w, drift_w, drift_b, flat_n, flat_us, hist, 0, size)
     floats = (
         -inf if rule.min is None else float(rule.min),
         inf if rule.max is None else float(rule.max),
@@ -139,7 +143,7 @@ def _compile(rule: AnomalyRule) -> _Compiled:
     )
     readings = max(1, hist, flat_n - 1)
     need = StateNeed(readings=readings, span_us=flat_us if flat_us and not flat_n else 0)
-    return _Compiled(ints=ints, floats=floats, size=hist + spike_w, need=need)
+    return _Compiled(ints=ints, floats=floats, size=size, need=need)
 
 
 def _detail(kind: int, value: float, score: float, rule: AnomalyRule) -> str:
@@ -290,14 +294,17 @@ class AnomalyDetector:
         if n:
             si = self._si[slot]
             si[S_LAST] = t[-1]
+            si[S_SEEN] = n
             self._sf[slot, S_PREV] = v[-1]
             if hcap:
                 h = min(n, hcap)
-                self._pool[off : off + h] = v[n - h :]
-                si[S_HLEN] = h
+                ring = np.arange(n - h, n) % hcap  # reading a at a % hcap
+                self._pool[off + ring] = v[n - h :]
             if spike_w:
                 w = min(n, spike_w)
                 self._pool[off + hcap : off + hcap + w] = np.sort(v[n - w :])
+            if mask & (1 << DRIFT):
+                fill_drift(self._pool, self._si, self._pi, slot, v)
             if mask & (1 << FLAT):
                 differs = np.flatnonzero(v != v[-1])
                 run = n - int(differs[-1]) - 1 if differs.shape[0] else n
@@ -344,7 +351,7 @@ class AnomalyDetector:
         bad = int(check_sorted(s, t))
         if bad >= 0:
             raise ValueError(f"readings are not sorted by (sensor, time) at row {bad}")
-        seg, xsi, xsf, xei, xef, xpool, xoff, ev_i, ev_f, late = process_flush(
+        seg, xsi, xsf, xei, xef, xpool, xoff, ext, seg_lo, ev_i, ev_f, late = process_flush(
             s,
             t,
             v,
@@ -374,7 +381,7 @@ class AnomalyDetector:
             owner=self,
             seg=seg,
             versions=self._version[seg],
-            state=(xsi, xsf, xei, xef, xpool, xoff),
+            state=(xsi, xsf, xei, xef, xpool, xoff, ext, seg_lo),
             events=tuple(events),
             late=int(late),
         )
@@ -389,7 +396,7 @@ class AnomalyDetector:
             raise RuntimeError("commit: this pending belongs to another detector")
         if not np.array_equal(self._version[pending._seg], pending._versions):
             raise RuntimeError("commit: stale pending, its sensors changed since process()")
-        xsi, xsf, xei, xef, xpool, xoff = pending._state
+        xsi, xsf, xei, xef, xpool, xoff, ext, seg_lo = pending._state
         commit_flush(
             pending._seg,
             xsi,
@@ -398,6 +405,8 @@ class AnomalyDetector:
             xef,
             xpool,
             xoff,
+            ext,
+            seg_lo,
             self._pi,
             self._si,
             self._sf,
@@ -411,7 +420,8 @@ class AnomalyDetector:
     # -- storage -----------------------------------------------------------------------------
 
     def _reset(self, slot: int) -> None:
-        self._si[slot] = (NO_TIME, 0, 0, 0)
+        self._si[slot] = 0
+        self._si[slot, S_LAST] = NO_TIME
         self._sf[slot] = 0.0
         self._ei[slot] = 0
         self._ef[slot] = 0.0
@@ -443,16 +453,12 @@ class AnomalyDetector:
     def _alloc(self, size: int) -> int:
         """Room for `size` floats in the pool; compacts the live slots when it has to grow."""
         if self._pool_used + size > self._pool.shape[0]:
-            live = [
-                slot
-                for slot in range(self._used)
-                if self._pi[slot, P_HIST] + self._pi[slot, P_SPIKE_W] > 0
-            ]
-            total = sum(int(self._pi[s, P_HIST] + self._pi[s, P_SPIKE_W]) for s in live)
+            live = [slot for slot in range(self._used) if self._pi[slot, P_SIZE] > 0]
+            total = sum(int(self._pi[s, P_SIZE]) for s in live)
             pool = np.zeros(max(1024, 2 * (total + size)), np.float64)
             used = 0
             for slot in live:
-                n = int(self._pi[slot, P_HIST] + self._pi[slot, P_SPIKE_W])
+                n = int(self._pi[slot, P_SIZE])
                 off = int(self._pi[slot, P_OFF])
                 pool[used : used + n] = self._pool[off : off + n]
                 self._pi[slot, P_OFF] = used

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 
 import msgspec
 import numpy as np
@@ -48,11 +49,32 @@ def _median(ordered: Sequence[float]) -> float:
 
 
 def _lanes(terms: Sequence[float]) -> float:
-    """A window sum as the rule defines it: eight lanes in time order, added pairwise."""
+    """A window sum of a window holding a reading outside 2**-300..2**300 in magnitude (other
+    than 0), as the rule defines it: eight lanes in time order, added pairwise."""
     s = [0.0] * 8
     for q, term in enumerate(terms):
         s[q % 8] += term
     return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]))
+
+
+def _exact(window: Sequence[float]) -> bool:
+    """Whether the rule takes the window's sums exactly (all its readings 0 or moderate)."""
+    return all(v == 0.0 or 2.0**-300 <= abs(v) <= 2.0**300 for v in window)
+
+
+def _mean(window: Sequence[float]) -> float:
+    """The window's exact sum correctly rounded (math.fsum), over its length."""
+    total = math.fsum(window) if _exact(window) else _lanes(window)
+    return total / len(window)
+
+
+def _sd(window: Sequence[float], mean: float) -> float:
+    """sqrt(sum((x - mean)**2) / (n - 1)), the sum exact and then correctly rounded."""
+    if _exact(window):
+        m2 = float(sum((Fraction(v) - Fraction(mean)) ** 2 for v in window))
+    else:
+        m2 = _lanes([(v - mean) * (v - mean) for v in window])
+    return math.sqrt(m2 / (len(window) - 1))
 
 
 @dataclass
@@ -115,9 +137,9 @@ def reference_events(
             if i >= wd - 1 + wb:
                 base = vals[i - wd + 1 - wb : i - wd + 1]
                 recent = vals[i - wd + 1 : i + 1]
-                mean_b = _lanes(base) / wb
-                sd = math.sqrt(_lanes([(v - mean_b) * (v - mean_b) for v in base]) / (wb - 1))
-                mean_r = _lanes(recent) / wd
+                mean_b = _mean(base)
+                sd = _sd(base, mean_b)
+                mean_r = _mean(recent)
                 floor = rule.drift_min_sigma or 0.0
                 if sd < floor:
                     sd = floor
@@ -254,6 +276,7 @@ values = st.one_of(
     st.sampled_from([0.0, 1.0, 1.0, 2.0, 5.0, -3.0, 20.0]),
     st.floats(-30.0, 30.0),
     st.sampled_from([math.nan, math.inf, -math.inf]),
+    st.sampled_from([1e-310, -(2.0**-301), 2.0**-300, 2.0**300, -(2.0**301), 1e300]),
 )
 gaps = st.sampled_from([1, 250_000, S, S, 3 * S])
 
@@ -613,6 +636,26 @@ def test_drift_right_at_the_floor_matches_the_reference(offset: float) -> None:
     assert expected  # some of the steps do offend
 
 
+@pytest.mark.parametrize("offset", [0.0, -7.25, 1e6, 3e11])
+def test_drift_over_a_long_baseline_is_exact_however_the_stream_is_cut(offset: float) -> None:
+    """Hundreds of readings slide through exact sums across flushes and restarts; a reading
+    beyond 2**300 sends its windows to eight lanes until it has left them."""
+    rng = np.random.default_rng(11)
+    n = 1_400
+    vals = offset + np.cumsum(rng.normal(0.0, 0.5, n))
+    vals[700:760] += 25.0  # a shift
+    vals[900] = 2.0**301
+    vals[901] = 1e-310
+    rule = AnomalyRule(match="*", drift_window=20, drift_baseline=300, drift_sigma=3.0)
+    stream = {3: [(at(i), float(v)) for i, v in enumerate(vals)]}
+    cuts = [1, 319, 320, 333, 905, 1_000]
+    flushes = split_in_order(lambda _: cuts, stream, len(cuts) + 1)  # type: ignore[arg-type, return-value]
+    expected = reference_all({3: rule}, stream)
+    assert len(expected) >= 2
+    assert outcomes(drive({3: rule}, flushes, restarts={2, 4, 5})) == expected
+    assert outcomes(drive({3: rule}, flushes, restarts=set())) == expected
+
+
 def test_flatline_by_count_and_by_seconds_starts_with_the_run() -> None:
     vals = [1, 2, 2, 2, 2, 3]
     expected = Event(
@@ -731,7 +774,7 @@ def test_unsorted_input_is_refused() -> None:
         (AnomalyRule(match="*", spike_window=9), StateNeed(readings=9, span_us=0)),
         (
             AnomalyRule(match="*", drift_window=3, drift_baseline=10),
-            StateNeed(readings=12, span_us=0),
+            StateNeed(readings=13, span_us=0),
         ),
         (AnomalyRule(match="*", flatline_count=4), StateNeed(readings=3, span_us=0)),
         (AnomalyRule(match="*", flatline_seconds=1.5), StateNeed(readings=1, span_us=1_500_000)),
