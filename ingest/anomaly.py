@@ -12,6 +12,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ingest.drift import DRIFT_SIZE
+from ingest.drift import empty as empty_sums
 from ingest.filters import (
     DRIFT,
     FLAT,
@@ -32,6 +33,7 @@ from ingest.filters import (
     P_SPIKE_W,
     RANGE,
     RATE,
+    S_DRIFT,
     S_LAST,
     S_PREV,
     S_RUN_COUNT,
@@ -422,6 +424,7 @@ class AnomalyDetector:
     def _reset(self, slot: int) -> None:
         self._si[slot] = 0
         self._si[slot, S_LAST] = NO_TIME
+        empty_sums(self._si[slot], S_DRIFT)
         self._sf[slot] = 0.0
         self._ei[slot] = 0
         self._ef[slot] = 0.0

@@ -12,7 +12,23 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
-from ingest.drift import DRIFT_SIZE, NC, TQ_SIZE, fill, means, sample_sd, slide
+from ingest.drift import (
+    C_XB,
+    C_XR,
+    DRIFT_SIZE,
+    NC,
+    RESYNC,
+    SCRATCH,
+    copy_sums,
+    fill,
+    means,
+    resync,
+    sample_sd,
+    slide,
+    surely_quiet,
+    tidy,
+    track,
+)
 from ingest.kernels import kernel
 
 KINDS: Final = ("range", "rate", "spike", "drift", "flatline")
@@ -33,7 +49,7 @@ NPF: Final = 7
 # Mutable state per slot: last time, flatline run, finite readings seen (the last `hist` of
 # them are in the pool), then drift's counts (`ingest.drift`, from S_DRIFT); last value. A
 # slot's pool area holds its last `hist` finite values as a ring (reading a at a % hist), then
-# the spike window sorted, then drift's partials (DRIFT_SIZE, if it has drift).
+# the spike window sorted, then drift's sums (DRIFT_SIZE int64 limbs, if it has drift).
 S_LAST, S_RUN_START, S_RUN_COUNT, S_SEEN, S_DRIFT = range(5)
 NSI: Final = S_DRIFT + NC
 S_PREV: Final = 0
@@ -262,18 +278,19 @@ def _gather(
     e0: int,
     lo: int,
     n: int,
-) -> F64:
+) -> None:
     """Readings lo .. lo + n - 1 into win[:n]."""
     for q in range(n):
         win[q] = _at(pool, po, r0, h, hcap, seen, ext, e0, lo + q)
-    return win[:n]
 
 
 @kernel
 def fill_drift(pool: F64, si: I64, pi: I64, slot: int, v: F64) -> None:
     """Drift's sums of a restored slot, as of the last of its finite readings v."""
     plo = pi[slot, P_OFF] + pi[slot, P_HIST] + pi[slot, P_SPIKE_W]
-    fill(pool, plo, si[slot], S_DRIFT, v, pi[slot, P_DRIFT_W], pi[slot, P_DRIFT_B])
+    limbs = pool.view(np.int64)
+    limbs[plo : plo + DRIFT_SIZE] = 0
+    fill(limbs, plo, si[slot], S_DRIFT, v, pi[slot, P_DRIFT_W], pi[slot, P_DRIFT_B])
 
 
 @kernel
@@ -347,7 +364,12 @@ def process_flush(
     verdicts = (off, score, val, start)
     win_r = np.empty(widest, np.float64)  # a window with readings left out of its exact sum
     win_b = np.empty(widest, np.float64)
-    tq = np.empty(TQ_SIZE, np.float64)
+    limbs = pool.view(np.int64)
+    xlimbs = xpool.view(np.int64)
+    tlimbs = np.empty(SCRATCH, np.int64)
+    span = np.empty(2, np.int64)
+    approx = np.empty(6, np.float64)
+    tmp = np.empty(SCRATCH, np.float64)
     for j in range(nseg):
         s = seg[j]
         xsi[j] = si[s]
@@ -442,10 +464,8 @@ def process_flush(
             drift_floor = pf[s, Q_DRIFT_FLOOR]
             plo = o + spike_w
             cnt = xsi[j]
-            for c in range(3):  # the partials in use
-                q = plo + c * (DRIFT_SIZE // 3)
-                pq = po + hcap + spike_w + c * (DRIFT_SIZE // 3)
-                xpool[q : q + cnt[S_DRIFT + c]] = pool[pq : pq + cnt[S_DRIFT + c]]
+            copy_sums(xlimbs, plo, limbs, po + hcap + spike_w, cnt, S_DRIFT)
+            since = RESYNC
             for i in range(na):
                 a = seen + i
                 x = ext[e0 + i]
@@ -453,27 +473,35 @@ def process_flush(
                 gone = 0.0
                 if a >= wd + wb:
                     gone = _at(pool, po, r0, h, hcap, seen, ext, e0, a - wd - wb)
-                slide(xpool, plo, cnt, S_DRIFT, x, moved, gone, a, wd, wb)
+                slide(xlimbs, plo, cnt, S_DRIFT, x, moved, gone, a, wd, wb)
+                track(approx, x, moved, gone, a, wd, wb)
                 off[i] = False
                 start[i] = when[i]
                 if a < wd - 1 + wb:
                     continue
-                recent = win_r[:0]
-                base = win_b[:0]
-                if cnt[S_DRIFT + 3] > 0:
-                    recent = _gather(win_r, pool, po, r0, h, hcap, seen, ext, e0, a - wd + 1, wd)
-                if cnt[S_DRIFT + 4] > 0:
-                    base = _gather(win_b, pool, po, r0, h, hcap, seen, ext, e0, a - wd + 1 - wb, wb)
-                mean_r, mean_b = means(xpool, plo, cnt, S_DRIFT, wd, wb, recent, base)
+                if cnt[S_DRIFT + C_XR] == 0 and cnt[S_DRIFT + C_XB] == 0:
+                    # Most readings are settled by running float sums within known bounds.
+                    if since >= RESYNC:
+                        resync(xlimbs, plo, cnt, S_DRIFT, approx, tmp)
+                        since = 0
+                    since += 1
+                    if surely_quiet(approx, wd, wb, drift_k, drift_floor):
+                        continue
+                if cnt[S_DRIFT + C_XR] > 0:
+                    _gather(win_r, pool, po, r0, h, hcap, seen, ext, e0, a - wd + 1, wd)
+                if cnt[S_DRIFT + C_XB] > 0:
+                    _gather(win_b, pool, po, r0, h, hcap, seen, ext, e0, a - wd + 1 - wb, wb)
+                mean_r, mean_b = means(xlimbs, plo, cnt, S_DRIFT, wd, wb, win_r, win_b, tmp)
                 dist = abs(mean_r - mean_b)
                 # sd >= the floor: within k floors of the baseline needs no variance.
                 if dist > drift_k * drift_floor:
-                    sd = sample_sd(xpool, plo, cnt, S_DRIFT, mean_b, wb, base, tq)
+                    sd = sample_sd(xlimbs, plo, cnt, S_DRIFT, mean_b, wb, win_b, tlimbs, span, tmp)
                     if sd < drift_floor:
                         sd = drift_floor
                     off[i] = dist > drift_k * sd
                     score[i] = dist / sd if sd > 0.0 else math.inf
                 val[i] = mean_r
+            tidy(xlimbs, plo, cnt, S_DRIFT)
             ev_i, ev_f, m = _events(
                 DRIFT, sid, na, verdicts, when, xei[j, DRIFT], xef[j, DRIFT], ev_i, ev_f, m
             )
@@ -545,11 +573,9 @@ def commit_flush(
         o = xoff[j]
         pool[po + hcap : po + hcap + spike_w] = xpool[o : o + spike_w]
         if pi[s, P_MASK] & (1 << DRIFT):
-            for c in range(3):
-                q = o + spike_w + c * (DRIFT_SIZE // 3)
-                pq = po + hcap + spike_w + c * (DRIFT_SIZE // 3)
-                used = xsi[j, S_DRIFT + c]
-                pool[pq : pq + used] = xpool[q : q + used]
+            limbs = pool.view(np.int64)
+            xlimbs = xpool.view(np.int64)
+            copy_sums(limbs, po + hcap + spike_w, xlimbs, o + spike_w, xsi[j], S_DRIFT)
         si[s] = xsi[j]
         sf[s] = xsf[j]
         ei[s] = xei[j]

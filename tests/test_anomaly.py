@@ -69,12 +69,13 @@ def _mean(window: Sequence[float]) -> float:
 
 
 def _sd(window: Sequence[float], mean: float) -> float:
-    """sqrt(sum((x - mean)**2) / (n - 1)), the sum exact and then correctly rounded."""
+    """sqrt(v / (n (n - 1))), v = n sum(x**2) - sum(x)**2 exactly, then correctly rounded;
+    over a window with an extreme reading sqrt(sum((x - mean)**2) / (n - 1)) in eight lanes."""
+    n = len(window)
     if _exact(window):
-        m2 = float(sum((Fraction(v) - Fraction(mean)) ** 2 for v in window))
-    else:
-        m2 = _lanes([(v - mean) * (v - mean) for v in window])
-    return math.sqrt(m2 / (len(window) - 1))
+        spread = n * sum(Fraction(v) ** 2 for v in window) - sum(map(Fraction, window)) ** 2
+        return math.sqrt(float(spread) / (n * (n - 1)))
+    return math.sqrt(_lanes([(v - mean) * (v - mean) for v in window]) / (n - 1))
 
 
 @dataclass
