@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
-from collections.abc import Iterable
-from typing import Any, Final
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any, Concatenate, Final, ParamSpec, TypeVar
 
 import msgspec
 import numpy as np
@@ -168,6 +171,69 @@ def _detail(kind: int, value: float, score: float, rule: AnomalyRule) -> str:
 # ---------------------------------------------------------------------------------------------
 # The detector
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+class _SharedLock:
+    """Many holders at once in `shared` mode, or one alone in `exclusive` mode."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._shared = 0
+        self._exclusive = False
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._exclusive)
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._shared -= 1
+                if not self._shared:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._exclusive and not self._shared)
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
+
+
+def _reads(
+    method: Callable[Concatenate[AnomalyDetector, _P], _R],
+) -> Callable[Concatenate[AnomalyDetector, _P], _R]:
+    """The method only reads the committed state: it may run beside other readers."""
+
+    @functools.wraps(method)
+    def locked(self: AnomalyDetector, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with self._lock.shared():
+            return method(self, *args, **kwargs)
+
+    return locked
+
+
+def _writes(
+    method: Callable[Concatenate[AnomalyDetector, _P], _R],
+) -> Callable[Concatenate[AnomalyDetector, _P], _R]:
+    """The method changes the state: it runs alone."""
+
+    @functools.wraps(method)
+    def locked(self: AnomalyDetector, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with self._lock.exclusive():
+            return method(self, *args, **kwargs)
+
+    return locked
+
 
 class AnomalyDetector:
     """Per-sensor anomaly state, advanced one flush at a time, applied only after commit.
@@ -176,13 +242,17 @@ class AnomalyDetector:
     `state_needed` for the flush's sensors and `restore` those from the database, then
     `process`; upsert `Pending.events` in the flush's transaction; `commit` after it committed.
 
-    Not thread-safe: call it from one task or thread only. `process` runs one numba kernel over
-    the whole flush with the GIL released, so it may run in a worker thread, as long as nothing
-    else calls the detector meanwhile. Non-finite values (NaN, +-inf) are skipped entirely: they
-    are in no window, break no flatline run and end no event. Sensors without a rule cost
-    nothing. Results do not depend on how a sensor's stream is cut into flushes, nor on restarts
-    (a new detector restored from the database), for readings that arrive in time order per
-    sensor; a late reading (time not after the sensor's last one) is ignored and counted.
+    Thread-safe. `process` only reads the committed state and runs one numba kernel over the
+    whole flush with the GIL released: several `process` calls (the writers' worker threads,
+    each with its part of a flush) run at once. `assign`, `restore`, `forget` and `commit`
+    change the state: each waits until no `process` is running, and holds the others off
+    while it runs (a lock per detector, taken once per call).
+
+    Non-finite values (NaN, +-inf) are skipped entirely: they are in no window, break no
+    flatline run and end no event. Sensors without a rule cost nothing. Results do not depend
+    on how a sensor's stream is cut into flushes, nor on restarts (a new detector restored
+    from the database), for readings that arrive in time order per sensor; a late reading
+    (time not after the sensor's last one) is ignored and counted.
     """
 
     def __init__(self) -> None:
@@ -201,9 +271,11 @@ class AnomalyDetector:
         self._restored = np.zeros(0, np.bool_)
         self._pool = np.zeros(0, np.float64)
         self._pool_used = 0
+        self._lock = _SharedLock()
 
     # -- rules -----------------------------------------------------------------------------
 
+    @_writes
     def assign(self, *, sensor_id: int, rule: AnomalyRule | None) -> None:
         """Set the rule of a sensor (None: no filters); a changed rule starts from no state."""
         sensor_id = operator.index(sensor_id)
@@ -238,6 +310,7 @@ class AnomalyDetector:
 
     # -- rebuilding state --------------------------------------------------------------------
 
+    @_reads
     def state_needed(self, *, sensor_ids: Iterable[int] | npt.NDArray[Any]) -> dict[int, StateNeed]:
         """For the given sensors that have a rule but no state yet: the history to restore from.
 
@@ -255,6 +328,7 @@ class AnomalyDetector:
         ids = ids[~self._restored[slots]]
         return {int(i): self._compiled[self._rules[int(i)]].need for i in ids.tolist()}
 
+    @_writes
     def restore(
         self,
         *,
@@ -321,6 +395,7 @@ class AnomalyDetector:
                 self._ef[slot, k] = (ev.value, ev.score)
         self._restored[slot] = True
 
+    @_writes
     def forget(self, *, sensor_ids: Iterable[int]) -> None:
         """Drop the state of these sensors (keeping their rules): `state_needed` lists them again.
 
@@ -332,6 +407,7 @@ class AnomalyDetector:
 
     # -- the flush ---------------------------------------------------------------------------
 
+    @_reads
     def process(
         self,
         *,
@@ -388,6 +464,7 @@ class AnomalyDetector:
             late=int(late),
         )
 
+    @_writes
     def commit(self, pending: Pending, /) -> None:
         """Apply a processed flush after its transaction committed.
 

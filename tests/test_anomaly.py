@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -13,7 +14,8 @@ import pytest
 from hypothesis import HealthCheck, currently_in_test_context, event, given, settings
 from hypothesis import strategies as st
 
-from ingest.anomaly import KINDS, AnomalyDetector, Event, StateNeed, warm_up
+from ingest import anomaly
+from ingest.anomaly import KINDS, AnomalyDetector, Event, Pending, StateNeed, warm_up
 from ingest.filters import MAD_SCALE
 from ingest.rules import AnomalyRule, rule_for
 
@@ -862,3 +864,81 @@ def test_rule_for_takes_the_first_match() -> None:
     assert rule_for(rules=rules, path="mill-1/Temp") is None  # case-sensitive
     assert rule_for(rules=[AnomalyRule(match="*", max=1.0)], path="a/b/c") is not None
     assert rule_for(rules=[], path="a/b") is None
+
+
+# ------------------------------------------------------------------------------------------
+# Threads: the writers call `process` from worker threads
+# ------------------------------------------------------------------------------------------
+
+
+def _busy_detector() -> tuple[AnomalyDetector, dict[str, np.ndarray]]:
+    """Sensors 1..40 with full windows, and sensor 0's pool area before theirs released, so
+    that the next pool growth compacts (moves) all of theirs."""
+    rule = AnomalyRule(match="*", spike_window=8, drift_window=4, drift_baseline=30)
+    detector = fresh({s: rule for s in range(41)})
+    rng = np.random.default_rng(8)
+    stream = {
+        s: [(at(i), float(v)) for i, v in enumerate(rng.normal(0, 1, 60))] for s in range(1, 41)
+    }
+    detector.commit(detector.process(**columns({s: r[:40] for s, r in stream.items()})))
+    detector.assign(sensor_id=0, rule=None)
+    return detector, columns({s: r[40:] for s, r in stream.items()})
+
+
+def test_state_changes_wait_for_a_process_running_in_another_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A rule assigned while a flush is processed (the pool grows and compacts) changes
+    nothing that flush sees: the assignment waits until the kernel is done."""
+    detector, cols = _busy_detector()
+    alone = detector.process(**cols)
+    big = AnomalyRule(match="*", drift_window=5, drift_baseline=9_000)
+    assigned = threading.Event()
+    late: list[bool] = []
+    real = anomaly.process_flush
+
+    def assign_meanwhile(*args: object) -> object:
+        def assign() -> None:
+            detector.assign(sensor_id=99, rule=big)  # the pool must grow: it compacts
+            assigned.set()
+
+        worker = threading.Thread(target=assign)
+        worker.start()
+        workers.append(worker)
+        late.append(not assigned.wait(1.0))  # with no lock it is done at once
+        return real(*args)
+
+    workers: list[threading.Thread] = []
+    monkeypatch.setattr(anomaly, "process_flush", assign_meanwhile)
+    meanwhile = detector.process(**cols)
+    monkeypatch.setattr(anomaly, "process_flush", real)
+    workers[0].join()
+    assert assigned.is_set()
+    assert late == [True]
+    assert meanwhile.events == alone.events
+    detector.commit(meanwhile)  # still valid: sensor 99 is not in it
+    assert detector.rule(sensor_id=99) == big
+
+
+def test_processes_in_several_threads_run_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second `process` runs while the first is inside its kernel: readers share."""
+    detector, cols = _busy_detector()
+    alone = detector.process(**cols)
+    real = anomaly.process_flush
+    results: list[Pending] = []
+    finished = threading.Event()
+
+    def process_meanwhile(*args: object) -> object:
+        if threading.current_thread() is threading.main_thread():
+
+            def other() -> None:
+                results.append(detector.process(**cols))
+                finished.set()
+
+            threading.Thread(target=other).start()
+            assert finished.wait(60.0)  # waits forever, the test's timeout aside, if exclusive
+        return real(*args)
+
+    monkeypatch.setattr(anomaly, "process_flush", process_meanwhile)
+    first = detector.process(**cols)
+    assert [p.events for p in (first, *results)] == [alone.events, alone.events]
