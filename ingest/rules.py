@@ -16,8 +16,9 @@ import msgspec
 __all__ = ["MAX_DRIFT_SPAN", "MAX_SPIKE_WINDOW", "AnomalyRule", "rule_for"]
 
 MAX_SPIKE_WINDOW: Final = 1024
-MAX_DRIFT_SPAN: Final = 10_000
-"""Upper bound of drift_window + drift_baseline: the kernel sums both windows per reading."""
+MAX_DRIFT_SPAN: Final = 100_000
+"""Upper bound of drift_window + drift_baseline (a day at 1 Hz; an hour at 10 Hz is 36,000):
+each sensor keeps that many readings, 8 bytes each, and restores them at a start."""
 
 
 class AnomalyRule(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):

@@ -830,7 +830,7 @@ def test_restore_checks_its_input() -> None:
         ({"spike_window": 5, "spike_threshold": -1.0}, "spike_threshold must be"),
         ({"drift_window": 5}, "drift_window is set but drift_baseline is not"),
         ({"drift_window": 5, "drift_baseline": 1}, "drift_baseline must be an integer from 2"),
-        ({"drift_window": 5000, "drift_baseline": 5001}, "drift_baseline must be at most"),
+        ({"drift_window": 50_000, "drift_baseline": 50_001}, "drift_baseline must be at most"),
         ({"flatline_count": 1}, "flatline_count must be an integer from 2"),
         ({"flatline_seconds": 0.0}, "flatline_seconds must be a number of seconds"),
         ({"max": True}, "max must be a finite number"),
