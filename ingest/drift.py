@@ -200,7 +200,8 @@ _U: Final = 2.0**-52
 
 @kernel
 def resync(acc: I64, o: int, cnt: I64, c: int, approx: F64, tmp: F64) -> None:
-    """approx[:6] = the three sums correctly rounded, and a bound on each one's error."""
+    """approx[:6] = the three sums correctly rounded, and a bound on each one's error (and
+    approx[6:9] the reciprocals `surely_quiet` needs, set by the caller)."""
     approx[0] = exact_value(acc, o + DR_R, cnt, c + C_R, tmp)
     approx[1] = exact_value(acc, o + DR_B, cnt, c + C_B, tmp)
     approx[2] = value_sq(acc, o + DR_Q, cnt, c + C_Q, tmp)
@@ -234,17 +235,21 @@ def track(approx: F64, x: float, moved: float, gone: float, a: int, wd: int, wb:
 def surely_quiet(approx: F64, wd: int, wb: int, k: float, floor: float) -> bool:
     """True only if the exact rule (`means`, `sample_sd`) finds |r - b| <= k max(s, floor):
     from the running approximations and their error bounds, with margins far above the few
-    roundings the exact rule adds. False says nothing."""
+    roundings the exact rule adds and those made here (reciprocals, no square root). False
+    says nothing."""
     sr, sb, sq, er, eb, eq = approx[0], approx[1], approx[2], approx[3], approx[4], approx[5]
-    mean_r = sr / wd
-    mean_b = sb / wb
-    dist = abs(mean_r - mean_b) + er / wd + eb / wb + 4.0 * _U * (abs(mean_r) + abs(mean_b))
+    inv_d = approx[6]
+    inv_b = approx[7]
+    mean_r = sr * inv_d
+    mean_b = sb * inv_b
+    dist = abs(mean_r - mean_b) + (er * inv_d + eb * inv_b) * 1.001
+    dist += 4.0 * _U * (abs(mean_r) + abs(mean_b))
     n = float(wb)
-    scale = n * (n - 1.0)
-    v = (n * sq - sb * sb) / scale
-    ev = (n * eq + 2.0 * abs(sb) * eb + eb * eb + 8.0 * _U * (n * abs(sq) + sb * sb)) / scale
-    low = v - ev * 2.0
-    s = math.sqrt(low) if low > 0.0 else 0.0
-    if s < floor:
-        s = floor
-    return bool(dist * (1.0 + 1e-9) < k * s * (1.0 - 1e-9))
+    inv_scale = approx[8]
+    v = (n * sq - sb * sb) * inv_scale
+    ev = (n * eq + 2.0 * abs(sb) * eb + eb * eb + 8.0 * _U * (n * abs(sq) + sb * sb)) * inv_scale
+    low = v - ev * 2.0 - 8.0 * _U * abs(v)
+    s2 = floor * floor
+    if low > s2:
+        s2 = low
+    return bool(dist * dist * (1.0 + 1e-9) < k * k * s2 * (1.0 - 1e-9))

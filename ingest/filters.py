@@ -368,7 +368,7 @@ def process_flush(
     xlimbs = xpool.view(np.int64)
     tlimbs = np.empty(SCRATCH, np.int64)
     span = np.empty(2, np.int64)
-    approx = np.empty(6, np.float64)
+    approx = np.empty(9, np.float64)
     tmp = np.empty(SCRATCH, np.float64)
     for j in range(nseg):
         s = seg[j]
@@ -466,6 +466,9 @@ def process_flush(
             cnt = xsi[j]
             copy_sums(xlimbs, plo, limbs, po + hcap + spike_w, cnt, S_DRIFT)
             since = RESYNC
+            approx[6] = 1.0 / wd
+            approx[7] = 1.0 / wb
+            approx[8] = 1.0 / (float(wb) * float(wb - 1))
             for i in range(na):
                 a = seen + i
                 x = ext[e0 + i]
