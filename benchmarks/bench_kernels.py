@@ -15,7 +15,7 @@ from pytest_benchmark.fixture import BenchmarkFixture
 from ingest.anomaly import AnomalyDetector
 from ingest.filters import MAD_SCALE
 from ingest.kernels import HOUR_US, MINUTE_US, rollup, warm_up
-from ingest.rules import AnomalyRule
+from ingest.rules import MAX_SPIKE_WINDOW, AnomalyRule
 
 T0 = 1_767_225_600_000_000  # 2026-01-01T00:00:00Z
 SENSORS = 1_000
@@ -190,12 +190,81 @@ def kernel_anomaly(kind: str) -> Callable[[Columns], Any]:
     return run
 
 
-CASES: dict[str, tuple[Callable[[], Callable[[Columns], Any]], str, Callable[[Columns], Any]]] = {
+def _history(rule: AnomalyRule) -> Columns:
+    """Each sensor's readings before flush 1, as many as restoring its state asks for."""
+    probe = AnomalyDetector()
+    probe.assign(sensor_id=0, rule=rule)
+    need = probe.state_needed(sensor_ids=[0])[0].readings
+    rng = np.random.default_rng(need)
+    step = np.arange(-need, 0, dtype=np.int64) + PER_SENSOR
+    time = T0 + np.tile(step, SENSORS) * 1_000_000
+    walk = np.cumsum(rng.normal(0.0, 0.5, (SENSORS, need)), axis=1)
+    walk -= walk[:, -1:]  # ends where flush 1 starts
+    sensor = np.repeat(np.arange(SENSORS, dtype=np.int32), need)
+    return sensor, time, (20.0 + walk).ravel()
+
+
+def kernel_window(rule: AnomalyRule) -> Callable[[Columns], Any]:
+    """A filter in steady state with its windows full, restored from history as at a start."""
+    detector = AnomalyDetector()
+    sensor, time, value = _history(rule)
+    per = sensor.shape[0] // SENSORS
+    for s in range(SENSORS):
+        detector.assign(sensor_id=s, rule=rule)
+        rows = slice(s * per, (s + 1) * per)
+        detector.restore(sensor_id=s, time=time[rows], value=value[rows], open_events=())
+
+    def run(cols: Columns) -> Any:
+        sensor, time, value = cols
+        return detector.process(sensor=sensor, time=time, value=value)  # never committed
+
+    return run
+
+
+WINDOWS = (16, 64, 256, 1024, 3600)
+"""Window sizes of the per-window cases (spike windows stop at MAX_SPIKE_WINDOW)."""
+HOUR_RULE = AnomalyRule(
+    match="*",
+    min=-40.0,
+    max=40.0,
+    max_rate=5.0,
+    spike_window=32,
+    spike_threshold=4.0,
+    drift_window=60,
+    drift_baseline=3600,
+    drift_sigma=3.0,
+    flatline_count=10,
+    flatline_seconds=30.0,
+)
+"""All five filters, drift over an hour's baseline at one reading a second."""
+WINDOW_RULES: dict[str, AnomalyRule] = {
+    **{
+        f"drift 16 over {w}": AnomalyRule(
+            match="*", drift_window=16, drift_baseline=w, drift_sigma=3.0
+        )
+        for w in WINDOWS
+    },
+    **{
+        f"spike {w}": AnomalyRule(match="*", spike_window=w, spike_threshold=4.0)
+        for w in WINDOWS
+        if w <= MAX_SPIKE_WINDOW
+    },
+    "all, drift 60 over 3600": HOUR_RULE,
+}
+
+
+CASES: dict[
+    str, tuple[Callable[[], Callable[[Columns], Any]], str, Callable[[Columns], Any] | None]
+] = {
     "rollup 1 min": (lambda: kernel_rollup(MINUTE_US), "pandas groupby", pandas_rollup(MINUTE_US)),
     "rollup 1 h": (lambda: kernel_rollup(HOUR_US), "pandas groupby", pandas_rollup(HOUR_US)),
     **{
         f"anomaly {kind}": ((lambda k=kind: kernel_anomaly(k)), name, fn)  # type: ignore[misc]
         for kind, (name, fn) in EQUIVALENTS.items()
+    },
+    **{
+        f"window {name}": ((lambda r=rule: kernel_window(r)), "-", None)  # type: ignore[misc]
+        for name, rule in WINDOW_RULES.items()
     },
 }
 
@@ -215,7 +284,8 @@ class _Summary:
             terminalreporter.write_line("no timings: run with --benchmark-enable")
             return
         terminalreporter.write_line(
-            f"{'case':<18} {'kernel':>14} {'equivalent':>14}  {'ratio':>7}  equivalent is"
+            f"{'case':<34} {'kernel':>14} {'ns/reading':>10} {'equivalent':>14}  {'ratio':>7}"
+            "  equivalent is"
         )
         for case, (_, name, _) in CASES.items():
             kernel = self.rates.get((case, "kernel"))
@@ -223,7 +293,8 @@ class _Summary:
             ratio = f"{kernel / other:6.2f}x" if kernel and other else "      -"
             k_text = f"{kernel / 1e6:10.2f} M/s" if kernel else f"{'-':>14}"
             o_text = f"{other / 1e6:10.2f} M/s" if other else f"{'-':>14}"
-            terminalreporter.write_line(f"{case:<18} {k_text} {o_text}  {ratio}  {name}")
+            ns = f"{1e9 / kernel:10.1f}" if kernel else f"{'-':>10}"
+            terminalreporter.write_line(f"{case:<34} {k_text} {ns} {o_text}  {ratio}  {name}")
 
 
 @pytest.fixture(scope="session")
@@ -238,7 +309,10 @@ def summary(request: pytest.FixtureRequest) -> _Summary:
 @pytest.mark.parametrize("case", list(CASES))
 def test_kernel(case: str, impl: str, benchmark: BenchmarkFixture, summary: _Summary) -> None:
     make_kernel, _, equivalent = CASES[case]
+    if impl == "equivalent" and equivalent is None:
+        pytest.skip("no equivalent")
     fn = make_kernel() if impl == "kernel" else equivalent
+    assert fn is not None
     cols = (SENSOR, TIME, VALUE)
     benchmark.group = case
     benchmark(fn, cols)

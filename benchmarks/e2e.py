@@ -71,6 +71,7 @@ from ingest import memory
 from ingest.decode import DecodeLimits, decode_batch
 from ingest.errors import ConfigError, IngestError
 from ingest.migrate import migrate
+from ingest.rules import MAX_DRIFT_SPAN
 from ingest.simulate import load_plant, read_record
 from ingest.sink import Readings, encode_copy
 
@@ -94,30 +95,40 @@ _CONTROLLED = {
     "INGEST_METRICS_PORT",
 }
 _LATENCY_METRIC = "ingest_publish_to_commit_seconds"
+
+
 # The targets hold with rollups and anomaly filters on: every filter on every sensor, with
-# limits that suit the simulated plant (they fire on its current steps and counter plateaus).
-DEFAULT_FILTERS = {
-    "INGEST_ROLLUPS_ENABLED": "true",
-    "INGEST_ANOMALY_RULES": json.dumps(
-        [
-            {
-                "match": "*",
-                "min": -1e6,
-                "max": 1e6,
-                "max_rate": 1000.0,
-                "spike_window": 32,
-                "spike_threshold": 6.0,
-                "spike_min_sigma": 0.5,
-                "drift_window": 16,
-                "drift_baseline": 64,
-                "drift_sigma": 6.0,
-                "drift_min_sigma": 0.5,
-                "flatline_count": 100,
-                "flatline_seconds": 60.0,
-            }
-        ]
-    ),
-}
+# limits that suit the simulated plant (they fire on its current steps and counter plateaus),
+# and drift over an hour's baseline (and a minute's window) at the simulated rate.
+def default_filters(hz: float) -> dict[str, str]:
+    """The ingester settings of the default filter set for sensors sampled at `hz` (the
+    baseline stops at the longest a rule allows)."""
+    window = max(1, round(60 * hz))
+    baseline = min(max(2, round(3600 * hz)), MAX_DRIFT_SPAN - window)
+    return {
+        "INGEST_ROLLUPS_ENABLED": "true",
+        "INGEST_ANOMALY_RULES": json.dumps(
+            [
+                {
+                    "match": "*",
+                    "min": -1e6,
+                    "max": 1e6,
+                    "max_rate": 1000.0,
+                    "spike_window": 32,
+                    "spike_threshold": 6.0,
+                    "spike_min_sigma": 0.5,
+                    "drift_window": window,
+                    "drift_baseline": baseline,
+                    "drift_sigma": 6.0,
+                    "drift_min_sigma": 0.5,
+                    "flatline_count": 100,
+                    "flatline_seconds": 60.0,
+                }
+            ]
+        ),
+    }
+
+
 _HOUR_US = 3_600_000_000
 _POLL_S = 0.5  # /metrics costs the ingester CPU too: poll gently
 
@@ -827,7 +838,7 @@ def _budget(load: Load) -> float:
 def ingester_env(
     stack: dict[str, str], db: Scratch, opts: Options, *, prefix: str, port: int
 ) -> dict[str, str]:
-    env = {k: v for k, v in DEFAULT_FILTERS.items() if k not in os.environ}
+    env = {k: v for k, v in default_filters(opts.hz).items() if k not in os.environ}
     env.update({k: v for k, v in os.environ.items() if k not in _CONTROLLED})
     env.update(
         {

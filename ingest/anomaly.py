@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
-from collections.abc import Iterable
-from typing import Any, Final
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any, Concatenate, Final, ParamSpec, TypeVar
 
 import msgspec
 import numpy as np
 import numpy.typing as npt
 
+from ingest.drift import DRIFT_SIZE
+from ingest.drift import empty as empty_sums
 from ingest.filters import (
     DRIFT,
     FLAT,
@@ -27,16 +32,19 @@ from ingest.filters import (
     P_HIST,
     P_MASK,
     P_OFF,
+    P_SIZE,
     P_SPIKE_W,
     RANGE,
     RATE,
-    S_HLEN,
+    S_DRIFT,
     S_LAST,
     S_PREV,
     S_RUN_COUNT,
     S_RUN_START,
+    S_SEEN,
     SPIKE,
     commit_flush,
+    fill_drift,
     process_flush,
 )
 from ingest.kernels import check_sorted
@@ -126,8 +134,9 @@ def _compile(rule: AnomalyRule) -> _Compiled:
     flat_us = max(1, round(rule.flatline_seconds * 1e6)) if rule.flatline_seconds else 0
     if flat_n or flat_us:
         mask |= 1 << FLAT
-    hist = max(spike_w, drift_w - 1 + drift_b)
-    ints = (mask, spike_w, drift_w, drift_b, flat_n, flat_us, hist, 0)
+    hist = max(spike_w, drift_w + drift_b)  # drift: the reading leaving the baseline too
+    size = hist + spike_w + (DRIFT_SIZE if drift_w else 0)
+    ints = (mask, spike_w, drift_w, drift_b, flat_n, flat_us, hist, 0, size)
     floats = (
         -inf if rule.min is None else float(rule.min),
         inf if rule.max is None else float(rule.max),
@@ -139,7 +148,7 @@ def _compile(rule: AnomalyRule) -> _Compiled:
     )
     readings = max(1, hist, flat_n - 1)
     need = StateNeed(readings=readings, span_us=flat_us if flat_us and not flat_n else 0)
-    return _Compiled(ints=ints, floats=floats, size=hist + spike_w, need=need)
+    return _Compiled(ints=ints, floats=floats, size=size, need=need)
 
 
 def _detail(kind: int, value: float, score: float, rule: AnomalyRule) -> str:
@@ -162,6 +171,69 @@ def _detail(kind: int, value: float, score: float, rule: AnomalyRule) -> str:
 # ---------------------------------------------------------------------------------------------
 # The detector
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+class _SharedLock:
+    """Many holders at once in `shared` mode, or one alone in `exclusive` mode."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._shared = 0
+        self._exclusive = False
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._exclusive)
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._shared -= 1
+                if not self._shared:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._exclusive and not self._shared)
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
+
+
+def _reads(
+    method: Callable[Concatenate[AnomalyDetector, _P], _R],
+) -> Callable[Concatenate[AnomalyDetector, _P], _R]:
+    """The method only reads the committed state: it may run beside other readers."""
+
+    @functools.wraps(method)
+    def locked(self: AnomalyDetector, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with self._lock.shared():
+            return method(self, *args, **kwargs)
+
+    return locked
+
+
+def _writes(
+    method: Callable[Concatenate[AnomalyDetector, _P], _R],
+) -> Callable[Concatenate[AnomalyDetector, _P], _R]:
+    """The method changes the state: it runs alone."""
+
+    @functools.wraps(method)
+    def locked(self: AnomalyDetector, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with self._lock.exclusive():
+            return method(self, *args, **kwargs)
+
+    return locked
+
 
 class AnomalyDetector:
     """Per-sensor anomaly state, advanced one flush at a time, applied only after commit.
@@ -170,13 +242,17 @@ class AnomalyDetector:
     `state_needed` for the flush's sensors and `restore` those from the database, then
     `process`; upsert `Pending.events` in the flush's transaction; `commit` after it committed.
 
-    Not thread-safe: call it from one task or thread only. `process` runs one numba kernel over
-    the whole flush with the GIL released, so it may run in a worker thread, as long as nothing
-    else calls the detector meanwhile. Non-finite values (NaN, +-inf) are skipped entirely: they
-    are in no window, break no flatline run and end no event. Sensors without a rule cost
-    nothing. Results do not depend on how a sensor's stream is cut into flushes, nor on restarts
-    (a new detector restored from the database), for readings that arrive in time order per
-    sensor; a late reading (time not after the sensor's last one) is ignored and counted.
+    Thread-safe. `process` only reads the committed state and runs one numba kernel over the
+    whole flush with the GIL released: several `process` calls (the writers' worker threads,
+    each with its part of a flush) run at once. `assign`, `restore`, `forget` and `commit`
+    change the state: each waits until no `process` is running, and holds the others off
+    while it runs (a lock per detector, taken once per call).
+
+    Non-finite values (NaN, +-inf) are skipped entirely: they are in no window, break no
+    flatline run and end no event. Sensors without a rule cost nothing. Results do not depend
+    on how a sensor's stream is cut into flushes, nor on restarts (a new detector restored
+    from the database), for readings that arrive in time order per sensor; a late reading
+    (time not after the sensor's last one) is ignored and counted.
     """
 
     def __init__(self) -> None:
@@ -195,9 +271,11 @@ class AnomalyDetector:
         self._restored = np.zeros(0, np.bool_)
         self._pool = np.zeros(0, np.float64)
         self._pool_used = 0
+        self._lock = _SharedLock()
 
     # -- rules -----------------------------------------------------------------------------
 
+    @_writes
     def assign(self, *, sensor_id: int, rule: AnomalyRule | None) -> None:
         """Set the rule of a sensor (None: no filters); a changed rule starts from no state."""
         sensor_id = operator.index(sensor_id)
@@ -232,6 +310,7 @@ class AnomalyDetector:
 
     # -- rebuilding state --------------------------------------------------------------------
 
+    @_reads
     def state_needed(self, *, sensor_ids: Iterable[int] | npt.NDArray[Any]) -> dict[int, StateNeed]:
         """For the given sensors that have a rule but no state yet: the history to restore from.
 
@@ -249,6 +328,7 @@ class AnomalyDetector:
         ids = ids[~self._restored[slots]]
         return {int(i): self._compiled[self._rules[int(i)]].need for i in ids.tolist()}
 
+    @_writes
     def restore(
         self,
         *,
@@ -290,14 +370,17 @@ class AnomalyDetector:
         if n:
             si = self._si[slot]
             si[S_LAST] = t[-1]
+            si[S_SEEN] = n
             self._sf[slot, S_PREV] = v[-1]
             if hcap:
                 h = min(n, hcap)
-                self._pool[off : off + h] = v[n - h :]
-                si[S_HLEN] = h
+                ring = np.arange(n - h, n) % hcap  # reading a at a % hcap
+                self._pool[off + ring] = v[n - h :]
             if spike_w:
                 w = min(n, spike_w)
                 self._pool[off + hcap : off + hcap + w] = np.sort(v[n - w :])
+            if mask & (1 << DRIFT):
+                fill_drift(self._pool, self._si, self._pi, slot, v)
             if mask & (1 << FLAT):
                 differs = np.flatnonzero(v != v[-1])
                 run = n - int(differs[-1]) - 1 if differs.shape[0] else n
@@ -312,6 +395,7 @@ class AnomalyDetector:
                 self._ef[slot, k] = (ev.value, ev.score)
         self._restored[slot] = True
 
+    @_writes
     def forget(self, *, sensor_ids: Iterable[int]) -> None:
         """Drop the state of these sensors (keeping their rules): `state_needed` lists them again.
 
@@ -323,6 +407,7 @@ class AnomalyDetector:
 
     # -- the flush ---------------------------------------------------------------------------
 
+    @_reads
     def process(
         self,
         *,
@@ -344,7 +429,7 @@ class AnomalyDetector:
         bad = int(check_sorted(s, t))
         if bad >= 0:
             raise ValueError(f"readings are not sorted by (sensor, time) at row {bad}")
-        seg, xsi, xsf, xei, xef, xpool, xoff, ev_i, ev_f, late = process_flush(
+        seg, xsi, xsf, xei, xef, xpool, xoff, ext, seg_lo, ev_i, ev_f, late = process_flush(
             s,
             t,
             v,
@@ -374,11 +459,12 @@ class AnomalyDetector:
             owner=self,
             seg=seg,
             versions=self._version[seg],
-            state=(xsi, xsf, xei, xef, xpool, xoff),
+            state=(xsi, xsf, xei, xef, xpool, xoff, ext, seg_lo),
             events=tuple(events),
             late=int(late),
         )
 
+    @_writes
     def commit(self, pending: Pending, /) -> None:
         """Apply a processed flush after its transaction committed.
 
@@ -389,7 +475,7 @@ class AnomalyDetector:
             raise RuntimeError("commit: this pending belongs to another detector")
         if not np.array_equal(self._version[pending._seg], pending._versions):
             raise RuntimeError("commit: stale pending, its sensors changed since process()")
-        xsi, xsf, xei, xef, xpool, xoff = pending._state
+        xsi, xsf, xei, xef, xpool, xoff, ext, seg_lo = pending._state
         commit_flush(
             pending._seg,
             xsi,
@@ -398,6 +484,8 @@ class AnomalyDetector:
             xef,
             xpool,
             xoff,
+            ext,
+            seg_lo,
             self._pi,
             self._si,
             self._sf,
@@ -411,7 +499,9 @@ class AnomalyDetector:
     # -- storage -----------------------------------------------------------------------------
 
     def _reset(self, slot: int) -> None:
-        self._si[slot] = (NO_TIME, 0, 0, 0)
+        self._si[slot] = 0
+        self._si[slot, S_LAST] = NO_TIME
+        empty_sums(self._si[slot], S_DRIFT)
         self._sf[slot] = 0.0
         self._ei[slot] = 0
         self._ef[slot] = 0.0
@@ -443,16 +533,12 @@ class AnomalyDetector:
     def _alloc(self, size: int) -> int:
         """Room for `size` floats in the pool; compacts the live slots when it has to grow."""
         if self._pool_used + size > self._pool.shape[0]:
-            live = [
-                slot
-                for slot in range(self._used)
-                if self._pi[slot, P_HIST] + self._pi[slot, P_SPIKE_W] > 0
-            ]
-            total = sum(int(self._pi[s, P_HIST] + self._pi[s, P_SPIKE_W]) for s in live)
+            live = [slot for slot in range(self._used) if self._pi[slot, P_SIZE] > 0]
+            total = sum(int(self._pi[s, P_SIZE]) for s in live)
             pool = np.zeros(max(1024, 2 * (total + size)), np.float64)
             used = 0
             for slot in live:
-                n = int(self._pi[slot, P_HIST] + self._pi[slot, P_SPIKE_W])
+                n = int(self._pi[slot, P_SIZE])
                 off = int(self._pi[slot, P_OFF])
                 pool[used : used + n] = self._pool[off : off + n]
                 self._pi[slot, P_OFF] = used

@@ -12,6 +12,23 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
+from ingest.drift import (
+    C_XB,
+    C_XR,
+    DRIFT_SIZE,
+    NC,
+    RESYNC,
+    SCRATCH,
+    copy_sums,
+    fill,
+    means,
+    resync,
+    sample_sd,
+    slide,
+    surely_quiet,
+    tidy,
+    track,
+)
 from ingest.kernels import kernel
 
 KINDS: Final = ("range", "rate", "spike", "drift", "flatline")
@@ -23,15 +40,18 @@ MAD_SCALE: Final = 1.4826
 NO_TIME: Final = -(2**63)
 RANGE, RATE, SPIKE, DRIFT, FLAT = 0, 1, 2, 3, 4
 
-# Rule parameters per slot (written by assign, read-only in the kernels).
-P_MASK, P_SPIKE_W, P_DRIFT_W, P_DRIFT_B, P_FLAT_N, P_FLAT_US, P_HIST, P_OFF = range(8)
-NPI: Final = 8
+# Rule parameters per slot (written by assign, read-only in the kernels): P_SIZE is the size of
+# the slot's pool area, P_OFF where it starts.
+P_MASK, P_SPIKE_W, P_DRIFT_W, P_DRIFT_B, P_FLAT_N, P_FLAT_US, P_HIST, P_OFF, P_SIZE = range(9)
+NPI: Final = 9
 Q_MIN, Q_MAX, Q_RATE, Q_SPIKE_K, Q_SPIKE_FLOOR, Q_DRIFT_K, Q_DRIFT_FLOOR = range(7)
 NPF: Final = 7
-# Mutable state per slot: last time, flatline run, history length; last value. A slot's pool
-# area holds its last `hist` finite values in time order, then the spike window sorted.
-S_LAST, S_RUN_START, S_RUN_COUNT, S_HLEN = range(4)
-NSI: Final = 4
+# Mutable state per slot: last time, flatline run, finite readings seen (the last `hist` of
+# them are in the pool), then drift's counts (`ingest.drift`, from S_DRIFT); last value. A
+# slot's pool area holds its last `hist` finite values as a ring (reading a at a % hist), then
+# the spike window sorted, then drift's sums (DRIFT_SIZE int64 limbs, if it has drift).
+S_LAST, S_RUN_START, S_RUN_COUNT, S_SEEN, S_DRIFT = range(5)
+NSI: Final = S_DRIFT + NC
 S_PREV: Final = 0
 NSF: Final = 1
 # Open-event state per slot and kind.
@@ -121,88 +141,6 @@ def _sorted_replace(buf: F64, lo: int, n: int, old: float, new: float, remove: b
             buf[q] = buf[q - 1]
             q -= 1
     buf[q] = new
-
-
-@kernel
-def _term(a: F64, q: int, centre: float, squares: bool) -> float:
-    if squares:
-        d = a[q] - centre
-        return float(d * d)
-    return float(a[q])
-
-
-@kernel
-def _lane_sum(a: F64, lo: int, n: int, centre: float) -> float:
-    """Sum of a[lo : lo + n] (of (a[q] - centre)**2 if `centre` is not NaN) in eight lanes.
-
-    Lane r adds the terms at q = lo + r, lo + r + 8, ... in order, from 0.0; the result is
-    ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7)). Eight independent sums keep the adds
-    pipelined, and the result still depends on the window's values alone.
-    """
-    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
-    sq = not math.isnan(centre)
-    end = lo + n
-    q = lo
-    while q + 8 <= end:
-        s0 += _term(a, q, centre, sq)
-        s1 += _term(a, q + 1, centre, sq)
-        s2 += _term(a, q + 2, centre, sq)
-        s3 += _term(a, q + 3, centre, sq)
-        s4 += _term(a, q + 4, centre, sq)
-        s5 += _term(a, q + 5, centre, sq)
-        s6 += _term(a, q + 6, centre, sq)
-        s7 += _term(a, q + 7, centre, sq)
-        q += 8
-    r = end - q
-    if r > 0:
-        s0 += _term(a, q, centre, sq)
-    if r > 1:
-        s1 += _term(a, q + 1, centre, sq)
-    if r > 2:
-        s2 += _term(a, q + 2, centre, sq)
-    if r > 3:
-        s3 += _term(a, q + 3, centre, sq)
-    if r > 4:
-        s4 += _term(a, q + 4, centre, sq)
-    if r > 5:
-        s5 += _term(a, q + 5, centre, sq)
-    if r > 6:
-        s6 += _term(a, q + 6, centre, sq)
-    return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
-
-
-_RESYNC: Final = 32
-"""Drift's running window sums are recomputed exactly after this many slides."""
-
-
-@kernel
-def _abs_sum(a: F64, lo: int, n: int) -> float:
-    total = 0.0
-    for q in range(lo, lo + n):
-        total += abs(a[q])
-    return total
-
-
-@kernel
-def _surely_quiet(
-    sb: float, sr: float, ab: float, ar: float, wb: int, wd: int, quiet: float
-) -> bool:
-    """True only if the exact drift distance |mean_r - mean_b| is at most `quiet`.
-
-    sb and sr are running sums of the baseline and recent windows, at most _RESYNC slides
-    (two additions each) from an exact lane sum; ab and ar bound the sum of |x| over every
-    value that went into them. Each differs from the lane sum of its window by at most
-    (2 * n + 2 * _RESYNC) * u * a (u = 2**-53: the recursive-summation bound applied to the
-    slides, the lane sum and the window's true sum); the means and their difference add a
-    few roundings more. The margin below covers all of it twice over; a sum that overflowed
-    makes it inf or NaN, and the answer False.
-    """
-    u = 2.0**-53
-    gamma = (2.0 * (wb + wd) + 2.0 * _RESYNC + 16.0) * u * 1.25
-    mean_b = sb / wb
-    mean_r = sr / wd
-    err = gamma * (ab / wb + ar / wd) + 8.0 * u * (abs(mean_b) + abs(mean_r))
-    return bool(abs(mean_r - mean_b) + 2.0 * err < quiet)
 
 
 @kernel
@@ -313,6 +251,49 @@ def _events(
 
 
 @kernel
+def _at(
+    pool: F64, po: int, r0: int, h: int, hcap: int, seen: int, ext: F64, e0: int, a: int
+) -> float:
+    """Finite reading a (counted from the sensor's first): from this flush's accepted values
+    ext[e0:] if a >= seen, else from the ring of the last h = min(seen, hcap), whose oldest
+    is at pool[po + r0]."""
+    if a >= seen:
+        return float(ext[e0 + a - seen])
+    q = r0 + a - seen + h
+    if q >= hcap:
+        q -= hcap
+    return float(pool[po + q])
+
+
+@kernel
+def _gather(
+    win: F64,
+    pool: F64,
+    po: int,
+    r0: int,
+    h: int,
+    hcap: int,
+    seen: int,
+    ext: F64,
+    e0: int,
+    lo: int,
+    n: int,
+) -> None:
+    """Readings lo .. lo + n - 1 into win[:n]."""
+    for q in range(n):
+        win[q] = _at(pool, po, r0, h, hcap, seen, ext, e0, lo + q)
+
+
+@kernel
+def fill_drift(pool: F64, si: I64, pi: I64, slot: int, v: F64) -> None:
+    """Drift's sums of a restored slot, as of the last of its finite readings v."""
+    plo = pi[slot, P_OFF] + pi[slot, P_HIST] + pi[slot, P_SPIKE_W]
+    limbs = pool.view(np.int64)
+    limbs[plo : plo + DRIFT_SIZE] = 0
+    fill(limbs, plo, si[slot], S_DRIFT, v, pi[slot, P_DRIFT_W], pi[slot, P_DRIFT_B])
+
+
+@kernel
 def process_flush(
     sensor: npt.NDArray[np.int32],
     time: I64,
@@ -328,9 +309,10 @@ def process_flush(
 ) -> Any:
     """Run the filters over sorted columns; the new state goes to scratch copies, not `si`...
 
-    Per sensor: the finite, timely readings are appended to the sensor's history in one
-    contiguous array, so every window is a slice of it; then each filter in turn judges them
-    all and `_track` turns its verdicts into events.
+    Per sensor: the finite, timely readings are gathered (into `ext`, at the sensor's rows);
+    older readings come from the sensor's ring in `pool`. Each filter in turn judges them all
+    and `_track` turns its verdicts into events. The scratch state per sensor is its int and
+    float state, its open events, and its pool area past the ring (spike window, drift sums).
     """
     n = sensor.shape[0]
     nseg = 0
@@ -346,6 +328,7 @@ def process_flush(
     j = -1
     size = 0
     longest = 0
+    widest = 0
     current = False
     for i in range(n):
         if i == 0 or sensor[i] != sensor[i - 1]:
@@ -356,28 +339,37 @@ def process_flush(
                 seg[j] = slot
                 seg_lo[j] = i
                 xoff[j] = size
-                size += pi[slot, P_HIST] + pi[slot, P_SPIKE_W]
+                size += pi[slot, P_SIZE] - pi[slot, P_HIST]
+                widest = max(widest, pi[slot, P_DRIFT_W], pi[slot, P_DRIFT_B])
             current = slot >= 0
         if current:
             seg_hi[j] = i + 1
     for j in range(nseg):
-        longest = max(longest, seg_hi[j] - seg_lo[j] + pi[seg[j], P_HIST])
+        longest = max(longest, seg_hi[j] - seg_lo[j])
     xsi = np.empty((nseg, NSI), np.int64)
     xsf = np.empty((nseg, NSF), np.float64)
     xei = np.empty((nseg, 5, NEI), np.int64)
     xef = np.empty((nseg, 5, NEF), np.float64)
     xpool = np.empty(size, np.float64)
+    ext = np.empty(n, np.float64)  # each sensor's accepted values, from its first row
     ev_i = np.empty((16 + nseg, 4), np.int64)
     ev_f = np.empty((16 + nseg, 2), np.float64)
     m = 0
     late = 0
-    ext = np.empty(longest, np.float64)  # history, then this flush's accepted values
     when = np.empty(longest, np.int64)  # times of the accepted values
     off = np.empty(longest, np.bool_)
     score = np.empty(longest, np.float64)
     val = np.empty(longest, np.float64)
     start = np.empty(longest, np.int64)
     verdicts = (off, score, val, start)
+    win_r = np.empty(widest, np.float64)  # a window with readings left out of its exact sum
+    win_b = np.empty(widest, np.float64)
+    limbs = pool.view(np.int64)
+    xlimbs = xpool.view(np.int64)
+    tlimbs = np.empty(SCRATCH, np.int64)
+    span = np.empty(2, np.int64)
+    approx = np.empty(9, np.float64)
+    tmp = np.empty(SCRATCH, np.float64)
     for j in range(nseg):
         s = seg[j]
         xsi[j] = si[s]
@@ -389,12 +381,13 @@ def process_flush(
         spike_w = pi[s, P_SPIKE_W]
         o = xoff[j]
         po = pi[s, P_OFF]
-        xpool[o : o + hcap + spike_w] = pool[po : po + hcap + spike_w]
         last = xsi[j, S_LAST]
         has_prev = last != NO_TIME
         prev = xsf[j, S_PREV]
-        h = xsi[j, S_HLEN]
-        ext[:h] = xpool[o : o + h]
+        seen = xsi[j, S_SEEN]
+        h = min(seen, hcap)
+        r0 = (seen - h) % hcap if hcap > 0 else 0
+        e0 = seg_lo[j]
         na = 0
         for i in range(seg_lo[j], seg_hi[j]):
             x = value[i]
@@ -404,7 +397,7 @@ def process_flush(
             if has_prev and t <= last:  # times rise within a sensor: only old ones are late
                 late += 1
                 continue
-            ext[h + na] = x
+            ext[e0 + na] = x
             when[na] = t
             na += 1
         if na == 0:
@@ -414,7 +407,7 @@ def process_flush(
             lo_limit = pf[s, Q_MIN]
             hi_limit = pf[s, Q_MAX]
             for i in range(na):
-                x = ext[h + i]
+                x = ext[e0 + i]
                 off[i] = x > hi_limit or x < lo_limit
                 score[i] = x - hi_limit if x > hi_limit else lo_limit - x
                 val[i] = x
@@ -425,10 +418,10 @@ def process_flush(
         if mask & (1 << RATE):
             max_rate = pf[s, Q_RATE]
             for i in range(na):
-                x = ext[h + i]
+                x = ext[e0 + i]
                 off[i] = False
                 if i > 0 or has_prev:
-                    px = ext[h + i - 1] if i > 0 else prev
+                    px = ext[e0 + i - 1] if i > 0 else prev
                     pt = when[i - 1] if i > 0 else last
                     rate = abs(x - px) / (float(when[i] - pt) / 1e6)
                     off[i] = rate > max_rate
@@ -441,26 +434,26 @@ def process_flush(
         if mask & (1 << SPIKE):
             spike_k = pf[s, Q_SPIKE_K]
             spike_floor = pf[s, Q_SPIKE_FLOOR]
-            sw = o + hcap  # the sorted window of the last spike_w values
+            xpool[o : o + spike_w] = pool[po + hcap : po + hcap + spike_w]
             for i in range(na):
-                p = h + i
-                x = ext[p]
+                a = seen + i
+                x = ext[e0 + i]
                 off[i] = False
-                full = p >= spike_w
+                full = a >= spike_w
                 if full:
-                    med = _median(xpool, sw, spike_w)
+                    med = _median(xpool, o, spike_w)
                     dev = abs(x - med)
                     # sigma >= the floor: within k floors of the median needs no MAD.
                     if dev > spike_k * spike_floor:
-                        sigma = MAD_SCALE * _mad(xpool, sw, spike_w, med)
+                        sigma = MAD_SCALE * _mad(xpool, o, spike_w, med)
                         if sigma < spike_floor:
                             sigma = spike_floor
                         off[i] = dev > spike_k * sigma
                         score[i] = dev / sigma if sigma > 0.0 else math.inf
                 val[i] = x
                 start[i] = when[i]
-                old = ext[p - spike_w] if full else 0.0
-                _sorted_replace(xpool, sw, min(p, spike_w), old, x, full)
+                old = _at(pool, po, r0, h, hcap, seen, ext, e0, a - spike_w) if full else 0.0
+                _sorted_replace(xpool, o, min(a, spike_w), old, x, full)
             ev_i, ev_f, m = _events(
                 SPIKE, sid, na, verdicts, when, xei[j, SPIKE], xef[j, SPIKE], ev_i, ev_f, m
             )
@@ -469,46 +462,49 @@ def process_flush(
             wb = pi[s, P_DRIFT_B]
             drift_k = pf[s, Q_DRIFT_K]
             drift_floor = pf[s, Q_DRIFT_FLOOR]
-            quiet = drift_k * drift_floor  # sd >= the floor: dist <= quiet never offends
-            since = _RESYNC
-            sb = sr = ab = ar = 0.0
+            plo = o + spike_w
+            cnt = xsi[j]
+            copy_sums(xlimbs, plo, limbs, po + hcap + spike_w, cnt, S_DRIFT)
+            since = RESYNC
+            approx[6] = 1.0 / wd
+            approx[7] = 1.0 / wb
+            approx[8] = 1.0 / (float(wb) * float(wb - 1))
             for i in range(na):
-                p = h + i
+                a = seen + i
+                x = ext[e0 + i]
+                moved = _at(pool, po, r0, h, hcap, seen, ext, e0, a - wd) if a >= wd else 0.0
+                gone = 0.0
+                if a >= wd + wb:
+                    gone = _at(pool, po, r0, h, hcap, seen, ext, e0, a - wd - wb)
+                slide(xlimbs, plo, cnt, S_DRIFT, x, moved, gone, a, wd, wb)
+                track(approx, x, moved, gone, a, wd, wb)
                 off[i] = False
-                if p >= wd - 1 + wb:
-                    base = p - wd + 1 - wb
-                    if quiet > 0.0:
-                        # Running sums of both windows, recomputed every _RESYNC readings,
-                        # settle most readings without the exact sums (see _surely_quiet).
-                        if since >= _RESYNC:
-                            sb = _lane_sum(ext, base, wb, math.nan)
-                            sr = _lane_sum(ext, base + wb, wd, math.nan)
-                            ab = _abs_sum(ext, base, wb)
-                            ar = _abs_sum(ext, base + wb, wd)
-                            since = 0
-                        else:
-                            moved = ext[base + wb - 1]  # from the recent window to the baseline
-                            gone = ext[base - 1]
-                            sb = sb + moved - gone
-                            sr = sr + ext[p] - moved
-                            ab += abs(moved) + abs(gone)
-                            ar += abs(ext[p]) + abs(moved)
-                            since += 1
-                        if _surely_quiet(sb, sr, ab, ar, wb, wd, quiet):
-                            start[i] = when[i]
-                            continue
-                    mean_b = _lane_sum(ext, base, wb, math.nan) / wb
-                    mean_r = _lane_sum(ext, base + wb, wd, math.nan) / wd
-                    dist = abs(mean_r - mean_b)
-                    # sd >= the floor: within k floors of the baseline needs no variance.
-                    if dist > drift_k * drift_floor:
-                        sd = math.sqrt(_lane_sum(ext, base, wb, mean_b) / (wb - 1))
-                        if sd < drift_floor:
-                            sd = drift_floor
-                        off[i] = dist > drift_k * sd
-                        score[i] = dist / sd if sd > 0.0 else math.inf
-                    val[i] = mean_r
                 start[i] = when[i]
+                if a < wd - 1 + wb:
+                    continue
+                if cnt[S_DRIFT + C_XR] == 0 and cnt[S_DRIFT + C_XB] == 0:
+                    # Most readings are settled by running float sums within known bounds.
+                    if since >= RESYNC:
+                        resync(xlimbs, plo, cnt, S_DRIFT, approx, tmp)
+                        since = 0
+                    since += 1
+                    if surely_quiet(approx, wd, wb, drift_k, drift_floor):
+                        continue
+                if cnt[S_DRIFT + C_XR] > 0:
+                    _gather(win_r, pool, po, r0, h, hcap, seen, ext, e0, a - wd + 1, wd)
+                if cnt[S_DRIFT + C_XB] > 0:
+                    _gather(win_b, pool, po, r0, h, hcap, seen, ext, e0, a - wd + 1 - wb, wb)
+                mean_r, mean_b = means(xlimbs, plo, cnt, S_DRIFT, wd, wb, win_r, win_b, tmp)
+                dist = abs(mean_r - mean_b)
+                # sd >= the floor: within k floors of the baseline needs no variance.
+                if dist > drift_k * drift_floor:
+                    sd = sample_sd(xlimbs, plo, cnt, S_DRIFT, mean_b, wb, win_b, tlimbs, span, tmp)
+                    if sd < drift_floor:
+                        sd = drift_floor
+                    off[i] = dist > drift_k * sd
+                    score[i] = dist / sd if sd > 0.0 else math.inf
+                val[i] = mean_r
+            tidy(xlimbs, plo, cnt, S_DRIFT)
             ev_i, ev_f, m = _events(
                 DRIFT, sid, na, verdicts, when, xei[j, DRIFT], xef[j, DRIFT], ev_i, ev_f, m
             )
@@ -518,8 +514,8 @@ def process_flush(
             flat_n = pi[s, P_FLAT_N]
             flat_us = pi[s, P_FLAT_US]
             for i in range(na):
-                x = ext[h + i]
-                if (i > 0 or has_prev) and x == (ext[h + i - 1] if i > 0 else prev):
+                x = ext[e0 + i]
+                if (i > 0 or has_prev) and x == (ext[e0 + i - 1] if i > 0 else prev):
                     run_count += 1
                 else:
                     run_start = when[i]
@@ -532,15 +528,12 @@ def process_flush(
             ev_i, ev_f, m = _events(
                 FLAT, sid, na, verdicts, when, xei[j, FLAT], xef[j, FLAT], ev_i, ev_f, m
             )
-        total = h + na
-        keep = min(total, hcap)
-        xpool[o : o + keep] = ext[total - keep : total]
         xsi[j, S_LAST] = when[na - 1]
         xsi[j, S_RUN_START] = run_start
         xsi[j, S_RUN_COUNT] = run_count
-        xsi[j, S_HLEN] = keep
-        xsf[j, S_PREV] = ext[total - 1]
-    return seg, xsi, xsf, xei, xef, xpool, xoff, ev_i[:m], ev_f[:m], late
+        xsi[j, S_SEEN] = seen + na
+        xsf[j, S_PREV] = ext[e0 + na - 1]
+    return seg, xsi, xsf, xei, xef, xpool, xoff, ext, seg_lo, ev_i[:m], ev_f[:m], late
 
 
 @kernel
@@ -552,6 +545,8 @@ def commit_flush(
     xef: F64,
     xpool: F64,
     xoff: I64,
+    ext: F64,
+    seg_lo: I64,
     pi: I64,
     si: I64,
     sf: F64,
@@ -559,13 +554,32 @@ def commit_flush(
     ef: F64,
     pool: F64,
 ) -> None:
-    """Copy the scratch state of a processed flush into the committed arrays."""
+    """Copy the scratch state of a processed flush into the committed arrays, and its accepted
+    readings into each sensor's ring."""
     for j in range(seg.shape[0]):
         s = seg[j]
+        hcap = pi[s, P_HIST]
+        spike_w = pi[s, P_SPIKE_W]
+        po = pi[s, P_OFF]
+        seen = si[s, S_SEEN]
+        total = xsi[j, S_SEEN]
+        if total == seen:  # no reading accepted: nothing changed (nor was copied to scratch)
+            continue
+        if hcap > 0:
+            first = max(seen, total - hcap)
+            q = first % hcap
+            for a in range(first, total):
+                pool[po + q] = ext[seg_lo[j] + a - seen]
+                q += 1
+                if q == hcap:
+                    q = 0
+        o = xoff[j]
+        pool[po + hcap : po + hcap + spike_w] = xpool[o : o + spike_w]
+        if pi[s, P_MASK] & (1 << DRIFT):
+            limbs = pool.view(np.int64)
+            xlimbs = xpool.view(np.int64)
+            copy_sums(limbs, po + hcap + spike_w, xlimbs, o + spike_w, xsi[j], S_DRIFT)
         si[s] = xsi[j]
         sf[s] = xsf[j]
         ei[s] = xei[j]
         ef[s] = xef[j]
-        size = pi[s, P_HIST] + pi[s, P_SPIKE_W]
-        po = pi[s, P_OFF]
-        pool[po : po + size] = xpool[xoff[j] : xoff[j] + size]

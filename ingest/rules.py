@@ -16,8 +16,9 @@ import msgspec
 __all__ = ["MAX_DRIFT_SPAN", "MAX_SPIKE_WINDOW", "AnomalyRule", "rule_for"]
 
 MAX_SPIKE_WINDOW: Final = 1024
-MAX_DRIFT_SPAN: Final = 10_000
-"""Upper bound of drift_window + drift_baseline: the kernel sums both windows per reading."""
+MAX_DRIFT_SPAN: Final = 100_000
+"""Upper bound of drift_window + drift_baseline (a day at 1 Hz; an hour at 10 Hz is 36,000):
+each sensor keeps that many readings, 8 bytes each, and restores them at a start."""
 
 
 class AnomalyRule(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -43,11 +44,16 @@ class AnomalyRule(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
       >= T (rounded to whole microseconds) from its first reading; either limit suffices. The
       event starts at the run's first reading; score is the run's duration in seconds.
 
-    A median of an even count is the mean of the middle two. A sum over a window adds its
-    terms in eight lanes, lane r taking the window's readings r, r + 8, ... (oldest first) in
-    time order from 0.0, and returns ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7)); the
-    sample variance sums (x_j - b)**2 that way. So every statistic is a function of its window
-    alone, bit for bit, however the stream was cut.
+    A median of an even count is the mean of the middle two. A window's mean is its exact sum
+    correctly rounded to a double (what `math.fsum` returns) over its length; the baseline's
+    sample variance is v / (B (B - 1)) with v = B sum(x_j**2) - sum(x_j)**2 computed exactly,
+    then correctly rounded, and its sample standard deviation the square root of that. So
+    every statistic is a function of its window alone, bit for bit, however the stream was
+    cut, at the same cost per reading whatever the window's length. A window holding a
+    reading outside 2**-300..2**300 in magnitude (other than 0) is summed in eight lanes
+    instead, lane r taking the window's readings r, r + 8, ... in time order from 0.0, giving
+    ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7)), and its variance is the lane sum of
+    (x_j - b)**2 over (B - 1).
     """
 
     match: str

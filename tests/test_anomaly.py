@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 
 import msgspec
 import numpy as np
@@ -12,7 +14,8 @@ import pytest
 from hypothesis import HealthCheck, currently_in_test_context, event, given, settings
 from hypothesis import strategies as st
 
-from ingest.anomaly import KINDS, AnomalyDetector, Event, StateNeed, warm_up
+from ingest import anomaly
+from ingest.anomaly import KINDS, AnomalyDetector, Event, Pending, StateNeed, warm_up
 from ingest.filters import MAD_SCALE
 from ingest.rules import AnomalyRule, rule_for
 
@@ -48,11 +51,33 @@ def _median(ordered: Sequence[float]) -> float:
 
 
 def _lanes(terms: Sequence[float]) -> float:
-    """A window sum as the rule defines it: eight lanes in time order, added pairwise."""
+    """A window sum of a window holding a reading outside 2**-300..2**300 in magnitude (other
+    than 0), as the rule defines it: eight lanes in time order, added pairwise."""
     s = [0.0] * 8
     for q, term in enumerate(terms):
         s[q % 8] += term
     return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]))
+
+
+def _exact(window: Sequence[float]) -> bool:
+    """Whether the rule takes the window's sums exactly (all its readings 0 or moderate)."""
+    return all(v == 0.0 or 2.0**-300 <= abs(v) <= 2.0**300 for v in window)
+
+
+def _mean(window: Sequence[float]) -> float:
+    """The window's exact sum correctly rounded (math.fsum), over its length."""
+    total = math.fsum(window) if _exact(window) else _lanes(window)
+    return total / len(window)
+
+
+def _sd(window: Sequence[float], mean: float) -> float:
+    """sqrt(v / (n (n - 1))), v = n sum(x**2) - sum(x)**2 exactly, then correctly rounded;
+    over a window with an extreme reading sqrt(sum((x - mean)**2) / (n - 1)) in eight lanes."""
+    n = len(window)
+    if _exact(window):
+        spread = n * sum(Fraction(v) ** 2 for v in window) - sum(map(Fraction, window)) ** 2
+        return math.sqrt(float(spread) / (n * (n - 1)))
+    return math.sqrt(_lanes([(v - mean) * (v - mean) for v in window]) / (n - 1))
 
 
 @dataclass
@@ -115,9 +140,9 @@ def reference_events(
             if i >= wd - 1 + wb:
                 base = vals[i - wd + 1 - wb : i - wd + 1]
                 recent = vals[i - wd + 1 : i + 1]
-                mean_b = _lanes(base) / wb
-                sd = math.sqrt(_lanes([(v - mean_b) * (v - mean_b) for v in base]) / (wb - 1))
-                mean_r = _lanes(recent) / wd
+                mean_b = _mean(base)
+                sd = _sd(base, mean_b)
+                mean_r = _mean(recent)
                 floor = rule.drift_min_sigma or 0.0
                 if sd < floor:
                     sd = floor
@@ -254,6 +279,7 @@ values = st.one_of(
     st.sampled_from([0.0, 1.0, 1.0, 2.0, 5.0, -3.0, 20.0]),
     st.floats(-30.0, 30.0),
     st.sampled_from([math.nan, math.inf, -math.inf]),
+    st.sampled_from([1e-310, -(2.0**-301), 2.0**-300, 2.0**300, -(2.0**301), 1e300]),
 )
 gaps = st.sampled_from([1, 250_000, S, S, 3 * S])
 
@@ -613,6 +639,26 @@ def test_drift_right_at_the_floor_matches_the_reference(offset: float) -> None:
     assert expected  # some of the steps do offend
 
 
+@pytest.mark.parametrize("offset", [0.0, -7.25, 1e6, 3e11])
+def test_drift_over_a_long_baseline_is_exact_however_the_stream_is_cut(offset: float) -> None:
+    """Hundreds of readings slide through exact sums across flushes and restarts; a reading
+    beyond 2**300 sends its windows to eight lanes until it has left them."""
+    rng = np.random.default_rng(11)
+    n = 1_400
+    vals = offset + np.cumsum(rng.normal(0.0, 0.5, n))
+    vals[700:760] += 25.0  # a shift
+    vals[900] = 2.0**301
+    vals[901] = 1e-310
+    rule = AnomalyRule(match="*", drift_window=20, drift_baseline=300, drift_sigma=3.0)
+    stream = {3: [(at(i), float(v)) for i, v in enumerate(vals)]}
+    cuts = [1, 319, 320, 333, 905, 1_000]
+    flushes = split_in_order(lambda _: cuts, stream, len(cuts) + 1)  # type: ignore[arg-type, return-value]
+    expected = reference_all({3: rule}, stream)
+    assert len(expected) >= 2
+    assert outcomes(drive({3: rule}, flushes, restarts={2, 4, 5})) == expected
+    assert outcomes(drive({3: rule}, flushes, restarts=set())) == expected
+
+
 def test_flatline_by_count_and_by_seconds_starts_with_the_run() -> None:
     vals = [1, 2, 2, 2, 2, 3]
     expected = Event(
@@ -731,7 +777,7 @@ def test_unsorted_input_is_refused() -> None:
         (AnomalyRule(match="*", spike_window=9), StateNeed(readings=9, span_us=0)),
         (
             AnomalyRule(match="*", drift_window=3, drift_baseline=10),
-            StateNeed(readings=12, span_us=0),
+            StateNeed(readings=13, span_us=0),
         ),
         (AnomalyRule(match="*", flatline_count=4), StateNeed(readings=3, span_us=0)),
         (AnomalyRule(match="*", flatline_seconds=1.5), StateNeed(readings=1, span_us=1_500_000)),
@@ -784,7 +830,7 @@ def test_restore_checks_its_input() -> None:
         ({"spike_window": 5, "spike_threshold": -1.0}, "spike_threshold must be"),
         ({"drift_window": 5}, "drift_window is set but drift_baseline is not"),
         ({"drift_window": 5, "drift_baseline": 1}, "drift_baseline must be an integer from 2"),
-        ({"drift_window": 5000, "drift_baseline": 5001}, "drift_baseline must be at most"),
+        ({"drift_window": 50_000, "drift_baseline": 50_001}, "drift_baseline must be at most"),
         ({"flatline_count": 1}, "flatline_count must be an integer from 2"),
         ({"flatline_seconds": 0.0}, "flatline_seconds must be a number of seconds"),
         ({"max": True}, "max must be a finite number"),
@@ -818,3 +864,81 @@ def test_rule_for_takes_the_first_match() -> None:
     assert rule_for(rules=rules, path="mill-1/Temp") is None  # case-sensitive
     assert rule_for(rules=[AnomalyRule(match="*", max=1.0)], path="a/b/c") is not None
     assert rule_for(rules=[], path="a/b") is None
+
+
+# ------------------------------------------------------------------------------------------
+# Threads: the writers call `process` from worker threads
+# ------------------------------------------------------------------------------------------
+
+
+def _busy_detector() -> tuple[AnomalyDetector, dict[str, np.ndarray]]:
+    """Sensors 1..40 with full windows, and sensor 0's pool area before theirs released, so
+    that the next pool growth compacts (moves) all of theirs."""
+    rule = AnomalyRule(match="*", spike_window=8, drift_window=4, drift_baseline=30)
+    detector = fresh({s: rule for s in range(41)})
+    rng = np.random.default_rng(8)
+    stream = {
+        s: [(at(i), float(v)) for i, v in enumerate(rng.normal(0, 1, 60))] for s in range(1, 41)
+    }
+    detector.commit(detector.process(**columns({s: r[:40] for s, r in stream.items()})))
+    detector.assign(sensor_id=0, rule=None)
+    return detector, columns({s: r[40:] for s, r in stream.items()})
+
+
+def test_state_changes_wait_for_a_process_running_in_another_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A rule assigned while a flush is processed (the pool grows and compacts) changes
+    nothing that flush sees: the assignment waits until the kernel is done."""
+    detector, cols = _busy_detector()
+    alone = detector.process(**cols)
+    big = AnomalyRule(match="*", drift_window=5, drift_baseline=9_000)
+    assigned = threading.Event()
+    late: list[bool] = []
+    real = anomaly.process_flush
+
+    def assign_meanwhile(*args: object) -> object:
+        def assign() -> None:
+            detector.assign(sensor_id=99, rule=big)  # the pool must grow: it compacts
+            assigned.set()
+
+        worker = threading.Thread(target=assign)
+        worker.start()
+        workers.append(worker)
+        late.append(not assigned.wait(1.0))  # with no lock it is done at once
+        return real(*args)
+
+    workers: list[threading.Thread] = []
+    monkeypatch.setattr(anomaly, "process_flush", assign_meanwhile)
+    meanwhile = detector.process(**cols)
+    monkeypatch.setattr(anomaly, "process_flush", real)
+    workers[0].join()
+    assert assigned.is_set()
+    assert late == [True]
+    assert meanwhile.events == alone.events
+    detector.commit(meanwhile)  # still valid: sensor 99 is not in it
+    assert detector.rule(sensor_id=99) == big
+
+
+def test_processes_in_several_threads_run_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second `process` runs while the first is inside its kernel: readers share."""
+    detector, cols = _busy_detector()
+    alone = detector.process(**cols)
+    real = anomaly.process_flush
+    results: list[Pending] = []
+    finished = threading.Event()
+
+    def process_meanwhile(*args: object) -> object:
+        if threading.current_thread() is threading.main_thread():
+
+            def other() -> None:
+                results.append(detector.process(**cols))
+                finished.set()
+
+            threading.Thread(target=other).start()
+            assert finished.wait(60.0)  # waits forever, the test's timeout aside, if exclusive
+        return real(*args)
+
+    monkeypatch.setattr(anomaly, "process_flush", process_meanwhile)
+    first = detector.process(**cols)
+    assert [p.events for p in (first, *results)] == [alone.events, alone.events]
