@@ -162,15 +162,18 @@ _STAGE_DDL = (
     "(time timestamptz, sensor_id integer, value double precision, quality smallint, pos integer) "
     "ON COMMIT DELETE ROWS"
 )
-_STAGE_EXISTING = (
-    "SELECT coalesce(array_agg(s.pos), '{}') FROM readings_stage s "
-    "JOIN telemetry.readings r ON r.sensor_id = s.sensor_id AND r.time = s.time"
+# The rows really inserted are learnt from the insert itself: a row that another ingester
+# committed meanwhile is skipped by ON CONFLICT and not returned, so it is never rolled up twice.
+_STAGE_INSERT = """
+WITH inserted AS (
+    INSERT INTO telemetry.readings (time, sensor_id, value, quality)
+    SELECT time, sensor_id, value, quality FROM readings_stage ORDER BY pos
+    ON CONFLICT DO NOTHING
+    RETURNING sensor_id, time
 )
-_STAGE_INSERT = (
-    "INSERT INTO telemetry.readings (time, sensor_id, value, quality) "
-    "SELECT time, sensor_id, value, quality FROM readings_stage ORDER BY pos "
-    "ON CONFLICT DO NOTHING"
-)
+SELECT coalesce(array_agg(s.pos), '{}')
+  FROM inserted i JOIN readings_stage s ON s.sensor_id = i.sensor_id AND s.time = i.time
+"""
 
 
 class Sink:
@@ -332,10 +335,9 @@ class Sink:
             columns=[*_READING_COLUMNS, "pos"],
             format="binary",
         )
-        existing = await conn.fetchval(_STAGE_EXISTING)
-        await conn.execute(_STAGE_INSERT)
-        new = np.ones(len(readings), dtype=bool)
-        new[np.asarray(existing, dtype=np.int64)] = False
+        inserted = await conn.fetchval(_STAGE_INSERT)
+        new = np.zeros(len(readings), dtype=bool)
+        new[np.asarray(inserted, dtype=np.int64)] = True
         result.inserted = int(new.sum())
         result.duplicates = len(readings) - result.inserted
         result.copy_seconds = loop.time() - started
