@@ -61,7 +61,17 @@ READINGS_SUPERSEDED = Counter(
     "Readings replaced by a later reading of the same sensor and time within one flush.",
 )
 ROLLUP_ROWS = Counter(
-    "ingest_rollup_rows_written_total", "Rollup rows upserted, by bucket width.", ["width"]
+    "ingest_rollup_rows_written_total",
+    "Rollup rows upserted by merges of the pending partials, by bucket width.",
+    ["width"],
+)
+ROLLUP_PARTIALS = Counter(
+    "ingest_rollup_partials_total",
+    "1-minute rollup partials appended by flushes to telemetry.rollup_pending.",
+)
+ROLLUP_MERGES = Counter(
+    "ingest_rollup_merges_total",
+    "Merges of the pending rollup partials into the rollup tables by this ingester.",
 )
 ANOMALIES = Counter("ingest_anomalies_total", "Anomaly events opened, by kind.", ["kind"])
 LATE_READINGS = Counter(

@@ -85,11 +85,36 @@ class StagedUpsert:
         return self.rows
 
 
+APPENDABLE = ("rollup_pending",)
+"""Tables of the telemetry schema that an `Appended` may COPY rows into."""
+
+
+@dataclass(frozen=True, slots=True)
+class Appended:
+    """Extra rows appended with one binary COPY straight into `telemetry.<table>`, a table of
+    APPENDABLE: no statement per row, no upsert."""
+
+    table: str
+    columns: tuple[str, ...]
+    data: memoryview
+    rows: int
+
+    def __post_init__(self) -> None:
+        if self.table not in APPENDABLE:
+            raise ValueError(f"Appended: telemetry.{self.table} is not appendable")
+
+    def __len__(self) -> int:
+        return self.rows
+
+
+Extra = Upsert | StagedUpsert | Appended
+
+
 class Extras(Protocol):
     """What a flush's `derive` step returns: extra writes for the same transaction."""
 
     @property
-    def upserts(self) -> Sequence[Upsert | StagedUpsert]: ...
+    def upserts(self) -> Sequence[Extra]: ...
 
 
 D = TypeVar("D", bound=Extras)
@@ -142,7 +167,7 @@ def encode_copy(readings: Readings, *, positions: bool = False) -> memoryview:
 
 # Failures on the client side of a connection. InternalClientError: asyncpg read a message it
 # did not expect (a restart's FATAL 57P01 arriving while idle) and the connection stays unusable.
-_CLIENT_ERRORS = (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.InternalClientError)
+CLIENT_ERRORS = (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.InternalClientError)
 
 
 def classify(exc: BaseException) -> TransientSinkError | PermanentSinkError:
@@ -152,7 +177,7 @@ def classify(exc: BaseException) -> TransientSinkError | PermanentSinkError:
         if state.startswith(_TRANSIENT_CLASSES):
             return TransientSinkError(f"database: {exc} (SQLSTATE {state})")
         return PermanentSinkError(f"database: {exc} (SQLSTATE {state})")
-    if isinstance(exc, _CLIENT_ERRORS):
+    if isinstance(exc, CLIENT_ERRORS):
         return TransientSinkError(f"database connection: {exc or type(exc).__name__}")
     return PermanentSinkError(f"database: {exc}")
 
@@ -210,15 +235,15 @@ class Sink:
             asyncpg.InvalidCatalogNameError,
         ) as exc:
             raise PermanentSinkError(f"database: {exc}") from exc
-        except (asyncpg.PostgresError, *_CLIENT_ERRORS) as exc:
+        except (asyncpg.PostgresError, *CLIENT_ERRORS) as exc:
             raise classify(exc) from exc
 
-    async def close(self) -> None:
+    async def close(self, *, wait_s: float = 5.0) -> None:
         conn, self._conn = self._conn, None
         if conn is not None and not conn.is_closed():
             try:
-                await asyncio.wait_for(conn.close(), timeout=5)
-            except (asyncpg.PostgresError, *_CLIENT_ERRORS):
+                await asyncio.wait_for(conn.close(), timeout=wait_s)
+            except (asyncpg.PostgresError, *CLIENT_ERRORS):
                 conn.terminate()
 
     def discard(self) -> None:
@@ -251,7 +276,7 @@ class Sink:
                 return await self._transaction(conn, readings, dead_letters, derive, staged=False)
             except asyncpg.UniqueViolationError:
                 return await self._transaction(conn, readings, dead_letters, derive, staged=True)
-        except (asyncpg.PostgresError, *_CLIENT_ERRORS) as exc:
+        except (asyncpg.PostgresError, *CLIENT_ERRORS) as exc:
             if not isinstance(exc, asyncpg.PostgresError):
                 self.discard()
             raise classify(exc) from exc
@@ -277,7 +302,10 @@ class Sink:
                 finally:
                     extras = await speculative  # never leave it running on failure
             for upsert in extras.upserts:
-                if isinstance(upsert, StagedUpsert):
+                if isinstance(upsert, Appended):
+                    if upsert.rows:
+                        await self._append(conn, upsert)
+                elif isinstance(upsert, StagedUpsert):
                     if upsert.rows:
                         if upsert.stage not in self._stages:
                             await conn.execute(upsert.stage_ddl)
@@ -300,6 +328,18 @@ class Sink:
                 )
         self._stages.update(created)  # a rollback would have taken them away again
         return result, extras
+
+    @staticmethod
+    async def _append(conn: asyncpg.Connection, append: Appended) -> None:
+        for table in APPENDABLE:  # the table's name is one of ours, never a computed one
+            if table == append.table:
+                await conn.copy_to_table(
+                    table,
+                    schema_name="telemetry",
+                    source=cast(Any, append.data),
+                    columns=list(append.columns),
+                    format="binary",
+                )
 
     async def _copy_readings(
         self, conn: asyncpg.Connection, readings: Readings, result: WriteResult

@@ -11,7 +11,7 @@ import asyncpg
 import numpy as np
 import pytest
 
-from ingest.sink import Readings, Sink, Upsert
+from ingest.sink import Appended, Readings, Sink, Upsert
 from tests.conftest import Database, admin_dsn
 from tests.helpers import T0, wait_until
 
@@ -89,3 +89,8 @@ async def test_redelivery_learns_the_inserted_rows_from_the_insert(
     assert result.staged
     assert (result.inserted, result.duplicates) == (2, 4)
     assert derived[-1] == new
+
+
+async def test_appended_rows_go_only_to_appendable_tables(database: Database, sink: Sink) -> None:
+    with pytest.raises(ValueError, match="not appendable"):
+        Appended(table="readings", columns=("time",), data=memoryview(b""), rows=0)
