@@ -102,7 +102,11 @@ COMMIT_LAG = Histogram(
 INFLIGHT_MESSAGES = Gauge("ingest_inflight_messages", "Messages received and not yet acknowledged.")
 INFLIGHT_BYTES = Gauge("ingest_inflight_bytes", "Payload bytes received and not yet acknowledged.")
 INFLIGHT_READINGS = Gauge("ingest_inflight_readings", "Readings received and not yet acknowledged.")
-SENSORS_KNOWN = Gauge("ingest_sensors_known", "Sensors in this ingester's registry cache.")
+SENSORS_KNOWN = Gauge(
+    "ingest_sensors_known",
+    "Sensors this ingester has had messages of since it started (its registry cache is "
+    "loaded whole at start).",
+)
 MQTT_RECONNECTS = Counter("ingest_mqtt_reconnects_total", "Reconnections to the MQTT broker.")
 DB_RETRIES = Counter(
     "ingest_db_retries_total", "Flush attempts retried after a transient database error."

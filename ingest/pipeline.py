@@ -391,13 +391,13 @@ class Pipeline:
                         latest[key] = max(t, latest.get(key, t))
         if sensors:
             refused = await registry.resolve(conn, sensors=sensors, latest=latest)
-            metrics.SENSORS_KNOWN.set(len(registry))
             if refused:
                 self._refuse(job, refused)
                 return await self._resolve(conn, job)  # all known now: one look-up each
             for i, item in enumerate(job.accepted):
                 if parts[i] is None:
                     parts[i] = registry.remember(item.levels, *shapes[i])
+            metrics.SENSORS_KNOWN.set(registry.used)
         done = [p for p in parts if p is not None]
         return np.concatenate(done) if done else np.empty(0, np.int32)
 
@@ -450,7 +450,6 @@ class Pipeline:
                         await self.registry.load(conn)
                     except (asyncpg.PostgresError, *CLIENT_ERRORS) as exc:
                         raise classify(exc) from exc
-                    metrics.SENSORS_KNOWN.set(len(self.registry))
                     log.info(
                         "registry: %d sensors loaded in %.2fs",
                         len(self.registry),

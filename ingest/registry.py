@@ -108,9 +108,16 @@ class Registry:
         self._last_seen = np.full(1024, _NEVER, dtype=np.int64)  # by sensor id, µs
         self._shapes: dict[tuple[tuple[str, ...], tuple[str, ...]], _Shape] = {}
         self._units_version = 0
+        self._used: set[int] = set()  # sensors named by a message since start
 
     def __len__(self) -> int:
         return len(self._sensors)
+
+    @property
+    def used(self) -> int:
+        """How many sensors the messages resolved since start named (the registry itself may
+        know many more: it is loaded whole)."""
+        return len(self._used)
 
     def get(self, key: SensorKey) -> int | None:
         known = self._sensors.get(key)
@@ -164,6 +171,7 @@ class Registry:
     ) -> npt.NDArray[np.int32]:
         """The ids of a message's channels, all registered; kept for `message_ids`."""
         ids = np.array([self._sensors[SensorKey(levels, n)].id for n in names], dtype=np.int32)
+        self._used.update(ids.tolist())
         if len(self._shapes) >= _MAX_SHAPES:
             self._shapes.clear()
         self._shapes[(levels, names)] = _Shape(ids, units, self._units_version)
