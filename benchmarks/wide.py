@@ -14,7 +14,8 @@ One run on the local stack, in a scratch database, no anomaly rules:
 5. the limit: the same rows binary-COPYed by one writer in slabs of the ingester's mean flush
    size, each sorted by (sensor, time), into a table defined like `telemetry.readings`.
 
-Rollups are on unless `--ingest-env INGEST_ROLLUPS_ENABLED=false`.
+Rollups are on unless `--ingest-env INGEST_ROLLUPS_ENABLED=false`; their pending partials are
+merged every 5 s (INGEST_ROLLUPS_MERGE_INTERVAL_S), so the steady rate includes merges.
 """
 
 from __future__ import annotations
@@ -327,7 +328,13 @@ def run_wide(opts: Options) -> int:
     with tempfile.TemporaryDirectory(prefix="ingest-wide-") as tmp:
         plant = Path(tmp) / "plant.toml"
         write_plant(plant, devices=opts.plant_devices)
-        env = {"INGEST_ANOMALY_RULES": "[]", **opts.ingest_env}
+        # Merges every 5 s rather than 30: the steady phase lasts seconds, and it should pay
+        # for the merges of its rollup partials as a plant's steady state does.
+        env = {
+            "INGEST_ANOMALY_RULES": "[]",
+            "INGEST_ROLLUPS_MERGE_INTERVAL_S": "5",
+            **opts.ingest_env,
+        }
         wide = replace(opts, plant=plant, batch=1, hz=1.0, ingest_env=env)
         asyncio.run(_run(wide, res, Path(tmp)))
     res.seconds = time.monotonic() - wall
