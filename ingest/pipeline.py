@@ -167,6 +167,7 @@ class Pipeline:
             for _ in range(cfg.db.writers)
         ]
         self._merge_sink = Sink(dsn=cfg.db.url, connect_timeout_s=cfg.db.connect_timeout_s)
+        self._stop_merging = asyncio.Event()
         self.source = MqttSource(
             settings=_source_settings(cfg), on_reconnect=metrics.MQTT_RECONNECTS.inc
         )
@@ -492,11 +493,13 @@ class Pipeline:
             intake.cancel()
             timer.cancel()
             stopper.cancel()
-            if merger is not None:
-                merger.cancel()
+            self._stop_merging.set()  # a merge in progress finishes; no new one starts
             if not writer.done():
                 # Shield the final flush: a second signal during the grace period is ignored.
-                await asyncio.shield(self._drain(writer, deadline))
+                await asyncio.shield(self._drain(writer, merger, deadline))
+            if merger is not None and not merger.done():
+                self._merge_sink.discard()  # the server rolls the merge back
+                merger.cancel()
         for sink in [*self.sinks, self._merge_sink]:
             left = deadline - asyncio.get_running_loop().time()
             if left > 0:
@@ -504,14 +507,17 @@ class Pipeline:
             else:
                 sink.discard()
 
-    async def _drain(self, writer: asyncio.Task[None], deadline: float) -> None:
+    async def _drain(
+        self, writer: asyncio.Task[None], merger: asyncio.Task[None] | None, deadline: float
+    ) -> None:
         """Write what was received, then merge the rollups once more, all by `deadline`."""
         try:
             async with asyncio.timeout_at(deadline):
                 await self._dispatch()
                 await self._queue.put(None)
                 await asyncio.shield(writer)
-                if self.cfg.rollups.enabled:
+                if merger is not None:
+                    await asyncio.shield(merger)  # a merge in progress ends first
                     await self._merge_once()
         except TimeoutError:
             if writer.done():
@@ -525,10 +531,15 @@ class Pipeline:
             writer.cancel()
 
     async def _merger(self) -> None:
-        """Merge the pending rollup partials every rollups.merge_interval_s (own connection)."""
-        while True:
-            await asyncio.sleep(self.cfg.rollups.merge_interval_s)
-            await self._merge_once()
+        """Merge the pending rollup partials every rollups.merge_interval_s (own connection),
+        until stopping."""
+        while not self._stop_merging.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._stop_merging.wait(), timeout=self.cfg.rollups.merge_interval_s
+                )
+            if not self._stop_merging.is_set():
+                await self._merge_once()
 
     async def _merge_once(self) -> None:
         sink = self._merge_sink
