@@ -28,14 +28,9 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from ingest.mqtt import MqttSource, Settings
+from ingest.mqtt.packets import publish_properties
 from ingest.publisher import Publisher
-
-try:  # the module layout since the MQTT boundary moved into ingest.mqtt
-    from ingest.mqtt import MqttSource, Settings
-    from ingest.mqtt.packets import publish_properties
-except ImportError:  # the earlier layout, to measure the commit before it with this file
-    from ingest.mqttwire import publish_properties  # type: ignore[no-redef]
-    from ingest.source import MqttSource, Settings  # type: ignore[no-redef,attr-defined]
 
 MESSAGES = 10_000
 PAYLOAD = 5_000

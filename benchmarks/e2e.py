@@ -169,6 +169,10 @@ class Options:
     keep_database: bool
     py_spy: Path | None
     backlog: bool
+    shape: str = "narrow"
+    plant: Path | None = None
+    rounds: int = 6
+    plant_devices: int = 5_000
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -212,6 +216,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--keep-database", action="store_true", help="do not drop the scratch database")
     p.add_argument(
+        "--shape",
+        choices=("narrow", "wide"),
+        default="narrow",
+        help="narrow: 240 sensors, long series per message (default); wide: 5,000 devices x 20 "
+        "sensors, one sample per sensor per message, see benchmarks/wide.py",
+    )
+    p.add_argument(
+        "--rounds", type=int, default=6, help="wide shape: rounds of one sample per sensor (6)"
+    )
+    p.add_argument(
+        "--wide-devices", type=int, default=5_000, help="wide shape: devices, 20 sensors each"
+    )
+    p.add_argument(
         "--py-spy",
         type=Path,
         metavar="FILE",
@@ -223,9 +240,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def parse_options(argv: list[str] | None) -> Options:
     args = _parser().parse_args(argv)
-    for name in ("readings", "processes", "batch"):
+    for name in ("readings", "processes", "batch", "rounds", "wide_devices"):
         if getattr(args, name) < 1:
-            raise BenchError(f"--{name}: must be >= 1")
+            raise BenchError(f"--{name.replace('_', '-')}: must be >= 1")
     if args.hz <= 0 or args.latency_seconds <= 0 or args.naive_seconds <= 0:
         raise BenchError("--hz, --latency-seconds and --naive-seconds must be > 0")
     extra: dict[str, str] = {}
@@ -250,6 +267,9 @@ def parse_options(argv: list[str] | None) -> Options:
         keep_database=args.keep_database,
         py_spy=args.py_spy,
         backlog=args.backlog,
+        shape=args.shape,
+        rounds=args.rounds,
+        plant_devices=args.wide_devices,
     )
 
 
@@ -636,7 +656,7 @@ class Bench:
         self.opts, self.db, self.children = opts, db, children
         self.url = stack["INGEST_MQTT_URL"]
         self.run_id = uuid.uuid4().hex[:8]
-        devices = load_plant(None)
+        devices = load_plant(str(opts.plant) if opts.plant else None)
         self.devices = devices[: opts.devices] if opts.devices else devices
         self.sensors = sum(len(d.sensors) for d in self.devices)
         self.prefix = f"bench-{self.run_id}/telemetry"
@@ -673,6 +693,8 @@ class Bench:
         }
         if o.devices:
             flags["--devices"] = str(o.devices)
+        if o.plant:
+            flags["--plant"] = str(o.plant)
         if record is not None:
             flags["--record"] = str(record)
         argv = [sys.executable, "-m", "ingest.cli", "simulate", "--quiet"]
@@ -1285,6 +1307,10 @@ def main(argv: list[str] | None = None) -> int:
         opts = parse_options(argv)
         # The limit's writer runs here: it gets the allocator settings `ingest run` uses.
         memory.keep_freed_memory()
+        if opts.shape == "wide":
+            from benchmarks.wide import run_wide  # it builds on this module's phases
+
+            return run_wide(opts)
         res = asyncio.run(run(opts))
         paths = write_results(res, opts.out)
     except BenchError as exc:

@@ -76,10 +76,13 @@ class Limits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_batch_readings: int = 1_000_000
     min_time: str = "2000-01-01T00:00:00Z"
     max_future_s: float = 86_400.0
+    max_sensors_per_device: int = 10_000
 
     def __post_init__(self) -> None:
         if self.max_payload_bytes < 1:
             raise ValueError("max_payload_bytes: must be >= 1")
+        if self.max_sensors_per_device < 1:
+            raise ValueError("max_sensors_per_device: must be >= 1")
         if self.max_batch_readings < 1:
             raise ValueError("max_batch_readings: must be >= 1")
         if self.max_future_s < 0:
@@ -94,6 +97,11 @@ class Rollups(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """[rollups]: 1-minute and 1-hour aggregates computed on the way in."""
 
     enabled: bool = True
+    merge_interval_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.merge_interval_s <= 0:
+            raise ValueError("merge_interval_s: must be > 0")
 
 
 class Anomaly(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

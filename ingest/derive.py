@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 import numpy as np
@@ -12,36 +12,48 @@ import numpy.typing as npt
 
 from ingest import metrics
 from ingest.anomaly import AnomalyDetector, Event, Pending, StateNeed
-from ingest.kernels import HOUR_US, MINUTE_US, Rollup, rollup, warm_up
+from ingest.kernels import MINUTE_US, Rollup, rollup, warm_up
 from ingest.registry import Registry
 from ingest.rules import AnomalyRule, rule_for
-from ingest.sink import Readings, StagedUpsert, Upsert, copy_data
+from ingest.sink import PG_EPOCH_US, Appended, Extra, Readings, Upsert, copy_data
 
 # Microseconds since the Unix epoch to timestamptz, exactly, inside the database.
 _TS = "(timestamptz 'epoch' + {} * interval '1 microsecond')"
 
 
-ROLLUP_TABLES = (("1m", MINUTE_US), ("1h", HOUR_US))
-"""(width, bucket in µs): telemetry.rollup_<width>, each written by ROLLUP_SQL."""
+ROLLUP_WIDTHS = ("1m", "1h")
+"""telemetry.rollup_<width>: merged from telemetry.rollup_pending by MERGE_SQL."""
 
-# A flush's rollup partials of every width go through one session temporary table.
-ROLLUP_STAGE = "rollup_stage"
-_ROLLUP_STAGE_DDL = f"""
-CREATE TEMPORARY TABLE IF NOT EXISTS {ROLLUP_STAGE}
-       (bucket_us int8, sensor_id int4, bucket int8, min float8, max float8, sum float8,
-        count int8, first float8, first_time int8, last float8, last_time int8)
-       ON COMMIT DELETE ROWS
-"""
-_ROLLUP_WIRE = (">i8", ">i4", ">i8", ">f8", ">f8", ">f8", ">i8", ">f8", ">i8", ">f8", ">i8")
+# A flush appends the 1-minute partials of its new readings to telemetry.rollup_pending with
+# one COPY; merge_rollups moves them into both rollup tables in bulk (schema/003).
+_PENDING_COLUMNS = (
+    "bucket",
+    "sensor_id",
+    "min",
+    "max",
+    "sum",
+    "count",
+    "first",
+    "first_time",
+    "last",
+    "last_time",
+)
+_PENDING_WIRE = (">i8", ">i4", ">f8", ">f8", ">f8", ">i8", ">f8", ">i8", ">f8", ">i8")
+
+_MERGE = """
+    SELECT {bucket} AS bucket, sensor_id, min(min) AS min, max(max) AS max, sum(sum) AS sum,
+           sum(count)::int8 AS count,
+           (array_agg(first ORDER BY first_time))[1] AS first, min(first_time) AS first_time,
+           (array_agg(last ORDER BY last_time DESC))[1] AS last, max(last_time) AS last_time
+      FROM {source} GROUP BY 1, 2"""
 
 
-def _rollup_insert(table: str, bucket_us: int) -> str:
+def _merge_insert(table: str, source: str) -> str:
     return f"""
 INSERT INTO telemetry.{table} AS r
        (bucket, sensor_id, min, max, sum, count, first, first_time, last, last_time)
-SELECT {_TS.format("u.bucket")}, u.sensor_id, u.min, u.max, u.sum, u.count,
-       u.first, {_TS.format("u.first_time")}, u.last, {_TS.format("u.last_time")}
-  FROM {ROLLUP_STAGE} u WHERE u.bucket_us = {bucket_us}
+SELECT bucket, sensor_id, min, max, sum, count, first, first_time, last, last_time
+  FROM {source} ORDER BY sensor_id, bucket
 ON CONFLICT (sensor_id, bucket) DO UPDATE SET
     min = least(r.min, EXCLUDED.min),
     max = greatest(r.max, EXCLUDED.max),
@@ -50,14 +62,46 @@ ON CONFLICT (sensor_id, bucket) DO UPDATE SET
     first = CASE WHEN EXCLUDED.first_time < r.first_time THEN EXCLUDED.first ELSE r.first END,
     first_time = least(r.first_time, EXCLUDED.first_time),
     last = CASE WHEN EXCLUDED.last_time > r.last_time THEN EXCLUDED.last ELSE r.last END,
-    last_time = greatest(r.last_time, EXCLUDED.last_time)"""
+    last_time = greatest(r.last_time, EXCLUDED.last_time)
+RETURNING 1"""
 
 
-# Both widths in one statement, the first as a data-modifying CTE.
-ROLLUP_SQL = (
-    f"WITH minute AS ({_rollup_insert('rollup_1m', MINUTE_US)}\n)\n"
-    f"{_rollup_insert('rollup_1h', HOUR_US)}"
-)
+# Every committed partial, moved in one statement: deleted from the pending table, aggregated
+# per (sensor, minute) and per (sensor, hour), and merged into the two rollup tables. Partials
+# that commit meanwhile are not in the statement's snapshot and wait for the next merge.
+_MERGE_1M = _merge_insert("rollup_1m", "minute")
+_MERGE_1H = _merge_insert("rollup_1h", "hour")
+MERGE_SQL = f"""
+WITH moved AS (DELETE FROM telemetry.rollup_pending RETURNING *),
+minute AS ({_MERGE.format(bucket="bucket", source="moved")}),
+hour AS ({_MERGE.format(bucket="time_bucket(INTERVAL '1 hour', bucket)", source="minute")}),
+m AS ({_MERGE_1M}),
+h AS ({_MERGE_1H})
+SELECT (SELECT count(*) FROM moved) AS partials, (SELECT count(*) FROM m) AS minutes,
+       (SELECT count(*) FROM h) AS hours
+"""
+# Room to sort a merge's partials in memory (this transaction only).
+_MERGE_MEMORY = "SET LOCAL work_mem = '128MB'"
+# One merger at a time, whatever the number of ingesters: the others skip their turn.
+_MERGE_LOCK = "SELECT pg_try_advisory_xact_lock(7301998173522371379)"
+
+
+async def merge_rollups(conn: asyncpg.Connection) -> int | None:
+    """Merge every committed rollup partial into the rollup tables, in one transaction.
+
+    Returns how many partials were merged, or None when another ingester was merging.
+    """
+    async with conn.transaction():
+        if not await conn.fetchval(_MERGE_LOCK):
+            return None
+        await conn.execute(_MERGE_MEMORY)
+        row = await conn.fetchrow(MERGE_SQL)
+    assert row is not None
+    metrics.ROLLUP_MERGES.inc()
+    metrics.ROLLUP_ROWS.labels("1m").inc(row["minutes"])
+    metrics.ROLLUP_ROWS.labels("1h").inc(row["hours"])
+    return int(row["partials"])
+
 
 ANOMALY_SQL = f"""
 INSERT INTO telemetry.anomalies AS a (start_time, sensor_id, kind, end_time, value, score, detail)
@@ -117,32 +161,25 @@ def segment_ends(sensor: npt.NDArray[np.int32]) -> npt.NDArray[np.intp]:
     return np.flatnonzero(np.append(sensor[1:] != sensor[:-1], True))
 
 
-def _rollup_upsert(partials: Sequence[tuple[int, Rollup]]) -> StagedUpsert:
-    """One staged upsert of the rollup partials (bucket in µs, rows) of every width."""
-    columns = [
-        np.concatenate([np.full(len(r.sensor), us, np.int64) for us, r in partials]),
-        *(
-            np.concatenate([getattr(r, name) for _, r in partials])
-            for name in (
-                "sensor",
-                "bucket",
-                "min",
-                "max",
-                "sum",
-                "count",
-                "first",
-                "first_time",
-                "last",
-                "last_time",
-            )
-        ),
+def _pending_append(partials: Rollup) -> Appended:
+    """The 1-minute rollup partials of a flush's new rows, as one COPY into rollup_pending."""
+    columns: list[npt.NDArray[Any]] = [
+        partials.bucket - PG_EPOCH_US,
+        partials.sensor,
+        partials.min,
+        partials.max,
+        partials.sum,
+        partials.count,
+        partials.first,
+        partials.first_time - PG_EPOCH_US,
+        partials.last,
+        partials.last_time - PG_EPOCH_US,
     ]
-    return StagedUpsert(
-        stage=ROLLUP_STAGE,
-        stage_ddl=_ROLLUP_STAGE_DDL,
-        data=copy_data(list(zip(_ROLLUP_WIRE, columns, strict=True))),
-        rows=len(columns[0]),
-        sql=ROLLUP_SQL,
+    return Appended(
+        table="rollup_pending",
+        columns=_PENDING_COLUMNS,
+        data=copy_data(list(zip(_PENDING_WIRE, columns, strict=True))),
+        rows=len(partials.sensor),
     )
 
 
@@ -166,12 +203,12 @@ class Derived:
     """What `Deriver.derive` computed for some new rows: their extra writes, and what to apply
     to the deriver once those committed."""
 
-    upserts: list[Upsert | StagedUpsert]
-    rollup_rows: tuple[tuple[str, int], ...] = ()
-    """Rollup partials per width, for the metrics."""
+    upserts: list[Extra]
+    rollup_partials: int = 0
+    """Rollup partials appended, for the metrics."""
     pending: Pending | None = None
-    last_seen: tuple[int, ...] = ()
-    at: float = 0.0
+    last_seen: tuple[npt.NDArray[np.int32], npt.NDArray[np.int64]] | None = None
+    """Sensors whose last-seen time this writes, and those times."""
 
 
 class Deriver:
@@ -247,29 +284,26 @@ class Deriver:
 
     def derive(self, new: Readings) -> Derived:
         """The extra writes for rows of a flush that were new. Never awaits, changes nothing."""
-        out: list[Upsert | StagedUpsert] = []
+        out: list[Extra] = []
         if not len(new):
             return Derived(out)
-        rollup_rows: tuple[tuple[str, int], ...] = ()
+        partials = 0
         if self._rollups:
-            partials = [
-                (width, us, rollup(sensor=new.sensor, time=new.time, value=new.value, bucket_us=us))
-                for width, us in ROLLUP_TABLES
-            ]
-            out.append(_rollup_upsert([(us, r) for _, us, r in partials]))
-            rollup_rows = tuple((width, len(r.sensor)) for width, _, r in partials)
+            minute = rollup(sensor=new.sensor, time=new.time, value=new.value, bucket_us=MINUTE_US)
+            out.append(_pending_append(minute))
+            partials = len(minute.sensor)
         pending = None
         if self._rules:
             pending = self.detector.process(sensor=new.sensor, time=new.time, value=new.value)
             if pending.events:
                 out.append(_anomaly_upsert(pending.events))
-        now = time.monotonic()
         ends = segment_ends(new.sensor)  # each sensor's latest new reading
-        due = self._registry.last_seen_due(new.sensor[ends].tolist(), now=now)
-        if due:
-            pick = ends[np.isin(new.sensor[ends], due)]
-            out.append(Upsert(LAST_SEEN_SQL, (due, new.time[pick].tolist())))
-        return Derived(out, rollup_rows, pending, tuple(due), now)
+        latest_sensor, latest_time = new.sensor[ends], new.time[ends]
+        due = self._registry.last_seen_due(latest_sensor, latest_time)
+        last_seen = (latest_sensor[due], latest_time[due])
+        if len(last_seen[0]):
+            out.append(Upsert(LAST_SEEN_SQL, (last_seen[0].tolist(), last_seen[1].tolist())))
+        return Derived(out, partials, pending, last_seen)
 
     def commit(self, derived: Derived) -> None:
         """`derived` committed: advance the anomaly state and count what was written."""
@@ -285,7 +319,6 @@ class Deriver:
                     self._open.add(key)
                 else:
                     self._open.discard(key)
-        if derived.last_seen:
-            self._registry.last_seen_written(derived.last_seen, now=derived.at)
-        for width, rows in derived.rollup_rows:
-            metrics.ROLLUP_ROWS.labels(width).inc(rows)
+        if derived.last_seen is not None and len(derived.last_seen[0]):
+            self._registry.last_seen_written(*derived.last_seen)
+        metrics.ROLLUP_PARTIALS.inc(derived.rollup_partials)

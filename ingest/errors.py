@@ -36,3 +36,8 @@ class PermanentSinkError(SinkError):
 
 class MigrationError(IngestError):
     """The schema cannot be brought up to date (a changed migration, a failed statement)."""
+
+
+class InternalError(IngestError):
+    """A defect of the ingester itself, neither the database's nor the payload's: reported as
+    what it is, never retried; the flush it broke stays unacknowledged."""

@@ -61,7 +61,17 @@ READINGS_SUPERSEDED = Counter(
     "Readings replaced by a later reading of the same sensor and time within one flush.",
 )
 ROLLUP_ROWS = Counter(
-    "ingest_rollup_rows_written_total", "Rollup rows upserted, by bucket width.", ["width"]
+    "ingest_rollup_rows_written_total",
+    "Rollup rows upserted by merges of the pending partials, by bucket width.",
+    ["width"],
+)
+ROLLUP_PARTIALS = Counter(
+    "ingest_rollup_partials_total",
+    "1-minute rollup partials appended by flushes to telemetry.rollup_pending.",
+)
+ROLLUP_MERGES = Counter(
+    "ingest_rollup_merges_total",
+    "Merges of the pending rollup partials into the rollup tables by this ingester.",
 )
 ANOMALIES = Counter("ingest_anomalies_total", "Anomaly events opened, by kind.", ["kind"])
 LATE_READINGS = Counter(
@@ -92,7 +102,11 @@ COMMIT_LAG = Histogram(
 INFLIGHT_MESSAGES = Gauge("ingest_inflight_messages", "Messages received and not yet acknowledged.")
 INFLIGHT_BYTES = Gauge("ingest_inflight_bytes", "Payload bytes received and not yet acknowledged.")
 INFLIGHT_READINGS = Gauge("ingest_inflight_readings", "Readings received and not yet acknowledged.")
-SENSORS_KNOWN = Gauge("ingest_sensors_known", "Sensors in this ingester's registry cache.")
+SENSORS_KNOWN = Gauge(
+    "ingest_sensors_known",
+    "Sensors this ingester has had messages of since it started (its registry cache is "
+    "loaded whole at start).",
+)
 MQTT_RECONNECTS = Counter("ingest_mqtt_reconnects_total", "Reconnections to the MQTT broker.")
 SESSIONS_ENDED = Counter(
     "ingest_mqtt_sessions_ended_total",

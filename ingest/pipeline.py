@@ -14,17 +14,24 @@ from typing import Any
 
 import asyncpg
 import numpy as np
+import numpy.typing as npt
 
 from ingest import memory, metrics
 from ingest.config import Config, parse_rfc3339_us
 from ingest.decode import Batch, DecodeLimits, decode_batch, parse_topic
-from ingest.derive import Deriver
-from ingest.errors import ConfigError, PayloadError, PermanentSinkError, TransientSinkError
+from ingest.derive import Deriver, merge_rollups
+from ingest.errors import (
+    ConfigError,
+    InternalError,
+    PayloadError,
+    PermanentSinkError,
+    TransientSinkError,
+)
 from ingest.kernels import check_sorted, gather
 from ingest.migrate import default_schema_dir, load_migrations, pending
 from ingest.mqtt import MqttSource, Received
 from ingest.registry import Registry, SensorKey
-from ingest.sink import DeadLetter, Readings, Sink, classify
+from ingest.sink import CLIENT_ERRORS, DeadLetter, Readings, Sink, classify
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +40,7 @@ log = logging.getLogger(__name__)
 class _Accepted:
     levels: tuple[str, ...]
     batch: Batch
+    received: Received | None = None
 
 
 @dataclass(slots=True)
@@ -90,7 +98,9 @@ def channel_keys(job: FlushJob) -> list[SensorKey]:
     return [SensorKey(item.levels, ch.name) for item in job.accepted for ch in item.batch.channels]
 
 
-def build_readings(job: FlushJob, sensor_ids: Sequence[int | None]) -> tuple[Readings, int]:
+def build_readings(
+    job: FlushJob, sensor_ids: Sequence[int | None] | npt.NDArray[np.int32]
+) -> tuple[Readings, int]:
     """The flush's readings as columns sorted by (sensor, time); for a repeated (sensor, time)
     the reading that arrived last wins. Returns the columns and how many were superseded.
     `sensor_ids` holds the id of every channel's sensor, in arrival order.
@@ -101,7 +111,7 @@ def build_readings(job: FlushJob, sensor_ids: Sequence[int | None]) -> tuple[Rea
     every reading.
     """
     batches = [item.batch for item in job.accepted]
-    if not sensor_ids:
+    if not len(sensor_ids):
         empty = Readings(
             np.empty(0, np.int64),
             np.empty(0, np.int32),
@@ -109,8 +119,9 @@ def build_readings(job: FlushJob, sensor_ids: Sequence[int | None]) -> tuple[Rea
             np.empty(0, np.uint8),
         )
         return empty, 0
-    assert None not in sensor_ids, "resolve() registers every sensor of the flush first"
-    sensor = np.array(sensor_ids, dtype=np.int32)  # per channel, in arrival order
+    if not isinstance(sensor_ids, np.ndarray):
+        assert None not in sensor_ids, "resolve() registers every sensor of the flush first"
+    sensor = np.asarray(sensor_ids, dtype=np.int32)  # per channel, in arrival order
     lengths = np.array([len(ch.time) for b in batches for ch in b.channels], dtype=np.int64)
     starts = np.cumsum(lengths) - lengths
     time = np.concatenate([b.time for b in batches])
@@ -153,7 +164,7 @@ class Pipeline:
     def __init__(self, cfg: Config, *, health: metrics.Health) -> None:
         self.cfg = cfg
         self.health = health
-        self.registry = Registry()
+        self.registry = Registry(max_sensors_per_device=cfg.limits.max_sensors_per_device)
         self.deriver = Deriver(
             rules=cfg.anomaly.rules, rollups=cfg.rollups.enabled, registry=self.registry
         )
@@ -161,6 +172,8 @@ class Pipeline:
             Sink(dsn=cfg.db.url, connect_timeout_s=cfg.db.connect_timeout_s)
             for _ in range(cfg.db.writers)
         ]
+        self._merge_sink = Sink(dsn=cfg.db.url, connect_timeout_s=cfg.db.connect_timeout_s)
+        self._stop_merging = asyncio.Event()
         self.source = MqttSource(
             settings=cfg.mqtt,
             max_payload_bytes=cfg.limits.max_payload_bytes,
@@ -219,7 +232,7 @@ class Pipeline:
             metrics.DEAD_LETTERS.labels(metrics.reason_field(exc.reason)).inc()
             self._budget.take(nbytes=len(msg.payload), readings=0)
             return
-        job.accepted.append(_Accepted(levels, batch))
+        job.accepted.append(_Accepted(levels, batch, msg))
         job.readings += batch.readings
         self._budget.take(nbytes=len(msg.payload), readings=batch.readings)
 
@@ -303,24 +316,22 @@ class Pipeline:
 
     async def _try_commit(self, job: FlushJob, written: set[int], started: float) -> None:
         conn = self.sinks[0].connection
-        keys = channel_keys(job)
-        units = (ch.unit for item in job.accepted for ch in item.batch.channels)
-        sensors: dict[SensorKey, str | None] = {}
-        for key, unit in zip(keys, units, strict=True):
-            if unit is not None or key not in sensors:
-                sensors[key] = unit
+        stage = "resolve"
         try:
-            await self.registry.resolve(conn, sensors=sensors)
-            metrics.SENSORS_KNOWN.set(len(self.registry))
-            ids = [self.registry.get(key) for key in keys]
+            ids = await self._resolve(conn, job)
+            stage = "assembly"
             readings, superseded = build_readings(job, ids)
+            stage = "prepare"
             await self.deriver.prepare(conn, readings=readings)
         except (PermanentSinkError, TransientSinkError):
             raise
-        except Exception as exc:
+        except (asyncpg.PostgresError, *CLIENT_ERRORS) as exc:
             if not isinstance(exc, asyncpg.PostgresError):
                 self.sinks[0].discard()  # its state is unknown after a client-side error
             raise classify(exc) from exc
+        except Exception as exc:
+            # A defect of ours: say so, and keep the connection, which did nothing wrong.
+            raise InternalError(f"{stage}: {type(exc).__name__}: {exc}") from exc
         # Split only into parts of at least db.split_min_readings: for a small flush a second
         # transaction costs more than writing in parallel saves.
         parts = max(1, min(len(self.sinks), len(readings) // self.cfg.db.split_min_readings))
@@ -372,10 +383,76 @@ class Pipeline:
             sent = msg.published_us / 1e6 if msg.published_us else msg.received_ns / 1e9
             metrics.COMMIT_LAG.observe(max(0.0, done - sent))
 
+    async def _resolve(self, conn: asyncpg.Connection, job: FlushJob) -> npt.NDArray[np.int32]:
+        """The sensor id of every channel of the flush, in arrival order, registering new
+        sensors and units. A message naming a sensor its device has no room for becomes a dead
+        letter. A message shaped like an earlier one (device, channel names, units) costs one
+        look-up, not one per channel."""
+        registry = self.registry
+        parts: list[npt.NDArray[np.int32] | None] = []
+        shapes = []
+        sensors: dict[SensorKey, str | None] = {}
+        latest: dict[SensorKey, int] = {}  # the latest reading time of each new sensor
+        for item in job.accepted:
+            names = tuple([ch.name for ch in item.batch.channels])
+            units = tuple([ch.unit for ch in item.batch.channels])
+            ids = registry.message_ids(item.levels, names, units)
+            parts.append(ids)
+            shapes.append((names, units))
+            if ids is None:
+                for ch in item.batch.channels:
+                    key = SensorKey(item.levels, ch.name)
+                    if ch.unit is not None or key not in sensors:
+                        sensors[key] = ch.unit
+                    if key not in registry:
+                        t = int(ch.time.max())
+                        latest[key] = max(t, latest.get(key, t))
+        if sensors:
+            refused = await registry.resolve(conn, sensors=sensors, latest=latest)
+            if refused:
+                self._refuse(job, refused)
+                return await self._resolve(conn, job)  # all known now: one look-up each
+            for i, item in enumerate(job.accepted):
+                if parts[i] is None:
+                    parts[i] = registry.remember(item.levels, *shapes[i])
+            metrics.SENSORS_KNOWN.set(registry.used)
+        done = [p for p in parts if p is not None]
+        return np.concatenate(done) if done else np.empty(0, np.int32)
+
+    def _refuse(self, job: FlushJob, refused: set[SensorKey]) -> None:
+        """Turn the messages naming a refused sensor into dead letters, in place."""
+        cap = self.cfg.limits.max_sensors_per_device
+        kept = []
+        for item in job.accepted:
+            over = next(
+                (c.name for c in item.batch.channels if SensorKey(item.levels, c.name) in refused),
+                None,
+            )
+            if over is None or item.received is None:
+                kept.append(item)
+                continue
+            msg = item.received
+            reason = (
+                f"sensor: device {'/'.join(item.levels)} already has {cap} sensors "
+                f"(limits.max_sensors_per_device); {over!r} is not registered"
+            )
+            job.dead_letters.append(
+                DeadLetter(
+                    received_us=msg.received_ns // 1000,
+                    topic=_clean(msg.topic) or "",
+                    payload=msg.payload,
+                    reason=_clean(reason) or reason,
+                    content_type=_clean(msg.content_type),
+                )
+            )
+            metrics.DEAD_LETTERS.labels(metrics.reason_field(reason)).inc()
+        job.accepted = kept
+
     # ------------------------------------------------------------------ lifecycle
 
     async def wait_for_database(self, stop: asyncio.Event) -> bool:
-        """Connect and check the schema is current, retrying until it is or `stop` is set."""
+        """Connect, check the schema is current and load the registry in bulk, retrying until
+        done or `stop` is set."""
         migrations = load_migrations(default_schema_dir())
         delay = self.cfg.db.retry_min_s
         while not stop.is_set():
@@ -383,8 +460,19 @@ class Pipeline:
                 for sink in self.sinks:
                     await sink.connect()
                 self.health.database = True
-                behind = await pending(self.sinks[0].connection, migrations=migrations)
+                conn = self.sinks[0].connection
+                behind = await pending(conn, migrations=migrations)
                 if not behind:
+                    started = time.monotonic()
+                    try:
+                        await self.registry.load(conn)
+                    except (asyncpg.PostgresError, *CLIENT_ERRORS) as exc:
+                        raise classify(exc) from exc
+                    log.info(
+                        "registry: %d sensors loaded in %.2fs",
+                        len(self.registry),
+                        time.monotonic() - started,
+                    )
                     self.health.schema = True
                     return True
                 log.warning(
@@ -403,9 +491,11 @@ class Pipeline:
     async def run(self, stop: asyncio.Event, *, drain: bool = False) -> None:
         """Run until `stop` is set, then stop intake, flush, acknowledge and return.
 
-        With a share group and `mqtt.leave_on_stop`, stopping first leaves the group (see
-        `_leave`). `drain`: take over the session of `mqtt.client_id` without subscribing,
-        ingest what the broker holds in it, end it and return (`ingest drain`).
+        From the stop on, everything (leaving the share group, the final flush, the final
+        rollup merge, closing the connections) takes at most flush.shutdown_grace_s, even with
+        the database down. With a share group and `mqtt.leave_on_stop`, stopping first leaves
+        the group (see `_leave`). `drain`: take over the session of `mqtt.client_id` without
+        subscribing, ingest what the broker holds in it, end it and return (`ingest drain`).
         """
         if not await self.wait_for_database(stop):
             return
@@ -416,6 +506,9 @@ class Pipeline:
         async with self.source, asyncio.TaskGroup() as tg:
             writer = tg.create_task(self._writer(), name="writer")
             timer = tg.create_task(self._timer(), name="flush-timer")
+            merger = None
+            if self.cfg.rollups.enabled:
+                merger = tg.create_task(self._merger(), name="rollup-merge")
             intake = tg.create_task(self._intake(), name="intake")
             stopper = tg.create_task(stop.wait(), name="stop")
             watch: set[asyncio.Task[Any]] = {writer, intake, stopper}
@@ -424,24 +517,37 @@ class Pipeline:
                 drainer = tg.create_task(self._empty_session(stop), name="drain")
                 watch.add(drainer)
             await asyncio.wait(watch, return_when=asyncio.FIRST_COMPLETED)
+            loop = asyncio.get_running_loop()
+            grace = cfg.flush.shutdown_grace_s
+            deadline = loop.time() + grace
             emptied = False
             if drainer is not None:
                 emptied = drainer.done() and drainer.result()
                 drainer.cancel()
             elif leave and stop.is_set() and not writer.done() and not intake.done():
-                grace = cfg.flush.shutdown_grace_s
-                emptied = await self._leave(deadline=time.monotonic() + grace / 2)
+                # Leaving takes at most half the grace; the final flush has the rest.
+                emptied = await self._leave(deadline=deadline - grace / 2)
             self.health.stopping = True
             intake.cancel()
             timer.cancel()
             stopper.cancel()
+            self._stop_merging.set()  # a merge in progress finishes; no new one starts
             if not writer.done():
                 # Shield the final flush: a second signal during the grace period is ignored.
-                await asyncio.shield(self._drain(writer))
+                await asyncio.shield(self._drain(writer, merger, deadline))
+            if merger is not None and not merger.done():
+                self._merge_sink.discard()  # the server rolls the merge back
+                merger.cancel()
             if leave:
-                await self._end_session(emptied=emptied and writer.done() and self._idle())
-        for sink in self.sinks:
-            await sink.close()
+                await self._end_session(
+                    emptied=emptied and writer.done() and self._idle(), deadline=deadline
+                )
+        for sink in [*self.sinks, self._merge_sink]:
+            left = deadline - asyncio.get_running_loop().time()
+            if left > 0:
+                await sink.close(wait_s=min(5.0, left))
+            else:
+                sink.discard()
 
     def _idle(self) -> bool:
         """Nothing received is unacknowledged: no flush gathering, waiting or being written."""
@@ -466,7 +572,8 @@ class Pipeline:
             "unsubscribed from %r; finishing what the broker holds for this session",
             self.cfg.mqtt.topic_filter,
         )
-        while time.monotonic() < deadline and not (stop is not None and stop.is_set()):
+        loop = asyncio.get_running_loop()
+        while loop.time() < deadline and not (stop is not None and stop.is_set()):
             if self._idle() and time.monotonic() - self._last_received >= _QUIET_S:
                 return True
             await asyncio.sleep(0.05)
@@ -485,11 +592,17 @@ class Pipeline:
         log.info("took over the session of %r; ingesting what it holds", client_id)
         return await self._leave(deadline=float("inf"), stop=stop)
 
-    async def _end_session(self, *, emptied: bool) -> None:
+    async def _end_session(self, *, emptied: bool, deadline: float) -> None:
         """End the broker-side session if it is known to be empty and every acknowledgement
-        reached the broker; otherwise keep it, so that nothing it still holds is lost."""
+        reached the broker by `deadline`; otherwise keep it, so that nothing it still holds is
+        lost."""
         client_id = self.cfg.mqtt.session_client_id
-        if emptied and await self.source.flush_acks():
+        acked = False
+        if emptied:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(deadline):
+                    acked = await self.source.flush_acks()
+        if acked:
             self.source.end_session_on_close()
             self.session_ended = True
             metrics.SESSIONS_ENDED.inc()
@@ -503,19 +616,55 @@ class Pipeline:
             client_id,
         )
 
-    async def _drain(self, writer: asyncio.Task[None]) -> None:
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._dispatch()
-        await self._queue.put(None)
+    async def _drain(
+        self, writer: asyncio.Task[None], merger: asyncio.Task[None] | None, deadline: float
+    ) -> None:
+        """Write what was received, then merge the rollups once more, all by `deadline`."""
         try:
-            await asyncio.wait_for(asyncio.shield(writer), timeout=self.cfg.flush.shutdown_grace_s)
+            async with asyncio.timeout_at(deadline):
+                await self._dispatch()
+                await self._queue.put(None)
+                await asyncio.shield(writer)
+                if merger is not None:
+                    await asyncio.shield(merger)  # a merge in progress ends first
+                    await self._merge_once()
         except TimeoutError:
+            if writer.done():
+                log.warning("final rollup merge not done in time; the next merge does it")
+                return
             log.warning(
                 "final flush not committed within %.0fs; its messages stay "
                 "unacknowledged and the broker will deliver them again",
                 self.cfg.flush.shutdown_grace_s,
             )
             writer.cancel()
+
+    async def _merger(self) -> None:
+        """Merge the pending rollup partials every rollups.merge_interval_s (own connection),
+        until stopping."""
+        while not self._stop_merging.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._stop_merging.wait(), timeout=self.cfg.rollups.merge_interval_s
+                )
+            if not self._stop_merging.is_set():
+                await self._merge_once()
+
+    async def _merge_once(self) -> None:
+        sink = self._merge_sink
+        try:
+            if not sink.connected:
+                await sink.connect()
+            started = time.monotonic()
+            merged = await merge_rollups(sink.connection)
+            if merged:
+                log.debug("merged %d rollup partials in %.2fs", merged, time.monotonic() - started)
+        except (TransientSinkError, PermanentSinkError) as exc:
+            log.warning("rollup merge skipped: %s", exc)
+        except (asyncpg.PostgresError, *CLIENT_ERRORS) as exc:
+            if not isinstance(exc, asyncpg.PostgresError):
+                sink.discard()
+            log.warning("rollup merge skipped, the next one retries: %s", classify(exc))
 
 
 async def run_service(

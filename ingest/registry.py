@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import asyncpg
+import numpy as np
+import numpy.typing as npt
 
 _INSERT_ASSETS = """
 INSERT INTO telemetry.assets (path, parent_id, name, depth)
@@ -24,10 +26,22 @@ SELECT d.path, d.name, a.id
 ON CONFLICT (path) DO NOTHING
 """
 _SELECT_DEVICES = "SELECT id, path FROM telemetry.devices WHERE path = ANY($1::text[])"
+# How many sensors the devices have now, whoever registered them.
+_COUNT_SENSORS = """
+SELECT device_id, count(*) AS n FROM telemetry.sensors
+ WHERE device_id = ANY($1::int[]) GROUP BY device_id
+"""
+# New sensors come back from the insert itself; only those another ingester registered first
+# are read back afterwards.
+# A new sensor's last_seen is its latest reading time in the flush that registers it, so that
+# no UPDATE follows the first sight of a sensor.
 _INSERT_SENSORS = """
-INSERT INTO telemetry.sensors (device_id, name, unit)
-SELECT * FROM unnest($1::int[], $2::text[], $3::text[])
+INSERT INTO telemetry.sensors (device_id, name, unit, last_seen)
+SELECT k.device_id, k.name, k.unit,
+       timestamptz 'epoch' + k.last_seen * interval '1 microsecond'
+  FROM unnest($1::int[], $2::text[], $3::text[], $4::int8[]) AS k(device_id, name, unit, last_seen)
 ON CONFLICT (device_id, name) DO NOTHING
+RETURNING id, device_id, name, unit
 """
 _SELECT_SENSORS = """
 SELECT s.id, s.device_id, s.name, s.unit
@@ -40,6 +54,17 @@ UPDATE telemetry.sensors s SET unit = u.unit
   FROM unnest($1::int[], $2::text[]) AS u(id, unit)
  WHERE s.id = u.id AND s.unit IS DISTINCT FROM u.unit
 """
+# The whole registry in three statements, for a restart.
+_LOAD_ASSETS = "SELECT path FROM telemetry.assets"
+_LOAD_DEVICES = "SELECT id, path FROM telemetry.devices"
+_LOAD_SENSORS = """
+SELECT id, device_id, name, unit,
+       coalesce((extract(epoch FROM last_seen) * 1000000)::int8, $1::int8) AS last_seen
+  FROM telemetry.sensors
+"""
+
+_NEVER = np.iinfo(np.int64).min // 2  # a last-seen time before any reading
+_MAX_SHAPES = 200_000  # message shapes remembered by `message_ids`
 
 
 class SensorKey(NamedTuple):
@@ -66,20 +91,33 @@ class Registry:
     """Caches sensor ids; registers unknown sensors in the database. Called from one task only.
 
     Registration is safe with several ingesters registering the same new sensor at once: every
-    insert is `ON CONFLICT DO NOTHING` and ids are then read back from the committed rows.
+    insert is `ON CONFLICT DO NOTHING` and ids are then read back from the committed rows. A
+    device gets at most `max_sensors_per_device` sensors; `resolve` refuses the names beyond.
     """
 
-    def __init__(self, *, last_seen_every_s: float = 60.0) -> None:
+    def __init__(
+        self, *, max_sensors_per_device: int = 10_000, last_seen_every_s: float = 60.0
+    ) -> None:
         self._sensors: dict[SensorKey, _Known] = {}
         self._devices: dict[str, int] = {}
         self._assets: set[str] = set()
         self._names: dict[int, tuple[str, str]] = {}
         self._by_id: dict[int, _Known] = {}
-        self._last_seen_written: dict[int, float] = {}
-        self._last_seen_every = last_seen_every_s
+        self._max_per_device = max_sensors_per_device
+        self._last_seen_every_us = round(last_seen_every_s * 1e6)
+        self._last_seen = np.full(1024, _NEVER, dtype=np.int64)  # by sensor id, µs
+        self._shapes: dict[tuple[tuple[str, ...], tuple[str, ...]], _Shape] = {}
+        self._units_version = 0
+        self._used: set[int] = set()  # sensors named by a message since start
 
     def __len__(self) -> int:
         return len(self._sensors)
+
+    @property
+    def used(self) -> int:
+        """How many sensors the messages resolved since start named (the registry itself may
+        know many more: it is loaded whole)."""
+        return len(self._used)
 
     def get(self, key: SensorKey) -> int | None:
         known = self._sensors.get(key)
@@ -89,26 +127,95 @@ class Registry:
         """(device path, sensor name) of a registered sensor id."""
         return self._names[sensor_id]
 
+    async def load(self, conn: asyncpg.Connection) -> None:
+        """Read the whole registry (assets, devices, sensors, last-seen times) in bulk."""
+        self._assets.update(r["path"] for r in await conn.fetch(_LOAD_ASSETS))
+        paths: dict[int, str] = {}
+        for row in await conn.fetch(_LOAD_DEVICES):
+            self._devices[row["path"]] = row["id"]
+            paths[row["id"]] = row["path"]
+        levels = {device_id: tuple(path.split("/")) for device_id, path in paths.items()}
+        rows = await conn.fetch(_LOAD_SENSORS, _NEVER)
+        ids = np.fromiter((r["id"] for r in rows), dtype=np.int64, count=len(rows))
+        self._grow(int(ids.max()) if len(ids) else 0)
+        self._last_seen[ids] = np.fromiter((r["last_seen"] for r in rows), np.int64, len(rows))
+        for row in rows:
+            self._add(SensorKey(levels[row["device_id"]], row["name"]), row["id"], row["unit"])
+
+    def _add(self, key: SensorKey, sensor_id: int, unit: str | None) -> None:
+        known = _Known(sensor_id, unit)
+        self._sensors[key] = self._by_id[sensor_id] = known
+        self._names[sensor_id] = (key.device, key.name)
+
+    def _grow(self, max_id: int) -> None:
+        if max_id >= len(self._last_seen):
+            grown = np.full(max(2 * len(self._last_seen), max_id + 1), _NEVER, dtype=np.int64)
+            grown[: len(self._last_seen)] = self._last_seen
+            self._last_seen = grown
+
+    # ------------------------------------------------------------------ message shapes
+
+    def message_ids(
+        self, levels: tuple[str, ...], names: tuple[str, ...], units: tuple[str | None, ...]
+    ) -> npt.NDArray[np.int32] | None:
+        """The sensor ids of a message's channels, when a message of the same device, channel
+        names and units was resolved before and no unit changed since; else None. Never awaits.
+        """
+        shape = self._shapes.get((levels, names))
+        if shape is None or shape.units != units or shape.version != self._units_version:
+            return None
+        return shape.ids
+
+    def remember(
+        self, levels: tuple[str, ...], names: tuple[str, ...], units: tuple[str | None, ...]
+    ) -> npt.NDArray[np.int32]:
+        """The ids of a message's channels, all registered; kept for `message_ids`."""
+        ids = np.array([self._sensors[SensorKey(levels, n)].id for n in names], dtype=np.int32)
+        self._used.update(ids.tolist())
+        if len(self._shapes) >= _MAX_SHAPES:
+            self._shapes.clear()
+        self._shapes[(levels, names)] = _Shape(ids, units, self._units_version)
+        return ids
+
+    # ------------------------------------------------------------------ registration
+
+    def __contains__(self, key: SensorKey) -> bool:
+        return key in self._sensors
+
     async def resolve(
-        self, conn: asyncpg.Connection, *, sensors: dict[SensorKey, str | None]
-    ) -> None:
-        """Make every key of `sensors` (key -> unit) known, registering new ones and new units."""
+        self,
+        conn: asyncpg.Connection,
+        *,
+        sensors: dict[SensorKey, str | None],
+        latest: dict[SensorKey, int] | None = None,
+    ) -> set[SensorKey]:
+        """Make every key of `sensors` (key -> unit) known, registering new ones and new units.
+        `latest` holds the latest reading time (µs) of new keys: their first last_seen.
+
+        Returns the new keys refused because their device has `max_sensors_per_device`.
+        """
         missing = {k: u for k, u in sensors.items() if k not in self._sensors}
+        refused: set[SensorKey] = set()
+        if missing:
+            refused = await self._register(conn, missing, latest or {})
         changed = [
             (self._sensors[k].id, u)
             for k, u in sensors.items()
             if u is not None and k in self._sensors and self._sensors[k].unit != u
         ]
-        if missing:
-            await self._register(conn, missing)
         if changed:
             await conn.execute(_UPDATE_UNITS, [c[0] for c in changed], [c[1] for c in changed])
             for sensor_id, unit in changed:
                 self._by_id[sensor_id].unit = unit
+            self._units_version += 1
+        return refused
 
     async def _register(
-        self, conn: asyncpg.Connection, sensors: dict[SensorKey, str | None]
-    ) -> None:
+        self,
+        conn: asyncpg.Connection,
+        sensors: dict[SensorKey, str | None],
+        latest: dict[SensorKey, int],
+    ) -> set[SensorKey]:
         devices = {k.device: k.levels for k in sensors if k.device not in self._devices}
         if devices:
             await self._register_assets(conn, devices.values())
@@ -121,21 +228,60 @@ class Registry:
             )
             for row in await conn.fetch(_SELECT_DEVICES, paths):
                 self._devices[row["path"]] = row["id"]
-        keys = list(sensors)
+        keys, refused = await self._within_cap(conn, list(sensors))
+        if not keys:
+            return refused
         device_ids = [self._devices[k.device] for k in keys]
         names = [k.name for k in keys]
-        await conn.execute(_INSERT_SENSORS, device_ids, names, [sensors[k] for k in keys])
-        by_pair = {(self._devices[k.device], k.name): k for k in keys}
-        for row in await conn.fetch(_SELECT_SENSORS, device_ids, names):
-            key = by_pair[(row["device_id"], row["name"])]
-            known = _Known(row["id"], row["unit"])
-            self._sensors[key] = self._by_id[known.id] = known
-            self._names[known.id] = (key.device, key.name)
+        by_pair = {(d, n): k for d, n, k in zip(device_ids, names, keys, strict=True)}
+        times = [latest.get(k) for k in keys]
+        units = [sensors[k] for k in keys]
+        inserted = await conn.fetch(_INSERT_SENSORS, device_ids, names, units, times)
+        rows = list(inserted)
+        if len(rows) < len(keys):  # some were registered by another ingester first
+            rows += await conn.fetch(_SELECT_SENSORS, device_ids, names)
+        self._grow(max(row["id"] for row in rows))
+        for row in rows:
+            self._add(by_pair[(row["device_id"], row["name"])], row["id"], row["unit"])
+        for row in inserted:
+            t = latest.get(by_pair[(row["device_id"], row["name"])])
+            if t is not None:
+                self._last_seen[row["id"]] = t
         lost = [k for k in keys if k not in self._sensors]
         if lost:
             raise RuntimeError(f"sensor {lost[0].device}/{lost[0].name} was not registered")
-        # A unit first sent after another ingester registered the sensor without one.
-        await self.resolve(conn, sensors={k: u for k, u in sensors.items() if u is not None})
+        return refused
+
+    async def _within_cap(
+        self, conn: asyncpg.Connection, keys: Sequence[SensorKey]
+    ) -> tuple[list[SensorKey], set[SensorKey]]:
+        """The new keys each device still has room for (first come, first registered), and
+        the rest. Counts what the database holds, so every ingester sees the others' sensors."""
+        device_ids = sorted({self._devices[k.device] for k in keys})
+        room = dict.fromkeys(device_ids, self._max_per_device)
+        for row in await conn.fetch(_COUNT_SENSORS, device_ids):
+            room[row["device_id"]] -= row["n"]
+        wanted: dict[int, int] = {}
+        for key in keys:
+            wanted[self._devices[key.device]] = wanted.get(self._devices[key.device], 0) + 1
+        if all(wanted[d] <= room[d] for d in wanted):
+            return list(keys), set()
+        # Some device is full: sensors it has already (another ingester registered them) take
+        # no room; new ones are taken in arrival order while room lasts.
+        pairs = [(self._devices[k.device], k.name) for k in keys]
+        rows = await conn.fetch(_SELECT_SENSORS, [p[0] for p in pairs], [p[1] for p in pairs])
+        existing = {(row["device_id"], row["name"]) for row in rows}
+        allowed: list[SensorKey] = []
+        refused: set[SensorKey] = set()
+        for key, pair in zip(keys, pairs, strict=True):
+            if pair in existing:
+                allowed.append(key)
+            elif room[pair[0]] > 0:
+                room[pair[0]] -= 1
+                allowed.append(key)
+            else:
+                refused.add(key)
+        return allowed, refused
 
     async def _register_assets(
         self, conn: asyncpg.Connection, device_levels: Iterable[tuple[str, ...]]
@@ -156,16 +302,27 @@ class Registry:
             )
             self._assets.update(paths)
 
-    def last_seen_due(self, sensor_ids: Iterable[int], *, now: float) -> list[int]:
-        """Sensors whose `last_seen` was not written in the last minute. Never changes state.
+    # ------------------------------------------------------------------ last seen
 
-        Keeps the registry's `last_seen` within a minute of the truth without an UPDATE per
-        sensor per flush; `last_seen_written` records a committed write.
+    def last_seen_due(
+        self, sensor: npt.NDArray[np.int32], time: npt.NDArray[np.int64]
+    ) -> npt.NDArray[np.bool_]:
+        """Which of these sensors (each once, with its latest new reading's time) need their
+        `last_seen` written: none was written, or the one written is `last_seen_every_s` older.
+        Never changes state.
+
+        Keeps the registry's `last_seen` within a minute of the readings (in their own time)
+        with at most one UPDATE per sensor per minute of readings, whatever the flush rate.
         """
-        written = self._last_seen_written
-        return [s for s in sensor_ids if now - written.get(s, -1e18) >= self._last_seen_every]
+        return time >= self._last_seen[sensor] + self._last_seen_every_us
 
-    def last_seen_written(self, sensor_ids: Iterable[int], *, now: float) -> None:
-        """Record that the `last_seen` of these sensors was committed at `now`."""
-        for s in sensor_ids:
-            self._last_seen_written[s] = now
+    def last_seen_written(self, sensor: npt.NDArray[np.int32], time: npt.NDArray[np.int64]) -> None:
+        """Record that the `last_seen` of these sensors (each once) was committed as `time`."""
+        self._last_seen[sensor] = np.maximum(self._last_seen[sensor], time)
+
+
+@dataclass(frozen=True, slots=True)
+class _Shape:
+    ids: npt.NDArray[np.int32]
+    units: tuple[str | None, ...]
+    version: int

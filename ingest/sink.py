@@ -85,11 +85,36 @@ class StagedUpsert:
         return self.rows
 
 
+APPENDABLE = ("rollup_pending",)
+"""Tables of the telemetry schema that an `Appended` may COPY rows into."""
+
+
+@dataclass(frozen=True, slots=True)
+class Appended:
+    """Extra rows appended with one binary COPY straight into `telemetry.<table>`, a table of
+    APPENDABLE: no statement per row, no upsert."""
+
+    table: str
+    columns: tuple[str, ...]
+    data: memoryview
+    rows: int
+
+    def __post_init__(self) -> None:
+        if self.table not in APPENDABLE:
+            raise ValueError(f"Appended: telemetry.{self.table} is not appendable")
+
+    def __len__(self) -> int:
+        return self.rows
+
+
+Extra = Upsert | StagedUpsert | Appended
+
+
 class Extras(Protocol):
     """What a flush's `derive` step returns: extra writes for the same transaction."""
 
     @property
-    def upserts(self) -> Sequence[Upsert | StagedUpsert]: ...
+    def upserts(self) -> Sequence[Extra]: ...
 
 
 D = TypeVar("D", bound=Extras)
@@ -142,7 +167,7 @@ def encode_copy(readings: Readings, *, positions: bool = False) -> memoryview:
 
 # Failures on the client side of a connection. InternalClientError: asyncpg read a message it
 # did not expect (a restart's FATAL 57P01 arriving while idle) and the connection stays unusable.
-_CLIENT_ERRORS = (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.InternalClientError)
+CLIENT_ERRORS = (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.InternalClientError)
 
 
 def classify(exc: BaseException) -> TransientSinkError | PermanentSinkError:
@@ -152,7 +177,7 @@ def classify(exc: BaseException) -> TransientSinkError | PermanentSinkError:
         if state.startswith(_TRANSIENT_CLASSES):
             return TransientSinkError(f"database: {exc} (SQLSTATE {state})")
         return PermanentSinkError(f"database: {exc} (SQLSTATE {state})")
-    if isinstance(exc, _CLIENT_ERRORS):
+    if isinstance(exc, CLIENT_ERRORS):
         return TransientSinkError(f"database connection: {exc or type(exc).__name__}")
     return PermanentSinkError(f"database: {exc}")
 
@@ -162,15 +187,18 @@ _STAGE_DDL = (
     "(time timestamptz, sensor_id integer, value double precision, quality smallint, pos integer) "
     "ON COMMIT DELETE ROWS"
 )
-_STAGE_EXISTING = (
-    "SELECT coalesce(array_agg(s.pos), '{}') FROM readings_stage s "
-    "JOIN telemetry.readings r ON r.sensor_id = s.sensor_id AND r.time = s.time"
+# The rows really inserted are learnt from the insert itself: a row that another ingester
+# committed meanwhile is skipped by ON CONFLICT and not returned, so it is never rolled up twice.
+_STAGE_INSERT = """
+WITH inserted AS (
+    INSERT INTO telemetry.readings (time, sensor_id, value, quality)
+    SELECT time, sensor_id, value, quality FROM readings_stage ORDER BY pos
+    ON CONFLICT DO NOTHING
+    RETURNING sensor_id, time
 )
-_STAGE_INSERT = (
-    "INSERT INTO telemetry.readings (time, sensor_id, value, quality) "
-    "SELECT time, sensor_id, value, quality FROM readings_stage ORDER BY pos "
-    "ON CONFLICT DO NOTHING"
-)
+SELECT coalesce(array_agg(s.pos), '{}')
+  FROM inserted i JOIN readings_stage s ON s.sensor_id = i.sensor_id AND s.time = i.time
+"""
 
 
 class Sink:
@@ -207,15 +235,15 @@ class Sink:
             asyncpg.InvalidCatalogNameError,
         ) as exc:
             raise PermanentSinkError(f"database: {exc}") from exc
-        except (asyncpg.PostgresError, *_CLIENT_ERRORS) as exc:
+        except (asyncpg.PostgresError, *CLIENT_ERRORS) as exc:
             raise classify(exc) from exc
 
-    async def close(self) -> None:
+    async def close(self, *, wait_s: float = 5.0) -> None:
         conn, self._conn = self._conn, None
         if conn is not None and not conn.is_closed():
             try:
-                await asyncio.wait_for(conn.close(), timeout=5)
-            except (asyncpg.PostgresError, *_CLIENT_ERRORS):
+                await asyncio.wait_for(conn.close(), timeout=wait_s)
+            except (asyncpg.PostgresError, *CLIENT_ERRORS):
                 conn.terminate()
 
     def discard(self) -> None:
@@ -248,7 +276,7 @@ class Sink:
                 return await self._transaction(conn, readings, dead_letters, derive, staged=False)
             except asyncpg.UniqueViolationError:
                 return await self._transaction(conn, readings, dead_letters, derive, staged=True)
-        except (asyncpg.PostgresError, *_CLIENT_ERRORS) as exc:
+        except (asyncpg.PostgresError, *CLIENT_ERRORS) as exc:
             if not isinstance(exc, asyncpg.PostgresError):
                 self.discard()
             raise classify(exc) from exc
@@ -274,7 +302,10 @@ class Sink:
                 finally:
                     extras = await speculative  # never leave it running on failure
             for upsert in extras.upserts:
-                if isinstance(upsert, StagedUpsert):
+                if isinstance(upsert, Appended):
+                    if upsert.rows:
+                        await self._append(conn, upsert)
+                elif isinstance(upsert, StagedUpsert):
                     if upsert.rows:
                         if upsert.stage not in self._stages:
                             await conn.execute(upsert.stage_ddl)
@@ -297,6 +328,18 @@ class Sink:
                 )
         self._stages.update(created)  # a rollback would have taken them away again
         return result, extras
+
+    @staticmethod
+    async def _append(conn: asyncpg.Connection, append: Appended) -> None:
+        for table in APPENDABLE:  # the table's name is one of ours, never a computed one
+            if table == append.table:
+                await conn.copy_to_table(
+                    table,
+                    schema_name="telemetry",
+                    source=cast(Any, append.data),
+                    columns=list(append.columns),
+                    format="binary",
+                )
 
     async def _copy_readings(
         self, conn: asyncpg.Connection, readings: Readings, result: WriteResult
@@ -332,10 +375,9 @@ class Sink:
             columns=[*_READING_COLUMNS, "pos"],
             format="binary",
         )
-        existing = await conn.fetchval(_STAGE_EXISTING)
-        await conn.execute(_STAGE_INSERT)
-        new = np.ones(len(readings), dtype=bool)
-        new[np.asarray(existing, dtype=np.int64)] = False
+        inserted = await conn.fetchval(_STAGE_INSERT)
+        new = np.zeros(len(readings), dtype=bool)
+        new[np.asarray(inserted, dtype=np.int64)] = True
         result.inserted = int(new.sum())
         result.duplicates = len(readings) - result.inserted
         result.copy_seconds = loop.time() - started

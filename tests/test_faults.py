@@ -9,6 +9,7 @@ reading exactly once, nothing missing. Servers that a scenario restarts are priv
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from urllib.parse import urlsplit, urlunsplit
@@ -391,3 +392,43 @@ async def test_stalled_database_keeps_memory_bounded_and_drops_nothing(
             codes = await asyncio.gather(a.stop(), b.stop())
             await broker.stop()
         assert list(codes) == [0, 0], (a.log.decode(), b.log.decode())
+
+
+async def test_sigterm_while_the_database_is_down_ends_within_the_grace(
+    cluster: PrivateCluster, mqtt_url: str
+) -> None:
+    """The writer is stuck retrying, a second flush waits in the queue and a third behind it:
+    SIGTERM still ends the process once flush.shutdown_grace_s is over, acknowledging nothing
+    that was not committed."""
+    await cluster.ensure_running()
+    db = cluster.as_database()
+    site, prefix = new_site(), new_prefix()
+    env = ingester_env(db, mqtt_url, prefix, INGEST_FLUSH_SHUTDOWN_GRACE_S="2")
+    messages, expected = stream(site, devices=1, messages=6, per_message=10)
+    ingester = await Ingester(env).start()
+    try:
+        await cluster.stop()
+        for n in range(1, 4):  # one flush each: the writer is never idle again
+            await publish(mqtt_url, topics(prefix, messages[n - 1 : n]))
+            await wait_until(lambda n=n: _received_at_least(ingester, n), timeout=30)
+        assert ingester.proc is not None
+        ingester.proc.send_signal(signal.SIGTERM)
+        # Without a bound, shutdown waits for the database, which stays down for this long.
+        code = await ingester.wait_exit(timeout=60)
+        assert code == 0, ingester.log.decode()
+        assert b"final flush not committed within 2s" in ingester.log, ingester.log.decode()
+        assert b"Traceback" not in ingester.log, ingester.log.decode()
+    finally:
+        await cluster.ensure_running()
+    # Nothing was acknowledged: a new ingester gets everything again from the session.
+    last = await Ingester(env).start()
+    try:
+        await publish(mqtt_url, topics(prefix, messages[3:]))
+        await assert_exactly_once(db, site, expected, running=[last])
+    finally:
+        assert await last.stop() == 0, last.log.decode()
+        await asyncio.to_thread(purge_session, mqtt_url, env["INGEST_MQTT_CLIENT_ID"])
+
+
+async def _received_at_least(ingester: Ingester, n: int) -> bool:
+    return await ingester.metric("ingest_messages_received_total") >= n
