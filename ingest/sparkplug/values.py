@@ -126,6 +126,8 @@ def metric_times(
     """Microseconds of every metric: its own timestamp, else the payload's, else the receive
     time. A timestamp of 2^63 ms or more reads as negative and fails the caller's window."""
     fallback = received_us if payload_ms is None else payload_ms * 1000
+    if not -(2**63) <= fallback < 2**63:
+        fallback = -1
     own = (rows[:, C_FLAGS] & F_TIMESTAMP) != 0
     ms = rows[:, C_TIMESTAMP]
     out = np.where(own, ms * 1000, fallback).astype(np.int64)

@@ -131,55 +131,59 @@ _QUALITY_KEY: Final = np.frombuffer(b"Quality", np.uint8)
 
 @kernel
 def _varint(buf: npt.NDArray[np.uint8], pos: Any, end: Any) -> Any:
-    """(value, next position); next position is -code on error."""
-    result = np.uint64(0)
-    shift = np.uint64(0)
+    """(value as int64 bits, next position); next position is -code on error."""
+    if pos < end and buf[pos] < 0x80:  # one byte: keys, small aliases, booleans
+        return np.int64(buf[pos]), pos + 1
+    result = np.int64(0)
+    shift = 0
     for _ in range(10):
         if pos >= end:
-            return np.uint64(0), -_E_TRUNCATED_VARINT
-        b = buf[pos]
+            return np.int64(0), -_E_TRUNCATED_VARINT
+        b = buf[pos] & 0xFF  # an int64 for numba
         pos += 1
-        result |= np.uint64(b & 0x7F) << shift
+        result |= (b & 0x7F) << shift
         if b < 0x80:
             return result, pos
-        shift += np.uint64(7)
-    return np.uint64(0), -_E_LONG_VARINT
+        shift += 7
+    return np.int64(0), -_E_LONG_VARINT
 
 
 @kernel
 def _field(buf: npt.NDArray[np.uint8], pos: Any, end: Any, expect: npt.NDArray[np.int64]) -> Any:
-    """Read one field at `pos`: (field number, wire type, varint or fixed bits, start of a
-    length-delimited body, next position); next position is -code on error. A field the
+    """Read one field at `pos`: (field number, wire type, varint or fixed bits as int64, start
+    of a length-delimited body, next position); next position is -code on error. A field the
     decoder reads must have its expected wire type; others are skipped if well-formed."""
+    zero = np.int64(0)
     key, pos = _varint(buf, pos, end)
     if pos < 0:
-        return 0, 0, np.uint64(0), 0, pos
-    number = key >> np.uint64(3)
-    wire = np.int64(key & np.uint64(7))
-    if number == 0:
-        return 0, wire, np.uint64(0), 0, -_E_FIELD_ZERO
-    num = np.int64(number) if number < np.uint64(1 << 30) else 0
-    if 0 < num < len(expect) and expect[num] >= 0 and expect[num] != wire:
-        return num, wire, np.uint64(0), 0, -_E_WIRE_TYPE
+        return 0, 0, zero, 0, pos
+    wire = key & 7
+    num = (key >> 3) & 0x1FFFFFFFFFFFFFFF  # the shift of a negative key must not sign-extend
+    if num == 0:
+        return 0, wire, zero, 0, -_E_FIELD_ZERO
+    if num > 0x3FFFFFFF:
+        num = 0x3FFFFFFF  # beyond every field we read: skipped like any unknown field
+    if num < len(expect) and expect[num] >= 0 and expect[num] != wire:
+        return num, wire, zero, 0, -_E_WIRE_TYPE
     if wire == 0:
         value, pos = _varint(buf, pos, end)
         return num, wire, value, 0, pos
     if wire == 1 or wire == 5:
         size = 8 if wire == 1 else 4
         if end - pos < size:
-            return num, wire, np.uint64(0), 0, -_E_PAST_END
-        bits = np.uint64(0)
+            return num, wire, zero, 0, -_E_PAST_END
+        bits = zero
         for i in range(size):
-            bits |= np.uint64(buf[pos + i]) << np.uint64(8 * i)
+            bits |= (buf[pos + i] & 0xFF) << (8 * i)
         return num, wire, bits, 0, pos + size
     if wire == 2:
         length, pos = _varint(buf, pos, end)
         if pos < 0:
-            return num, wire, np.uint64(0), 0, pos
-        if length > np.uint64(end - pos):
-            return num, wire, np.uint64(0), 0, -_E_PAST_END
-        return num, wire, length, pos, pos + np.int64(length)
-    return num, wire, np.uint64(0), 0, -_E_BAD_WIRE_TYPE
+            return num, wire, zero, 0, pos
+        if length < 0 or length > end - pos:
+            return num, wire, zero, 0, -_E_PAST_END
+        return num, wire, length, pos, pos + length
+    return num, wire, zero, 0, -_E_BAD_WIRE_TYPE
 
 
 @kernel
@@ -222,7 +226,7 @@ def _quality(buf: npt.NDArray[np.uint8], start: Any, end: Any) -> Any:
                     if inner < 0:
                         return -1, at, -inner, vnum, wire, _K_PROPVALUE
                     if vnum == 3 or vnum == 4:
-                        value = np.int64(bits & np.uint64(0x7FFFFFFF))
+                        value = bits & 0x7FFFFFFF
                 return value, 0, 0, 0, 0, 0
             index += 1
     return -1, 0, 0, 0, 0, 0
@@ -243,6 +247,7 @@ def _decode(
     error code, error position, error row]. Templates' member metrics follow their parents,
     each message of metrics read from a work list rather than by recursion."""
     head = np.zeros(10, np.int64)
+    metric_wt = _METRIC_WT.copy()
     head[6] = -1
     rows = np.empty((16, COLUMNS), np.int64)
     n = 0
@@ -258,9 +263,79 @@ def _decode(
         pos = start
         while pos < end:
             at = pos
-            num, wire, bits, body, pos = _field(buf, pos, end, expect)
-            if pos < 0:
-                head[4], head[5], head[6] = -pos, at, parent
+            # one field, read inline: a helper returning tuples costs several times more
+            code = 0
+            bits = 0
+            body = 0
+            key = 0
+            shift = 0
+            while True:
+                if pos >= end:
+                    code = _E_TRUNCATED_VARINT
+                    break
+                if shift > 63:
+                    code = _E_LONG_VARINT
+                    break
+                b = buf[pos] & 0xFF  # an int64 for numba
+                pos += 1
+                key |= (b & 0x7F) << shift
+                if b < 0x80:
+                    break
+                shift += 7
+            wire = key & 7
+            num = min((key >> 3) & 0x1FFFFFFFFFFFFFFF, 0x3FFFFFFF)
+            if code == 0 and num == 0:
+                code = _E_FIELD_ZERO
+            elif code == 0 and num < len(expect) and expect[num] >= 0 and expect[num] != wire:
+                code = _E_WIRE_TYPE
+            elif code == 0 and wire == 0:
+                bits = 0
+                shift = 0
+                while True:
+                    if pos >= end:
+                        code = _E_TRUNCATED_VARINT
+                        break
+                    if shift > 63:
+                        code = _E_LONG_VARINT
+                        break
+                    b = buf[pos] & 0xFF  # an int64 for numba
+                    pos += 1
+                    bits |= (b & 0x7F) << shift
+                    if b < 0x80:
+                        break
+                    shift += 7
+            elif code == 0 and (wire == 1 or wire == 5):
+                size = 8 if wire == 1 else 4
+                if end - pos < size:
+                    code = _E_PAST_END
+                else:
+                    for i in range(size):
+                        bits |= (buf[pos + i] & 0xFF) << (8 * i)
+                    pos += size
+            elif code == 0 and wire == 2:
+                bits = 0
+                shift = 0
+                while True:
+                    if pos >= end:
+                        code = _E_TRUNCATED_VARINT
+                        break
+                    if shift > 63:
+                        code = _E_LONG_VARINT
+                        break
+                    b = buf[pos] & 0xFF  # an int64 for numba
+                    pos += 1
+                    bits |= (b & 0x7F) << shift
+                    if b < 0x80:
+                        break
+                    shift += 7
+                if code == 0 and (bits < 0 or bits > end - pos):
+                    code = _E_PAST_END
+                body = pos
+                pos += bits
+            elif code == 0:
+                code = _E_BAD_WIRE_TYPE
+            if code:
+                head[4], head[5], head[6] = code, at, parent
                 head[7], head[8] = num, wire
                 head[9] = _K_PAYLOAD if parent < 0 else _K_TEMPLATE
                 return rows, n, head
@@ -274,44 +349,118 @@ def _decode(
                     return rows, n, head
                 if n == rows.shape[0]:
                     rows = _grow(rows)
-                row = rows[n]
-                row[C_NAME_START] = -1
-                row[C_NAME_LEN] = 0
-                row[C_ALIAS] = 0
-                row[C_TIMESTAMP] = 0
-                row[C_DATATYPE] = 0
-                row[C_FLAGS] = 0
-                row[C_RAW] = 0
-                row[C_FIELD] = 0
-                row[C_QUALITY] = -1
-                row[C_PARENT] = parent
+                rows[n, C_NAME_START] = -1
+                rows[n, C_NAME_LEN] = 0
+                rows[n, C_ALIAS] = 0
+                rows[n, C_TIMESTAMP] = 0
+                rows[n, C_DATATYPE] = 0
+                rows[n, C_FLAGS] = 0
+                rows[n, C_RAW] = 0
+                rows[n, C_FIELD] = 0
+                rows[n, C_QUALITY] = -1
+                rows[n, C_PARENT] = parent
                 mpos = body
                 mend = body + np.int64(bits)
                 while mpos < mend:
                     mat = mpos
-                    fnum, fwire, fbits, fbody, mpos = _field(buf, mpos, mend, _METRIC_WT)
-                    if mpos < 0:
-                        head[4], head[5], head[6] = -mpos, mat, n
+                    # one field, read inline: a helper returning tuples costs several times more
+                    code = 0
+                    fbits = 0
+                    fbody = 0
+                    key = 0
+                    shift = 0
+                    while True:
+                        if mpos >= mend:
+                            code = _E_TRUNCATED_VARINT
+                            break
+                        if shift > 63:
+                            code = _E_LONG_VARINT
+                            break
+                        b = buf[mpos] & 0xFF  # an int64 for numba
+                        mpos += 1
+                        key |= (b & 0x7F) << shift
+                        if b < 0x80:
+                            break
+                        shift += 7
+                    fwire = key & 7
+                    fnum = min((key >> 3) & 0x1FFFFFFFFFFFFFFF, 0x3FFFFFFF)
+                    if code == 0 and fnum == 0:
+                        code = _E_FIELD_ZERO
+                    elif (
+                        code == 0
+                        and fnum < len(metric_wt)
+                        and metric_wt[fnum] >= 0
+                        and metric_wt[fnum] != fwire
+                    ):
+                        code = _E_WIRE_TYPE
+                    elif code == 0 and fwire == 0:
+                        fbits = 0
+                        shift = 0
+                        while True:
+                            if mpos >= mend:
+                                code = _E_TRUNCATED_VARINT
+                                break
+                            if shift > 63:
+                                code = _E_LONG_VARINT
+                                break
+                            b = buf[mpos] & 0xFF  # an int64 for numba
+                            mpos += 1
+                            fbits |= (b & 0x7F) << shift
+                            if b < 0x80:
+                                break
+                            shift += 7
+                    elif code == 0 and (fwire == 1 or fwire == 5):
+                        size = 8 if fwire == 1 else 4
+                        if mend - mpos < size:
+                            code = _E_PAST_END
+                        else:
+                            for i in range(size):
+                                fbits |= (buf[mpos + i] & 0xFF) << (8 * i)
+                            mpos += size
+                    elif code == 0 and fwire == 2:
+                        fbits = 0
+                        shift = 0
+                        while True:
+                            if mpos >= mend:
+                                code = _E_TRUNCATED_VARINT
+                                break
+                            if shift > 63:
+                                code = _E_LONG_VARINT
+                                break
+                            b = buf[mpos] & 0xFF  # an int64 for numba
+                            mpos += 1
+                            fbits |= (b & 0x7F) << shift
+                            if b < 0x80:
+                                break
+                            shift += 7
+                        if code == 0 and (fbits < 0 or fbits > mend - mpos):
+                            code = _E_PAST_END
+                        fbody = mpos
+                        mpos += fbits
+                    elif code == 0:
+                        code = _E_BAD_WIRE_TYPE
+                    if code:
+                        head[4], head[5], head[6] = code, mat, n
                         head[7], head[8], head[9] = fnum, fwire, _K_METRIC
                         return rows, n, head
                     if fnum == 1:
-                        row[C_NAME_START] = fbody
-                        row[C_NAME_LEN] = np.int64(fbits)
+                        rows[n, C_NAME_START] = fbody
+                        rows[n, C_NAME_LEN] = np.int64(fbits)
                     elif fnum == 2:
-                        row[C_ALIAS] = np.int64(fbits)
-                        row[C_FLAGS] |= F_ALIAS
+                        rows[n, C_ALIAS] = np.int64(fbits)
+                        rows[n, C_FLAGS] |= F_ALIAS
                     elif fnum == 3:
-                        row[C_TIMESTAMP] = np.int64(fbits)
-                        row[C_FLAGS] |= F_TIMESTAMP
+                        rows[n, C_TIMESTAMP] = np.int64(fbits)
+                        rows[n, C_FLAGS] |= F_TIMESTAMP
                     elif fnum == 4:
-                        row[C_DATATYPE] = np.int64(fbits & np.uint64(0xFFFFFFFF))
-                        row[C_FLAGS] |= F_DATATYPE
+                        rows[n, C_DATATYPE] = fbits & 0xFFFFFFFF
+                        rows[n, C_FLAGS] |= F_DATATYPE
                     elif fnum == 5 or fnum == 6 or fnum == 7:
                         flag = F_HISTORICAL if fnum == 5 else (F_TRANSIENT if fnum == 6 else F_NULL)
-                        if fbits != np.uint64(0):
-                            row[C_FLAGS] |= flag
+                        if fbits != 0:
+                            rows[n, C_FLAGS] |= flag
                         else:
-                            row[C_FLAGS] &= ~flag
+                            rows[n, C_FLAGS] &= ~flag
                     elif fnum == 9:
                         quality, qat, qcode, qnum, qwire, qkind = _quality(
                             buf, fbody, fbody + np.int64(fbits)
@@ -320,10 +469,10 @@ def _decode(
                             head[4], head[5], head[6] = qcode, qat, n
                             head[7], head[8], head[9] = qnum, qwire, qkind
                             return rows, n, head
-                        row[C_QUALITY] = quality
+                        rows[n, C_QUALITY] = quality
                     elif 10 <= fnum <= 19:
-                        row[C_FIELD] = fnum
-                        row[C_RAW] = np.int64(fbits)
+                        rows[n, C_FIELD] = fnum
+                        rows[n, C_RAW] = np.int64(fbits)
                         if fnum == 18:
                             if depth >= max_depth:
                                 head[4], head[5], head[6] = _E_NESTING, mat, n
@@ -420,7 +569,7 @@ def decode_payload(payload: bytes, *, max_metrics: int, max_depth: int = 8) -> D
         raise _error(rows[: n + 1], head, max_metrics=max_metrics, max_depth=max_depth)
     return Decoded(
         payload=payload,
-        timestamp=int(head[0]) if head[1] else None,
-        seq=int(head[2]) if head[3] else None,
+        timestamp=int(head[0]) % 2**64 if head[1] else None,
+        seq=int(head[2]) % 2**64 if head[3] else None,
         rows=rows[:n],
     )
