@@ -65,6 +65,8 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     topic_prefix: str = "telemetry"
     share_group: str | None = None
     """Subscribe as ``$share/<group>/<prefix>/#`` so that the instances split the messages."""
+    extra_filters: tuple[str, ...] = ()
+    """Further topic filters (Sparkplug's), subscribed with the prefix, shared the same way."""
     receive_maximum: int = 1000
     """MQTT v5 Receive Maximum: the most unacknowledged QoS 1 messages the broker may send."""
     session_expiry_s: int = 3600
@@ -441,12 +443,16 @@ class _ManualAckConnection:
 
     # -- used by MqttSource --
 
-    async def open(self, *, topic_filter: str, timeout_s: float) -> None:
+    async def open(self, *, topic_filter: str | list[str], timeout_s: float) -> None:
         await self.client.__aenter__()
         self.alive = True
         self.connected_at = time.monotonic()
         options = SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB)
-        result = await self.client.subscribe(topic_filter, options=options, timeout=timeout_s)
+        if isinstance(topic_filter, list):
+            pairs = [(f, options) for f in topic_filter]
+            result = await self.client.subscribe(pairs, timeout=timeout_s)
+        else:
+            result = await self.client.subscribe(topic_filter, options=options, timeout=timeout_s)
         for code in result:
             value = code.value if isinstance(code, ReasonCode) else code
             if value in _SUBACK_FATAL:
@@ -561,11 +567,10 @@ class MqttSource:
         """Check the settings; raises ``ConfigError`` naming the key if they are wrong."""
         self._settings = settings
         self._endpoint = _parse_url(settings.url)
-        prefix_filter = f"{settings.topic_prefix}/#"
-        if settings.share_group is None:
-            self._topic_filter = prefix_filter
-        else:
-            self._topic_filter = f"$share/{settings.share_group}/{prefix_filter}"
+        filters = [f"{settings.topic_prefix}/#", *settings.extra_filters]
+        if settings.share_group is not None:
+            filters = [f"$share/{settings.share_group}/{f}" for f in filters]
+        self._topic_filter = filters[0] if len(filters) == 1 else filters
         # A filter nobody subscribes to: unsubscribing from it is a side-effect-free round trip.
         self._flush_filter = f"{settings.topic_prefix}/$ingest-ack-flush"
         self._properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]

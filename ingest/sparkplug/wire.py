@@ -28,6 +28,7 @@ __all__ = [
     "F_TRANSIENT",
     "Decoded",
     "decode_payload",
+    "metric_path",
 ]
 
 # Columns of the metric matrix.
@@ -508,7 +509,7 @@ class Decoded:
         try:
             return raw.decode()
         except UnicodeDecodeError:
-            raise PayloadError(f"{_where(self.rows, row)}.name: is not UTF-8") from None
+            raise PayloadError(f"{metric_path(self.rows, row)}.name: is not UTF-8") from None
 
     def full_name(self, row: int) -> str | None:
         """The sensor name: a template member's is `instance/member` (nested ones joined too)."""
@@ -520,11 +521,11 @@ class Decoded:
         return None if above is None else f"{above}/{own}"
 
 
-def _where(rows: npt.NDArray[np.int64], row: int) -> str:
+def metric_path(rows: npt.NDArray[np.int64], row: int) -> str:
     """`metrics[3]`, or `metrics[1].template.metrics[0]` for a member, for error reasons."""
     parent = int(rows[row, C_PARENT])
     index = int(np.count_nonzero(rows[:row, C_PARENT] == parent))
-    prefix = "" if parent < 0 else _where(rows, parent) + ".template."
+    prefix = "" if parent < 0 else metric_path(rows, parent) + ".template."
     return f"{prefix}metrics[{index}]"
 
 
@@ -534,7 +535,7 @@ def _error(
     code, at, row, field, wire, kind = (int(x) for x in head[4:10])
     if code == _E_TOO_MANY:
         return PayloadError(f"metrics: more than {max_metrics} metrics")
-    where = _where(rows, row) if row >= 0 else ""
+    where = metric_path(rows, row) if row >= 0 else ""
     if code == _E_NESTING:
         return PayloadError(f"{where}: templates nested deeper than {max_depth} levels")
     if kind == _K_TEMPLATE:

@@ -1,0 +1,421 @@
+"""The Sparkplug stage: messages to reading columns, births to alias tables, deaths to stale rows.
+
+`accept` runs in the intake task for every message (decode, time window, seq check; never
+awaits). `prepare` runs in the writer task once per flush: it registers the births' sensors,
+checks the alias tables of the nodes the flush touches against the database (one query per
+flush, one more for the nodes another instance re-birthed), then walks the flush's messages in
+arrival order. The database is the source of truth; this object's tables are a cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Final
+
+import asyncpg
+import numpy as np
+import numpy.typing as npt
+from prometheus_client import Counter
+
+from ingest.errors import PayloadError
+from ingest.registry import Registry, SensorKey
+from ingest.sink import Upsert
+from ingest.sparkplug import values as sv
+from ingest.sparkplug.aliases import AliasTable
+from ingest.sparkplug.topic import Topic, parse_topic
+from ingest.sparkplug.wire import (
+    C_ALIAS,
+    C_DATATYPE,
+    C_FIELD,
+    C_FLAGS,
+    C_NAME_START,
+    C_PARENT,
+    C_RAW,
+    F_ALIAS,
+    F_TRANSIENT,
+    Decoded,
+    decode_payload,
+    metric_path,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Columns", "Item", "Prepared", "SparkplugStage"]
+
+MESSAGES = Counter(
+    "ingest_sparkplug_messages_total", "Sparkplug messages received, by type.", ["type"]
+)
+SKIPPED = Counter(
+    "ingest_sparkplug_metrics_skipped_total",
+    "Sparkplug metric values not stored, by why: null, nonnumeric, novalue, transient.",
+    ["why"],
+)
+SEQ_GAPS = Counter("ingest_sparkplug_seq_gaps_total", "Gaps in an edge node's seq (0-255).")
+DEATHS_IGNORED = Counter(
+    "ingest_sparkplug_deaths_ignored_total", "NDEATHs whose bdSeq did not match the last NBIRTH."
+)
+
+_NUMERIC: Final = frozenset(range(1, 12))
+_NAN: Final = float("nan")
+
+_SELECT_NODES = "SELECT node, birth_id, bd_seq FROM telemetry.sparkplug_nodes WHERE node = ANY($1)"
+_SELECT_METRICS = (
+    "SELECT node, device, name, alias, sensor_id, datatype FROM telemetry.sparkplug_metrics"
+    " WHERE node = ANY($1)"
+)
+_UPSERT_NODES = """
+INSERT INTO telemetry.sparkplug_nodes (node, birth_id, bd_seq)
+SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[])
+ON CONFLICT (node) DO UPDATE
+   SET birth_id = EXCLUDED.birth_id, bd_seq = EXCLUDED.bd_seq, born_at = now()
+"""
+_DELETE_METRICS = "DELETE FROM telemetry.sparkplug_metrics WHERE node = ANY($1::text[])"
+_INSERT_METRICS = """
+INSERT INTO telemetry.sparkplug_metrics (node, device, name, alias, sensor_id, datatype)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::int[], $6::smallint[])
+ON CONFLICT (node, device, name) DO UPDATE
+   SET alias = EXCLUDED.alias, sensor_id = EXCLUDED.sensor_id, datatype = EXCLUDED.datatype
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class _Metric:
+    """One metric of a birth, as kept for aliases and deaths."""
+
+    name: str
+    alias: int | None  # signed view of the alias's 64 bits
+    sensor: int | None  # None: not stored (not numeric)
+    datatype: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Node:
+    """What the last births of an edge node defined (immutable: a birth makes a new one)."""
+
+    birth_id: int
+    bd_seq: int | None
+    devices: dict[str, tuple[_Metric, ...]]  # '' for the node's own metrics
+    table: AliasTable
+    names: dict[int, str]  # alias -> name, for template instances sent by alias in DATA
+
+    @classmethod
+    def of(
+        cls, birth_id: int, bd_seq: int | None, devices: dict[str, tuple[_Metric, ...]]
+    ) -> _Node:
+        metrics = [m for ms in devices.values() for m in ms if m.alias is not None]
+        table = AliasTable.build(
+            aliases=np.array([m.alias for m in metrics], np.int64),
+            sensors=np.array([-1 if m.sensor is None else m.sensor for m in metrics], np.int32),
+            datatypes=np.array([m.datatype for m in metrics], np.int64),
+        )
+        names = {m.alias: m.name for m in metrics if m.alias is not None}
+        return cls(birth_id, bd_seq, devices, table, names)
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One accepted Sparkplug message of a flush."""
+
+    index: int  # the message's place in the flush, for dead letters
+    topic: Topic
+    decoded: Decoded
+    times: npt.NDArray[np.int64]
+    received_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class Columns:
+    """Readings in arrival order (not sorted, may repeat a (sensor, time))."""
+
+    time: npt.NDArray[np.int64]
+    sensor: npt.NDArray[np.int32]
+    value: npt.NDArray[np.float64]
+    quality: npt.NDArray[np.uint8]
+
+
+@dataclass(slots=True)
+class Prepared:
+    """A flush's Sparkplug part: its readings, dead letters (message index, reason) and the
+    alias-table writes for the same transaction."""
+
+    columns: Columns
+    dead_letters: list[tuple[int, str]] = field(default_factory=list)
+    upserts: list[Upsert] = field(default_factory=list)
+    stale_rows: int = 0
+
+
+def _empty() -> Columns:
+    return Columns(
+        np.empty(0, np.int64), np.empty(0, np.int32), np.empty(0, np.float64), np.empty(0, np.uint8)
+    )
+
+
+def _bd_seq(decoded: Decoded) -> int | None:
+    """The value of a top-level metric named `bdSeq`, if any."""
+    for row in np.flatnonzero(decoded.rows[:, C_PARENT] < 0).tolist():
+        if decoded.rows[row, C_FIELD] in (10, 11) and decoded.name(row) == "bdSeq":
+            return int(decoded.rows[row, C_RAW])
+    return None
+
+
+class SparkplugStage:
+    """Sparkplug messages of the flushes. `accept` is called from the intake task only,
+    `prepare` from the writer task only; neither is called concurrently with itself."""
+
+    def __init__(self, *, store_transient: bool = False) -> None:
+        self._store_transient = store_transient
+        self._nodes: dict[str, _Node] = {}
+        self._seq: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ intake
+
+    def accept(
+        self,
+        *,
+        index: int,
+        topic: str,
+        payload: bytes,
+        received_us: int,
+        window: tuple[int, int],
+        max_metrics: int,
+    ) -> Item | None:
+        """Decode one message; None for one that is ignored (STATE, commands). Raises
+        PayloadError for a malformed topic or payload, or a time outside `window`."""
+        parsed = parse_topic(topic)
+        MESSAGES.labels(parsed.kind or "ignored").inc()
+        if parsed.kind is None:
+            return None
+        decoded = decode_payload(payload, max_metrics=max_metrics)
+        times = sv.metric_times(decoded.rows, payload_ms=decoded.timestamp, received_us=received_us)
+        if len(times):
+            lo, hi = window
+            bad = np.flatnonzero((times < lo) | (times > hi))
+            if len(bad):
+                which = metric_path(decoded.rows, int(bad[0]))
+                raise PayloadError(f"{which}.timestamp: outside the accepted window")
+        if parsed.kind != "NDEATH":
+            self._check_seq(parsed, decoded.seq)
+            for row in np.flatnonzero(decoded.rows[:, C_NAME_START] >= 0).tolist():
+                decoded.name(row)  # every name must be UTF-8: raises PayloadError here
+        return Item(index, parsed, decoded, times, received_us)
+
+    def _check_seq(self, topic: Topic, seq: int | None) -> None:
+        if seq is None:
+            return
+        node = topic.node
+        last = self._seq.get(node)
+        self._seq[node] = seq
+        if topic.kind == "NBIRTH" or last is None or seq == last:  # seq == last: a redelivery
+            return
+        if seq != (last + 1) % 256:
+            SEQ_GAPS.inc()
+            log.info("sparkplug node %s: seq %d after %d (a gap)", node, seq, last)
+
+    # ------------------------------------------------------------------ flush
+
+    async def prepare(
+        self, conn: asyncpg.Connection, *, items: Sequence[Item], registry: Registry
+    ) -> Prepared:
+        """The readings, dead letters and alias-table writes of a flush's Sparkplug messages."""
+        if not items:
+            return Prepared(_empty())
+        await self._refresh(conn, sorted({it.topic.node for it in items}))
+        names = self._births_and_names(items)
+        if names:
+            await registry.resolve(conn, sensors=dict.fromkeys(names))
+        out = Prepared(_empty())
+        parts: list[Columns] = []
+        born: set[str] = set()
+        for item in items:
+            try:
+                part = self._item(item, registry, born, out)
+            except PayloadError as exc:
+                out.dead_letters.append((item.index, exc.reason))
+                continue
+            if part is not None:
+                parts.append(part)
+        if parts:
+            out.columns = Columns(
+                np.concatenate([p.time for p in parts]),
+                np.concatenate([p.sensor for p in parts]),
+                np.concatenate([p.value for p in parts]),
+                np.concatenate([p.quality for p in parts]),
+            )
+        if born:
+            out.upserts = self._births_upserts(sorted(born))
+        return out
+
+    async def _refresh(self, conn: asyncpg.Connection, nodes: list[str]) -> None:
+        """Reload the nodes whose birth in the database is not the one the cache holds."""
+        stale: dict[str, tuple[int, int | None]] = {}
+        for row in await conn.fetch(_SELECT_NODES, nodes):
+            cached = self._nodes.get(row["node"])
+            if cached is None or cached.birth_id != row["birth_id"]:
+                stale[row["node"]] = (row["birth_id"], row["bd_seq"])
+        if not stale:
+            return
+        devices: dict[str, dict[str, list[_Metric]]] = {n: {} for n in stale}
+        for row in await conn.fetch(_SELECT_METRICS, list(stale)):
+            devices[row["node"]].setdefault(row["device"], []).append(
+                _Metric(row["name"], row["alias"], row["sensor_id"], row["datatype"])
+            )
+        for node, (birth_id, bd_seq) in stale.items():
+            by_device = {d: tuple(ms) for d, ms in devices[node].items()}
+            self._nodes[node] = _Node.of(birth_id, bd_seq, by_device)
+
+    def _name(self, item: Item, row: int) -> str | None:
+        """The sensor name of a metric row: its name, else (in DATA) its alias's, with the
+        names of the template instances it is a member of in front (`instance/member`)."""
+        decoded = item.decoded
+        rows = decoded.rows
+        own = decoded.name(row)
+        if own is None and rows[row, C_FLAGS] & F_ALIAS:
+            state = self._nodes.get(item.topic.node)
+            own = state.names.get(int(rows[row, C_ALIAS])) if state is not None else None
+        parent = int(rows[row, C_PARENT])
+        if own is None or parent < 0:
+            return own
+        above = self._name(item, parent)
+        return None if above is None else f"{above}/{own}"
+
+    def _births_and_names(self, items: Sequence[Item]) -> list[SensorKey]:
+        """Sensors named in the flush: the births' numeric metrics and data sent by name."""
+        keys: list[SensorKey] = []
+        for item in items:
+            kind, rows = item.topic.kind, item.decoded.rows
+            if kind in ("NBIRTH", "DBIRTH"):
+                wanted = np.isin(rows[:, C_DATATYPE], list(_NUMERIC))
+            elif kind in ("NDATA", "DDATA"):
+                wanted = (rows[:, C_FLAGS] & F_ALIAS) == 0
+            else:
+                continue
+            for row in np.flatnonzero(wanted).tolist():
+                name = self._name(item, row)
+                if name:
+                    keys.append(SensorKey(item.topic.levels, name))
+        return keys
+
+    def _item(
+        self, item: Item, registry: Registry, born: set[str], out: Prepared
+    ) -> Columns | None:
+        kind, node = item.topic.kind, item.topic.node
+        if kind in ("NBIRTH", "DBIRTH"):
+            return self._birth(item, registry, born)
+        if kind in ("NDATA", "DDATA"):
+            return self._data(item, registry)
+        state = self._nodes.get(node)
+        if state is None:
+            return None
+        if kind == "NDEATH":
+            bd_seq = _bd_seq(item.decoded)
+            if bd_seq is None or bd_seq != state.bd_seq:
+                DEATHS_IGNORED.inc()
+                log.info("sparkplug node %s: NDEATH bdSeq %s is not %s", node, bd_seq, state.bd_seq)
+                return None
+            metrics = [m for ms in state.devices.values() for m in ms]
+            at = item.received_us
+        else:  # DDEATH
+            metrics = list(state.devices.get(item.topic.device or "", ()))
+            ts = item.decoded.timestamp
+            at = item.received_us if ts is None else ts * 1000
+        sensors = np.array(sorted({m.sensor for m in metrics if m.sensor is not None}), np.int32)
+        out.stale_rows += len(sensors)
+        n = len(sensors)
+        return Columns(
+            np.full(n, at, np.int64), sensors, np.full(n, _NAN), np.full(n, sv.STALE, np.uint8)
+        )
+
+    def _birth(self, item: Item, registry: Registry, born: set[str]) -> Columns:
+        decoded, topic = item.decoded, item.topic
+        rows = decoded.rows
+        metrics: list[_Metric] = []
+        sensors = np.full(len(decoded), -1, np.int32)
+        for row in range(len(decoded)):
+            name = decoded.full_name(row)
+            if not name:
+                continue
+            datatype = int(rows[row, C_DATATYPE])
+            sensor = registry.get(SensorKey(topic.levels, name)) if datatype in _NUMERIC else None
+            if sensor is not None:
+                sensors[row] = sensor
+            alias = int(rows[row, C_ALIAS]) if rows[row, C_FLAGS] & F_ALIAS else None
+            metrics.append(_Metric(name, alias, sensor, datatype))
+        node = topic.node
+        old = self._nodes.get(node)
+        if topic.kind == "NBIRTH":
+            devices = {"": tuple(metrics)}
+            bd_seq = _bd_seq(decoded)
+        else:
+            devices = dict(old.devices) if old is not None else {}
+            devices[topic.device or ""] = tuple(metrics)
+            bd_seq = old.bd_seq if old is not None else None
+        self._nodes[node] = _Node.of(secrets.randbits(63), bd_seq, devices)
+        born.add(node)
+        return self._columns(item, sensors, rows[:, C_DATATYPE])
+
+    def _data(self, item: Item, registry: Registry) -> Columns:
+        decoded, topic = item.decoded, item.topic
+        rows = decoded.rows
+        aliased = (rows[:, C_FLAGS] & F_ALIAS) != 0
+        state = self._nodes.get(topic.node)
+        table = state.table if state is not None else AliasTable.empty()
+        sensors, datatypes, known = table.lookup(rows[:, C_ALIAS])
+        missing = np.flatnonzero(aliased & ~known)
+        if len(missing):
+            row = int(missing[0])
+            alias = int(rows[row, C_ALIAS]) % 2**64
+            raise PayloadError(
+                f"{metric_path(rows, row)}.alias: {alias} is not defined by a birth of edge node "
+                f"{topic.node!r}"
+            )
+        for row in np.flatnonzero(~aliased).tolist():  # data sent by name
+            name = self._name(item, row)
+            sensor = registry.get(SensorKey(topic.levels, name)) if name else None
+            sensors[row] = -1 if sensor is None else sensor
+        explicit = rows[:, C_DATATYPE] != 0
+        datatypes = np.where(explicit, rows[:, C_DATATYPE], datatypes)
+        return self._columns(item, sensors, datatypes)
+
+    def _columns(
+        self, item: Item, sensors: npt.NDArray[np.int32], datatypes: npt.NDArray[np.int64]
+    ) -> Columns:
+        rows = item.decoded.rows
+        value, status = sv.metric_values(rows, datatypes)
+        keep = (status == sv.OK) & (sensors >= 0)
+        for code, why in (
+            (sv.NULL, "null"),
+            (sv.NONNUMERIC, "nonnumeric"),
+            (sv.NOVALUE, "novalue"),
+        ):
+            count = int(np.count_nonzero(status == code))
+            if count:
+                SKIPPED.labels(why).inc(count)
+        if not self._store_transient:
+            transient = keep & ((rows[:, C_FLAGS] & F_TRANSIENT) != 0)
+            if transient.any():
+                SKIPPED.labels("transient").inc(int(transient.sum()))
+                keep &= ~transient
+        quality = sv.metric_qualities(rows)
+        return Columns(item.times[keep], sensors[keep], value[keep], quality[keep])
+
+    def _births_upserts(self, nodes: list[str]) -> list[Upsert]:
+        states = [self._nodes[n] for n in nodes]
+        cols: tuple[list[object], ...] = ([], [], [], [], [], [])
+        for node, state in zip(nodes, states, strict=True):
+            for device, metrics in sorted(state.devices.items()):
+                for m in metrics:
+                    for col, v in zip(
+                        cols, (node, device, m.name, m.alias, m.sensor, m.datatype), strict=True
+                    ):
+                        col.append(v)
+        return [
+            Upsert(
+                _UPSERT_NODES,
+                (nodes, [s.birth_id for s in states], [s.bd_seq for s in states]),
+            ),
+            Upsert(_DELETE_METRICS, (nodes,)),
+            Upsert(_INSERT_METRICS, cols),
+        ]
