@@ -222,7 +222,7 @@ class SparkplugStage:
         """The readings, dead letters and alias-table writes of a flush's Sparkplug messages."""
         if not items:
             return Prepared(_empty())
-        await self._refresh(conn, sorted({it.topic.node for it in items}))
+        await self._refresh(conn, sorted({it.topic.node for it in items}), registry)
         names = self._births_and_names(items)
         if names:
             await registry.resolve(conn, sensors=dict.fromkeys(names))
@@ -248,8 +248,11 @@ class SparkplugStage:
             out.upserts = self._births_upserts(sorted(born))
         return out
 
-    async def _refresh(self, conn: asyncpg.Connection, nodes: list[str]) -> None:
-        """Reload the nodes whose birth in the database is not the one the cache holds."""
+    async def _refresh(
+        self, conn: asyncpg.Connection, nodes: list[str], registry: Registry
+    ) -> None:
+        """Reload the nodes whose birth in the database is not the one the cache holds, and
+        make their sensors known to the registry (another instance registered them)."""
         stale: dict[str, tuple[int, int | None]] = {}
         for row in await conn.fetch(_SELECT_NODES, nodes):
             cached = self._nodes.get(row["node"])
@@ -262,9 +265,14 @@ class SparkplugStage:
             devices[row["node"]].setdefault(row["device"], []).append(
                 _Metric(row["name"], row["alias"], row["sensor_id"], row["datatype"])
             )
+        keys: list[SensorKey] = []
         for node, (birth_id, bd_seq) in stale.items():
             by_device = {d: tuple(ms) for d, ms in devices[node].items()}
             self._nodes[node] = _Node.of(birth_id, bd_seq, by_device)
+            for device, metrics in by_device.items():
+                levels = (*node.split("/", 1), device) if device else tuple(node.split("/", 1))
+                keys += [SensorKey(levels, m.name) for m in metrics if m.sensor is not None]
+        await registry.resolve(conn, sensors=dict.fromkeys(keys))
 
     def _name(self, item: Item, row: int) -> str | None:
         """The sensor name of a metric row: its name, else (in DATA) its alias's, with the
