@@ -62,7 +62,10 @@ def _parser() -> argparse.ArgumentParser:
         "--batch", type=_positive_int, default=10, help="samples per channel per message (10)"
     )
     sim.add_argument(
-        "--format", choices=("compact", "json"), default="compact", help="wire encoding"
+        "--format",
+        choices=("compact", "json", "sparkplug"),
+        default="compact",
+        help="wire encoding; sparkplug: Sparkplug B edge nodes (births, data, deaths)",
     )
     sim.add_argument(
         "--rate",
