@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 
 from ingest.sparkplug.aliases import AliasTable
-from ingest.sparkplug.values import metric_qualities, metric_times, metric_values
-from ingest.sparkplug.wire import C_ALIAS, decode_payload
+from ingest.sparkplug.values import OK, metric_columns, metric_times
+from ingest.sparkplug.wire import decode_payload
 from tests.sparkplug_pb import new_payload, payload_class
 
 METRICS = 100
@@ -61,13 +61,12 @@ DATATYPE_OF = {i: DATATYPES[i % len(DATATYPES)] for i in range(METRICS)}
 
 
 def ours(data: bytes) -> int:
+    """What the service does per NDATA: decode and times at intake, then the columns."""
     decoded = decode_payload(data, max_metrics=1_000_000)
-    sensor, datatype, known = TABLE.lookup(decoded.rows[:, C_ALIAS])
-    value, status = metric_values(decoded.rows, datatype)
     times = metric_times(decoded.rows, payload_ms=decoded.timestamp, received_us=0)
-    quality = metric_qualities(decoded.rows)
-    assert known.all()
-    return len(value) + 0 * len(times) + 0 * len(quality) + 0 * len(sensor) + 0 * len(status)
+    value, status, sensor, known, quality = metric_columns(decoded.rows, table=TABLE)
+    keep = (status == OK) & known
+    return len(times[keep]) + 0 * len(value[keep]) + 0 * len(quality) + 0 * len(sensor)
 
 
 def _signed(value: int, bits: int) -> int:

@@ -362,7 +362,8 @@ class SparkplugStage:
             bd_seq = old.bd_seq if old is not None else None
         self._nodes[node] = _Node.of(secrets.randbits(63), bd_seq, devices)
         born.add(node)
-        return self._columns(item, sensors, rows[:, C_DATATYPE])
+        value, status, _, _, quality = sv.metric_columns(rows)
+        return self._columns(item, sensors, value, status, quality)
 
     def _data(self, item: Item, registry: Registry) -> Columns:
         decoded, topic = item.decoded, item.topic
@@ -370,7 +371,7 @@ class SparkplugStage:
         aliased = (rows[:, C_FLAGS] & F_ALIAS) != 0
         state = self._nodes.get(topic.node)
         table = state.table if state is not None else AliasTable.empty()
-        sensors, datatypes, known = table.lookup(rows[:, C_ALIAS])
+        value, status, sensors, known, quality = sv.metric_columns(rows, table=table)
         missing = np.flatnonzero(aliased & ~known)
         if len(missing):
             row = int(missing[0])
@@ -379,19 +380,22 @@ class SparkplugStage:
                 f"{metric_path(rows, row)}.alias: {alias} is not defined by a birth of edge node "
                 f"{topic.node!r}"
             )
-        for row in np.flatnonzero(~aliased).tolist():  # data sent by name
-            name = self._name(item, row)
-            sensor = registry.get(SensorKey(topic.levels, name)) if name else None
-            sensors[row] = -1 if sensor is None else sensor
-        explicit = rows[:, C_DATATYPE] != 0
-        datatypes = np.where(explicit, rows[:, C_DATATYPE], datatypes)
-        return self._columns(item, sensors, datatypes)
+        if not aliased.all():
+            for row in np.flatnonzero(~aliased).tolist():  # data sent by name
+                name = self._name(item, row)
+                sensor = registry.get(SensorKey(topic.levels, name)) if name else None
+                sensors[row] = -1 if sensor is None else sensor
+        return self._columns(item, sensors, value, status, quality)
 
     def _columns(
-        self, item: Item, sensors: npt.NDArray[np.int32], datatypes: npt.NDArray[np.int64]
+        self,
+        item: Item,
+        sensors: npt.NDArray[np.int32],
+        value: npt.NDArray[np.float64],
+        status: npt.NDArray[np.uint8],
+        quality: npt.NDArray[np.uint8],
     ) -> Columns:
         rows = item.decoded.rows
-        value, status = sv.metric_values(rows, datatypes)
         keep = (status == sv.OK) & (sensors >= 0)
         for code, why in (
             (sv.NULL, "null"),
@@ -406,7 +410,6 @@ class SparkplugStage:
             if transient.any():
                 SKIPPED.labels("transient").inc(int(transient.sum()))
                 keep &= ~transient
-        quality = sv.metric_qualities(rows)
         return Columns(item.times[keep], sensors[keep], value[keep], quality[keep])
 
     def _births_upserts(self, nodes: list[str]) -> list[Upsert]:
