@@ -164,6 +164,7 @@ class Sparkplug(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     enabled: bool = True
     groups: tuple[str, ...] = ()
     store_transient: bool = False
+    rebirth: bool = False
 
     def __post_init__(self) -> None:
         for group in self.groups:

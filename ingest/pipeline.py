@@ -25,6 +25,7 @@ from ingest.migrate import default_schema_dir, load_migrations, pending
 from ingest.registry import Registry, SensorKey
 from ingest.sink import DeadLetter, Readings, Sink, Upsert, classify
 from ingest.source import MqttSource, Received, Settings
+from ingest.sparkplug.commands import RebirthRequester
 from ingest.sparkplug.stage import Columns, Item, Prepared, SparkplugStage
 from ingest.sparkplug.topic import is_sparkplug
 
@@ -181,7 +182,17 @@ class Pipeline:
         self.cfg = cfg
         self.health = health
         self.registry = Registry()
-        self.sparkplug = SparkplugStage(store_transient=cfg.sparkplug.store_transient)
+        self.rebirths: RebirthRequester | None = None
+        if cfg.sparkplug.enabled and cfg.sparkplug.rebirth:
+            self.rebirths = RebirthRequester(
+                url=cfg.mqtt.url,
+                client_id=f"{cfg.client_id}-cmd",
+                tls_ca_file=cfg.mqtt.tls_ca_file or None,
+            )
+        self.sparkplug = SparkplugStage(
+            store_transient=cfg.sparkplug.store_transient,
+            on_unknown_alias=self.rebirths.want if self.rebirths is not None else None,
+        )
         self.deriver = Deriver(
             rules=cfg.anomaly.rules, rollups=cfg.rollups.enabled, registry=self.registry
         )
@@ -477,12 +488,17 @@ class Pipeline:
         async with self.source, asyncio.TaskGroup() as tg:
             writer = tg.create_task(self._writer(), name="writer")
             timer = tg.create_task(self._timer(), name="flush-timer")
+            rebirths = None
+            if self.rebirths is not None:
+                rebirths = tg.create_task(self.rebirths.run(), name="sparkplug-rebirths")
             intake = tg.create_task(self._intake(), name="intake")
             stopper = tg.create_task(stop.wait(), name="stop")
             await asyncio.wait({writer, intake, stopper}, return_when=asyncio.FIRST_COMPLETED)
             self.health.stopping = True
             intake.cancel()
             timer.cancel()
+            if rebirths is not None:
+                rebirths.cancel()
             stopper.cancel()
             if not writer.done():
                 # Shield the final flush: a second signal during the grace period is ignored.

@@ -7,13 +7,17 @@ import math
 import time
 import uuid
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
+import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
+from ingest.sparkplug.commands import RebirthRequester
 from tests.conftest import Database
-from tests.helpers import Ingester, Publisher, acked_at_least, ingester_env, stored
-from tests.sparkplug_pb import new_payload
+from tests.helpers import Ingester, Publisher, acked_at_least, ingester_env, stored, wait_until
+from tests.sparkplug_pb import new_payload, payload_class
 
 T = 1_767_225_600_000  # ms, 2026-01-01T00:00:00Z
 STALE = 2
@@ -273,3 +277,55 @@ async def test_transient_metrics_are_stored_only_when_configured(
         assert await proc.stop() == 0, proc.log.decode()
     names = {r[2] for r in await stored(database, group)}
     assert ("Tmp" in names) is store_transient
+
+
+async def test_an_unknown_alias_asks_for_a_rebirth_when_configured(
+    database: Database, mqtt_url: str, prefix: str
+) -> None:
+    group = f"G{uuid.uuid4().hex[:8]}"
+    heard: list[tuple[str, bytes]] = []
+    parts = urlsplit(mqtt_url)
+    listener = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    listener.on_message = lambda c, u, msg: heard.append((msg.topic, bytes(msg.payload)))
+    if parts.username:
+        listener.username_pw_set(parts.username, parts.password)
+    listener.connect(parts.hostname or "127.0.0.1", parts.port or 1883)
+    listener.loop_start()
+    listener.subscribe(f"spBv1.0/{group}/NCMD/#", qos=1)
+    env = ingester_env(
+        database,
+        mqtt_url,
+        prefix,
+        INGEST_SPARKPLUG_GROUPS=f'["{group}"]',
+        INGEST_SPARKPLUG_REBIRTH="true",
+    )
+    proc = await Ingester(env).start()
+    try:
+        with Publisher(mqtt_url) as pub:
+            pub.publish(
+                f"spBv1.0/{group}/NDATA/e1", payload(T, 1, [{"alias": 5, "double_value": 1}])
+            )
+        await acked_at_least(proc, 1)
+
+        async def asked() -> bool:
+            return bool(heard)
+
+        await wait_until(asked, timeout=30)
+    finally:
+        listener.loop_stop()
+        listener.disconnect()
+        assert await proc.stop() == 0, proc.log.decode()
+    topic, data = heard[0]
+    assert topic == f"spBv1.0/{group}/NCMD/e1"
+    command = payload_class().FromString(data)
+    assert [(m.name, m.datatype, m.boolean_value) for m in command.metrics] == [
+        ("Node Control/Rebirth", 11, True)
+    ]
+
+
+async def test_rebirth_requests_are_at_most_one_per_interval_per_node() -> None:
+    requester = RebirthRequester(url="mqtt://127.0.0.1:1", client_id="x", min_interval_s=3600)
+    for _ in range(3):
+        requester.want("g", "e1")
+    requester.want("g", "e2")
+    assert requester.pending() == 2

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -165,8 +165,16 @@ class SparkplugStage:
     """Sparkplug messages of the flushes. `accept` is called from the intake task only,
     `prepare` from the writer task only; neither is called concurrently with itself."""
 
-    def __init__(self, *, store_transient: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        store_transient: bool = False,
+        on_unknown_alias: Callable[[str, str], None] | None = None,
+    ) -> None:
+        """`on_unknown_alias(group, edge node)`: called (never awaited) for DATA naming an
+        alias no birth defined, e.g. to ask for a rebirth."""
         self._store_transient = store_transient
+        self._on_unknown_alias = on_unknown_alias
         self._nodes: dict[str, _Node] = {}
         self._seq: dict[str, int] = {}
 
@@ -374,6 +382,8 @@ class SparkplugStage:
         value, status, sensors, known, quality = sv.metric_columns(rows, table=table)
         missing = np.flatnonzero(aliased & ~known)
         if len(missing):
+            if self._on_unknown_alias is not None:
+                self._on_unknown_alias(topic.group, topic.edge)
             row = int(missing[0])
             alias = int(rows[row, C_ALIAS]) % 2**64
             raise PayloadError(
