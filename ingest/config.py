@@ -165,11 +165,14 @@ class Sparkplug(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     groups: tuple[str, ...] = ()
     store_transient: bool = False
     rebirth: bool = False
+    host_id: str = ""
 
     def __post_init__(self) -> None:
         for group in self.groups:
             if not group or any(c in group for c in "/+#\0"):
                 raise ValueError(f"groups: {group!r} must be non-empty, without / + # or NUL")
+        if self.host_id and any(c in self.host_id for c in "/+#\0"):
+            raise ValueError("host_id: must be without / + # or NUL")
 
     def topic_filters(self) -> tuple[str, ...]:
         """What to subscribe to: every group, or each configured one."""

@@ -25,7 +25,7 @@ from ingest.migrate import default_schema_dir, load_migrations, pending
 from ingest.registry import Registry, SensorKey
 from ingest.sink import DeadLetter, Readings, Sink, Upsert, classify
 from ingest.source import MqttSource, Received, Settings
-from ingest.sparkplug.commands import RebirthRequester
+from ingest.sparkplug.commands import HostApplication, RebirthRequester
 from ingest.sparkplug.stage import Columns, Item, Prepared, SparkplugStage
 from ingest.sparkplug.topic import is_sparkplug
 
@@ -187,6 +187,14 @@ class Pipeline:
             self.rebirths = RebirthRequester(
                 url=cfg.mqtt.url,
                 client_id=f"{cfg.client_id}-cmd",
+                tls_ca_file=cfg.mqtt.tls_ca_file or None,
+            )
+        self.host: HostApplication | None = None
+        if cfg.sparkplug.enabled and cfg.sparkplug.host_id:
+            self.host = HostApplication(
+                url=cfg.mqtt.url,
+                client_id=f"{cfg.client_id}-host",
+                host_id=cfg.sparkplug.host_id,
                 tls_ca_file=cfg.mqtt.tls_ca_file or None,
             )
         self.sparkplug = SparkplugStage(
@@ -488,17 +496,21 @@ class Pipeline:
         async with self.source, asyncio.TaskGroup() as tg:
             writer = tg.create_task(self._writer(), name="writer")
             timer = tg.create_task(self._timer(), name="flush-timer")
-            rebirths = None
+            extras = []
             if self.rebirths is not None:
-                rebirths = tg.create_task(self.rebirths.run(), name="sparkplug-rebirths")
+                extras.append(tg.create_task(self.rebirths.run(), name="sparkplug-rebirths"))
+            if self.host is not None:
+                extras.append(tg.create_task(self.host.run(), name="sparkplug-host"))
             intake = tg.create_task(self._intake(), name="intake")
             stopper = tg.create_task(stop.wait(), name="stop")
             await asyncio.wait({writer, intake, stopper}, return_when=asyncio.FIRST_COMPLETED)
             self.health.stopping = True
             intake.cancel()
             timer.cancel()
-            if rebirths is not None:
-                rebirths.cancel()
+            if self.host is not None:
+                await self.host.offline()
+            for task in extras:
+                task.cancel()
             stopper.cancel()
             if not writer.done():
                 # Shield the final flush: a second signal during the grace period is ignored.

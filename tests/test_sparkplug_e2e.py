@@ -10,6 +10,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg
+import msgspec
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
@@ -329,3 +330,39 @@ async def test_rebirth_requests_are_at_most_one_per_interval_per_node() -> None:
         requester.want("g", "e1")
     requester.want("g", "e2")
     assert requester.pending() == 2
+
+
+async def test_host_application_state_online_then_offline(
+    database: Database, mqtt_url: str, prefix: str
+) -> None:
+    host = f"h{uuid.uuid4().hex[:8]}"
+    heard: list[dict[str, Any]] = []
+    parts = urlsplit(mqtt_url)
+    listener = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    listener.on_message = lambda c, u, msg: heard.append(msgspec.json.decode(msg.payload))
+    if parts.username:
+        listener.username_pw_set(parts.username, parts.password)
+    listener.connect(parts.hostname or "127.0.0.1", parts.port or 1883)
+    listener.loop_start()
+    listener.subscribe(f"spBv1.0/STATE/{host}", qos=1)
+    env = ingester_env(database, mqtt_url, prefix, INGEST_SPARKPLUG_HOST_ID=host)
+    proc = await Ingester(env).start()
+    try:
+
+        async def online() -> bool:
+            return any(h["online"] for h in heard)
+
+        await wait_until(online, timeout=30)
+    finally:
+        assert await proc.stop() == 0, proc.log.decode()
+
+    async def offline() -> bool:
+        return bool(heard) and not heard[-1]["online"]
+
+    try:
+        await wait_until(offline, timeout=30)
+    finally:
+        listener.loop_stop()
+        listener.disconnect()
+    assert heard[0]["online"] is True
+    assert heard[-1] == {"online": False, "timestamp": heard[0]["timestamp"]}
