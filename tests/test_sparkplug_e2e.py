@@ -223,6 +223,11 @@ async def test_births_data_and_deaths_land_exactly_across_a_restart(
             "  FROM telemetry.sparkplug_metrics WHERE node = $1 ORDER BY device, name",
             node,
         )
+        rollups = await conn.fetch(
+            "SELECT device, sensor, count, min, max FROM telemetry.rollup_1m_v"
+            " WHERE device LIKE $1 || '/%' AND sensor IN ('Temp', 'Level') ORDER BY 1, 2",
+            group,
+        )
         assets = await conn.fetch(
             "SELECT device, asset FROM telemetry.sensors_v WHERE device LIKE $1 || '/%' GROUP BY 1, 2 ORDER BY 1",
             group,
@@ -255,6 +260,11 @@ async def test_births_data_and_deaths_land_exactly_across_a_restart(
         ("dev1", "Mode", 21, 2, True),
     ]
     assert [tuple(r) for r in assets] == [(node, group), (dev, node)]
+    # Rollups take Sparkplug readings like any others; the deaths' stale rows stay out.
+    assert [tuple(r) for r in rollups] == [
+        (node, "Temp", 2, -12.0, -1.0),
+        (dev, "Level", 2, 10.0, 4294967295.0),
+    ]
 
 
 @pytest.mark.parametrize("store_transient", [False, True])
