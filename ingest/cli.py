@@ -102,6 +102,11 @@ def _parser() -> argparse.ArgumentParser:
         help="CA certificates to verify an mqtts:// broker with (default: INGEST_MQTT_TLS_CA_FILE,"
         " else the system's)",
     )
+    sim.add_argument(
+        "--answer-rebirth",
+        action="store_true",
+        help="sparkplug: edge nodes answer NCMD Node Control/Rebirth with new births",
+    )
     sim.add_argument("--quiet", action="store_true", help="no progress lines")
 
     chk = sub.add_parser("check-config", help="validate the configuration and print it")
@@ -164,6 +169,7 @@ def _simulate(args: argparse.Namespace) -> int:
         anomalies=tuple(Anomaly.parse(a) for a in args.anomaly),
         record=args.record,
         ca_file=ca_file,
+        answer_rebirth=args.answer_rebirth,
     )
     simulate(settings, devices, processes=args.processes, progress=not args.quiet)
     return 0

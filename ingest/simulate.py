@@ -122,6 +122,7 @@ class SimSettings:
     qos: int = 1
     client_prefix: str = "sim"
     ca_file: str | None = None  # for mqtts://; None: the system's CAs
+    answer_rebirth: bool = False  # sparkplug: answer NCMD Node Control/Rebirth
 
 
 def load_plant(path: str | None) -> list[Device]:
@@ -371,6 +372,7 @@ def _simulate_sparkplug(settings: SimSettings, devices: list[Device]) -> int:
         realtime=settings.realtime,
         ca_file=settings.ca_file,
         client_prefix=f"{settings.client_prefix}-spb",
+        answer_rebirth=settings.answer_rebirth,
     )
     elapsed = time.monotonic() - started
     print(f"simulate: done, {total:,} Sparkplug metrics in {elapsed:.1f}s", file=sys.stderr)

@@ -3,7 +3,10 @@ in the database reading by reading."""
 
 from __future__ import annotations
 
+import asyncio
 import math
+import os
+import sys
 import threading
 import uuid
 from pathlib import Path
@@ -196,3 +199,69 @@ async def test_sparkplug_times_are_milliseconds(hz: str) -> None:
     )
     assert code != 0
     assert "--hz must be <= 1000" in err
+
+
+async def test_edge_nodes_answer_a_rebirth_command(mqtt_url: str, tmp_path: Path) -> None:
+    site = f"S{uuid.uuid4().hex[:8]}"
+    plant = tmp_path / "plant.toml"
+    plant.write_text(
+        f'[[line]]\npath = "{site}/line1"\ndevices = 1\nsensors = {{ "t" = "temperature" }}\n'
+    )
+    heard: list[tuple[str, bytes]] = []
+    parts = urlsplit(mqtt_url)
+    listener = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    listener.on_message = lambda c, u, msg: heard.append((msg.topic, bytes(msg.payload)))
+    if parts.username:
+        listener.username_pw_set(parts.username, parts.password)
+    listener.connect(parts.hostname or "127.0.0.1", parts.port or 1883)
+    listener.loop_start()
+    listener.subscribe(f"spBv1.0/{site}/#", qos=1)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "ingest.cli",
+        "simulate",
+        "--format",
+        "sparkplug",
+        "--plant",
+        str(plant),
+        "--hz",
+        "10",
+        "--batch",
+        "5",
+        "--duration",
+        "30",
+        "--realtime",
+        "--answer-rebirth",
+        "--quiet",
+        env={**os.environ, "INGEST_MQTT_URL": mqtt_url},
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+
+        async def data_seen() -> bool:
+            return any("/DDATA/" in t for t, _ in heard)
+
+        await wait_until(data_seen, timeout=60)
+        command = payload_class()()
+        metric = command.metrics.add()
+        metric.name = "Node Control/Rebirth"
+        metric.datatype = 11
+        metric.boolean_value = True
+        asked_at = len(heard)
+        listener.publish(f"spBv1.0/{site}/NCMD/line1", command.SerializeToString(), qos=1)
+
+        async def reborn() -> bool:
+            return any("/NBIRTH/" in t for t, _ in heard[asked_at:])
+
+        await wait_until(reborn, timeout=30)
+    finally:
+        proc.terminate()
+        await proc.wait()
+        listener.loop_stop()
+        listener.disconnect()
+    kinds = [t.split("/")[2] for t, _ in heard]
+    again = kinds.index("NBIRTH", asked_at)
+    assert kinds[again : again + 2] == ["NBIRTH", "DBIRTH"]
+    assert payload_class().FromString(heard[again][1]).seq == 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import ssl
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,8 +24,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
-from ingest.errors import IngestError
+from ingest.errors import IngestError, PayloadError
 from ingest.sparkplug.encode import Metric, encode_payload
+from ingest.sparkplug.values import OK, metric_values
+from ingest.sparkplug.wire import C_DATATYPE, decode_payload
 
 __all__ = ["SimDevice", "edge_nodes", "simulate_sparkplug"]
 
@@ -81,8 +84,11 @@ def _values(kind: str, seed: int, index: npt.NDArray[np.int64], hz: float) -> li
 class _Edge:
     """One edge node's MQTT session."""
 
-    def __init__(self, url: str, node: _Node, *, client_id: str, ca_file: str | None) -> None:
+    def __init__(
+        self, url: str, node: _Node, *, client_id: str, ca_file: str | None, rebirth: bool
+    ) -> None:
         self.node = node
+        self.rebirth = threading.Event()  # set by a rebirth command, cleared by the births
         self.base = f"spBv1.0/{node.group}"
         self.seq = 0
         self.bd_seq = 0
@@ -104,8 +110,23 @@ class _Edge:
             self.client.connect(parts.hostname or "127.0.0.1", parts.port or default_port)
         except OSError as exc:
             raise IngestError(f"simulate: cannot connect to {parts.hostname}: {exc}") from exc
+        if rebirth:
+            self.client.on_message = self._on_command
+            self.client.subscribe(f"{self.base}/NCMD/{node.edge}", qos=0)
         self.client.loop_start()
         self.pending: list[mqtt.MQTTMessageInfo] = []
+
+    def _on_command(self, client: object, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        """NCMD `Node Control/Rebirth` = true: births again before the next data."""
+        try:
+            decoded = decode_payload(bytes(msg.payload), max_metrics=1000)
+            names = [decoded.name(i) for i in range(len(decoded))]
+        except PayloadError:
+            return
+        value, status = metric_values(decoded.rows, decoded.rows[:, C_DATATYPE])
+        for name, v, ok in zip(names, value.tolist(), status.tolist(), strict=True):
+            if name == "Node Control/Rebirth" and ok == OK and v == 1.0:
+                self.rebirth.set()
 
     def publish(self, kind: str, device: str | None, metrics: list[Metric], ts: int) -> None:
         topic = f"{self.base}/{kind}/{self.node.edge}" + (f"/{device}" if device else "")
@@ -127,6 +148,31 @@ class _Edge:
         self.client.loop_stop()
 
 
+def _births(edge: _Edge, table: dict[tuple[str, str], int], index: int, ms: int, hz: float) -> int:
+    """NBIRTH and a DBIRTH per device with sample `index` at `ms`; the metrics sent."""
+    node_metrics = [
+        Metric("bdSeq", datatype=4, value=edge.bd_seq),
+        Metric("Node Control/Rebirth", alias=1, datatype=11, value=False),
+    ]
+    edge.publish("NBIRTH", None, node_metrics, ms)
+    sent = 2
+    at = np.array([index], np.int64)
+    for d in edge.node.devices:
+        births = [
+            Metric(
+                s,
+                alias=table[(d.path, s)],
+                timestamp=ms,
+                datatype=_KINDS.get(kind, (10,))[0],
+                value=_values(kind, d.seed, at, hz)[0],
+            )
+            for s, kind in d.sensors
+        ]
+        edge.publish("DBIRTH", d.path.rsplit("/", 1)[-1], births, ms)
+        sent += len(births)
+    return sent
+
+
 def simulate_sparkplug(
     *,
     url: str,
@@ -138,9 +184,12 @@ def simulate_sparkplug(
     realtime: bool,
     ca_file: str | None = None,
     client_prefix: str = "sim-spb",
+    answer_rebirth: bool = False,
 ) -> int:
     """Publish births, data and deaths for every edge node; returns the readings sent.
-    Sample times are whole milliseconds (Sparkplug's resolution), so `hz` is at most 1000."""
+    Sample times are whole milliseconds (Sparkplug's resolution), so `hz` is at most 1000.
+    With `answer_rebirth`, a node that receives NCMD `Node Control/Rebirth` = true sends its
+    NBIRTH (seq 0) and DBIRTHs again, with the next samples, before its next data."""
     if hz > 1000:
         raise IngestError("simulate: Sparkplug timestamps are milliseconds: --hz must be <= 1000")
     nodes = edge_nodes(devices)
@@ -148,46 +197,45 @@ def simulate_sparkplug(
     start_ms = start_us // 1000
     steps = math.ceil(duration_s * hz / batch) if duration_s else 0
     edges = [
-        _Edge(url, n, client_id=f"{client_prefix}-{i}-{time.time_ns() % 10**9}", ca_file=ca_file)
+        _Edge(
+            url,
+            n,
+            client_id=f"{client_prefix}-{i}-{time.time_ns() % 10**9}",
+            ca_file=ca_file,
+            rebirth=answer_rebirth,
+        )
         for i, n in enumerate(nodes)
     ]
-    sent = 0
-    aliases: list[dict[tuple[str, str], int]] = []
-    for edge in edges:
-        node_metrics = [
-            Metric("bdSeq", datatype=4, value=edge.bd_seq),
-            Metric("Node Control/Rebirth", alias=1, datatype=11, value=False),
-        ]
-        edge.publish("NBIRTH", None, node_metrics, start_ms)
-        sent += 2
-        table: dict[tuple[str, str], int] = {}
-        for d in edge.node.devices:
-            name = d.path.rsplit("/", 1)[-1]
-            births = []
-            for s, kind in d.sensors:
-                table[(d.path, s)] = alias = len(table) + 2
-                first = _values(kind, d.seed, np.zeros(1, np.int64), hz)[0]
-                datatype = _KINDS.get(kind, (10,))[0]
-                births.append(
-                    Metric(s, alias=alias, timestamp=start_ms, datatype=datatype, value=first)
-                )
-            edge.publish("DBIRTH", name, births, start_ms)
-            sent += len(births)
-        aliases.append(table)
+    aliases = [
+        {
+            (d.path, s): 2 + k
+            for k, (d, s) in enumerate((d, s) for d in e.node.devices for s, _ in d.sensors)
+        }
+        for e in edges
+    ]
+    sent = sum(_births(e, table, 0, start_ms, hz) for e, table in zip(edges, aliases, strict=True))
     step = 0
     while steps == 0 or step < steps:
         index = np.arange(step * batch + 1, (step + 1) * batch + 1, dtype=np.int64)
         ms = [start_ms + round(i * dt_ms) for i in index]
         for edge, table in zip(edges, aliases, strict=True):
+            e_index, e_ms = index, ms
+            if edge.rebirth.is_set():  # births with this step's first sample, data after
+                edge.rebirth.clear()
+                edge.seq = 0
+                sent += _births(edge, table, int(index[0]), ms[0], hz)
+                e_index, e_ms = index[1:], ms[1:]
+                if not e_ms:
+                    continue
             for d in edge.node.devices:
                 data = []
                 for s, kind in d.sensors:
                     kind_type = _KINDS.get(kind, (10,))[0]
-                    for t, v in zip(ms, _values(kind, d.seed, index, hz), strict=True):
+                    for t, v in zip(e_ms, _values(kind, d.seed, e_index, hz), strict=True):
                         data.append(
                             Metric(alias=table[(d.path, s)], timestamp=t, value=v, kind=kind_type)
                         )
-                edge.publish("DDATA", d.path.rsplit("/", 1)[-1], data, ms[-1])
+                edge.publish("DDATA", d.path.rsplit("/", 1)[-1], data, e_ms[-1])
                 sent += len(data)
         if realtime:
             time.sleep(max(0.0, ms[-1] / 1000 - time.time()))
