@@ -27,6 +27,7 @@ from ingest.sink import DeadLetter, Readings, Sink, Upsert, classify
 from ingest.source import MqttSource, Received, Settings
 from ingest.sparkplug.commands import HostApplication, RebirthRequester
 from ingest.sparkplug.stage import Columns, Item, Prepared, SparkplugStage
+from ingest.sparkplug.stage import warm_up as warm_up_sparkplug
 from ingest.sparkplug.topic import is_sparkplug
 
 log = logging.getLogger(__name__)
@@ -563,6 +564,8 @@ async def run_service(cfg: Config, *, stop: asyncio.Event | None = None) -> int:
     pipeline = Pipeline(cfg, health=health)
     started = time.monotonic()
     pipeline.deriver.warm_up()
+    if cfg.sparkplug.enabled:
+        warm_up_sparkplug()
     memory.freeze_startup()
     log.info("kernels ready in %.2fs", time.monotonic() - started)
     failed: list[BaseException] = []

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from ingest.errors import PayloadError
 from ingest.sparkplug import values as sv
-from ingest.sparkplug.wire import (
+from ingest.sparkplug.kernel import (
     C_ALIAS,
     C_DATATYPE,
     C_FLAGS,
@@ -26,8 +26,8 @@ from ingest.sparkplug.wire import (
     F_NULL,
     F_TIMESTAMP,
     F_TRANSIENT,
-    decode_payload,
 )
+from ingest.sparkplug.wire import decode_payload
 from tests.sparkplug_pb import new_payload, payload_class
 
 U32 = st.integers(0, 2**32 - 1)

@@ -26,8 +26,9 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from ingest.errors import IngestError, PayloadError
 from ingest.sparkplug.encode import Metric, encode_payload
+from ingest.sparkplug.kernel import C_DATATYPE
 from ingest.sparkplug.values import OK, metric_values
-from ingest.sparkplug.wire import C_DATATYPE, decode_payload
+from ingest.sparkplug.wire import decode_payload
 
 __all__ = ["SimDevice", "edge_nodes", "simulate_sparkplug"]
 

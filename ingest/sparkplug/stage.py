@@ -25,8 +25,7 @@ from ingest.registry import Registry, SensorKey
 from ingest.sink import Upsert
 from ingest.sparkplug import values as sv
 from ingest.sparkplug.aliases import AliasTable
-from ingest.sparkplug.topic import Topic, parse_topic
-from ingest.sparkplug.wire import (
+from ingest.sparkplug.kernel import (
     C_ALIAS,
     C_DATATYPE,
     C_FIELD,
@@ -36,14 +35,13 @@ from ingest.sparkplug.wire import (
     C_RAW,
     F_ALIAS,
     F_TRANSIENT,
-    Decoded,
-    decode_payload,
-    metric_path,
 )
+from ingest.sparkplug.topic import Topic, parse_topic
+from ingest.sparkplug.wire import Decoded, decode_payload, metric_path
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Columns", "Item", "Prepared", "SparkplugStage"]
+__all__ = ["Columns", "Item", "Prepared", "SparkplugStage", "warm_up"]
 
 MESSAGES = Counter(
     "ingest_sparkplug_messages_total", "Sparkplug messages received, by type.", ["type"]
@@ -159,6 +157,16 @@ def _bd_seq(decoded: Decoded) -> int | None:
         if decoded.rows[row, C_FIELD] in (10, 11) and decoded.name(row) == "bdSeq":
             return int(decoded.rows[row, C_RAW])
     return None
+
+
+def warm_up() -> None:
+    """Compile (or load from the on-disk cache) the Sparkplug kernels before the first message."""
+    from ingest.sparkplug.encode import Metric, encode_payload
+
+    data = encode_payload(timestamp=1, seq=0, metrics=[Metric("m", alias=1, datatype=10, value=1)])
+    decoded = decode_payload(data + b"\x12\x04\x4a\x02\x0a\x00", max_metrics=10)
+    sv.metric_times(decoded.rows, payload_ms=decoded.timestamp, received_us=0)
+    sv.metric_columns(decoded.rows, table=AliasTable.empty())
 
 
 class SparkplugStage:

@@ -10,7 +10,7 @@ import numpy.typing as npt
 
 from ingest.kernels import kernel
 from ingest.sparkplug.aliases import AliasTable
-from ingest.sparkplug.wire import (
+from ingest.sparkplug.kernel import (
     C_ALIAS,
     C_DATATYPE,
     C_FIELD,
