@@ -36,6 +36,7 @@ from ingest.sparkplug.kernel import (
     F_ALIAS,
     F_TRANSIENT,
 )
+from ingest.sparkplug.nodes import BirthMetric, NodeState, births_upserts, load_changed
 from ingest.sparkplug.topic import Topic, parse_topic
 from ingest.sparkplug.wire import Decoded, decode_payload, metric_path
 
@@ -58,59 +59,6 @@ DEATHS_IGNORED = Counter(
 
 _NUMERIC: Final = frozenset(range(1, 12))
 _NAN: Final = float("nan")
-
-_SELECT_NODES = "SELECT node, birth_id, bd_seq FROM telemetry.sparkplug_nodes WHERE node = ANY($1)"
-_SELECT_METRICS = (
-    "SELECT node, device, name, alias, sensor_id, datatype FROM telemetry.sparkplug_metrics"
-    " WHERE node = ANY($1)"
-)
-_UPSERT_NODES = """
-INSERT INTO telemetry.sparkplug_nodes (node, birth_id, bd_seq)
-SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[])
-ON CONFLICT (node) DO UPDATE
-   SET birth_id = EXCLUDED.birth_id, bd_seq = EXCLUDED.bd_seq, born_at = now()
-"""
-_DELETE_METRICS = "DELETE FROM telemetry.sparkplug_metrics WHERE node = ANY($1::text[])"
-_INSERT_METRICS = """
-INSERT INTO telemetry.sparkplug_metrics (node, device, name, alias, sensor_id, datatype)
-SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::int[], $6::smallint[])
-ON CONFLICT (node, device, name) DO UPDATE
-   SET alias = EXCLUDED.alias, sensor_id = EXCLUDED.sensor_id, datatype = EXCLUDED.datatype
-"""
-
-
-@dataclass(frozen=True, slots=True)
-class _Metric:
-    """One metric of a birth, as kept for aliases and deaths."""
-
-    name: str
-    alias: int | None  # signed view of the alias's 64 bits
-    sensor: int | None  # None: not stored (not numeric)
-    datatype: int
-
-
-@dataclass(frozen=True, slots=True)
-class _Node:
-    """What the last births of an edge node defined (immutable: a birth makes a new one)."""
-
-    birth_id: int
-    bd_seq: int | None
-    devices: dict[str, tuple[_Metric, ...]]  # '' for the node's own metrics
-    table: AliasTable
-    names: dict[int, str]  # alias -> name, for template instances sent by alias in DATA
-
-    @classmethod
-    def of(
-        cls, birth_id: int, bd_seq: int | None, devices: dict[str, tuple[_Metric, ...]]
-    ) -> _Node:
-        metrics = [m for ms in devices.values() for m in ms if m.alias is not None]
-        table = AliasTable.build(
-            aliases=np.array([m.alias for m in metrics], np.int64),
-            sensors=np.array([-1 if m.sensor is None else m.sensor for m in metrics], np.int32),
-            datatypes=np.array([m.datatype for m in metrics], np.int64),
-        )
-        names = {m.alias: m.name for m in metrics if m.alias is not None}
-        return cls(birth_id, bd_seq, devices, table, names)
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,7 +131,7 @@ class SparkplugStage:
         alias no birth defined, e.g. to ask for a rebirth."""
         self._store_transient = store_transient
         self._on_unknown_alias = on_unknown_alias
-        self._nodes: dict[str, _Node] = {}
+        self._nodes: dict[str, NodeState] = {}
         self._seq: dict[str, int] = {}
 
     # ------------------------------------------------------------------ intake
@@ -261,31 +209,21 @@ class SparkplugStage:
                 np.concatenate([p.quality for p in parts]),
             )
         if born:
-            out.upserts = self._births_upserts(sorted(born))
+            out.upserts = births_upserts({n: self._nodes[n] for n in born})
         return out
 
     async def _refresh(
         self, conn: asyncpg.Connection, nodes: list[str], registry: Registry
     ) -> None:
-        """Reload the nodes whose birth in the database is not the one the cache holds, and
-        make their sensors known to the registry (another instance registered them)."""
-        stale: dict[str, tuple[int, int | None]] = {}
-        for row in await conn.fetch(_SELECT_NODES, nodes):
-            cached = self._nodes.get(row["node"])
-            if cached is None or cached.birth_id != row["birth_id"]:
-                stale[row["node"]] = (row["birth_id"], row["bd_seq"])
-        if not stale:
+        """Reload the nodes another instance re-birthed, and make their sensors known to the
+        registry (that instance registered them)."""
+        changed = await load_changed(conn, nodes, self._nodes)
+        if not changed:
             return
-        devices: dict[str, dict[str, list[_Metric]]] = {n: {} for n in stale}
-        for row in await conn.fetch(_SELECT_METRICS, list(stale)):
-            devices[row["node"]].setdefault(row["device"], []).append(
-                _Metric(row["name"], row["alias"], row["sensor_id"], row["datatype"])
-            )
+        self._nodes.update(changed)
         keys: list[SensorKey] = []
-        for node, (birth_id, bd_seq) in stale.items():
-            by_device = {d: tuple(ms) for d, ms in devices[node].items()}
-            self._nodes[node] = _Node.of(birth_id, bd_seq, by_device)
-            for device, metrics in by_device.items():
+        for node, state in changed.items():
+            for device, metrics in state.devices.items():
                 levels = (*node.split("/", 1), device) if device else tuple(node.split("/", 1))
                 keys += [SensorKey(levels, m.name) for m in metrics if m.sensor is not None]
         await registry.resolve(conn, sensors=dict.fromkeys(keys))
@@ -355,7 +293,7 @@ class SparkplugStage:
     def _birth(self, item: Item, registry: Registry, born: set[str]) -> Columns:
         decoded, topic = item.decoded, item.topic
         rows = decoded.rows
-        metrics: list[_Metric] = []
+        metrics: list[BirthMetric] = []
         sensors = np.full(len(decoded), -1, np.int32)
         for row in range(len(decoded)):
             name = decoded.full_name(row)
@@ -366,7 +304,7 @@ class SparkplugStage:
             if sensor is not None:
                 sensors[row] = sensor
             alias = int(rows[row, C_ALIAS]) if rows[row, C_FLAGS] & F_ALIAS else None
-            metrics.append(_Metric(name, alias, sensor, datatype))
+            metrics.append(BirthMetric(name, alias, sensor, datatype))
         node = topic.node
         old = self._nodes.get(node)
         if topic.kind == "NBIRTH":
@@ -376,7 +314,7 @@ class SparkplugStage:
             devices = dict(old.devices) if old is not None else {}
             devices[topic.device or ""] = tuple(metrics)
             bd_seq = old.bd_seq if old is not None else None
-        self._nodes[node] = _Node.of(secrets.randbits(63), bd_seq, devices)
+        self._nodes[node] = NodeState.of(secrets.randbits(63), bd_seq, devices)
         born.add(node)
         value, status, _, _, quality = sv.metric_columns(rows)
         return self._columns(item, sensors, value, status, quality)
@@ -429,22 +367,3 @@ class SparkplugStage:
                 SKIPPED.labels("transient").inc(int(transient.sum()))
                 keep &= ~transient
         return Columns(item.times[keep], sensors[keep], value[keep], quality[keep])
-
-    def _births_upserts(self, nodes: list[str]) -> list[Upsert]:
-        states = [self._nodes[n] for n in nodes]
-        cols: tuple[list[object], ...] = ([], [], [], [], [], [])
-        for node, state in zip(nodes, states, strict=True):
-            for device, metrics in sorted(state.devices.items()):
-                for m in metrics:
-                    for col, v in zip(
-                        cols, (node, device, m.name, m.alias, m.sensor, m.datatype), strict=True
-                    ):
-                        col.append(v)
-        return [
-            Upsert(
-                _UPSERT_NODES,
-                (nodes, [s.birth_id for s in states], [s.bd_seq for s in states]),
-            ),
-            Upsert(_DELETE_METRICS, (nodes,)),
-            Upsert(_INSERT_METRICS, cols),
-        ]
