@@ -66,7 +66,8 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     share_group: str | None = None
     """Subscribe as ``$share/<group>/<prefix>/#`` so that the instances split the messages."""
     extra_filters: tuple[str, ...] = ()
-    """Further topic filters (Sparkplug's), subscribed with the prefix, shared the same way."""
+    """Further topic filters (Sparkplug's), subscribed with the prefix, shared the same way,
+    without the broker's retained messages (Sparkplug retains only STATE, which is ignored)."""
     receive_maximum: int = 1000
     """MQTT v5 Receive Maximum: the most unacknowledged QoS 1 messages the broker may send."""
     session_expiry_s: int = 3600
@@ -449,7 +450,8 @@ class _ManualAckConnection:
         self.connected_at = time.monotonic()
         options = SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB)
         if isinstance(topic_filter, list):
-            pairs = [(f, options) for f in topic_filter]
+            extra = SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)
+            pairs = [(f, options if i == 0 else extra) for i, f in enumerate(topic_filter)]
             result = await self.client.subscribe(pairs, timeout=timeout_s)
         else:
             result = await self.client.subscribe(topic_filter, options=options, timeout=timeout_s)

@@ -349,7 +349,9 @@ async def test_host_application_state_online_then_offline(
     heard: list[dict[str, Any]] = []
     parts = urlsplit(mqtt_url)
     listener = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    listener.on_message = lambda c, u, msg: heard.append(msgspec.json.decode(msg.payload))
+    listener.on_message = lambda c, u, msg: (
+        msg.payload and heard.append(msgspec.json.decode(msg.payload))
+    )
     if parts.username:
         listener.username_pw_set(parts.username, parts.password)
     listener.connect(parts.hostname or "127.0.0.1", parts.port or 1883)
@@ -372,6 +374,7 @@ async def test_host_application_state_online_then_offline(
     try:
         await wait_until(offline, timeout=30)
     finally:
+        listener.publish(f"spBv1.0/STATE/{host}", b"", qos=1, retain=True).wait_for_publish(10)
         listener.loop_stop()
         listener.disconnect()
     assert heard[0]["online"] is True
