@@ -143,3 +143,40 @@ def test_bad_topics(topic: str, reason: str) -> None:
 def test_state_and_commands_are_ignored() -> None:
     for topic in ("spBv1.0/STATE/host", "spBv1.0/g/NCMD/e", "spBv1.0/g/DCMD/e/d"):
         assert parse_topic(topic).kind is None
+
+
+async def test_a_birth_naming_a_metric_twice_keeps_the_last(conn: asyncpg.Connection) -> None:
+    group = f"G{uuid.uuid4().hex[:8]}"
+    a = Instance()
+    birth = payload(
+        T,
+        0,
+        [
+            {"name": "x", "alias": 1, "datatype": 10, "double_value": 1.0},
+            {"name": "x", "alias": 2, "datatype": 10, "double_value": 2.0},
+        ],
+    )
+    await a.flush(conn, a.accept(f"spBv1.0/{group}/NBIRTH/e", birth))
+    rows = await conn.fetch(
+        "SELECT name, alias FROM telemetry.sparkplug_metrics WHERE node = $1", f"{group}/e"
+    )
+    assert [tuple(r) for r in rows] == [("x", 2)]
+
+
+def test_a_name_with_nul_is_refused() -> None:
+    with pytest.raises(PayloadError, match=r"metrics\[0\].name: contains NUL"):
+        Instance().accept("spBv1.0/g/NBIRTH/e", payload(T, 0, [{"name": "a\x00b", "datatype": 10}]))
+
+
+def test_a_payload_timestamp_outside_the_window_is_refused() -> None:
+    stage = SparkplugStage()
+    for ts in (0, 2**64 - 1):
+        with pytest.raises(PayloadError, match=r"^timestamp: outside the accepted window$"):
+            stage.accept(
+                index=0,
+                topic="spBv1.0/g/DDEATH/e/d",
+                payload=payload(ts, 1, []),
+                received_us=T * 1000,
+                window=(T * 1000 - 10**9, T * 1000 + 10**9),
+                max_metrics=10,
+            )

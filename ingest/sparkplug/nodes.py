@@ -98,13 +98,15 @@ async def load_changed(
 def births_upserts(states: Mapping[str, NodeState]) -> list[Upsert]:
     """The writes that make the database hold `states` (node -> its births), in node order."""
     nodes = sorted(states)
-    cols: tuple[list[object], ...] = ([], [], [], [], [], [])
+    unique: dict[tuple[str, str, str], BirthMetric] = {}  # a name given twice: the last wins
     for node in nodes:
         for device, metrics in sorted(states[node].devices.items()):
             for m in metrics:
-                row = (node, device, m.name, m.alias, m.sensor, m.datatype)
-                for col, v in zip(cols, row, strict=True):
-                    col.append(v)
+                unique[(node, device, m.name)] = m
+    cols: tuple[list[object], ...] = ([], [], [], [], [], [])
+    for (node, device, name), m in unique.items():
+        for col, v in zip(cols, (node, device, name, m.alias, m.sensor, m.datatype), strict=True):
+            col.append(v)
     return [
         Upsert(
             _UPSERT_NODES,

@@ -154,8 +154,10 @@ class SparkplugStage:
             return None
         decoded = decode_payload(payload, max_metrics=max_metrics)
         times = sv.metric_times(decoded.rows, payload_ms=decoded.timestamp, received_us=received_us)
+        lo, hi = window
+        if decoded.timestamp is not None and not lo <= decoded.timestamp * 1000 <= hi:
+            raise PayloadError("timestamp: outside the accepted window")
         if len(times):
-            lo, hi = window
             bad = np.flatnonzero((times < lo) | (times > hi))
             if len(bad):
                 which = metric_path(decoded.rows, int(bad[0]))
@@ -163,7 +165,9 @@ class SparkplugStage:
         if parsed.kind != "NDEATH":
             self._check_seq(parsed, decoded.seq)
             for row in np.flatnonzero(decoded.rows[:, C_NAME_START] >= 0).tolist():
-                decoded.name(row)  # every name must be UTF-8: raises PayloadError here
+                name = decoded.name(row)  # every name must be UTF-8: raises PayloadError here
+                if name is not None and "\x00" in name:  # PostgreSQL text cannot hold NUL
+                    raise PayloadError(f"{metric_path(decoded.rows, row)}.name: contains NUL")
         return Item(index, parsed, decoded, times, received_us)
 
     def _check_seq(self, topic: Topic, seq: int | None) -> None:
@@ -299,7 +303,7 @@ class SparkplugStage:
             name = decoded.full_name(row)
             if not name:
                 continue
-            datatype = int(rows[row, C_DATATYPE])
+            datatype = min(int(rows[row, C_DATATYPE]), 32767)  # a smallint; >34 is unknown
             sensor = registry.get(SensorKey(topic.levels, name)) if datatype in _NUMERIC else None
             if sensor is not None:
                 sensors[row] = sensor
