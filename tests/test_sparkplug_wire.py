@@ -398,3 +398,17 @@ def test_float_bits_are_read_exactly() -> None:
     value, _ = sv.metric_values(decoded.rows, np.zeros(2, np.int64))
     assert math.isnan(value[0])
     assert value[1] == np.float32(3.4e38)
+
+
+def test_payloads_denser_than_the_first_guess_decode_whole() -> None:
+    """Empty metrics (2 bytes each) and many small templates outgrow the first arrays."""
+    assert len(decode_payload(b"\x12\x00" * 1000, max_metrics=10_000)) == 1000
+    payload = new_payload()
+    for i in range(40):
+        t = payload.metrics.add()
+        t.name = f"t{i}"
+        t.template_value.metrics.add().name = "m"
+    decoded = decode_payload(payload.SerializeToString(), max_metrics=10_000)
+    assert [decoded.full_name(i) for i in range(len(decoded))] == [f"t{i}" for i in range(40)] + [
+        f"t{i}/m" for i in range(40)
+    ]

@@ -44,6 +44,7 @@ E_BAD_WIRE_TYPE: Final = 5
 E_FIELD_ZERO: Final = 6
 E_NESTING: Final = 7
 E_TOO_MANY: Final = 8
+E_FULL: Final = 9  # not an error of the payload: the caller's arrays are too small
 
 
 # Message kinds, for error reasons.
@@ -171,26 +172,23 @@ def _quality(buf: npt.NDArray[np.uint8], start: Any, end: Any) -> Any:
 
 
 @kernel
-def _grow(rows: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
-    bigger = np.empty((2 * rows.shape[0], rows.shape[1]), np.int64)
-    bigger[: rows.shape[0]] = rows
-    return bigger
-
-
-@kernel
 def decode(
-    buf: npt.NDArray[np.uint8], max_rows: int, max_depth: int
-) -> tuple[npt.NDArray[np.int64], int, npt.NDArray[np.int64]]:
-    """(metric rows, row count, head); head = [timestamp, has timestamp, seq, has seq,
-    error code, error position, error row]. Templates' member metrics follow their parents,
-    each message of metrics read from a work list rather than by recursion."""
+    buf: npt.NDArray[np.uint8],
+    max_rows: int,
+    max_depth: int,
+    rows: npt.NDArray[np.int64],
+    work: npt.NDArray[np.int64],
+) -> tuple[int, npt.NDArray[np.int64]]:
+    """Fill `rows` (one per metric, COLUMNS wide) and return (row count, head); head =
+    [timestamp, has timestamp, seq, has seq, error code, error position, error row, field,
+    wire type, message kind]. Templates' member metrics follow their parents, each message of
+    metrics read from `work` (start, end, parent row, depth) rather than by recursion. When
+    `rows` or `work` is full the error is E_FULL: call again with bigger ones. (The arrays are
+    the caller's: an array reassigned inside the loop costs a third of the time.)"""
     head = np.zeros(10, np.int64)
     metric_wt = METRIC_WT.copy()
     head[6] = -1
-    rows = np.empty((16, COLUMNS), np.int64)
     n = 0
-    # work list: (start, end, parent row, depth); the payload itself is the first entry
-    work = np.empty((4, 4), np.int64)
     work[0, 0], work[0, 1], work[0, 2], work[0, 3] = 0, len(buf), -1, 0
     todo = 1
     done = 0
@@ -276,7 +274,7 @@ def decode(
                 head[4], head[5], head[6] = code, at, parent
                 head[7], head[8] = num, wire
                 head[9] = K_PAYLOAD if parent < 0 else K_TEMPLATE
-                return rows, n, head
+                return n, head
             if parent < 0 and num == 1:
                 head[0], head[1] = np.int64(bits), 1
             elif parent < 0 and num == 3:
@@ -284,9 +282,10 @@ def decode(
             elif num == 2:
                 if n >= max_rows:
                     head[4], head[5], head[6] = E_TOO_MANY, at, n
-                    return rows, n, head
+                    return n, head
                 if n == rows.shape[0]:
-                    rows = _grow(rows)
+                    head[4] = E_FULL
+                    return n, head
                 rows[n, C_NAME_START] = -1
                 rows[n, C_NAME_LEN] = 0
                 rows[n, C_ALIAS] = 0
@@ -380,7 +379,7 @@ def decode(
                     if code:
                         head[4], head[5], head[6] = code, mat, n
                         head[7], head[8], head[9] = fnum, fwire, K_METRIC
-                        return rows, n, head
+                        return n, head
                     if fnum == 1:
                         rows[n, C_NAME_START] = fbody
                         rows[n, C_NAME_LEN] = np.int64(fbits)
@@ -406,7 +405,7 @@ def decode(
                         if qcode:
                             head[4], head[5], head[6] = qcode, qat, n
                             head[7], head[8], head[9] = qnum, qwire, qkind
-                            return rows, n, head
+                            return n, head
                         rows[n, C_QUALITY] = quality
                     elif 10 <= fnum <= 19:
                         rows[n, C_FIELD] = fnum
@@ -414,11 +413,12 @@ def decode(
                         if fnum == 18:
                             if depth >= max_depth:
                                 head[4], head[5], head[6] = E_NESTING, mat, n
-                                return rows, n, head
+                                return n, head
                             if todo == work.shape[0]:
-                                work = _grow(work)
+                                head[4] = E_FULL
+                                return n, head
                             work[todo, 0], work[todo, 1] = fbody, fbody + np.int64(fbits)
                             work[todo, 2], work[todo, 3] = n, depth + 1
                             todo += 1
                 n += 1
-    return rows, n, head
+    return n, head

@@ -18,8 +18,10 @@ from ingest.sparkplug.kernel import (
     C_NAME_LEN,
     C_NAME_START,
     C_PARENT,
+    COLUMNS,
     E_BAD_WIRE_TYPE,
     E_FIELD_ZERO,
+    E_FULL,
     E_LONG_VARINT,
     E_NESTING,
     E_PAST_END,
@@ -168,7 +170,17 @@ def decode_payload(payload: bytes, *, max_metrics: int, max_depth: int = 8) -> D
     deeper than `max_depth`.
     """
     buf = np.frombuffer(payload, np.uint8)
-    rows, n, head = decode(buf, max_metrics, max_depth)
+    # A metric takes at least 2 bytes, usually more than 12: guess, and if the guess was too
+    # small decode again with room for the most the payload can hold.
+    size = len(payload)
+    rows = np.empty((min(size // 12 + 16, max_metrics + 1), COLUMNS), np.int64)
+    work = np.empty((16, 4), np.int64)
+    n, head = decode(buf, max_metrics, max_depth, rows, work)
+    if head[4] == E_FULL:
+        most = min(size // 2 + 1, max_metrics + 1)
+        rows = np.empty((most, COLUMNS), np.int64)
+        work = np.empty((most + 1, 4), np.int64)
+        n, head = decode(buf, max_metrics, max_depth, rows, work)
     code = int(head[4])
     if code:
         raise _error(rows[: n + 1], head, max_metrics=max_metrics, max_depth=max_depth)
