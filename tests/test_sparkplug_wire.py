@@ -147,7 +147,7 @@ def _compare(data: bytes) -> None:
     rows = decoded.rows
     datatypes = rows[:, C_DATATYPE]
     got_value, got_status = sv.metric_values(rows, datatypes)
-    qualities = sv.metric_qualities(rows)
+    qualities = sv.metric_columns(rows)[4]
     for i, (m, full) in enumerate(flat):
         row = rows[i]
         flags = int(row[C_FLAGS])
@@ -245,7 +245,7 @@ def test_quality_property_maps_to_our_codes() -> None:
         _fill(payload.metrics.add(), {"quality": quality, "value": ("double_value", 1.0)})
     payload.metrics.add().double_value = 2.0
     decoded = decode_payload(payload.SerializeToString(), max_metrics=100)
-    assert list(sv.metric_qualities(decoded.rows)) == [
+    assert list(sv.metric_columns(decoded.rows)[4]) == [
         sv.GOOD,
         sv.BAD,
         sv.STALE,

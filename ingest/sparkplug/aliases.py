@@ -1,4 +1,4 @@
-"""Sparkplug alias tables: alias -> (sensor id, datatype) per edge node, looked up by column."""
+"""Sparkplug alias tables: alias -> (sensor id, datatype) per edge node, sorted for look-up."""
 
 from __future__ import annotations
 
@@ -41,25 +41,3 @@ class AliasTable:
 
     def __len__(self) -> int:
         return len(self.aliases)
-
-    def lookup(
-        self, aliases: npt.NDArray[np.int64]
-    ) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
-        """(sensor id, datatype, known) for every alias; unknown ones get sensor -1, type 0."""
-        if not len(self.aliases):
-            n = len(aliases)
-            return np.full(n, -1, np.int32), np.zeros(n, np.int64), np.zeros(n, bool)
-        at = np.searchsorted(self.aliases, aliases)
-        np.minimum(at, len(self.aliases) - 1, out=at)
-        known = self.aliases[at] == aliases
-        sensor = np.where(known, self.sensors[at], -1).astype(np.int32)
-        datatype = np.where(known, self.datatypes[at], 0)
-        return sensor, datatype, known
-
-    def merged(self, other: AliasTable) -> AliasTable:
-        """This table with `other`'s aliases added or replacing (a DBIRTH on top of the node's)."""
-        return AliasTable.build(
-            aliases=np.concatenate([self.aliases, other.aliases]),
-            sensors=np.concatenate([self.sensors, other.sensors]),
-            datatypes=np.concatenate([self.datatypes, other.datatypes]),
-        )

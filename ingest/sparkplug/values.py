@@ -37,7 +37,6 @@ __all__ = [
     "STALE",
     "UNCERTAIN",
     "metric_columns",
-    "metric_qualities",
     "metric_times",
     "metric_values",
 ]
@@ -162,7 +161,7 @@ def metric_columns(
     Each value is read as its datatype says: Int8/16/32 (and UInt8/16/32) masked to their
     width, the signed ones read as two's complement; Int64 and UInt64 as they are; Boolean 0/1.
     Status OK, NULL, NONNUMERIC or NOVALUE; the value is 0 unless OK. Quality: our code for
-    the Quality property (see metric_qualities)."""
+    the Quality property (192 or none good, 0 bad, 500 stale, others uncertain)."""
     table = table if table is not None else _EMPTY
     rows = np.ascontiguousarray(rows)
     if not _LITTLE_ENDIAN:  # pragma: no cover - the float bits are read from the low half
@@ -207,14 +206,4 @@ def _times(rows: npt.NDArray[np.int64], fallback: int) -> npt.NDArray[np.int64]:
             out[i] = ms * 1000 if 0 <= ms <= 9_223_372_036_854_775 else -1
         else:
             out[i] = fallback
-    return out
-
-
-def metric_qualities(rows: npt.NDArray[np.int64]) -> npt.NDArray[np.uint8]:
-    """Our quality code of every metric from its Quality property (absent: good)."""
-    q = rows[:, C_QUALITY]
-    out = np.full(len(q), UNCERTAIN, np.uint8)
-    out[(q == 192) | (q < 0)] = GOOD
-    out[q == 0] = BAD
-    out[q == 500] = STALE
     return out
