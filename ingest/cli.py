@@ -74,7 +74,10 @@ def _parser() -> argparse.ArgumentParser:
         "--batch", type=_positive_int, default=10, help="samples per channel per message (10)"
     )
     sim.add_argument(
-        "--format", choices=("compact", "json"), default="compact", help="wire encoding"
+        "--format",
+        choices=("compact", "json", "sparkplug"),
+        default="compact",
+        help="wire encoding; sparkplug: Sparkplug B edge nodes (births, data, deaths)",
     )
     sim.add_argument(
         "--rate",
@@ -110,6 +113,11 @@ def _parser() -> argparse.ArgumentParser:
         metavar="PEM",
         help="CA certificates to verify an mqtts:// broker with (default: INGEST_MQTT_TLS_CA_FILE,"
         " else the system's)",
+    )
+    sim.add_argument(
+        "--answer-rebirth",
+        action="store_true",
+        help="sparkplug: edge nodes answer NCMD Node Control/Rebirth with new births",
     )
     sim.add_argument("--quiet", action="store_true", help="no progress lines")
 
@@ -173,6 +181,7 @@ def _simulate(args: argparse.Namespace) -> int:
         anomalies=tuple(Anomaly.parse(a) for a in args.anomaly),
         record=args.record,
         ca_file=ca_file,
+        answer_rebirth=args.answer_rebirth,
     )
     simulate(settings, devices, processes=args.processes, progress=not args.quiet)
     return 0

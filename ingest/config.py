@@ -126,6 +126,31 @@ class Retention(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                 raise ValueError(f"{field.name}: must be 0 (keep all) or 1/24 to 36500 days")
 
 
+class Sparkplug(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """[sparkplug]: Sparkplug B 3.0 edge nodes, subscribed to beside the native prefix."""
+
+    enabled: bool = True
+    groups: tuple[str, ...] = ()
+    store_transient: bool = False
+    rebirth: bool = False
+    host_id: str = ""
+
+    def __post_init__(self) -> None:
+        for group in self.groups:
+            if not group or any(c in group for c in "/+#\0"):
+                raise ValueError(f"groups: {group!r} must be non-empty, without / + # or NUL")
+        if self.host_id and any(c in self.host_id for c in "/+#\0"):
+            raise ValueError("host_id: must be without / + # or NUL")
+
+    def topic_filters(self) -> tuple[str, ...]:
+        """What to subscribe to: every group, or each configured one."""
+        if not self.enabled:
+            return ()
+        if not self.groups:
+            return ("spBv1.0/#",)
+        return tuple(f"spBv1.0/{g}/#" for g in self.groups)
+
+
 class Metrics(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """[metrics]: the Prometheus exposition and health endpoints."""
 
@@ -154,6 +179,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     rollups: Rollups = msgspec.field(default_factory=Rollups)
     anomaly: Anomaly = msgspec.field(default_factory=Anomaly)
     retention: Retention = msgspec.field(default_factory=Retention)
+    sparkplug: Sparkplug = msgspec.field(default_factory=Sparkplug)
     metrics: Metrics = msgspec.field(default_factory=Metrics)
     log: Log = msgspec.field(default_factory=Log)
 

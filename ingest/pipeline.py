@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +20,7 @@ import numpy.typing as npt
 from ingest import memory, metrics
 from ingest.config import Config, parse_rfc3339_us
 from ingest.decode import Batch, DecodeLimits, decode_batch, parse_topic
-from ingest.derive import Deriver, merge_rollups
+from ingest.derive import Derived, Deriver, merge_rollups
 from ingest.errors import (
     ConfigError,
     InternalError,
@@ -31,7 +32,11 @@ from ingest.kernels import check_sorted, gather
 from ingest.migrate import default_schema_dir, load_migrations, pending
 from ingest.mqtt import MqttSource, Received
 from ingest.registry import Registry, SensorKey
-from ingest.sink import CLIENT_ERRORS, DeadLetter, Readings, Sink, classify
+from ingest.sink import CLIENT_ERRORS, DeadLetter, Readings, Sink, Upsert, classify
+from ingest.sparkplug.commands import HostApplication, RebirthRequester
+from ingest.sparkplug.stage import Columns, Item, Prepared, SparkplugStage
+from ingest.sparkplug.stage import warm_up as warm_up_sparkplug
+from ingest.sparkplug.topic import is_sparkplug
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +57,8 @@ class FlushJob:
     dead_letters: list[DeadLetter] = field(default_factory=list)
     readings: int = 0
     nbytes: int = 0
+    sparkplug: list[Item] = field(default_factory=list)
+    sparkplug_prepared: Prepared | None = None  # once per flush, kept for its retries
 
     def __bool__(self) -> bool:
         return bool(self.received)
@@ -148,6 +155,34 @@ def _sort_readings(arrived: Readings) -> tuple[Readings, int]:
     return Readings(time_col, sensor_col, value_col, quality_col), 0
 
 
+def merge_sparkplug(readings: Readings, columns: Columns) -> tuple[Readings, int]:
+    """Sorted `readings` with a flush's Sparkplug readings (arrival order) added; a repeated
+    (sensor, time) keeps the later one. Returns the readings and how many were superseded."""
+    if not len(columns.time):
+        return readings, 0
+    return _sort_readings(
+        Readings(
+            np.concatenate([readings.time, columns.time]),
+            np.concatenate([readings.sensor, columns.sensor]),
+            np.concatenate([readings.value, columns.value]),
+            np.concatenate([readings.quality, columns.quality]),
+        )
+    )
+
+
+def _derive_with(
+    deriver: Deriver, upserts: Sequence[Upsert], *, skip_nan: bool
+) -> Callable[[Readings], Derived]:
+    """`deriver.derive` plus the Sparkplug births' writes, first, in the same transaction.
+    With `skip_nan`, the stale rows of deaths (NaN) stay out of rollups and anomaly filters."""
+
+    def derive(new: Readings) -> Derived:
+        derived = deriver.derive(new.select(~np.isnan(new.value)) if skip_nan else new)
+        return dataclasses.replace(derived, upserts=[*upserts, *derived.upserts])
+
+    return derive
+
+
 def _clean(text: str | None) -> str | None:
     """PostgreSQL text cannot hold NUL; keep everything else as received."""
     return None if text is None else text.replace("\x00", "\\x00")
@@ -165,6 +200,25 @@ class Pipeline:
         self.cfg = cfg
         self.health = health
         self.registry = Registry(max_sensors_per_device=cfg.limits.max_sensors_per_device)
+        self.rebirths: RebirthRequester | None = None
+        if cfg.sparkplug.enabled and cfg.sparkplug.rebirth:
+            self.rebirths = RebirthRequester(
+                url=cfg.mqtt.url,
+                client_id=f"{cfg.client_id}-cmd",
+                tls_ca_file=cfg.mqtt.tls_ca_file or None,
+            )
+        self.host: HostApplication | None = None
+        if cfg.sparkplug.enabled and cfg.sparkplug.host_id:
+            self.host = HostApplication(
+                url=cfg.mqtt.url,
+                client_id=f"{cfg.client_id}-host",
+                host_id=cfg.sparkplug.host_id,
+                tls_ca_file=cfg.mqtt.tls_ca_file or None,
+            )
+        self.sparkplug = SparkplugStage(
+            store_transient=cfg.sparkplug.store_transient,
+            on_unknown_alias=self.rebirths.want if self.rebirths is not None else None,
+        )
         self.deriver = Deriver(
             rules=cfg.anomaly.rules, rollups=cfg.rollups.enabled, registry=self.registry
         )
@@ -176,6 +230,7 @@ class Pipeline:
         self._stop_merging = asyncio.Event()
         self.source = MqttSource(
             settings=cfg.mqtt,
+            extra_filters=cfg.sparkplug.topic_filters(),
             max_payload_bytes=cfg.limits.max_payload_bytes,
             # What waits unread in the source counts towards memory as much as what is in flight.
             max_queued_bytes=cfg.flush.max_inflight_bytes // 4,
@@ -212,6 +267,9 @@ class Pipeline:
         metrics.MESSAGES_RECEIVED.inc()
         metrics.PAYLOAD_BYTES.inc(len(msg.payload))
         try:
+            if self.cfg.sparkplug.enabled and is_sparkplug(msg.topic):
+                self._accept_sparkplug(msg, job)
+                return
             levels = parse_topic(msg.topic, prefix=self.cfg.mqtt.topic_prefix)
             batch = decode_batch(
                 msg.payload,
@@ -235,6 +293,28 @@ class Pipeline:
         job.accepted.append(_Accepted(levels, batch, msg))
         job.readings += batch.readings
         self._budget.take(nbytes=len(msg.payload), readings=batch.readings)
+
+    def _accept_sparkplug(self, msg: Received, job: FlushJob) -> None:
+        """A Sparkplug message into the flush; raises PayloadError."""
+        size = len(msg.payload)
+        if size > self.limits.max_payload_bytes:
+            raise PayloadError(
+                f"payload: {size} bytes exceeds the {self.limits.max_payload_bytes}-byte limit"
+            )
+        now_us = time.time_ns() // 1000
+        item = self.sparkplug.accept(
+            index=len(job.received) - 1,
+            topic=msg.topic,
+            payload=msg.payload,
+            received_us=msg.received_ns // 1000,
+            window=(self.limits.min_time_us, now_us + self.limits.max_future_us),
+            max_metrics=self.limits.max_readings,
+        )
+        readings = 0 if item is None else len(item.decoded)
+        if item is not None:
+            job.sparkplug.append(item)
+        job.readings += readings
+        self._budget.take(nbytes=size, readings=readings)
 
     async def _dispatch(self) -> None:
         """Hand the current flush to the writer (waits while the writer is behind)."""
@@ -321,6 +401,12 @@ class Pipeline:
             ids = await self._resolve(conn, job)
             stage = "assembly"
             readings, superseded = build_readings(job, ids)
+            if job.sparkplug:
+                stage = "Sparkplug prepare"
+                if job.sparkplug_prepared is None:
+                    job.sparkplug_prepared = await self._prepare_sparkplug(conn, job)
+                readings, more = merge_sparkplug(readings, job.sparkplug_prepared.columns)
+                superseded += more
             stage = "prepare"
             await self.deriver.prepare(conn, readings=readings)
         except (PermanentSinkError, TransientSinkError):
@@ -335,6 +421,13 @@ class Pipeline:
         # Split only into parts of at least db.split_min_readings: for a small flush a second
         # transaction costs more than writing in parallel saves.
         parts = max(1, min(len(self.sinks), len(readings) // self.cfg.db.split_min_readings))
+        prepared = job.sparkplug_prepared
+        births = prepared.upserts if prepared is not None else []
+        derive0: Callable[[Readings], Derived] = self.deriver.derive
+        if prepared is not None and (births or prepared.stale_rows):
+            derive0 = _derive_with(self.deriver, births, skip_nan=prepared.stale_rows > 0)
+        if births:
+            parts = 1  # a birth's aliases commit in the transaction of its readings
         slabs = [readings]
         if parts > 1:
             part_of = readings.sensor % parts
@@ -342,14 +435,14 @@ class Pipeline:
         todo = [
             p
             for p in range(parts)
-            if p not in written and (len(slabs[p]) or (p == 0 and job.dead_letters))
+            if p not in written and (len(slabs[p]) or (p == 0 and (job.dead_letters or births)))
         ]
         outcomes = await asyncio.gather(
             *(
                 self.sinks[p].write(
                     readings=slabs[p],
                     dead_letters=job.dead_letters if p == 0 else (),
-                    derive=self.deriver.derive,
+                    derive=derive0 if p == 0 else self.deriver.derive,
                 )
                 for p in todo
             ),
@@ -450,6 +543,22 @@ class Pipeline:
 
     # ------------------------------------------------------------------ lifecycle
 
+    async def _prepare_sparkplug(self, conn: asyncpg.Connection, job: FlushJob) -> Prepared:
+        prepared = await self.sparkplug.prepare(conn, items=job.sparkplug, registry=self.registry)
+        for index, reason in prepared.dead_letters:
+            msg = job.received[index]
+            job.dead_letters.append(
+                DeadLetter(
+                    received_us=msg.received_ns // 1000,
+                    topic=_clean(msg.topic) or "",
+                    payload=msg.payload,
+                    reason=reason,
+                    content_type=_clean(msg.content_type),
+                )
+            )
+            metrics.DEAD_LETTERS.labels(metrics.reason_field(reason)).inc()
+        return prepared
+
     async def wait_for_database(self, stop: asyncio.Event) -> bool:
         """Connect, check the schema is current and load the registry in bulk, retrying until
         done or `stop` is set."""
@@ -509,6 +618,11 @@ class Pipeline:
             merger = None
             if self.cfg.rollups.enabled:
                 merger = tg.create_task(self._merger(), name="rollup-merge")
+            extras = []
+            if self.rebirths is not None:
+                extras.append(tg.create_task(self.rebirths.run(), name="sparkplug-rebirths"))
+            if self.host is not None:
+                extras.append(tg.create_task(self.host.run(), name="sparkplug-host"))
             intake = tg.create_task(self._intake(), name="intake")
             stopper = tg.create_task(stop.wait(), name="stop")
             watch: set[asyncio.Task[Any]] = {writer, intake, stopper}
@@ -530,6 +644,10 @@ class Pipeline:
             self.health.stopping = True
             intake.cancel()
             timer.cancel()
+            if self.host is not None:
+                await self.host.offline()
+            for task in extras:
+                task.cancel()
             stopper.cancel()
             self._stop_merging.set()  # a merge in progress finishes; no new one starts
             if not writer.done():
@@ -683,6 +801,8 @@ async def run_service(
     pipeline = Pipeline(cfg, health=health)
     started = time.monotonic()
     pipeline.deriver.warm_up()
+    if cfg.sparkplug.enabled:
+        warm_up_sparkplug()
     memory.freeze_startup()
     log.info("kernels ready in %.2fs", time.monotonic() - started)
     failed: list[BaseException] = []

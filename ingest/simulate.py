@@ -112,7 +112,7 @@ class SimSettings:
     prefix: str
     hz: float
     batch: int
-    fmt: Literal["compact", "json"]
+    fmt: Literal["compact", "json", "sparkplug"]
     rate: float  # readings per second for this whole run; 0: as fast as possible
     realtime: bool
     start_us: int
@@ -122,6 +122,7 @@ class SimSettings:
     qos: int = 1
     client_prefix: str = "sim"
     ca_file: str | None = None  # for mqtts://; None: the system's CAs
+    answer_rebirth: bool = False  # sparkplug: answer NCMD Node Control/Rebirth
 
 
 def load_plant(path: str | None) -> list[Device]:
@@ -356,12 +357,36 @@ def run_worker(settings: SimSettings, devices: list[Device], index: int, counter
         client.close()
 
 
+def _simulate_sparkplug(settings: SimSettings, devices: list[Device]) -> int:
+    """Edge nodes with devices, in one process (see ingest.sparkplug.sim)."""
+    from ingest.sparkplug.sim import SimDevice, simulate_sparkplug
+
+    started = time.monotonic()
+    total = simulate_sparkplug(
+        url=settings.url,
+        devices=[SimDevice(d.path, d.sensors, d.seed) for d in devices],
+        hz=settings.hz,
+        batch=settings.batch,
+        start_us=settings.start_us,
+        duration_s=settings.duration_s,
+        realtime=settings.realtime,
+        ca_file=settings.ca_file,
+        client_prefix=f"{settings.client_prefix}-spb",
+        answer_rebirth=settings.answer_rebirth,
+    )
+    elapsed = time.monotonic() - started
+    print(f"simulate: done, {total:,} Sparkplug metrics in {elapsed:.1f}s", file=sys.stderr)
+    return total
+
+
 def simulate(
     settings: SimSettings, devices: list[Device], *, processes: int, progress: bool
 ) -> int:
     """Publish from `processes` worker processes, showing rate and totals; returns readings sent."""
     if not devices:
         raise ConfigError("the plant has no devices")
+    if settings.fmt == "sparkplug":
+        return _simulate_sparkplug(settings, devices)
     processes = max(1, min(processes, len(devices)))
     client_id = f"{settings.client_prefix}-{os.getpid()}"
     Publisher(settings.url, client_id, ca_file=settings.ca_file).close()  # fail early

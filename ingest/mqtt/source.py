@@ -7,7 +7,7 @@ import logging
 import random
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from types import TracebackType
 from typing import Final, Self
 
@@ -26,6 +26,9 @@ logger = logging.getLogger("ingest.source")
 
 # QoS 1; retained messages only when the subscription is new (retain handling 1).
 _SUBSCRIBE_OPTIONS: Final = 0x01 | 0x10
+# Further filters (Sparkplug's): QoS 1, never the broker's retained messages (retain handling
+# 2; Sparkplug retains only STATE, which the service ignores).
+_EXTRA_OPTIONS: Final = 0x01 | 0x20
 # Room for what a PUBLISH carries besides its payload: the fixed header, the topic and the
 # content type (MQTT strings, at most 64 KiB each), the packet id and small properties.
 PUBLISH_OVERHEAD: Final = 2 * (2 + 65535) + 4096
@@ -119,12 +122,17 @@ class MqttSource:
         max_payload_bytes: int = 1_048_576,
         max_queued_bytes: int = 64 * 1024 * 1024,
         on_reconnect: Callable[[], None] | None = None,
+        extra_filters: Sequence[str] = (),
     ) -> None:
-        """``max_payload_bytes`` sets the Maximum Packet Size announced to the broker."""
+        """``max_payload_bytes`` sets the Maximum Packet Size announced to the broker.
+        ``extra_filters`` are subscribed besides the prefix's, through the same share group."""
         self._settings = settings
         self._endpoint = parse_url(settings.url)
         self._client_id = settings.session_client_id
         self._topic_filter = settings.topic_filter
+        group = settings.share_group
+        self._extra_filters = [f"$share/{group}/{f}" if group else f for f in extra_filters]
+        self._topic_filters = [self._topic_filter, *self._extra_filters]
         # A filter nobody subscribes to: unsubscribing from it is a side-effect-free round trip.
         self._flush_filter = f"{settings.topic_prefix}/$ingest-ack-flush"
         self._max_packet = maximum_packet_size(max_payload_bytes)
@@ -256,7 +264,7 @@ class MqttSource:
         if conn is None or not conn.alive:
             return False
         try:
-            codes, _ = await conn.unsubscribe([self._topic_filter])
+            codes, _ = await conn.unsubscribe(self._topic_filters)
         except (ConnectionLostError, TimeoutError):
             return False
         # 0x00 success, 0x11 no subscription existed: either way none is left.
@@ -412,7 +420,7 @@ class MqttSource:
             if self.session_present is None:
                 self.session_present = conn.session_present
             if self._leaving:
-                await conn.unsubscribe([self._topic_filter])
+                await conn.unsubscribe(self._topic_filters)
             else:
                 await self._subscribe(conn)
         except RefusedError as exc:
@@ -429,8 +437,12 @@ class MqttSource:
         return conn
 
     async def _subscribe(self, conn: Connection) -> None:
-        topic_filter = self._topic_filter
-        codes, reason = await conn.subscribe(topic_filter, options=_SUBSCRIBE_OPTIONS)
+        await self._subscribe_one(conn, self._topic_filter, _SUBSCRIBE_OPTIONS)
+        for topic_filter in self._extra_filters:
+            await self._subscribe_one(conn, topic_filter, _EXTRA_OPTIONS)
+
+    async def _subscribe_one(self, conn: Connection, topic_filter: str, options: int) -> None:
+        codes, reason = await conn.subscribe(topic_filter, options=options)
         for code in codes:
             if code in _SUBACK_FATAL:
                 key, text = _SUBACK_FATAL[code]

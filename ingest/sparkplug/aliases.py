@@ -1,0 +1,43 @@
+"""Sparkplug alias tables: alias -> (sensor id, datatype) per edge node, sorted for look-up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = ["AliasTable"]
+
+
+@dataclass(frozen=True, slots=True)
+class AliasTable:
+    """One edge node's aliases, sorted by alias, immutable: a birth builds a new table."""
+
+    aliases: npt.NDArray[np.int64]  # uint64 bits, sorted as int64
+    sensors: npt.NDArray[np.int32]
+    datatypes: npt.NDArray[np.int64]
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        aliases: npt.NDArray[np.int64],
+        sensors: npt.NDArray[np.int32],
+        datatypes: npt.NDArray[np.int64],
+    ) -> AliasTable:
+        """A table from unsorted columns; of an alias given twice the last one wins."""
+        order = np.argsort(aliases, kind="stable")
+        a, s, d = aliases[order], sensors[order], datatypes[order]
+        if len(a) > 1:
+            last = np.ones(len(a), bool)
+            last[:-1] = a[1:] != a[:-1]
+            a, s, d = a[last], s[last], d[last]
+        return cls(np.ascontiguousarray(a), np.ascontiguousarray(s), np.ascontiguousarray(d))
+
+    @classmethod
+    def empty(cls) -> AliasTable:
+        return cls(np.empty(0, np.int64), np.empty(0, np.int32), np.empty(0, np.int64))
+
+    def __len__(self) -> int:
+        return len(self.aliases)

@@ -1,0 +1,249 @@
+"""`ingest simulate --format sparkplug`: the plant's devices as Sparkplug B edge nodes.
+
+Each line of the plant is an edge node (group: the site; edge node: the line's levels joined
+by `.`; device: the device id). A node connects with its NDEATH as will message, sends NBIRTH
+(bdSeq, `Node Control/Rebirth`) and a DBIRTH per device (every sensor with name, alias,
+datatype and first sample), then DDATA by alias only, and at the end a DDEATH per device and a
+disconnect that makes the broker publish the will. Published with paho-mqtt's public API.
+"""
+
+from __future__ import annotations
+
+import math
+import ssl
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import numpy as np
+import numpy.typing as npt
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.reasoncodes import ReasonCode
+
+from ingest.errors import IngestError, PayloadError
+from ingest.sparkplug.encode import Metric, encode_payload
+from ingest.sparkplug.kernel import C_DATATYPE
+from ingest.sparkplug.values import OK, metric_values
+from ingest.sparkplug.wire import decode_payload
+
+__all__ = ["SimDevice", "edge_nodes", "simulate_sparkplug"]
+
+# Sensor kind -> (datatype, base, amplitude, noise)
+_KINDS = {
+    "temperature": (10, 60.0, 5.0, 0.2),
+    "vibration": (9, 2.0, 0.5, 0.1),
+    "current": (9, 12.0, 2.0, 0.3),
+    "pressure": (10, 180.0, 10.0, 1.0),
+    "counter": (3, 0.0, 0.0, 0.0),  # Int32, counts up
+    "energy": (10, 1000.0, 0.0, 0.0),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class SimDevice:
+    path: str  # the plant's device path: site/area/line/.../device
+    sensors: tuple[tuple[str, str], ...]  # (name, kind)
+    seed: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Node:
+    group: str
+    edge: str
+    devices: tuple[SimDevice, ...]
+
+
+def edge_nodes(devices: Sequence[SimDevice]) -> list[_Node]:
+    """Devices grouped into edge nodes: group = first level, edge = the levels between."""
+    nodes: dict[tuple[str, str], list[SimDevice]] = {}
+    for d in devices:
+        levels = d.path.split("/")
+        group = levels[0] if len(levels) > 1 else "plant"
+        edge = ".".join(levels[1:-1]) or "edge"
+        nodes.setdefault((group, edge), []).append(d)
+    return [_Node(g, e, tuple(ds)) for (g, e), ds in nodes.items()]
+
+
+def _values(kind: str, seed: int, index: npt.NDArray[np.int64], hz: float) -> list[float | int]:
+    datatype, base, amplitude, noise = _KINDS.get(kind, (10, 0.0, 1.0, 0.1))
+    if kind == "counter":
+        return [int(i // max(1, round(hz))) for i in index]
+    if kind == "energy":
+        return [round(base + i / hz * 0.01, 4) for i in index]
+    rng = np.random.default_rng([seed, int(index[0]) if len(index) else 0])
+    t = index / hz
+    v = base + amplitude * np.sin(2 * math.pi * t / 60 + seed % 7) + rng.normal(0, noise, len(t))
+    if datatype == 9:
+        return [float(np.float32(x)) for x in v]
+    return [round(float(x), 6) for x in v]
+
+
+class _Edge:
+    """One edge node's MQTT session."""
+
+    def __init__(
+        self, url: str, node: _Node, *, client_id: str, ca_file: str | None, rebirth: bool
+    ) -> None:
+        self.node = node
+        self.rebirth = threading.Event()  # set by a rebirth command, cleared by the births
+        self.base = f"spBv1.0/{node.group}"
+        self.seq = 0
+        self.bd_seq = 0
+        parts = urlsplit(url)
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
+        )
+        self.client.max_inflight_messages_set(1000)
+        if parts.username:
+            self.client.username_pw_set(parts.username, parts.password)
+        if parts.scheme == "mqtts":
+            self.client.tls_set(ca_certs=ca_file, cert_reqs=ssl.CERT_REQUIRED)
+        death = encode_payload(
+            timestamp=None, seq=None, metrics=[Metric("bdSeq", datatype=4, value=self.bd_seq)]
+        )
+        self.client.will_set(f"{self.base}/NDEATH/{node.edge}", death, qos=1)
+        default_port = 8883 if parts.scheme == "mqtts" else 1883
+        try:
+            self.client.connect(parts.hostname or "127.0.0.1", parts.port or default_port)
+        except OSError as exc:
+            raise IngestError(f"simulate: cannot connect to {parts.hostname}: {exc}") from exc
+        if rebirth:
+            self.client.on_message = self._on_command
+            self.client.subscribe(f"{self.base}/NCMD/{node.edge}", qos=0)
+        self.client.loop_start()
+        self.pending: list[mqtt.MQTTMessageInfo] = []
+
+    def _on_command(self, client: object, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        """NCMD `Node Control/Rebirth` = true: births again before the next data."""
+        try:
+            decoded = decode_payload(bytes(msg.payload), max_metrics=1000)
+            names = [decoded.name(i) for i in range(len(decoded))]
+        except PayloadError:
+            return
+        value, status = metric_values(decoded.rows, decoded.rows[:, C_DATATYPE])
+        for name, v, ok in zip(names, value.tolist(), status.tolist(), strict=True):
+            if name == "Node Control/Rebirth" and ok == OK and v == 1.0:
+                self.rebirth.set()
+
+    def publish(self, kind: str, device: str | None, metrics: list[Metric], ts: int) -> None:
+        topic = f"{self.base}/{kind}/{self.node.edge}" + (f"/{device}" if device else "")
+        data = encode_payload(timestamp=ts, seq=self.seq, metrics=metrics)
+        self.seq = (self.seq + 1) % 256
+        self.pending.append(self.client.publish(topic, data, qos=1))
+        if len(self.pending) >= 500:
+            self.settle()
+
+    def settle(self) -> None:
+        for info in self.pending:
+            info.wait_for_publish(timeout=60)
+        self.pending.clear()
+
+    def die(self) -> None:
+        """Disconnect with the will: the broker publishes the NDEATH."""
+        self.settle()
+        self.client.disconnect(reasoncode=ReasonCode(PacketTypes.DISCONNECT, identifier=4))
+        self.client.loop_stop()
+
+
+def _births(edge: _Edge, table: dict[tuple[str, str], int], index: int, ms: int, hz: float) -> int:
+    """NBIRTH and a DBIRTH per device with sample `index` at `ms`; the metrics sent."""
+    node_metrics = [
+        Metric("bdSeq", datatype=4, value=edge.bd_seq),
+        Metric("Node Control/Rebirth", alias=1, datatype=11, value=False),
+    ]
+    edge.publish("NBIRTH", None, node_metrics, ms)
+    sent = 2
+    at = np.array([index], np.int64)
+    for d in edge.node.devices:
+        births = [
+            Metric(
+                s,
+                alias=table[(d.path, s)],
+                timestamp=ms,
+                datatype=_KINDS.get(kind, (10,))[0],
+                value=_values(kind, d.seed, at, hz)[0],
+            )
+            for s, kind in d.sensors
+        ]
+        edge.publish("DBIRTH", d.path.rsplit("/", 1)[-1], births, ms)
+        sent += len(births)
+    return sent
+
+
+def simulate_sparkplug(
+    *,
+    url: str,
+    devices: Sequence[SimDevice],
+    hz: float,
+    batch: int,
+    start_us: int,
+    duration_s: float,
+    realtime: bool,
+    ca_file: str | None = None,
+    client_prefix: str = "sim-spb",
+    answer_rebirth: bool = False,
+) -> int:
+    """Publish births, data and deaths for every edge node; returns the readings sent.
+    Sample times are whole milliseconds (Sparkplug's resolution), so `hz` is at most 1000.
+    With `answer_rebirth`, a node that receives NCMD `Node Control/Rebirth` = true sends its
+    NBIRTH (seq 0) and DBIRTHs again, with the next samples, before its next data."""
+    if hz > 1000:
+        raise IngestError("simulate: Sparkplug timestamps are milliseconds: --hz must be <= 1000")
+    nodes = edge_nodes(devices)
+    dt_ms = 1000.0 / hz
+    start_ms = start_us // 1000
+    steps = math.ceil(duration_s * hz / batch) if duration_s else 0
+    edges = [
+        _Edge(
+            url,
+            n,
+            client_id=f"{client_prefix}-{i}-{time.time_ns() % 10**9}",
+            ca_file=ca_file,
+            rebirth=answer_rebirth,
+        )
+        for i, n in enumerate(nodes)
+    ]
+    aliases = [
+        {
+            (d.path, s): 2 + k
+            for k, (d, s) in enumerate((d, s) for d in e.node.devices for s, _ in d.sensors)
+        }
+        for e in edges
+    ]
+    sent = sum(_births(e, table, 0, start_ms, hz) for e, table in zip(edges, aliases, strict=True))
+    step = 0
+    while steps == 0 or step < steps:
+        index = np.arange(step * batch + 1, (step + 1) * batch + 1, dtype=np.int64)
+        ms = [start_ms + round(i * dt_ms) for i in index]
+        for edge, table in zip(edges, aliases, strict=True):
+            e_index, e_ms = index, ms
+            if edge.rebirth.is_set():  # births with this step's first sample, data after
+                edge.rebirth.clear()
+                edge.seq = 0
+                sent += _births(edge, table, int(index[0]), ms[0], hz)
+                e_index, e_ms = index[1:], ms[1:]
+                if not e_ms:
+                    continue
+            for d in edge.node.devices:
+                data = []
+                for s, kind in d.sensors:
+                    kind_type = _KINDS.get(kind, (10,))[0]
+                    for t, v in zip(e_ms, _values(kind, d.seed, e_index, hz), strict=True):
+                        data.append(
+                            Metric(alias=table[(d.path, s)], timestamp=t, value=v, kind=kind_type)
+                        )
+                edge.publish("DDATA", d.path.rsplit("/", 1)[-1], data, e_ms[-1])
+                sent += len(data)
+        if realtime:
+            time.sleep(max(0.0, ms[-1] / 1000 - time.time()))
+        step += 1
+    end_ms = start_ms + round((step * batch + 1) * dt_ms)
+    for edge in edges:
+        for d in edge.node.devices:
+            edge.publish("DDEATH", d.path.rsplit("/", 1)[-1], [], end_ms)
+        edge.die()
+    return sent

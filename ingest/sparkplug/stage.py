@@ -1,0 +1,373 @@
+"""The Sparkplug stage: messages to reading columns, births to alias tables, deaths to stale rows.
+
+`accept` runs in the intake task for every message (decode, time window, seq check; never
+awaits). `prepare` runs in the writer task once per flush: it registers the births' sensors,
+checks the alias tables of the nodes the flush touches against the database (one query per
+flush, one more for the nodes another instance re-birthed), then walks the flush's messages in
+arrival order. The database is the source of truth; this object's tables are a cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Final
+
+import asyncpg
+import numpy as np
+import numpy.typing as npt
+from prometheus_client import Counter
+
+from ingest.errors import PayloadError
+from ingest.registry import Registry, SensorKey
+from ingest.sink import Upsert
+from ingest.sparkplug import values as sv
+from ingest.sparkplug.aliases import AliasTable
+from ingest.sparkplug.kernel import (
+    C_ALIAS,
+    C_DATATYPE,
+    C_FIELD,
+    C_FLAGS,
+    C_NAME_START,
+    C_PARENT,
+    C_RAW,
+    F_ALIAS,
+    F_TRANSIENT,
+)
+from ingest.sparkplug.nodes import BirthMetric, NodeState, births_upserts, load_changed
+from ingest.sparkplug.topic import Topic, parse_topic
+from ingest.sparkplug.wire import Decoded, decode_payload, metric_path
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Columns", "Item", "Prepared", "SparkplugStage", "warm_up"]
+
+MESSAGES = Counter(
+    "ingest_sparkplug_messages_total", "Sparkplug messages received, by type.", ["type"]
+)
+SKIPPED = Counter(
+    "ingest_sparkplug_metrics_skipped_total",
+    "Sparkplug metric values not stored, by why: null, nonnumeric, novalue, transient.",
+    ["why"],
+)
+SEQ_GAPS = Counter("ingest_sparkplug_seq_gaps_total", "Gaps in an edge node's seq (0-255).")
+DEATHS_IGNORED = Counter(
+    "ingest_sparkplug_deaths_ignored_total", "NDEATHs whose bdSeq did not match the last NBIRTH."
+)
+
+_NUMERIC: Final = frozenset(range(1, 12))
+_NAN: Final = float("nan")
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One accepted Sparkplug message of a flush."""
+
+    index: int  # the message's place in the flush, for dead letters
+    topic: Topic
+    decoded: Decoded
+    times: npt.NDArray[np.int64]
+    received_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class Columns:
+    """Readings in arrival order (not sorted, may repeat a (sensor, time))."""
+
+    time: npt.NDArray[np.int64]
+    sensor: npt.NDArray[np.int32]
+    value: npt.NDArray[np.float64]
+    quality: npt.NDArray[np.uint8]
+
+
+@dataclass(slots=True)
+class Prepared:
+    """A flush's Sparkplug part: its readings, dead letters (message index, reason) and the
+    alias-table writes for the same transaction."""
+
+    columns: Columns
+    dead_letters: list[tuple[int, str]] = field(default_factory=list)
+    upserts: list[Upsert] = field(default_factory=list)
+    stale_rows: int = 0
+
+
+def _empty() -> Columns:
+    return Columns(
+        np.empty(0, np.int64), np.empty(0, np.int32), np.empty(0, np.float64), np.empty(0, np.uint8)
+    )
+
+
+def _bd_seq(decoded: Decoded) -> int | None:
+    """The value of a top-level metric named `bdSeq`, if any."""
+    for row in np.flatnonzero(decoded.rows[:, C_PARENT] < 0).tolist():
+        if decoded.rows[row, C_FIELD] in (10, 11) and decoded.name(row) == "bdSeq":
+            return int(decoded.rows[row, C_RAW])
+    return None
+
+
+def warm_up() -> None:
+    """Compile (or load from the on-disk cache) the Sparkplug kernels before the first message."""
+    from ingest.sparkplug.encode import Metric, encode_payload
+
+    data = encode_payload(timestamp=1, seq=0, metrics=[Metric("m", alias=1, datatype=10, value=1)])
+    decoded = decode_payload(data + b"\x12\x04\x4a\x02\x0a\x00", max_metrics=10)
+    sv.metric_times(decoded.rows, payload_ms=decoded.timestamp, received_us=0)
+    sv.metric_columns(decoded.rows, table=AliasTable.empty())
+
+
+class SparkplugStage:
+    """Sparkplug messages of the flushes. `accept` is called from the intake task only,
+    `prepare` from the writer task only; neither is called concurrently with itself."""
+
+    def __init__(
+        self,
+        *,
+        store_transient: bool = False,
+        on_unknown_alias: Callable[[str, str], None] | None = None,
+    ) -> None:
+        """`on_unknown_alias(group, edge node)`: called (never awaited) for DATA naming an
+        alias no birth defined, e.g. to ask for a rebirth."""
+        self._store_transient = store_transient
+        self._on_unknown_alias = on_unknown_alias
+        self._nodes: dict[str, NodeState] = {}
+        self._seq: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ intake
+
+    def accept(
+        self,
+        *,
+        index: int,
+        topic: str,
+        payload: bytes,
+        received_us: int,
+        window: tuple[int, int],
+        max_metrics: int,
+    ) -> Item | None:
+        """Decode one message; None for one that is ignored (STATE, commands). Raises
+        PayloadError for a malformed topic or payload, or a time outside `window`."""
+        parsed = parse_topic(topic)
+        MESSAGES.labels(parsed.kind or "ignored").inc()
+        if parsed.kind is None:
+            return None
+        decoded = decode_payload(payload, max_metrics=max_metrics)
+        times = sv.metric_times(decoded.rows, payload_ms=decoded.timestamp, received_us=received_us)
+        lo, hi = window
+        if decoded.timestamp is not None and not lo <= decoded.timestamp * 1000 <= hi:
+            raise PayloadError("timestamp: outside the accepted window")
+        if len(times):
+            bad = np.flatnonzero((times < lo) | (times > hi))
+            if len(bad):
+                which = metric_path(decoded.rows, int(bad[0]))
+                raise PayloadError(f"{which}.timestamp: outside the accepted window")
+        if parsed.kind != "NDEATH":
+            self._check_seq(parsed, decoded.seq)
+            for row in np.flatnonzero(decoded.rows[:, C_NAME_START] >= 0).tolist():
+                name = decoded.name(row)  # every name must be UTF-8: raises PayloadError here
+                if name is not None and "\x00" in name:  # PostgreSQL text cannot hold NUL
+                    raise PayloadError(f"{metric_path(decoded.rows, row)}.name: contains NUL")
+        return Item(index, parsed, decoded, times, received_us)
+
+    def _check_seq(self, topic: Topic, seq: int | None) -> None:
+        if seq is None:
+            return
+        node = topic.node
+        last = self._seq.get(node)
+        self._seq[node] = seq
+        if topic.kind == "NBIRTH" or last is None or seq == last:  # seq == last: a redelivery
+            return
+        if seq != (last + 1) % 256:
+            SEQ_GAPS.inc()
+            log.info("sparkplug node %s: seq %d after %d (a gap)", node, seq, last)
+
+    # ------------------------------------------------------------------ flush
+
+    async def prepare(
+        self, conn: asyncpg.Connection, *, items: Sequence[Item], registry: Registry
+    ) -> Prepared:
+        """The readings, dead letters and alias-table writes of a flush's Sparkplug messages."""
+        if not items:
+            return Prepared(_empty())
+        await self._refresh(conn, sorted({it.topic.node for it in items}), registry)
+        names = self._births_and_names(items)
+        if names:
+            await registry.resolve(conn, sensors=dict.fromkeys(names))
+        out = Prepared(_empty())
+        parts: list[Columns] = []
+        born: set[str] = set()
+        for item in items:
+            try:
+                part = self._item(item, registry, born, out)
+            except PayloadError as exc:
+                out.dead_letters.append((item.index, exc.reason))
+                continue
+            if part is not None:
+                parts.append(part)
+        if parts:
+            out.columns = Columns(
+                np.concatenate([p.time for p in parts]),
+                np.concatenate([p.sensor for p in parts]),
+                np.concatenate([p.value for p in parts]),
+                np.concatenate([p.quality for p in parts]),
+            )
+        if born:
+            out.upserts = births_upserts({n: self._nodes[n] for n in born})
+        return out
+
+    async def _refresh(
+        self, conn: asyncpg.Connection, nodes: list[str], registry: Registry
+    ) -> None:
+        """Reload the nodes another instance re-birthed, and make their sensors known to the
+        registry (that instance registered them)."""
+        changed = await load_changed(conn, nodes, self._nodes)
+        if not changed:
+            return
+        self._nodes.update(changed)
+        keys: list[SensorKey] = []
+        for node, state in changed.items():
+            for device, metrics in state.devices.items():
+                levels = (*node.split("/", 1), device) if device else tuple(node.split("/", 1))
+                keys += [SensorKey(levels, m.name) for m in metrics if m.sensor is not None]
+        await registry.resolve(conn, sensors=dict.fromkeys(keys))
+
+    def _name(self, item: Item, row: int) -> str | None:
+        """The sensor name of a metric row: its name, else (in DATA) its alias's, with the
+        names of the template instances it is a member of in front (`instance/member`)."""
+        decoded = item.decoded
+        rows = decoded.rows
+        own = decoded.name(row)
+        if own is None and rows[row, C_FLAGS] & F_ALIAS:
+            state = self._nodes.get(item.topic.node)
+            own = state.names.get(int(rows[row, C_ALIAS])) if state is not None else None
+        parent = int(rows[row, C_PARENT])
+        if own is None or parent < 0:
+            return own
+        above = self._name(item, parent)
+        return None if above is None else f"{above}/{own}"
+
+    def _births_and_names(self, items: Sequence[Item]) -> list[SensorKey]:
+        """Sensors named in the flush: the births' numeric metrics and data sent by name."""
+        keys: list[SensorKey] = []
+        for item in items:
+            kind, rows = item.topic.kind, item.decoded.rows
+            if kind in ("NBIRTH", "DBIRTH"):
+                wanted = np.isin(rows[:, C_DATATYPE], list(_NUMERIC))
+            elif kind in ("NDATA", "DDATA"):
+                wanted = (rows[:, C_FLAGS] & F_ALIAS) == 0
+            else:
+                continue
+            for row in np.flatnonzero(wanted).tolist():
+                name = self._name(item, row)
+                if name:
+                    keys.append(SensorKey(item.topic.levels, name))
+        return keys
+
+    def _item(
+        self, item: Item, registry: Registry, born: set[str], out: Prepared
+    ) -> Columns | None:
+        kind, node = item.topic.kind, item.topic.node
+        if kind in ("NBIRTH", "DBIRTH"):
+            return self._birth(item, registry, born)
+        if kind in ("NDATA", "DDATA"):
+            return self._data(item, registry)
+        state = self._nodes.get(node)
+        if state is None:
+            return None
+        if kind == "NDEATH":
+            bd_seq = _bd_seq(item.decoded)
+            if bd_seq is None or bd_seq != state.bd_seq:
+                DEATHS_IGNORED.inc()
+                log.info("sparkplug node %s: NDEATH bdSeq %s is not %s", node, bd_seq, state.bd_seq)
+                return None
+            metrics = [m for ms in state.devices.values() for m in ms]
+            at = item.received_us
+        else:  # DDEATH
+            metrics = list(state.devices.get(item.topic.device or "", ()))
+            ts = item.decoded.timestamp
+            at = item.received_us if ts is None else ts * 1000
+        sensors = np.array(sorted({m.sensor for m in metrics if m.sensor is not None}), np.int32)
+        out.stale_rows += len(sensors)
+        n = len(sensors)
+        return Columns(
+            np.full(n, at, np.int64), sensors, np.full(n, _NAN), np.full(n, sv.STALE, np.uint8)
+        )
+
+    def _birth(self, item: Item, registry: Registry, born: set[str]) -> Columns:
+        decoded, topic = item.decoded, item.topic
+        rows = decoded.rows
+        metrics: list[BirthMetric] = []
+        sensors = np.full(len(decoded), -1, np.int32)
+        for row in range(len(decoded)):
+            name = decoded.full_name(row)
+            if not name:
+                continue
+            datatype = min(int(rows[row, C_DATATYPE]), 32767)  # a smallint; >34 is unknown
+            sensor = registry.get(SensorKey(topic.levels, name)) if datatype in _NUMERIC else None
+            if sensor is not None:
+                sensors[row] = sensor
+            alias = int(rows[row, C_ALIAS]) if rows[row, C_FLAGS] & F_ALIAS else None
+            metrics.append(BirthMetric(name, alias, sensor, datatype))
+        node = topic.node
+        old = self._nodes.get(node)
+        if topic.kind == "NBIRTH":
+            devices = {"": tuple(metrics)}
+            bd_seq = _bd_seq(decoded)
+        else:
+            devices = dict(old.devices) if old is not None else {}
+            devices[topic.device or ""] = tuple(metrics)
+            bd_seq = old.bd_seq if old is not None else None
+        self._nodes[node] = NodeState.of(secrets.randbits(63), bd_seq, devices)
+        born.add(node)
+        value, status, _, _, quality = sv.metric_columns(rows)
+        return self._columns(item, sensors, value, status, quality)
+
+    def _data(self, item: Item, registry: Registry) -> Columns:
+        decoded, topic = item.decoded, item.topic
+        rows = decoded.rows
+        aliased = (rows[:, C_FLAGS] & F_ALIAS) != 0
+        state = self._nodes.get(topic.node)
+        table = state.table if state is not None else AliasTable.empty()
+        value, status, sensors, known, quality = sv.metric_columns(rows, table=table)
+        missing = np.flatnonzero(aliased & ~known)
+        if len(missing):
+            if self._on_unknown_alias is not None:
+                self._on_unknown_alias(topic.group, topic.edge)
+            row = int(missing[0])
+            alias = int(rows[row, C_ALIAS]) % 2**64
+            raise PayloadError(
+                f"{metric_path(rows, row)}.alias: {alias} is not defined by a birth of edge node "
+                f"{topic.node!r}"
+            )
+        if not aliased.all():
+            for row in np.flatnonzero(~aliased).tolist():  # data sent by name
+                name = self._name(item, row)
+                sensor = registry.get(SensorKey(topic.levels, name)) if name else None
+                sensors[row] = -1 if sensor is None else sensor
+        return self._columns(item, sensors, value, status, quality)
+
+    def _columns(
+        self,
+        item: Item,
+        sensors: npt.NDArray[np.int32],
+        value: npt.NDArray[np.float64],
+        status: npt.NDArray[np.uint8],
+        quality: npt.NDArray[np.uint8],
+    ) -> Columns:
+        rows = item.decoded.rows
+        keep = (status == sv.OK) & (sensors >= 0)
+        for code, why in (
+            (sv.NULL, "null"),
+            (sv.NONNUMERIC, "nonnumeric"),
+            (sv.NOVALUE, "novalue"),
+        ):
+            count = int(np.count_nonzero(status == code))
+            if count:
+                SKIPPED.labels(why).inc(count)
+        if not self._store_transient:
+            transient = keep & ((rows[:, C_FLAGS] & F_TRANSIENT) != 0)
+            if transient.any():
+                SKIPPED.labels("transient").inc(int(transient.sum()))
+                keep &= ~transient
+        return Columns(item.times[keep], sensors[keep], value[keep], quality[keep])

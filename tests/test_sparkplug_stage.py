@@ -1,0 +1,182 @@
+"""The Sparkplug stage of two instances sharing one database: a rebirth seen by one is used by
+the other, checked with one query per flush."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import numpy as np
+import pytest
+
+from ingest.errors import PayloadError
+from ingest.registry import Registry, SensorKey
+from ingest.sparkplug.stage import Item, Prepared, SparkplugStage
+from ingest.sparkplug.topic import parse_topic
+from tests.conftest import Database
+from tests.test_sparkplug_e2e import T, payload
+
+WINDOW = (0, 2**62)
+
+
+@pytest.fixture
+async def conn(database: Database) -> AsyncIterator[asyncpg.Connection]:
+    c = await asyncpg.connect(database.ingest_url)
+    yield c
+    await c.close()
+
+
+class Instance:
+    """One ingester's Sparkplug state, committing its births like the sink would."""
+
+    def __init__(self) -> None:
+        self.stage = SparkplugStage()
+        self.registry = Registry()
+        self.index = 0
+
+    def accept(self, topic: str, data: bytes) -> Item:
+        item = self.stage.accept(
+            index=self.index,
+            topic=topic,
+            payload=data,
+            received_us=time.time_ns() // 1000,
+            window=WINDOW,
+            max_metrics=1000,
+        )
+        assert item is not None
+        self.index += 1
+        return item
+
+    async def flush(self, conn: asyncpg.Connection, *items: Item) -> Prepared:
+        prepared = await self.stage.prepare(conn, items=items, registry=self.registry)
+        async with conn.transaction():
+            for upsert in prepared.upserts:
+                await conn.execute(upsert.sql, *upsert.columns)
+        return prepared
+
+    def named(self, group: str, prepared: Prepared) -> dict[str, float]:
+        out = {}
+        for sensor, value in zip(prepared.columns.sensor, prepared.columns.value, strict=True):
+            out[self.registry.name_of(int(sensor))[1]] = float(value)
+        return out
+
+
+def _birth(aliases: dict[str, int]) -> bytes:
+    return payload(
+        T,
+        0,
+        [{"name": "bdSeq", "datatype": 4, "long_value": 1}]
+        + [
+            {"name": n, "alias": a, "datatype": 10, "double_value": 0.0} for n, a in aliases.items()
+        ],
+    )
+
+
+def _data(values: dict[int, float], seq: int) -> bytes:
+    return payload(T + seq, seq, [{"alias": a, "double_value": v} for a, v in values.items()])
+
+
+async def test_a_rebirth_at_one_instance_is_used_by_the_other(conn: asyncpg.Connection) -> None:
+    group = f"G{uuid.uuid4().hex[:8]}"
+    birth, data = f"spBv1.0/{group}/NBIRTH/e", f"spBv1.0/{group}/NDATA/e"
+    a, b = Instance(), Instance()
+    await a.flush(conn, a.accept(birth, _birth({"Temp": 1, "Pressure": 2})))
+    got = await b.flush(conn, b.accept(data, _data({1: 5.0, 2: 6.0}, 1)))
+    assert b.named(group, got) == {"Temp": 5.0, "Pressure": 6.0}
+
+    await a.flush(conn, a.accept(birth, _birth({"Temp": 2, "Pressure": 1})))  # aliases swapped
+    queries: list[Any] = []
+    conn.add_query_logger(lambda q: queries.append(q) if q.query.startswith("SELECT") else None)
+    got = await b.flush(conn, b.accept(data, _data({1: 7.0, 2: 8.0}, 2)))
+    assert b.named(group, got) == {"Pressure": 7.0, "Temp": 8.0}
+    assert len(queries) == 2  # the birth ids of the flush's nodes, then the changed node's table
+    queries.clear()
+    got = await b.flush(conn, b.accept(data, _data({1: 9.0}, 3)))
+    assert b.named(group, got) == {"Pressure": 9.0}
+    assert len(queries) == 1  # nothing changed: one query for the whole flush
+
+
+async def test_a_dbirth_alias_and_an_unknown_one(conn: asyncpg.Connection) -> None:
+    group = f"G{uuid.uuid4().hex[:8]}"
+    a = Instance()
+    items = [
+        a.accept(f"spBv1.0/{group}/NBIRTH/e", _birth({"Temp": 1})),
+        a.accept(
+            f"spBv1.0/{group}/DBIRTH/e/d",
+            payload(T, 1, [{"name": "Level", "alias": 7, "datatype": 3, "int_value": 2**32 - 1}]),
+        ),
+        a.accept(f"spBv1.0/{group}/DDATA/e/d", _data({7: 3.0}, 2)),
+        a.accept(f"spBv1.0/{group}/NDATA/e", _data({8: 1.0}, 3)),
+    ]
+    prepared = await a.flush(conn, *items)
+    assert prepared.dead_letters == [
+        (3, f"metrics[0].alias: 8 is not defined by a birth of edge node '{group}/e'")
+    ]
+    level = a.registry.get(SensorKey((group, "e", "d"), "Level"))
+    assert level is not None
+    picked = prepared.columns.sensor == level
+    assert prepared.columns.value[picked].tolist() == [-1.0, 3.0]
+    assert np.all(prepared.columns.quality == 0)
+
+
+@pytest.mark.parametrize(
+    ("topic", "reason"),
+    [
+        ("spBv1.0/g/NBIRTH/e/d", "topic: NBIRTH takes no device"),
+        ("spBv1.0/g/DDATA/e", "topic: DDATA has no device"),
+        ("spBv1.0/g/XDATA/e", "topic: unknown Sparkplug message type 'XDATA'"),
+        (
+            "spBv1.0/g/NDATA",
+            "topic: a Sparkplug topic is spBv1.0/<group>/<type>/<edge node>[/<device>]",
+        ),
+    ],
+)
+def test_bad_topics(topic: str, reason: str) -> None:
+    with pytest.raises(PayloadError) as caught:
+        parse_topic(topic)
+    assert caught.value.reason == reason
+
+
+def test_state_and_commands_are_ignored() -> None:
+    for topic in ("spBv1.0/STATE/host", "spBv1.0/g/NCMD/e", "spBv1.0/g/DCMD/e/d"):
+        assert parse_topic(topic).kind is None
+
+
+async def test_a_birth_naming_a_metric_twice_keeps_the_last(conn: asyncpg.Connection) -> None:
+    group = f"G{uuid.uuid4().hex[:8]}"
+    a = Instance()
+    birth = payload(
+        T,
+        0,
+        [
+            {"name": "x", "alias": 1, "datatype": 10, "double_value": 1.0},
+            {"name": "x", "alias": 2, "datatype": 10, "double_value": 2.0},
+        ],
+    )
+    await a.flush(conn, a.accept(f"spBv1.0/{group}/NBIRTH/e", birth))
+    rows = await conn.fetch(
+        "SELECT name, alias FROM telemetry.sparkplug_metrics WHERE node = $1", f"{group}/e"
+    )
+    assert [tuple(r) for r in rows] == [("x", 2)]
+
+
+def test_a_name_with_nul_is_refused() -> None:
+    with pytest.raises(PayloadError, match=r"metrics\[0\].name: contains NUL"):
+        Instance().accept("spBv1.0/g/NBIRTH/e", payload(T, 0, [{"name": "a\x00b", "datatype": 10}]))
+
+
+def test_a_payload_timestamp_outside_the_window_is_refused() -> None:
+    stage = SparkplugStage()
+    for ts in (0, 2**64 - 1):
+        with pytest.raises(PayloadError, match=r"^timestamp: outside the accepted window$"):
+            stage.accept(
+                index=0,
+                topic="spBv1.0/g/DDEATH/e/d",
+                payload=payload(ts, 1, []),
+                received_us=T * 1000,
+                window=(T * 1000 - 10**9, T * 1000 + 10**9),
+                max_metrics=10,
+            )
