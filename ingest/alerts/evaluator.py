@@ -1,0 +1,469 @@
+"""The alert evaluator: advances every (device, condition) alert from committed anomaly events.
+
+Runs in every ingester. Each device is evaluated in a transaction of its own under a
+transaction-scoped advisory lock on the device (tried, never waited for: another instance is
+doing it), from what is committed: the alert rows, the anomaly events and the newest reading
+time of each sensor. The alert rows and their outbox notifications are written in that same
+transaction. The state machine (`lifecycle.advance`) reads no clock, so one instance or three
+write the same rows; only silence compares the database's clock with the last reading.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import fnmatch
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+
+from ingest import metrics
+from ingest.alerts.lifecycle import AlertState, Change, Event, Timing, advance
+from ingest.alerts.rules import KINDS, SEVERITIES, AlertRule, Alerts, rank, sink_wants
+from ingest.rules import AnomalyRule, rule_for
+
+log = logging.getLogger(__name__)
+
+LOCK_CLASS = 0x616C7274  # "alrt": advisory lock (LOCK_CLASS, device id) while evaluating
+NOTIFY_CHANNEL = "ingest_alert_outbox"
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+_CANDIDATES = """
+SELECT DISTINCT s.device_id
+  FROM telemetry.anomalies a JOIN telemetry.sensors s ON s.id = a.sensor_id
+ WHERE a.start_time >= now() - make_interval(secs => $1)
+UNION
+SELECT device_id FROM telemetry.alerts WHERE state IN ('pending', 'open', 'flapping')
+"""
+_SENSORS = """
+SELECT s.id, s.device_id, d.path, s.name
+  FROM telemetry.sensors s JOIN telemetry.devices d ON d.id = s.device_id
+ WHERE s.device_id = ANY($1::int[])
+"""
+_LOCK = "SELECT pg_try_advisory_xact_lock($1::int, $2::int)"
+_ALERTS = """
+SELECT id, key, condition, severity, state, phase, flapping, since, clear_since, opened_at,
+       resolved_at, opens, flap_since, sensors, cursor, version
+  FROM telemetry.alerts WHERE device_id = $1 FOR UPDATE
+"""
+_LATEST = """
+SELECT s.id, x.t
+  FROM unnest($1::int[]) AS s(id)
+  CROSS JOIN LATERAL (SELECT r.time AS t FROM telemetry.readings r
+                       WHERE r.sensor_id = s.id ORDER BY r.time DESC LIMIT 1) AS x
+"""
+_EVENTS = """
+SELECT sensor_id, kind, start_time, end_time
+  FROM telemetry.anomalies
+ WHERE sensor_id = ANY($1::int[]) AND start_time >= $2 AND (end_time IS NULL OR end_time > $3)
+"""
+_META = """
+SELECT asset, criticality, asset_type, team, ci_id FROM telemetry.device_meta_v WHERE device_id = $1
+"""
+_UPSERT = """
+INSERT INTO telemetry.alerts AS a (key, device_id, condition, severity, state, since,
+    clear_since, opened_at, resolved_at, opens, flap_since, sensors, cursor, version, phase,
+    flapping)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
+ON CONFLICT (key) DO UPDATE SET severity = $4, state = $5, since = $6, clear_since = $7,
+    opened_at = $8, resolved_at = $9, opens = $10, flap_since = $11, sensors = $12,
+    cursor = $13, version = $14, phase = $15, flapping = $16, updated_at = now()
+RETURNING id
+"""
+_OUTBOX = """
+INSERT INTO telemetry.alert_outbox (alert_id, alert_key, sink, event, payload)
+SELECT $1, $2, o.sink, o.event, o.payload::jsonb
+  FROM unnest($3::text[], $4::text[], $5::text[]) AS o(sink, event, payload)
+"""
+_NOTIFY = "SELECT pg_notify('ingest_alert_outbox', '')"
+_DEVICES_SEEN = """
+SELECT d.id, d.path, max(s.last_seen) AS seen, now() AS now
+  FROM telemetry.devices d JOIN telemetry.sensors s ON s.device_id = d.id
+ GROUP BY d.id, d.path
+"""
+_OPEN_BY_SEVERITY = """
+SELECT severity, count(*) FROM telemetry.alerts WHERE state IN ('open', 'flapping') GROUP BY 1
+"""
+
+
+def to_us(value: datetime | None) -> int | None:
+    if value is None:
+        return None
+    delta = value - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def to_dt(us: int | None) -> datetime | None:
+    return None if us is None else _EPOCH + timedelta(microseconds=us)
+
+
+def rfc3339(us: int | None) -> str | None:
+    dt = to_dt(us)
+    return None if dt is None else dt.isoformat().replace("+00:00", "Z")
+
+
+def rule_kinds(rule: AnomalyRule) -> tuple[str, ...]:
+    """The anomaly kinds an anomaly rule's alert covers: its own list, else the rule's filters."""
+    assert rule.alert is not None
+    if rule.alert.kinds:
+        return rule.alert.kinds
+    has = {
+        "range": rule.min is not None or rule.max is not None,
+        "rate": rule.max_rate is not None,
+        "spike": rule.spike_window is not None,
+        "drift": rule.drift_window is not None,
+        "flatline": rule.flatline_count is not None or rule.flatline_seconds is not None,
+    }
+    return tuple(k for k in KINDS if has[k])
+
+
+@dataclass(slots=True)
+class _Condition:
+    """One condition of one device: its first rule's timing and the sensors that feed it."""
+
+    name: str
+    rule: AlertRule
+    sensors: dict[int, tuple[str, str, tuple[str, ...]]]  # id -> (name, severity, kinds)
+
+    @property
+    def flatline_only(self) -> bool:
+        return all(kinds == ("flatline",) for _, _, kinds in self.sensors.values())
+
+
+def _state_of(row: asyncpg.Record) -> AlertState:
+    return AlertState(
+        phase=row["phase"],
+        flapping=row["flapping"],
+        severity=row["severity"],
+        since=to_us(row["since"]),
+        clear_since=to_us(row["clear_since"]),
+        opened_at=to_us(row["opened_at"]),
+        resolved_at=to_us(row["resolved_at"]),
+        opens=[to_us(o) or 0 for o in row["opens"]],
+        flap_since=to_us(row["flap_since"]),
+        cursor=to_us(row["cursor"]),
+        sensors=tuple(row["sensors"]),
+    )
+
+
+class Evaluator:
+    """Evaluates alerts on its own connection. Called from one task only."""
+
+    def __init__(self, *, rules: Sequence[AnomalyRule], settings: Alerts) -> None:
+        self.rules = tuple(rules)
+        self.settings = settings
+        self._has_rules = any(r.alert is not None for r in self.rules)
+
+    # ------------------------------------------------------------------ one pass
+
+    async def evaluate(self, conn: asyncpg.Connection) -> int:
+        """One pass over every device that may have an alert to advance; returns notifications."""
+        written = 0
+        if self.settings.silence_s > 0:
+            written += await self._silence(conn)
+        if self._has_rules:
+            ids = [r[0] for r in await conn.fetch(_CANDIDATES, self.settings.lookback_s)]
+            by_device: dict[int, list[asyncpg.Record]] = {}
+            for row in await conn.fetch(_SENSORS, ids):
+                by_device.setdefault(row["device_id"], []).append(row)
+            for device_id, sensors in sorted(by_device.items()):
+                conditions = self._conditions(sensors)
+                if conditions:
+                    path = sensors[0]["path"]
+                    written += await self._device(conn, device_id, path, conditions)
+        counts = {s: 0 for s in SEVERITIES}
+        for severity, count in await conn.fetch(_OPEN_BY_SEVERITY):
+            counts[severity] = count
+        for severity, count in counts.items():
+            metrics.ALERTS_OPEN.labels(severity).set(count)
+        return written
+
+    def _conditions(self, sensors: list[asyncpg.Record]) -> dict[str, _Condition]:
+        out: dict[str, _Condition] = {}
+        for row in sensors:
+            rule = rule_for(rules=self.rules, path=f"{row['path']}/{row['name']}")
+            if rule is None or rule.alert is None:
+                continue
+            alert = rule.alert
+            cond = out.setdefault(alert.condition, _Condition(alert.condition, alert, {}))
+            cond.sensors[row["id"]] = (row["name"], alert.severity, rule_kinds(rule))
+        return out
+
+    async def _device(
+        self, conn: asyncpg.Connection, device_id: int, path: str, conditions: dict[str, _Condition]
+    ) -> int:
+        async with conn.transaction():
+            if not await conn.fetchval(_LOCK, LOCK_CLASS, device_id):
+                return 0  # another instance is evaluating this device right now
+            rows = {r["condition"]: r for r in await conn.fetch(_ALERTS, device_id)}
+            silent = rows.get(self.settings.silence_condition)
+            is_silent = silent is not None and silent["state"] in ("open", "flapping")
+            sensor_ids = sorted({s for c in conditions.values() for s in c.sensors})
+            latest = {r["id"]: to_us(r["t"]) for r in await conn.fetch(_LATEST, sensor_ids)}
+            if not latest:
+                return 0
+            floor = min(
+                [datetime.now(UTC) - timedelta(seconds=self.settings.lookback_s)]
+                + [r["since"] for r in rows.values() if r["since"] is not None]
+            )
+            cursors = [r["cursor"] for r in rows.values() if r["cursor"] is not None]
+            after = min(cursors) if len(cursors) == len(conditions) else _EPOCH
+            events = await conn.fetch(_EVENTS, sensor_ids, floor, after)
+            flatlines = [
+                (to_us(e["start_time"]) or 0, to_us(e["end_time"]))
+                for e in events
+                if e["kind"] == "flatline"
+            ]
+            meta = await conn.fetchrow(_META, device_id)
+            written = 0
+            for cond in conditions.values():
+                written += await self._condition(
+                    conn,
+                    device_id,
+                    path,
+                    cond,
+                    rows.get(cond.name),
+                    events,
+                    latest,
+                    meta,
+                    inhibitions=() if cond.flatline_only else flatlines,
+                    silenced=is_silent,
+                )
+            return written
+
+    async def _condition(
+        self,
+        conn: asyncpg.Connection,
+        device_id: int,
+        path: str,
+        cond: _Condition,
+        row: asyncpg.Record | None,
+        events: Sequence[asyncpg.Record],
+        latest: dict[int, int | None],
+        meta: asyncpg.Record | None,
+        *,
+        inhibitions: Sequence[tuple[int, int | None]],
+        silenced: bool,
+    ) -> int:
+        mine = [
+            Event(to_us(e["start_time"]) or 0, to_us(e["end_time"]), sev, name)
+            for e in events
+            if (info := cond.sensors.get(e["sensor_id"])) is not None
+            for name, sev, kinds in (info,)
+            if e["kind"] in kinds
+        ]
+        if row is None and not mine:
+            return 0
+        # The horizon: data time up to which every feeding sensor is committed. A sensor far
+        # behind the others (gone quiet) does not hold the others back; silence covers it.
+        times = sorted(t for s in cond.sensors if (t := latest.get(s)) is not None)
+        if not times:
+            return 0
+        stale = max(60_000_000, int(max(cond.rule.on_delay_s, cond.rule.off_delay_s) * 2e6))
+        horizon = min(t for t in times if t >= times[-1] - stale)
+        timing = Timing(
+            on_delay=int(cond.rule.on_delay_s * 1e6),
+            off_delay=int(cond.rule.off_delay_s * 1e6),
+            flap_count=cond.rule.flap_count,
+            flap_window=int(cond.rule.flap_window_s * 1e6),
+        )
+        before = AlertState() if row is None else _state_of(row)
+        after, changes = advance(
+            before,
+            mine,
+            horizon=horizon,
+            timing=timing,
+            inhibitions=inhibitions,
+            silenced=silenced,
+        )
+        if row is not None and dataclasses.replace(after, cursor=before.cursor) == before:
+            return 0  # nothing but the cursor moved: evaluating again from it gives the same
+        return await self._write(conn, device_id, path, cond.name, row, after, changes, meta)
+
+    async def _write(
+        self,
+        conn: asyncpg.Connection,
+        device_id: int,
+        path: str,
+        condition: str,
+        row: asyncpg.Record | None,
+        st: AlertState,
+        changes: Sequence[Change],
+        meta: asyncpg.Record | None,
+    ) -> int:
+        key = f"{path}:{condition}"
+        version = (0 if row is None else row["version"]) + len(changes)
+        alert_id = await conn.fetchval(
+            _UPSERT,
+            key,
+            device_id,
+            condition,
+            st.severity,
+            st.state,
+            to_dt(st.since),
+            to_dt(st.clear_since),
+            to_dt(st.opened_at),
+            to_dt(st.resolved_at),
+            [to_dt(o) for o in st.opens],
+            to_dt(st.flap_since),
+            list(st.sensors),
+            to_dt(st.cursor),
+            version,
+            st.phase,
+            st.flapping,
+        )
+        if not changes:
+            return 0
+        sinks, kinds, payloads = [], [], []
+        first = version - len(changes) + 1
+        for n, change in enumerate(changes):
+            doc = notification(
+                alert_id=alert_id,
+                version=first + n,
+                key=key,
+                device=path,
+                condition=condition,
+                change=change,
+                meta=meta,
+            )
+            text = json.dumps(doc, sort_keys=True)
+            for sink in self.settings.sinks:
+                if sink_wants(sink, device=path, condition=condition, severity=doc["severity"]):
+                    sinks.append(sink.name)
+                    kinds.append(change.kind)
+                    payloads.append(text)
+        if sinks:
+            await conn.execute(_OUTBOX, alert_id, key, sinks, kinds, payloads)
+            await conn.execute(_NOTIFY)
+        metrics.ALERT_CHANGES.inc(len(changes))
+        log.info("alert %s: %s", key, ", ".join(f"{c.kind} at {rfc3339(c.at)}" for c in changes))
+        return len(changes)
+
+    # ------------------------------------------------------------------ silence
+
+    async def _silence(self, conn: asyncpg.Connection) -> int:
+        """Open a silence alert for a device whose newest reading is older than silence_s by
+        the database's clock; resolve it when readings come again."""
+        cfg = self.settings
+        name = cfg.silence_condition
+        open_ids = {
+            r[0]
+            for r in await conn.fetch(
+                "SELECT device_id FROM telemetry.alerts"
+                " WHERE condition = $1 AND state IN ('open', 'flapping')",
+                name,
+            )
+        }
+        written = 0
+        for dev in await conn.fetch(_DEVICES_SEEN):
+            if dev["seen"] is None or not fnmatch.fnmatchcase(dev["path"], cfg.silence_match):
+                continue
+            # last_seen lags the truth by up to a minute: it only picks the candidates.
+            quiet = (dev["now"] - dev["seen"]).total_seconds() > cfg.silence_s
+            if quiet or dev["id"] in open_ids:
+                written += await self._silence_device(conn, dev["id"], dev["path"])
+        return written
+
+    async def _silence_device(self, conn: asyncpg.Connection, device_id: int, path: str) -> int:
+        cfg = self.settings
+        async with conn.transaction():
+            if not await conn.fetchval(_LOCK, LOCK_CLASS, device_id):
+                return 0
+            rows = {r["condition"]: r for r in await conn.fetch(_ALERTS, device_id)}
+            row = rows.get(cfg.silence_condition)
+            ids = [
+                r[0]
+                for r in await conn.fetch(
+                    "SELECT id FROM telemetry.sensors WHERE device_id = $1", device_id
+                )
+            ]
+            last = max(
+                (r["t"] for r in await conn.fetch(_LATEST, ids) if r["t"] is not None),
+                default=None,
+            )
+            now = await conn.fetchval("SELECT now()")
+            if last is None:
+                return 0
+            silent = (now - last).total_seconds() > cfg.silence_s
+            st = AlertState(severity=cfg.silence_severity) if row is None else _state_of(row)
+            last_us = to_us(last) or 0
+            changes: list[Change] = []
+            if silent and st.phase != "open":
+                st.phase, st.since = "open", last_us
+                st.opened_at, st.resolved_at = last_us + int(cfg.silence_s * 1e6), None
+                changes.append(Change("opened", st.opened_at, st.copy()))
+            elif not silent and st.phase == "open":
+                st.phase, st.since, st.resolved_at = "resolved", None, last_us
+                changes.append(Change("resolved", last_us, st.copy()))
+            if not changes:
+                return 0
+            st.cursor = last_us
+            meta = await conn.fetchrow(_META, device_id)
+            return await self._write(
+                conn, device_id, path, cfg.silence_condition, row, st, changes, meta
+            )
+
+    # ------------------------------------------------------------------ the task
+
+    async def run(self, *, dsn: str, stop: asyncio.Event) -> None:
+        """Evaluate every `evaluate_interval_s` until `stop` is set; reconnect on errors."""
+        conn: asyncpg.Connection | None = None
+        delay = self.settings.evaluate_interval_s
+        while not stop.is_set():
+            try:
+                if conn is None or conn.is_closed():
+                    conn = await asyncpg.connect(dsn)
+                await self.evaluate(conn)
+                delay = self.settings.evaluate_interval_s
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("alert evaluation failed, retrying: %s", exc)
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        await conn.close()
+                conn = None
+                delay = min(max(delay * 2, 1.0), 30.0)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=delay)
+        if conn is not None:
+            await conn.close()
+
+
+def notification(
+    *,
+    alert_id: int,
+    version: int,
+    key: str,
+    device: str,
+    condition: str,
+    change: Change,
+    meta: asyncpg.Record | None,
+) -> dict[str, Any]:
+    """The notification every sink maps from: the alert as it was right after the change."""
+    st = change.state
+    criticality = 3 if meta is None else int(meta["criticality"])
+    return {
+        "id": f"{alert_id}.{version}",
+        "key": key,
+        "event": change.kind,
+        "at": rfc3339(change.at),
+        "device": device,
+        "asset": None if meta is None else meta["asset"],
+        "condition": condition,
+        "severity": st.severity,
+        "criticality": criticality,
+        "priority": rank(st.severity) * criticality,
+        "state": "resolved" if change.kind == "resolved" else st.state,
+        "since": rfc3339(st.since),
+        "opened_at": rfc3339(st.opened_at),
+        "resolved_at": rfc3339(st.resolved_at) if change.kind == "resolved" else None,
+        "sensors": list(st.sensors),
+        "asset_type": None if meta is None else meta["asset_type"],
+        "team": None if meta is None else meta["team"],
+        "ci_id": None if meta is None else meta["ci_id"],
+    }
