@@ -1,4 +1,4 @@
-"""The command line: `ingest run`, `migrate`, `retain`, `simulate`, `check-config`."""
+"""The command line: `ingest run`, `migrate`, `retain`, `simulate`, `assets`, `check-config`."""
 
 from __future__ import annotations
 
@@ -101,6 +101,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     sim.add_argument("--quiet", action="store_true", help="no progress lines")
 
+    # alerts: asset metadata (ingest/alerts/assets.py)
+    assets = sub.add_parser("assets", help="asset metadata for alerts")
+    assets_sub = assets.add_subparsers(dest="assets_command", required=True, parser_class=_Parser)
+    imp = assets_sub.add_parser("import", help="import asset metadata from YAML or CSV")
+    imp.add_argument("file", metavar="FILE", help="a .yaml/.yml or .csv file")
+    imp.add_argument("--config", metavar="FILE", help="TOML configuration file (INGEST_CONFIG)")
+
     chk = sub.add_parser("check-config", help="validate the configuration and print it")
     chk.add_argument("--config", metavar="FILE", help="TOML configuration file (INGEST_CONFIG)")
     return parser
@@ -202,9 +209,21 @@ def _retain(args: argparse.Namespace) -> int:
     verb = "would drop" if args.dry_run else "dropped"
     for o in outcomes:
         print(
-            f"ingest: retain telemetry.{o.table}: {verb} {len(o.chunks)} chunk(s) with data "
+            f"ingest: retain telemetry.{o.table}: {verb} {len(o.chunks)} "
+            f"{'row(s)' if o.table == 'alert_outbox' else 'chunk(s)'} with data "
             f"older than {o.cutoff:%Y-%m-%dT%H:%M:%SZ} ({o.days:g} days)"
         )
+    return 0
+
+
+def _assets(args: argparse.Namespace) -> int:
+    from ingest import config as config_mod
+    from ingest.alerts.assets import import_file
+
+    cfg = config_mod.load(path=args.config, for_migrate=True)
+    dsn = cfg.db.migrate_url or cfg.db.url
+    rows, changed = asyncio.run(import_file(dsn=dsn, path=args.file))
+    print(f"ingest: assets import {args.file}: {rows} row(s), {changed} changed")
     return 0
 
 
@@ -244,6 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "simulate": _simulate,
         "retain": _retain,
         "check-config": _check_config,
+        "assets": _assets,
     }
     try:
         return handlers[args.command](args)
