@@ -392,11 +392,17 @@ class Pipeline:
             timer = tg.create_task(self._timer(), name="flush-timer")
             intake = tg.create_task(self._intake(), name="intake")
             stopper = tg.create_task(stop.wait(), name="stop")
+            alerts_stop = asyncio.Event()  # alerts: evaluator and outbox dispatcher (ingest/alerts)
+            if self.cfg.alerts.enabled:
+                from ingest.alerts.service import start as start_alerts
+
+                start_alerts(tg, cfg=self.cfg, stop=alerts_stop)
             await asyncio.wait({writer, intake, stopper}, return_when=asyncio.FIRST_COMPLETED)
             self.health.stopping = True
             intake.cancel()
             timer.cancel()
             stopper.cancel()
+            alerts_stop.set()
             if not writer.done():
                 # Shield the final flush: a second signal during the grace period is ignored.
                 await asyncio.shield(self._drain(writer))
