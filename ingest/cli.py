@@ -89,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KIND:GLOB@S[+D]",
-        help="inject spike, drift or flatline on DEVICE/SENSOR matching GLOB at S "
+        help="inject spike, drift, flatline or overheat on DEVICE/SENSOR matching GLOB at S "
         "simulated seconds (for D seconds); repeatable",
     )
     sim.add_argument("--record", metavar="PATH", help="record what was published to PATH.<n>")

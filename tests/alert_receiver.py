@@ -6,7 +6,7 @@ one JSON line per request to RECORD_FILE (method, path, headers, body, and the a
 {"status": 500}, {"status": 429, "retry_after": "2"} or {"hang": 5.0} (sleep, then 200); once
 the queue is empty every request gets 200 (202 on paths ending in /enqueue, as PagerDuty).
 A request is recorded when it arrives; one whose notification id was already answered 2xx
-(processed) is recorded as a duplicate.
+on the same path (processed) is recorded as a duplicate.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 
 _lock = threading.Lock()
 _answers: list[dict[str, Any]] = []
-_processed: set[str] = set()
+_processed: set[tuple[str, str]] = set()  # (path, notification id): one receiver per path
 
 
 def notification_id(body: bytes) -> str | None:
@@ -57,9 +57,9 @@ class Handler(BaseHTTPRequestHandler):
         status = int(answer.get("status", 202 if self.path.endswith("/enqueue") else 200))
         nid = notification_id(body)
         with _lock:  # recorded on arrival, so a test sees a request that is still hanging
-            duplicate = nid in _processed
+            duplicate = (self.path, nid) in _processed
             if 200 <= status < 300 and nid is not None:
-                _processed.add(nid)
+                _processed.add((self.path, nid))
             entry = {
                 "method": "POST",
                 "path": self.path,

@@ -16,7 +16,15 @@ import pytest
 from benchmarks.harness import free_port
 from tests.alert_helpers import MqttWatch, Receiver, seed_device
 from tests.conftest import Database, create_database, drop_database
-from tests.helpers import Ingester, Publisher, batch_payload, f8, ingester_env, wait_until
+from tests.helpers import (
+    Ingester,
+    Publisher,
+    batch_payload,
+    f8,
+    ingest_cli,
+    ingester_env,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -295,3 +303,56 @@ async def test_an_unreachable_sink_never_blocks_ingestion(
         await wait_until(all_stored, timeout=60)
     finally:
         assert await proc.stop() == 0, proc.log.decode()
+
+
+def demo_rules() -> str:
+    """The anomaly rules (with their alerts) that deploy/local/demo runs the demo plant with."""
+    text = (Path(__file__).resolve().parent.parent / "deploy" / "local" / "demo").read_text()
+    return text.split("<<'JSON'\n", 1)[1].split("\nJSON\n", 1)[0]
+
+
+async def test_the_demo_plant_overheating_is_one_alert_per_incident_everywhere(
+    db: Database, mqtt_url: str, prefix: str, receiver: Receiver
+) -> None:
+    alerts_prefix = f"alerts-{uuid.uuid4().hex[:8]}"
+    sinks = [
+        {"type": "cloudevents", "name": "webhook", "url": f"{receiver.url}/hook"},
+        {"type": "servicenow", "name": "itsm", "url": receiver.url},
+        {"type": "mqtt", "name": "broker", "url": mqtt_url, "topic_prefix": alerts_prefix},
+    ]
+    env = alert_env(db, mqtt_url, prefix, sinks, INGEST_ANOMALY_RULES=demo_rules())
+    watch = MqttWatch(mqtt_url, f"{alerts_prefix}/#")
+    proc = await Ingester(env).start()
+    press = "plant1/press-shop/line1/press-01"
+    start = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 300))
+    try:
+        code, _out, err = await ingest_cli(
+            *("simulate", "--url", mqtt_url, "--prefix", prefix, "--devices", "5"),
+            *("--start", start, "--duration", "120", "--quiet"),
+            # two incidents: overheating from 20 s to 50 s and from 80 s to 95 s
+            *("--anomaly", f"overheat:{press}/spindle.temp@20+30"),
+            *("--anomaly", f"overheat:{press}/spindle.temp@80+15"),
+        )
+        assert code == 0, err
+
+        async def all_delivered() -> bool:
+            rows = await outbox_rows(db)
+            return len(rows) == 12 and all(r["status"] == "delivered" for r in rows)
+
+        await wait_until(all_delivered, timeout=120)
+
+        async def mqtt_all() -> bool:
+            return len(watch.received()) == 4
+
+        await wait_until(mqtt_all)
+    finally:
+        watch.close()
+        assert await proc.stop() == 0, proc.log.decode()
+    key = f"{press}:overheating"
+    assert receiver.events("/hook") == [("opened", key), ("resolved", key)] * 2
+    records = [
+        json.loads(r["body"])["records"][0] for r in receiver.requests("/api/global/em/jsonv2")
+    ]
+    assert [(r["message_key"], r["severity"]) for r in records] == [(key, "2"), (key, "0")] * 2
+    topic = f"{alerts_prefix}/{press}/overheating"
+    assert [(t, p == b"") for t, p, _ in watch.received()] == [(topic, False), (topic, True)] * 2
