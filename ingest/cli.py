@@ -251,6 +251,13 @@ def _check_config(args: argparse.Namespace) -> int:
     shown = msgspec.to_builtins(cfg)
     for section, key in (("db", "url"), ("db", "migrate_url"), ("mqtt", "url")):
         shown[section][key] = re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", shown[section][key])
+    for sink in shown["alerts"]["sinks"]:  # alerts: sink credentials (ingest/alerts)
+        sink["url"] = re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", sink["url"])
+        for secret in ("password", "routing_key"):
+            if sink.get(secret):
+                sink[secret] = "***"
+        if "headers" in sink:
+            sink["headers"] = {k: "***" for k in sink["headers"]}
     print(msgspec.json.format(msgspec.json.encode(shown)).decode())
     return 0
 
