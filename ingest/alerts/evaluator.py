@@ -423,14 +423,20 @@ class Evaluator:
                 delay = self.settings.evaluate_interval_s
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 log.warning("alert evaluation failed, retrying: %s", exc)
-                if conn is not None:
-                    with contextlib.suppress(Exception):
-                        await conn.close()
-                conn = None
-                delay = min(max(delay * 2, 1.0), 30.0)
+                await _discard(conn)
+                conn, delay = None, min(max(delay * 2, 1.0), 30.0)
+            except Exception:  # never take ingestion down with it; say so loudly
+                log.exception("alert evaluation failed, retrying")
+                await _discard(conn)
+                conn, delay = None, min(max(delay * 2, 1.0), 30.0)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=delay)
-        if conn is not None:
+        await _discard(conn)
+
+
+async def _discard(conn: asyncpg.Connection | None) -> None:
+    if conn is not None:
+        with contextlib.suppress(Exception):
             await conn.close()
 
 

@@ -164,8 +164,11 @@ class Dispatcher:
                     due = await self.gauges(conn)
                     if due is not None:
                         wait = min(wait, max(due, 0.05))
-                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                    log.warning("alert dispatcher: database error, retrying: %s", exc)
+                except Exception as exc:  # never take ingestion down with it
+                    if isinstance(exc, OSError | asyncpg.PostgresError | asyncpg.InterfaceError):
+                        log.warning("alert dispatcher: database error, retrying: %s", exc)
+                    else:
+                        log.exception("alert dispatcher failed, retrying")
                     if conn is not None:
                         with contextlib.suppress(Exception):
                             await conn.close()
