@@ -199,14 +199,18 @@ async def test_two_ingesters_share_the_outbox_without_sending_twice(
     db: Database, mqtt_url: str, prefix: str, receiver: Receiver
 ) -> None:
     sinks = [{"type": "cloudevents", "name": "webhook", "url": f"{receiver.url}/hook"}]
-    env = alert_env(db, mqtt_url, prefix, sinks, INGEST_ALERTS_BATCH="5")
+    # Small batches, slow answers and a short poll: both dispatchers find due rows to take,
+    # however late either one starts listening.
+    env = alert_env(
+        db, mqtt_url, prefix, sinks, INGEST_ALERTS_BATCH="5", INGEST_ALERTS_POLL_INTERVAL_S="0.5"
+    )
     procs = [
         await Ingester(
             {**env, "INGEST_MQTT_CLIENT_ID": f"ingest-{n}-{uuid.uuid4().hex[:6]}"}
         ).start()
         for n in range(2)
     ]
-    await receiver.answer(*[{"hang": 0.2}] * 40)
+    await receiver.answer(*[{"hang": 0.3}] * 60)
     keys = [f"plant1/shop/line1/dev-{n:02d}:overheating" for n in range(20)]
     owner = await asyncpg.connect(db.owner_url)
     try:
