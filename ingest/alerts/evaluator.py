@@ -14,25 +14,22 @@ import asyncio
 import contextlib
 import dataclasses
 import fnmatch
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import asyncpg
 
 from ingest import metrics
 from ingest.alerts.lifecycle import AlertState, Change, Event, Timing, advance
-from ingest.alerts.rules import KINDS, SEVERITIES, AlertRule, Alerts, rank, sink_wants
+from ingest.alerts.rules import KINDS, SEVERITIES, AlertRule, Alerts
+from ingest.alerts.store import EPOCH, state_of, to_us, write_changes
 from ingest.rules import AnomalyRule, rule_for
 
 log = logging.getLogger(__name__)
 
 LOCK_CLASS = 0x616C7274  # "alrt": advisory lock (LOCK_CLASS, device id) while evaluating
-NOTIFY_CHANNEL = "ingest_alert_outbox"
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 _CANDIDATES = """
 SELECT DISTINCT s.device_id
@@ -66,22 +63,6 @@ SELECT sensor_id, kind, start_time, end_time
 _META = """
 SELECT asset, criticality, asset_type, team, ci_id FROM telemetry.device_meta_v WHERE device_id = $1
 """
-_UPSERT = """
-INSERT INTO telemetry.alerts AS a (key, device_id, condition, severity, state, since,
-    clear_since, opened_at, resolved_at, opens, flap_since, sensors, cursor, version, phase,
-    flapping)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
-ON CONFLICT (key) DO UPDATE SET severity = $4, state = $5, since = $6, clear_since = $7,
-    opened_at = $8, resolved_at = $9, opens = $10, flap_since = $11, sensors = $12,
-    cursor = $13, version = $14, phase = $15, flapping = $16, updated_at = now()
-RETURNING id
-"""
-_OUTBOX = """
-INSERT INTO telemetry.alert_outbox (alert_id, alert_key, sink, event, payload)
-SELECT $1, $2, o.sink, o.event, o.payload::jsonb
-  FROM unnest($3::text[], $4::text[], $5::text[]) AS o(sink, event, payload)
-"""
-_NOTIFY = "SELECT pg_notify('ingest_alert_outbox', '')"
 _DEVICES_SEEN = """
 SELECT d.id, d.path, max(s.last_seen) AS seen, now() AS now
   FROM telemetry.devices d JOIN telemetry.sensors s ON s.device_id = d.id
@@ -90,22 +71,6 @@ SELECT d.id, d.path, max(s.last_seen) AS seen, now() AS now
 _OPEN_BY_SEVERITY = """
 SELECT severity, count(*) FROM telemetry.alerts WHERE state IN ('open', 'flapping') GROUP BY 1
 """
-
-
-def to_us(value: datetime | None) -> int | None:
-    if value is None:
-        return None
-    delta = value - _EPOCH
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
-
-
-def to_dt(us: int | None) -> datetime | None:
-    return None if us is None else _EPOCH + timedelta(microseconds=us)
-
-
-def rfc3339(us: int | None) -> str | None:
-    dt = to_dt(us)
-    return None if dt is None else dt.isoformat().replace("+00:00", "Z")
 
 
 def rule_kinds(rule: AnomalyRule) -> tuple[str, ...]:
@@ -134,22 +99,6 @@ class _Condition:
     @property
     def flatline_only(self) -> bool:
         return all(kinds == ("flatline",) for _, _, kinds in self.sensors.values())
-
-
-def _state_of(row: asyncpg.Record) -> AlertState:
-    return AlertState(
-        phase=row["phase"],
-        flapping=row["flapping"],
-        severity=row["severity"],
-        since=to_us(row["since"]),
-        clear_since=to_us(row["clear_since"]),
-        opened_at=to_us(row["opened_at"]),
-        resolved_at=to_us(row["resolved_at"]),
-        opens=[to_us(o) or 0 for o in row["opens"]],
-        flap_since=to_us(row["flap_since"]),
-        cursor=to_us(row["cursor"]),
-        sensors=tuple(row["sensors"]),
-    )
 
 
 class Evaluator:
@@ -213,7 +162,7 @@ class Evaluator:
                 + [r["since"] for r in rows.values() if r["since"] is not None]
             )
             cursors = [r["cursor"] for r in rows.values() if r["cursor"] is not None]
-            after = min(cursors) if len(cursors) == len(conditions) else _EPOCH
+            after = min(cursors) if len(cursors) == len(conditions) else EPOCH
             events = await conn.fetch(_EVENTS, sensor_ids, floor, after)
             flatlines = [
                 (to_us(e["start_time"]) or 0, to_us(e["end_time"]))
@@ -273,7 +222,7 @@ class Evaluator:
             flap_count=cond.rule.flap_count,
             flap_window=int(cond.rule.flap_window_s * 1e6),
         )
-        before = AlertState() if row is None else _state_of(row)
+        before = AlertState() if row is None else state_of(row)
         after, changes = advance(
             before,
             mine,
@@ -284,66 +233,17 @@ class Evaluator:
         )
         if row is not None and dataclasses.replace(after, cursor=before.cursor) == before:
             return 0  # nothing but the cursor moved: evaluating again from it gives the same
-        return await self._write(conn, device_id, path, cond.name, row, after, changes, meta)
-
-    async def _write(
-        self,
-        conn: asyncpg.Connection,
-        device_id: int,
-        path: str,
-        condition: str,
-        row: asyncpg.Record | None,
-        st: AlertState,
-        changes: Sequence[Change],
-        meta: asyncpg.Record | None,
-    ) -> int:
-        key = f"{path}:{condition}"
-        version = (0 if row is None else row["version"]) + len(changes)
-        alert_id = await conn.fetchval(
-            _UPSERT,
-            key,
-            device_id,
-            condition,
-            st.severity,
-            st.state,
-            to_dt(st.since),
-            to_dt(st.clear_since),
-            to_dt(st.opened_at),
-            to_dt(st.resolved_at),
-            [to_dt(o) for o in st.opens],
-            to_dt(st.flap_since),
-            list(st.sensors),
-            to_dt(st.cursor),
-            version,
-            st.phase,
-            st.flapping,
+        return await write_changes(
+            conn,
+            sinks=self.settings.sinks,
+            device_id=device_id,
+            path=path,
+            condition=cond.name,
+            row=row,
+            st=after,
+            changes=changes,
+            meta=meta,
         )
-        if not changes:
-            return 0
-        sinks, kinds, payloads = [], [], []
-        first = version - len(changes) + 1
-        for n, change in enumerate(changes):
-            doc = notification(
-                alert_id=alert_id,
-                version=first + n,
-                key=key,
-                device=path,
-                condition=condition,
-                change=change,
-                meta=meta,
-            )
-            text = json.dumps(doc, sort_keys=True)
-            for sink in self.settings.sinks:
-                if sink_wants(sink, device=path, condition=condition, severity=doc["severity"]):
-                    sinks.append(sink.name)
-                    kinds.append(change.kind)
-                    payloads.append(text)
-        if sinks:
-            await conn.execute(_OUTBOX, alert_id, key, sinks, kinds, payloads)
-            await conn.execute(_NOTIFY)
-        metrics.ALERT_CHANGES.inc(len(changes))
-        log.info("alert %s: %s", key, ", ".join(f"{c.kind} at {rfc3339(c.at)}" for c in changes))
-        return len(changes)
 
     # ------------------------------------------------------------------ silence
 
@@ -391,7 +291,7 @@ class Evaluator:
             if last is None:
                 return 0
             silent = (now - last).total_seconds() > cfg.silence_s
-            st = AlertState(severity=cfg.silence_severity) if row is None else _state_of(row)
+            st = AlertState(severity=cfg.silence_severity) if row is None else state_of(row)
             last_us = to_us(last) or 0
             changes: list[Change] = []
             if silent and st.phase != "open":
@@ -405,8 +305,16 @@ class Evaluator:
                 return 0
             st.cursor = last_us
             meta = await conn.fetchrow(_META, device_id)
-            return await self._write(
-                conn, device_id, path, cfg.silence_condition, row, st, changes, meta
+            return await write_changes(
+                conn,
+                sinks=cfg.sinks,
+                device_id=device_id,
+                path=path,
+                condition=cfg.silence_condition,
+                row=row,
+                st=st,
+                changes=changes,
+                meta=meta,
             )
 
     # ------------------------------------------------------------------ the task
@@ -438,38 +346,3 @@ async def _discard(conn: asyncpg.Connection | None) -> None:
     if conn is not None:
         with contextlib.suppress(Exception):
             await conn.close()
-
-
-def notification(
-    *,
-    alert_id: int,
-    version: int,
-    key: str,
-    device: str,
-    condition: str,
-    change: Change,
-    meta: asyncpg.Record | None,
-) -> dict[str, Any]:
-    """The notification every sink maps from: the alert as it was right after the change."""
-    st = change.state
-    criticality = 3 if meta is None else int(meta["criticality"])
-    return {
-        "id": f"{alert_id}.{version}",
-        "key": key,
-        "event": change.kind,
-        "at": rfc3339(change.at),
-        "device": device,
-        "asset": None if meta is None else meta["asset"],
-        "condition": condition,
-        "severity": st.severity,
-        "criticality": criticality,
-        "priority": rank(st.severity) * criticality,
-        "state": "resolved" if change.kind == "resolved" else st.state,
-        "since": rfc3339(st.since),
-        "opened_at": rfc3339(st.opened_at),
-        "resolved_at": rfc3339(st.resolved_at) if change.kind == "resolved" else None,
-        "sensors": list(st.sensors),
-        "asset_type": None if meta is None else meta["asset_type"],
-        "team": None if meta is None else meta["team"],
-        "ci_id": None if meta is None else meta["ci_id"],
-    }

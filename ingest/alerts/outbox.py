@@ -20,9 +20,9 @@ from typing import Any
 import asyncpg
 
 from ingest import metrics
-from ingest.alerts.evaluator import NOTIFY_CHANNEL
 from ingest.alerts.rules import Alerts
 from ingest.alerts.sinks import Outcome, Sink, build
+from ingest.alerts.store import NOTIFY_CHANNEL
 
 log = logging.getLogger(__name__)
 
