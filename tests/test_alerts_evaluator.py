@@ -224,3 +224,23 @@ async def test_a_sink_gets_only_the_alerts_it_asks_for(
         ("stuck", "stuck", "opened"),
         ("stuck", "stuck", "resolved"),
     ]
+
+
+async def test_a_flatline_without_an_alert_of_its_own_still_holds_back_the_others(
+    owner_conn: asyncpg.Connection, service: asyncpg.Connection
+) -> None:
+    base = now_base().replace(second=0)
+    dev = "plant2/assembly/line1/robot-04"
+    ids = await seed_device(owner_conn, dev, ["temp", "pressure"])
+    for sensor in ("temp", "pressure"):
+        await readings_until(owner_conn, ids[sensor], at(base, 0), at(base, 40))
+    await anomaly(owner_conn, ids["pressure"], "flatline", at(base, 5), None)
+    await anomaly(owner_conn, ids["temp"], "range", at(base, 8), at(base, 20))
+    plain = AnomalyRule(match="*/pressure", flatline_count=10)
+    ev = Evaluator(rules=[OVERHEAT, plain], settings=Alerts(sinks=(HOOK,)))
+    await ev.evaluate(service)
+    assert await outbox(owner_conn) == []
+    state = await owner_conn.fetchval(
+        "SELECT state FROM telemetry.alerts_v WHERE key = $1", f"{dev}:overheating"
+    )
+    assert state == "inactive"  # pending while flatlined, gone before the flatline ended

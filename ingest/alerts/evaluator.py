@@ -125,7 +125,8 @@ class Evaluator:
                 conditions = self._conditions(sensors)
                 if conditions:
                     path = sensors[0]["path"]
-                    written += await self._device(conn, device_id, path, conditions)
+                    every = [r["id"] for r in sensors]
+                    written += await self._device(conn, device_id, path, conditions, every)
         counts = {s: 0 for s in SEVERITIES}
         for severity, count in await conn.fetch(_OPEN_BY_SEVERITY):
             counts[severity] = count
@@ -145,7 +146,12 @@ class Evaluator:
         return out
 
     async def _device(
-        self, conn: asyncpg.Connection, device_id: int, path: str, conditions: dict[str, _Condition]
+        self,
+        conn: asyncpg.Connection,
+        device_id: int,
+        path: str,
+        conditions: dict[str, _Condition],
+        every_sensor: list[int],
     ) -> int:
         async with conn.transaction():
             if not await conn.fetchval(_LOCK, LOCK_CLASS, device_id):
@@ -161,9 +167,12 @@ class Evaluator:
                 [datetime.now(UTC) - timedelta(seconds=self.settings.lookback_s)]
                 + [r["since"] for r in rows.values() if r["since"] is not None]
             )
-            cursors = [r["cursor"] for r in rows.values() if r["cursor"] is not None]
+            cursors = [
+                r["cursor"] for c, r in rows.items() if c in conditions and r["cursor"] is not None
+            ]
             after = min(cursors) if len(cursors) == len(conditions) else EPOCH
-            events = await conn.fetch(_EVENTS, sensor_ids, floor, after)
+            # Every sensor of the device: a flatline anywhere on it holds back its alerts.
+            events = await conn.fetch(_EVENTS, every_sensor, floor, after)
             flatlines = [
                 (to_us(e["start_time"]) or 0, to_us(e["end_time"]))
                 for e in events
