@@ -357,3 +357,36 @@ async def test_mqtt_retained_while_open_and_cleared_on_resolve(
         watch.close()
         for s in d.sinks.values():
             await s.aclose()
+
+
+async def test_the_dispatcher_wakes_on_notify_and_stops_when_told(
+    db: Database, owner_conn: asyncpg.Connection, receiver: Receiver
+) -> None:
+    # A poll interval of ten minutes: only the NOTIFY of the evaluator's commit can wake it.
+    sink = CloudEventsSink(name="hook", url=f"{receiver.url}/hook")
+    d = Dispatcher(settings=settings(sink, poll_interval_s=600.0))
+    stop = asyncio.Event()
+    task = asyncio.create_task(d.run(dsn=db.ingest_url, stop=stop))
+    try:
+
+        async def connected() -> bool:  # the dispatcher's session is up (it then LISTENs)
+            return bool(
+                await owner_conn.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND usename = 'ingest'"
+                )
+            )
+
+        await wait_until(connected)
+        await asyncio.sleep(1)  # let it reach its wait; nothing below depends on how long
+        async with owner_conn.transaction():
+            await enqueue(owner_conn, "hook", [note("p/a/l/d1:c", "opened", 1)])
+            await owner_conn.execute("SELECT pg_notify('ingest_alert_outbox', '')")
+
+        async def delivered() -> bool:
+            return len(receiver.requests()) == 1
+
+        await wait_until(delivered, timeout=60)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout=60)  # returns on stop, not after ten minutes

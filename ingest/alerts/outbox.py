@@ -176,7 +176,9 @@ class Dispatcher:
                 stopped = asyncio.ensure_future(stop.wait())
                 woken = asyncio.ensure_future(self._wake.wait())
                 try:
-                    await asyncio.wait({stopped, woken}, timeout=wait)
+                    await asyncio.wait(
+                        {stopped, woken}, timeout=wait, return_when=asyncio.FIRST_COMPLETED
+                    )
                 finally:
                     stopped.cancel()
                     woken.cancel()
