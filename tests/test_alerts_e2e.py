@@ -360,3 +360,46 @@ async def test_the_demo_plant_overheating_is_one_alert_per_incident_everywhere(
     assert [(r["message_key"], r["severity"]) for r in records] == [(key, "2"), (key, "0")] * 2
     topic = f"{alerts_prefix}/{press}/overheating"
     assert [(t, p == b"") for t, p, _ in watch.received()] == [(topic, False), (topic, True)] * 2
+
+
+async def test_silence_opens_when_a_device_stops_and_resolves_when_it_speaks_again(
+    db: Database, mqtt_url: str, prefix: str, receiver: Receiver
+) -> None:
+    sinks = [{"type": "cloudevents", "name": "webhook", "url": f"{receiver.url}/hook"}]
+    device = "plant1/press-shop/line1/press-07"
+    env = alert_env(
+        db,
+        mqtt_url,
+        prefix,
+        sinks,
+        INGEST_ALERTS_SILENCE_S="3",
+        INGEST_ALERTS_SILENCE_MATCH="plant1/*",
+    )
+    proc = await Ingester(env).start()
+    key = f"{device}:silence"
+    try:
+        with Publisher(mqtt_url) as pub:  # five seconds of data ending now, then nothing
+            now_s = time.time_ns() // 1000 // 1_000_000
+            overheating(
+                pub, prefix, device, start_us=(now_s - 5) * 1_000_000, seconds=5, hot=(9, 9)
+            )
+
+        async def opened() -> bool:
+            return receiver.events() == [("opened", key)]
+
+        await wait_until(opened, timeout=60)
+        with Publisher(mqtt_url) as pub:  # it speaks again
+            now_s = time.time_ns() // 1000 // 1_000_000
+            overheating(pub, prefix, device, start_us=now_s * 1_000_000, seconds=1, hot=(9, 9))
+
+        async def resolved() -> bool:
+            return receiver.events()[:2] == [("opened", key), ("resolved", key)]
+
+        await wait_until(resolved, timeout=60)
+    finally:
+        assert await proc.stop() == 0, proc.log.decode()
+    # It went quiet again after its one second: a second silence may have opened since.
+    assert receiver.events() in (
+        [("opened", key), ("resolved", key)],
+        [("opened", key), ("resolved", key), ("opened", key)],
+    )

@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import fnmatch
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -111,10 +112,13 @@ class Evaluator:
 
     # ------------------------------------------------------------------ one pass
 
-    async def evaluate(self, conn: asyncpg.Connection) -> int:
-        """One pass over every device that may have an alert to advance; returns notifications."""
+    async def evaluate(self, conn: asyncpg.Connection, *, silence: bool = True) -> int:
+        """One pass over every device that may have an alert to advance; returns notifications.
+
+        `silence`: also judge every device's silence (a pass over all devices).
+        """
         written = 0
-        if self.settings.silence_s > 0:
+        if silence and self.settings.silence_s > 0:
             written += await self._silence(conn)
         if self._has_rules:
             ids = [r[0] for r in await conn.fetch(_CANDIDATES, self.settings.lookback_s)]
@@ -332,11 +336,17 @@ class Evaluator:
         """Evaluate every `evaluate_interval_s` until `stop` is set; reconnect on errors."""
         conn: asyncpg.Connection | None = None
         delay = self.settings.evaluate_interval_s
+        # Silence looks at every device: judged every tenth of silence_s, not every pass.
+        silence_every = max(self.settings.evaluate_interval_s, self.settings.silence_s / 10)
+        silence_due = 0.0
         while not stop.is_set():
             try:
                 if conn is None or conn.is_closed():
                     conn = await asyncpg.connect(dsn)
-                await self.evaluate(conn)
+                silence = time.monotonic() >= silence_due
+                await self.evaluate(conn, silence=silence)
+                if silence:
+                    silence_due = time.monotonic() + silence_every
                 delay = self.settings.evaluate_interval_s
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 log.warning("alert evaluation failed, retrying: %s", exc)
