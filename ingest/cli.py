@@ -1,4 +1,4 @@
-"""The command line: `ingest run`, `migrate`, `retain`, `simulate`, `check-config`."""
+"""The command line: `ingest run`, `migrate`, `retain`, `simulate`, `assets`, `check-config`."""
 
 from __future__ import annotations
 
@@ -104,7 +104,7 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KIND:GLOB@S[+D]",
-        help="inject spike, drift or flatline on DEVICE/SENSOR matching GLOB at S "
+        help="inject spike, drift, flatline or overheat on DEVICE/SENSOR matching GLOB at S "
         "simulated seconds (for D seconds); repeatable",
     )
     sim.add_argument("--record", metavar="PATH", help="record what was published to PATH.<n>")
@@ -120,6 +120,13 @@ def _parser() -> argparse.ArgumentParser:
         help="sparkplug: edge nodes answer NCMD Node Control/Rebirth with new births",
     )
     sim.add_argument("--quiet", action="store_true", help="no progress lines")
+
+    # alerts: asset metadata (ingest/alerts/assets.py)
+    assets = sub.add_parser("assets", help="asset metadata for alerts")
+    assets_sub = assets.add_subparsers(dest="assets_command", required=True, parser_class=_Parser)
+    imp = assets_sub.add_parser("import", help="import asset metadata from YAML or CSV")
+    imp.add_argument("file", metavar="FILE", help="a .yaml/.yml or .csv file")
+    imp.add_argument("--config", metavar="FILE", help="TOML configuration file (INGEST_CONFIG)")
 
     chk = sub.add_parser("check-config", help="validate the configuration and print it")
     chk.add_argument("--config", metavar="FILE", help="TOML configuration file (INGEST_CONFIG)")
@@ -223,9 +230,21 @@ def _retain(args: argparse.Namespace) -> int:
     verb = "would drop" if args.dry_run else "dropped"
     for o in outcomes:
         print(
-            f"ingest: retain telemetry.{o.table}: {verb} {len(o.chunks)} chunk(s) with data "
+            f"ingest: retain telemetry.{o.table}: {verb} {len(o.chunks)} "
+            f"{'row(s)' if o.table == 'alert_outbox' else 'chunk(s)'} with data "
             f"older than {o.cutoff:%Y-%m-%dT%H:%M:%SZ} ({o.days:g} days)"
         )
+    return 0
+
+
+def _assets(args: argparse.Namespace) -> int:
+    from ingest import config as config_mod
+    from ingest.alerts.assets import import_file
+
+    cfg = config_mod.load(path=args.config, for_migrate=True)
+    dsn = cfg.db.migrate_url or cfg.db.url
+    rows, changed = asyncio.run(import_file(dsn=dsn, path=args.file))
+    print(f"ingest: assets import {args.file}: {rows} row(s), {changed} changed")
     return 0
 
 
@@ -270,6 +289,13 @@ def _check_config(args: argparse.Namespace) -> int:
     shown = msgspec.to_builtins(cfg)
     for section, key in (("db", "url"), ("db", "migrate_url"), ("mqtt", "url")):
         shown[section][key] = re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", shown[section][key])
+    for sink in shown["alerts"]["sinks"]:  # alerts: sink credentials (ingest/alerts)
+        sink["url"] = re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", sink["url"])
+        for secret in ("password", "routing_key"):
+            if sink.get(secret):
+                sink[secret] = "***"
+        if "headers" in sink:
+            sink["headers"] = {k: "***" for k in sink["headers"]}
     print(msgspec.json.format(msgspec.json.encode(shown)).decode())
     return 0
 
@@ -283,6 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "simulate": _simulate,
         "retain": _retain,
         "check-config": _check_config,
+        "assets": _assets,
     }
     try:
         return handlers[args.command](args)

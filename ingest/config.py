@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from ingest.alerts.rules import Alerts
 from ingest.errors import ConfigError
 from ingest.mqtt.settings import Settings as Mqtt
 from ingest.rules import AnomalyRule
@@ -118,6 +119,7 @@ class Retention(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     rollup_1h_days: float = 0.0
     anomalies_days: float = 0.0
     dead_letters_days: float = 0.0
+    alert_deliveries_days: float = 0.0  # delivered outbox rows (ingest/alerts)
 
     def __post_init__(self) -> None:
         for field in msgspec.structs.fields(self):
@@ -180,6 +182,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     anomaly: Anomaly = msgspec.field(default_factory=Anomaly)
     retention: Retention = msgspec.field(default_factory=Retention)
     sparkplug: Sparkplug = msgspec.field(default_factory=Sparkplug)
+    alerts: Alerts = msgspec.field(default_factory=Alerts)  # ingest/alerts
     metrics: Metrics = msgspec.field(default_factory=Metrics)
     log: Log = msgspec.field(default_factory=Log)
 

@@ -211,3 +211,24 @@ async def serve(*, host: str, port: int, health: Health) -> AsyncIterator[int]:
     finally:
         server.close()
         await server.wait_closed()
+
+
+# ---- alerts (ingest/alerts)
+ALERTS_OPEN = Gauge("ingest_alerts_open", "Alerts open or flapping, by severity.", ["severity"])
+ALERT_CHANGES = Counter(
+    "ingest_alert_changes_total", "Alert notifications written to the outbox by this ingester."
+)
+ALERT_NOTIFICATIONS = Counter(
+    "ingest_alert_notifications_total",
+    "Alert notification attempts by sink and outcome: sent, retried, failed (for good).",
+    ["sink", "outcome"],
+)
+ALERT_OUTBOX_LAG = Gauge(
+    "ingest_alert_outbox_lag_seconds", "Age of the oldest undelivered alert notification."
+)
+ALERT_OUTBOX_PENDING = Gauge(
+    "ingest_alert_outbox_pending", "Alert notifications waiting for delivery (every sink)."
+)
+ALERT_OUTBOX_FAILED = Gauge(
+    "ingest_alert_outbox_failed", "Alert notifications that failed for good (every sink)."
+)

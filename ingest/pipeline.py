@@ -18,6 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ingest import memory, metrics
+from ingest.alerts.service import start as start_alerts
 from ingest.config import Config, parse_rfc3339_us
 from ingest.decode import Batch, DecodeLimits, decode_batch, parse_topic
 from ingest.derive import Derived, Deriver, merge_rollups
@@ -625,6 +626,9 @@ class Pipeline:
                 extras.append(tg.create_task(self.host.run(), name="sparkplug-host"))
             intake = tg.create_task(self._intake(), name="intake")
             stopper = tg.create_task(stop.wait(), name="stop")
+            alerts_stop = asyncio.Event()  # the alert evaluator and outbox dispatcher
+            if cfg.alerts.enabled:
+                start_alerts(tg, cfg=cfg, stop=alerts_stop)
             watch: set[asyncio.Task[Any]] = {writer, intake, stopper}
             drainer = None
             if drain:
@@ -650,6 +654,7 @@ class Pipeline:
                 task.cancel()
             stopper.cancel()
             self._stop_merging.set()  # a merge in progress finishes; no new one starts
+            alerts_stop.set()
             if not writer.done():
                 # Shield the final flush: a second signal during the grace period is ignored.
                 await asyncio.shield(self._drain(writer, merger, deadline))

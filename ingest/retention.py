@@ -39,6 +39,23 @@ class Outcome:
     chunks: tuple[str, ...]
 
 
+_DELIVERED = """
+SELECT id::text FROM telemetry.alert_outbox WHERE status = 'delivered' AND delivered_at < $1
+"""
+_DELETE_DELIVERED = """
+DELETE FROM telemetry.alert_outbox WHERE status = 'delivered' AND delivered_at < $1
+RETURNING id::text
+"""
+
+
+async def _drop_delivered(
+    conn: asyncpg.Connection, *, days: float, cutoff: datetime, dry_run: bool
+) -> Outcome:
+    """Delivered alert notifications older than the cutoff (a plain table: rows, not chunks)."""
+    rows = await conn.fetch(_DELIVERED if dry_run else _DELETE_DELIVERED, cutoff)
+    return Outcome("alert_outbox", days, cutoff, tuple(r[0] for r in rows))
+
+
 async def retain(
     *, dsn: str, retention: Retention, dry_run: bool = False, now: datetime | None = None
 ) -> list[Outcome]:
@@ -72,6 +89,10 @@ async def retain(
                     f"retain: telemetry.{table} does not exist; run 'ingest migrate' first"
                 ) from None
             out.append(Outcome(table, days, cutoff, tuple(r[0] for r in rows)))
+        if retention.alert_deliveries_days:  # alerts: delivered outbox rows (ingest/alerts)
+            cutoff = now - timedelta(days=retention.alert_deliveries_days)
+            days = retention.alert_deliveries_days
+            out.append(await _drop_delivered(conn, days=days, cutoff=cutoff, dry_run=dry_run))
     finally:
         await conn.close()
     return out

@@ -13,6 +13,8 @@ from typing import Final, NoReturn
 
 import msgspec
 
+from ingest.alerts.rules import AlertRule
+
 __all__ = ["MAX_DRIFT_SPAN", "MAX_SPIKE_WINDOW", "AnomalyRule", "rule_for"]
 
 MAX_SPIKE_WINDOW: Final = 1024
@@ -69,6 +71,7 @@ class AnomalyRule(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     drift_min_sigma: float | None = None
     flatline_count: int | None = None
     flatline_seconds: float | None = None
+    alert: AlertRule | None = None  # the alert these events feed (ingest/alerts)
 
     def __post_init__(self) -> None:
         """Check every field; raise ValueError naming the rule and the field."""

@@ -77,7 +77,7 @@ class PlantSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class Anomaly:
     """An injected condition: `kind` on sensors matching `pattern` from `at_s` simulated seconds."""
 
-    kind: Literal["spike", "drift", "flatline"]
+    kind: Literal["spike", "drift", "flatline", "overheat"]
     pattern: str  # glob on device-path/sensor
     at_s: float
     duration_s: float = 60.0
@@ -89,13 +89,13 @@ class Anomaly:
             kind, rest = text.split(":", 1)
             pattern, when = rest.rsplit("@", 1)
             at, _, duration = when.partition("+")
-            if kind not in ("spike", "drift", "flatline"):
+            if kind not in ("spike", "drift", "flatline", "overheat"):
                 raise ValueError
             return Anomaly(kind, pattern, float(at), float(duration) if duration else 60.0)  # type: ignore[arg-type]
         except ValueError:
             raise ConfigError(
                 f"--anomaly {text!r}: expected KIND:DEVICE/SENSOR-GLOB@SECONDS[+DURATION] "
-                "with KIND spike, drift or flatline"
+                "with KIND spike, drift, flatline or overheat"
             ) from None
 
 
@@ -206,6 +206,11 @@ def _inject(
     if anomaly.kind == "spike":
         # One sample: the first at or after the start time.
         values[(t_s >= anomaly.at_s) & (t_s < anomaly.at_s + period_s)] += 50.0 * max(scale, 1.0)
+    elif anomaly.kind == "overheat":
+        # A step up for the whole duration: 10x a tenth of the sensor's normal level (a
+        # spindle at 44-66 degC then reads 84-132 degC).
+        inside = (t_s >= anomaly.at_s) & (t_s < anomaly.at_s + anomaly.duration_s)
+        values[inside] += 10.0 * max(scale, 1.0)
     elif anomaly.kind == "drift":
         inside = (t_s >= anomaly.at_s) & (t_s < anomaly.at_s + anomaly.duration_s)
         ramp = np.clip((t_s - anomaly.at_s) / max(anomaly.duration_s, 1e-9), 0, 1)

@@ -318,6 +318,18 @@ def test_image_finds_the_schema() -> None:
     assert "cp " not in text, "nothing is copied in by hand"
 
 
+def test_the_wheel_lists_every_subpackage() -> None:
+    """setuptools builds the wheel from this explicit list: a subpackage missing from it is
+    missing from the image, while the editable install used by the tests still finds it."""
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    listed = set(pyproject["tool"]["setuptools"]["packages"])
+    found = {
+        ".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "ingest").rglob("__init__.py")
+    }
+    found.discard("ingest.__pycache__")
+    assert listed == found | {"ingest.schema"}
+
+
 def test_dockerignore_admits_what_the_dockerfile_copies() -> None:
     lines = (ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines()
     rules = [x.strip() for x in lines if x.strip() and not x.startswith("#")]

@@ -126,7 +126,7 @@ async def test_progress_lines_show_rate_and_total(mqtt_url: str, prefix: str) ->
             ["--anomaly", "wobble:*@1"],
             2,
             "ingest: config: --anomaly 'wobble:*@1': expected KIND:DEVICE/SENSOR-GLOB@SECONDS"
-            "[+DURATION] with KIND spike, drift or flatline",
+            "[+DURATION] with KIND spike, drift, flatline or overheat",
         ),
         (["--plant", "/nonexistent/plant.toml"], 2, "ingest: config: plant file /nonexistent/"),
         (

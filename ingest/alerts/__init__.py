@@ -1,0 +1,1 @@
+"""Alerts: asset metadata, alert lifecycles from committed anomaly events, and their delivery."""
