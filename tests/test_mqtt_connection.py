@@ -62,7 +62,7 @@ async def _subscribed(**bounds: int) -> tuple[Connection, _Transport]:
     conn.connection_made(transport)  # type: ignore[arg-type]
     conn.data_received(b"\x20\x03\x00\x00\x00")  # CONNACK: accepted, no properties
     await conn.start(b"")
-    subscribing = asyncio.ensure_future(conn.subscribe("t/#", options=0x01))
+    subscribing = asyncio.ensure_future(conn.subscribe([("t/#", 0x01)]))
     await asyncio.sleep(0)
     conn.data_received(b"\x90\x04\x00\x01\x00\x01")  # SUBACK for packet id 1: QoS 1
     assert await subscribing == ([1], None)

@@ -196,6 +196,9 @@ def test_subscribe_unsubscribe_and_their_answers() -> None:
     assert packets.subscribe(mid=7, topic_filter="a/#", options=0x11) == (
         b"\x82\x09\x00\x07\x00\x00\x03a/#\x11"
     )
+    assert packets.subscribe_many(mid=9, filters=[("a/#", 0x11), ("b", 0x21)]) == (
+        b"\x82\x0d\x00\x09\x00\x00\x03a/#\x11\x00\x01b\x21"
+    )
     assert packets.unsubscribe(mid=8, topic_filters=["a/#", "b"]) == (
         b"\xa2\x0b\x00\x08\x00\x00\x03a/#\x00\x01b"
     )

@@ -366,12 +366,11 @@ class Connection(asyncio.Protocol):
         finally:
             self._answers.pop(mid, None)
 
-    async def subscribe(self, topic_filter: str, *, options: int) -> tuple[list[int], str | None]:
-        """SUBSCRIBE to one filter; the SUBACK's reason codes and reason string."""
+    async def subscribe(self, filters: list[tuple[str, int]]) -> tuple[list[int], str | None]:
+        """SUBSCRIBE to (filter, options byte) pairs in one packet; the SUBACK's reason codes
+        (one per filter) and reason string."""
         mid = self._packet_id()
-        return await self._request(
-            packets.subscribe(mid=mid, topic_filter=topic_filter, options=options), mid
-        )
+        return await self._request(packets.subscribe_many(mid=mid, filters=filters), mid)
 
     async def unsubscribe(self, topic_filters: list[str]) -> tuple[list[int], str | None]:
         """UNSUBSCRIBE; the UNSUBACK's reason codes and reason string."""

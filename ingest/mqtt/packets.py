@@ -372,7 +372,13 @@ def _user_properties(body: bytes, at: int) -> list[tuple[str, str]]:
 
 def subscribe(*, mid: int, topic_filter: str, options: int) -> bytes:
     """A SUBSCRIBE packet for one filter; `options` is the subscription options byte."""
-    body = mid.to_bytes(2, "big") + b"\x00" + _string(topic_filter.encode()) + bytes((options,))
+    return subscribe_many(mid=mid, filters=[(topic_filter, options)])
+
+
+def subscribe_many(*, mid: int, filters: list[tuple[str, int]]) -> bytes:
+    """A SUBSCRIBE packet for several (filter, options byte) pairs: one SUBACK answers all."""
+    body = mid.to_bytes(2, "big") + b"\x00"
+    body += b"".join(_string(f.encode()) + bytes((options,)) for f, options in filters)
     return packet(SUBSCRIBE, body)
 
 

@@ -437,13 +437,16 @@ class MqttSource:
         return conn
 
     async def _subscribe(self, conn: Connection) -> None:
-        await self._subscribe_one(conn, self._topic_filter, _SUBSCRIBE_OPTIONS)
-        for topic_filter in self._extra_filters:
-            await self._subscribe_one(conn, topic_filter, _EXTRA_OPTIONS)
-
-    async def _subscribe_one(self, conn: Connection, topic_filter: str, options: int) -> None:
-        codes, reason = await conn.subscribe(topic_filter, options=options)
-        for code in codes:
+        # One SUBSCRIBE for every filter: a resumed session's backlog may already be streaming
+        # in, and each answer waits behind it.
+        pairs = [(self._topic_filter, _SUBSCRIBE_OPTIONS)]
+        pairs += [(f, _EXTRA_OPTIONS) for f in self._extra_filters]
+        codes, reason = await conn.subscribe(pairs)
+        if len(codes) != len(pairs):
+            raise ConnectionLostError(
+                f"the SUBACK holds {len(codes)} codes for {len(pairs)} filters"
+            )
+        for (topic_filter, _), code in zip(pairs, codes, strict=True):
             if code in _SUBACK_FATAL:
                 key, text = _SUBACK_FATAL[code]
                 raise ConfigError(f"{key}: subscribing to {topic_filter!r} failed: {text}")
