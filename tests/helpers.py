@@ -235,6 +235,15 @@ def ingester_env(db: Database, mqtt_url: str, prefix: str, **extra: str) -> dict
     }
 
 
+async def share_group(db: Database, mqtt_url: str, prefix: str, *, members: int) -> list[Ingester]:
+    """`members` ingesters started on one new share group, each with its own client id."""
+    group = f"g{uuid.uuid4().hex[:6]}"
+    env = {"INGEST_MQTT_SHARE_GROUP": group}
+    return [
+        await Ingester(ingester_env(db, mqtt_url, prefix, **env)).start() for _ in range(members)
+    ]
+
+
 async def acked_at_least(proc: Ingester, n: int, *, timeout: float = 60.0) -> None:  # noqa: ASYNC109
     async def done() -> bool:
         return await proc.metric("ingest_messages_acknowledged_total") >= n

@@ -8,7 +8,15 @@ import uuid
 import pytest
 
 from tests.conftest import Database
-from tests.helpers import Ingester, Publisher, ingester_env, stored, stream, wait_until
+from tests.helpers import (
+    Ingester,
+    Publisher,
+    ingester_env,
+    share_group,
+    stored,
+    stream,
+    wait_until,
+)
 from tests.mqtt_helpers import purge_session_sync, session_present_sync
 
 
@@ -24,13 +32,7 @@ async def acked(*members: Ingester) -> float:
 async def test_sigterm_leaves_the_share_group_and_ends_the_session(
     database: Database, mqtt_url: str, prefix: str, site: str
 ) -> None:
-    group = f"g{uuid.uuid4().hex[:6]}"
-    a = await Ingester(
-        ingester_env(database, mqtt_url, prefix, INGEST_MQTT_SHARE_GROUP=group)
-    ).start()
-    b = await Ingester(
-        ingester_env(database, mqtt_url, prefix, INGEST_MQTT_SHARE_GROUP=group)
-    ).start()
+    a, b = await share_group(database, mqtt_url, prefix, members=2)
     a_id = a.env["INGEST_MQTT_CLIENT_ID"]
     messages, expected = stream(site, devices=6, messages=40, per_message=20)
     first, second = messages[:120], messages[120:]
@@ -78,13 +80,7 @@ async def test_without_leave_on_stop_the_session_stays(
 async def test_drain_ingests_an_orphaned_session_and_ends_it(
     database: Database, mqtt_url: str, prefix: str, site: str
 ) -> None:
-    group = f"g{uuid.uuid4().hex[:6]}"
-    a = await Ingester(
-        ingester_env(database, mqtt_url, prefix, INGEST_MQTT_SHARE_GROUP=group)
-    ).start()
-    b = await Ingester(
-        ingester_env(database, mqtt_url, prefix, INGEST_MQTT_SHARE_GROUP=group)
-    ).start()
+    a, b = await share_group(database, mqtt_url, prefix, members=2)
     a_id = a.env["INGEST_MQTT_CLIENT_ID"]
     messages, expected = stream(site, devices=6, messages=30, per_message=20)
     try:

@@ -20,6 +20,7 @@ from tests.helpers import (
     acked_at_least,
     f8,
     ingester_env,
+    share_group,
     stored,
     stream,
     wait_until,
@@ -487,13 +488,7 @@ async def test_kill_9_mid_stream_loses_nothing_and_doubles_nothing(
 async def test_two_ingesters_on_one_share_group_split_the_stream(
     database: Database, mqtt_url: str, prefix: str, site: str
 ) -> None:
-    group = f"g{uuid.uuid4().hex[:6]}"
-    a = await Ingester(
-        ingester_env(database, mqtt_url, prefix, INGEST_MQTT_SHARE_GROUP=group)
-    ).start()
-    b = await Ingester(
-        ingester_env(database, mqtt_url, prefix, INGEST_MQTT_SHARE_GROUP=group)
-    ).start()
+    a, b = await share_group(database, mqtt_url, prefix, members=2)
     messages, expected = stream(site, devices=8, messages=40, per_message=50)
     try:
         with Publisher(mqtt_url) as pub:
