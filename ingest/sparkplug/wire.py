@@ -8,7 +8,7 @@ aliased data does not). Its error codes become PayloadErrors naming metric, fiel
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -203,11 +203,10 @@ def decode_payload(payload: bytes, *, max_metrics: int, max_depth: int = 8) -> D
     )
 
 
-@dataclass(frozen=True, slots=True)
-class DataReadings:
+class DataReadings(NamedTuple):
     """A DATA payload's readings as `decode_data` returns them, kept ones only (in metric
-    order); `info` holds the skip counts and
-    the first unknown alias (values.I_*); `table` is the alias table they were read with."""
+    order): `info` holds the skip counts and the first unknown alias (values.I_*), `table` is
+    the alias table they were read with. A tuple: quicker to make than a frozen dataclass."""
 
     decoded: Decoded
     table: AliasTable
