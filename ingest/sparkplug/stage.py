@@ -386,7 +386,8 @@ class SparkplugStage:
                 window=_ANY_TIME,
                 store_transient=self._store_transient,
             )
-            assert again is not None  # the same payload, already accepted
+            if again is None:  # not expected: the same payload was read at intake
+                raise PayloadError("payload: could not be read again with the new aliases")
             data = again
         info = data.info
         unknown = int(info[sv.I_UNKNOWN])
