@@ -5,6 +5,10 @@ paho spends most of a load generator's time on its own bookkeeping: a PUBACK cos
 and a dispatch, a PUBLISH a properties object. This client writes each PUBLISH with one
 system call and reads whatever acknowledgements have arrived with one more, every few
 messages. It connects with a clean start and keeps no session: it is a load, not a device.
+
+For the Sparkplug simulator's edge nodes it also takes a will message, disconnects with a
+reason code (0x04 makes the broker publish the will), subscribes, and keeps the PUBLISH packets
+the broker sends (QoS 0 or 1) for `received` to hand over.
 """
 
 from __future__ import annotations
@@ -58,7 +62,9 @@ class Publisher:
         ca_file: str | None = None,
         window: int = 1000,
         keepalive: int = 60,
+        will: tuple[str, bytes, int] | None = None,
     ) -> None:
+        """`will`: (topic, payload, QoS) of the will message."""
         parts = urlsplit(url)
         if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
             raise ConfigError(f"--url {url!r}: expected mqtt://host[:port] or mqtts://host[:port]")
@@ -92,10 +98,19 @@ class Publisher:
         password = None if parts.password is None else unquote(parts.password)
         self._window = window
         self._connack: tuple[int, dict[int, int | str]] | None = None
+        self._subacks: dict[int, list[int]] = {}
+        self._received: list[packets.Publish] = []
+        will_topic, will_payload, will_qos = will if will is not None else (None, b"", 0)
         try:
             self._send(
                 packets.connect(
-                    client_id=client_id, username=username, password=password, keepalive=keepalive
+                    client_id=client_id,
+                    username=username,
+                    password=password,
+                    keepalive=keepalive,
+                    will_topic=will_topic,
+                    will_payload=will_payload,
+                    will_qos=will_qos,
                 )
             )
             reason, props = self._wait_connack(timeout=10.0)
@@ -162,9 +177,32 @@ class Publisher:
                 raise IngestError(f"the broker did not acknowledge messages within {timeout:.0f}s")
             self._read(until=deadline, wait=True)
 
-    def close(self) -> None:
+    def subscribe(self, topic_filter: str, *, qos: int = 0, timeout: float = 10.0) -> None:
+        """Subscribe to `topic_filter` and wait for the SUBACK; IngestError if refused."""
+        self._mid = self._mid % 65535 + 1
+        mid = self._mid
+        self._send(packets.subscribe(mid=mid, topic_filter=topic_filter, options=qos))
+        deadline = time.monotonic() + timeout
+        while mid not in self._subacks:
+            if time.monotonic() > deadline:
+                raise IngestError(f"the broker at {self.where} did not answer a SUBSCRIBE")
+            self._read(until=deadline, wait=True)
+        codes = self._subacks.pop(mid)
+        if not codes or codes[0] >= 0x80:
+            why = _reason(codes[0]) if codes else "no reason code"
+            raise IngestError(f"the broker refused the subscription to {topic_filter!r}: {why}")
+
+    def received(self) -> list[packets.Publish]:
+        """The messages the broker sent since the last call, reading what has arrived."""
+        while self._read(until=0.0):
+            pass
+        out, self._received = self._received, []
+        return out
+
+    def close(self, reason: int = 0) -> None:
+        """DISCONNECT (reason 0x04: publish the will) and close the socket."""
         with contextlib.suppress(IngestError):
-            self._send(packets.DISCONNECT_PACKET)
+            self._send(packets.disconnect(reason))
         self._sock.close()
 
     # -- the socket --
@@ -204,16 +242,30 @@ class Publisher:
         self._pos = 0
         while (framed := packets.frame(self._buf, self._pos)) is not None:
             first, start, self._pos = framed
-            self._handle(first & 0xF0, self._buf[start : self._pos])
+            self._handle(first, self._buf[start : self._pos])
         return True
 
-    def _handle(self, kind: int, body: bytes) -> None:
+    def _handle(self, first: int, body: bytes) -> None:
+        kind = first & 0xF0
         if kind == packets.PUBACK:
             if len(body) > 2 and body[2] >= 0x80:
                 raise IngestError(f"the broker refused a message: {_reason(body[2])}")
             self._inflight -= 1
         elif kind == packets.CONNACK:
             self._connack = packets.connack(body)
+        elif kind == packets.PUBLISH:
+            try:
+                message = packets.parse_publish(first, body) or packets.parse_publish_full(
+                    first, body
+                )
+            except (ValueError, IndexError, UnicodeDecodeError) as exc:
+                raise IngestError(f"the broker at {self.where} sent a bad PUBLISH: {exc}") from None
+            if message.qos == 1:
+                self._send(packets.pubacks([message.mid]))
+            self._received.append(message)
+        elif kind == packets.SUBACK:
+            mid, codes, _ = packets.acks(body)
+            self._subacks[mid] = codes
         elif kind == packets.DISCONNECT:
             code, text = packets.parse_disconnect(body)
             raise IngestError(

@@ -114,10 +114,6 @@ def test_paho_is_not_a_direct_dependency() -> None:
              for dep in project["dependencies"]]  # fmt: skip
     assert "paho-mqtt" not in names
     for path, tree in _trees().items():
-        if path == ROOT / "ingest" / "sparkplug" / "sim.py":
-            # The Sparkplug simulator's edge nodes (a will message, answers to NCMD) use paho's
-            # public API, which aiomqtt brings; they are a load generator, not the hot path.
-            continue
         for node in ast.walk(tree):
             modules = (
                 [alias.name for alias in node.names]

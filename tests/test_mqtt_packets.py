@@ -159,6 +159,47 @@ def test_connect_packet_bytes() -> None:
     )
 
 
+def test_connect_with_a_will_message() -> None:
+    data = packets.connect(
+        client_id="n1",
+        username="dev",
+        password=None,
+        keepalive=60,
+        will_topic="spBv1.0/G/NDEATH/e",
+        will_payload=b"\x12\x00",
+        will_qos=1,
+    )
+    assert data == (
+        b"\x10\x2d"  # CONNECT, remaining length 45
+        b"\x00\x04MQTT\x05"  # protocol name and level 5
+        b"\x8e\x00\x3c\x00"  # user name, will QoS 1, will, clean start; keepalive 60; no props
+        b"\x00\x02n1"  # client id
+        b"\x00"  # will properties: none
+        b"\x00\x12spBv1.0/G/NDEATH/e"  # will topic
+        b"\x00\x02\x12\x00"  # will payload
+        b"\x00\x03dev"  # user name
+    )
+    assert (
+        packets.connect(
+            client_id="a",
+            username=None,
+            password=None,
+            keepalive=5,
+            will_topic="w",
+            will_payload=b"",
+            will_qos=2,
+            will_retain=True,
+        )
+        == b"\x10\x14\x00\x04MQTT\x05\x36\x00\x05\x00\x00\x01a\x00\x00\x01w\x00\x00"
+    )
+    with pytest.raises(ValueError, match="will QoS 3"):
+        packets.connect(client_id="a", username=None, password=None, keepalive=5, will_qos=3)
+
+
+def test_disconnect_with_the_will_message() -> None:
+    assert packets.disconnect(0x04) == b"\xe0\x01\x04"
+
+
 def test_connack_reason_and_properties() -> None:
     props = (
         b"\x21\x00\x14"  # receive maximum 20

@@ -180,3 +180,24 @@ def test_a_payload_timestamp_outside_the_window_is_refused() -> None:
                 window=(T * 1000 - 10**9, T * 1000 + 10**9),
                 max_metrics=10,
             )
+
+
+async def test_data_read_at_intake_is_used_while_the_aliases_stand(
+    conn: asyncpg.Connection,
+) -> None:
+    group = f"G{uuid.uuid4().hex[:8]}"
+    a = Instance()
+    await a.flush(conn, a.accept(f"spBv1.0/{group}/NBIRTH/e", _birth({"Temp": 1, "Flow": 2})))
+    item = a.accept(f"spBv1.0/{group}/NDATA/e", _data({1: 5.0, 2: 6.0}, 1))
+    assert item.data is not None  # read in one call at intake, with the node's aliases
+    got = await a.flush(conn, item)
+    assert a.named(group, got) == {"Temp": 5.0, "Flow": 6.0}
+
+    # Data arriving after a birth of the same flush is read again with the birth's aliases.
+    early = a.accept(f"spBv1.0/{group}/NDATA/e", _data({1: 7.0, 2: 8.0}, 2))
+    again = a.accept(f"spBv1.0/{group}/NBIRTH/e", _birth({"Temp": 2, "Flow": 1}))
+    late = a.accept(f"spBv1.0/{group}/NDATA/e", _data({1: 9.0}, 1))
+    got = await a.flush(conn, early, again, late)
+    assert got.columns.value.tolist() == [7.0, 8.0, 1.0, 0.0, 0.0, 9.0]
+    names = [a.registry.name_of(int(s))[1] for s in got.columns.sensor]
+    assert names == ["Temp", "Flow", "bdSeq", "Temp", "Flow", "Flow"]

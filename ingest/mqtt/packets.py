@@ -205,10 +205,23 @@ def connect(
     session_expiry_s: int = 0,
     receive_maximum: int | None = None,
     maximum_packet_size: int | None = None,
+    will_topic: str | None = None,
+    will_payload: bytes = b"",
+    will_qos: int = 0,
+    will_retain: bool = False,
 ) -> bytes:
-    """A CONNECT packet, MQTT v5; by default clean start, no session kept, no properties."""
+    """A CONNECT packet, MQTT v5; by default clean start, no session kept, no properties.
+
+    With `will_topic`, a will message (no will properties) that the broker publishes when the
+    connection ends without a normal DISCONNECT, or with DISCONNECT reason 0x04."""
+    if will_qos not in (0, 1, 2):
+        raise ValueError(f"will QoS {will_qos} is not 0, 1 or 2")
+    if len(will_payload) > 0xFFFF:
+        raise ValueError(f"will payload of {len(will_payload)} bytes: at most 65535")
     flags = (0x02 if clean_start else 0) | (0x80 if username is not None else 0)
     flags |= 0x40 if password is not None else 0
+    if will_topic is not None:
+        flags |= 0x04 | (will_qos << 3) | (0x20 if will_retain else 0)
     props = b""
     if session_expiry_s:
         props += bytes((SESSION_EXPIRY,)) + session_expiry_s.to_bytes(4, "big")
@@ -218,6 +231,8 @@ def connect(
         props += bytes((MAXIMUM_PACKET_SIZE,)) + maximum_packet_size.to_bytes(4, "big")
     body = _string(b"MQTT") + bytes((5, flags)) + keepalive.to_bytes(2, "big")
     body += _varint(len(props)) + props + _string(client_id.encode())
+    if will_topic is not None:  # will properties (none), topic, payload
+        body += b"\x00" + _string(will_topic.encode()) + _string(will_payload)
     if username is not None:
         body += _string(username.encode())
     if password is not None:

@@ -4,33 +4,32 @@ Each line of the plant is an edge node (group: the site; edge node: the line's l
 by `.`; device: the device id). A node connects with its NDEATH as will message, sends NBIRTH
 (bdSeq, `Node Control/Rebirth`) and a DBIRTH per device (every sensor with name, alias,
 datatype and first sample), then DDATA by alias only, and at the end a DDEATH per device and a
-disconnect that makes the broker publish the will. Published with paho-mqtt's public API.
+disconnect that makes the broker publish the will. Published with ``ingest.publisher``, one
+blocking connection per edge node; rebirth commands are read between steps of the run.
 """
 
 from __future__ import annotations
 
 import math
-import ssl
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from typing import Final
 
 import numpy as np
 import numpy.typing as npt
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.reasoncodes import ReasonCode
 
 from ingest.errors import IngestError, PayloadError
+from ingest.publisher import Publisher
 from ingest.sparkplug.encode import Metric, encode_payload
 from ingest.sparkplug.kernel import C_DATATYPE
 from ingest.sparkplug.values import OK, metric_values
 from ingest.sparkplug.wire import decode_payload
 
 __all__ = ["SimDevice", "edge_nodes", "simulate_sparkplug"]
+
+_NO_PROPERTIES: Final = b"\x00"
+_WITH_WILL: Final = 0x04  # DISCONNECT reason: Disconnect with Will Message
 
 # Sensor kind -> (datatype, base, amplitude, noise)
 _KINDS = {
@@ -89,64 +88,60 @@ class _Edge:
         self, url: str, node: _Node, *, client_id: str, ca_file: str | None, rebirth: bool
     ) -> None:
         self.node = node
-        self.rebirth = threading.Event()  # set by a rebirth command, cleared by the births
+        self.rebirth = False  # set by a rebirth command, cleared by the births
         self.base = f"spBv1.0/{node.group}"
         self.seq = 0
         self.bd_seq = 0
-        parts = urlsplit(url)
-        self.client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
-        )
-        self.client.max_inflight_messages_set(1000)
-        if parts.username:
-            self.client.username_pw_set(parts.username, parts.password)
-        if parts.scheme == "mqtts":
-            self.client.tls_set(ca_certs=ca_file, cert_reqs=ssl.CERT_REQUIRED)
         death = encode_payload(
             timestamp=None, seq=None, metrics=[Metric("bdSeq", datatype=4, value=self.bd_seq)]
         )
-        self.client.will_set(f"{self.base}/NDEATH/{node.edge}", death, qos=1)
-        default_port = 8883 if parts.scheme == "mqtts" else 1883
-        try:
-            self.client.connect(parts.hostname or "127.0.0.1", parts.port or default_port)
-        except OSError as exc:
-            raise IngestError(f"simulate: cannot connect to {parts.hostname}: {exc}") from exc
+        self.client = Publisher(
+            url,
+            client_id,
+            ca_file=ca_file,
+            will=(f"{self.base}/NDEATH/{node.edge}", death, 1),
+        )
+        self.commands = f"{self.base}/NCMD/{node.edge}"
         if rebirth:
-            self.client.on_message = self._on_command
-            self.client.subscribe(f"{self.base}/NCMD/{node.edge}", qos=0)
-        self.client.loop_start()
-        self.pending: list[mqtt.MQTTMessageInfo] = []
+            try:
+                self.client.subscribe(self.commands, qos=0)
+            except IngestError:
+                self.client.close()
+                raise
 
-    def _on_command(self, client: object, userdata: object, msg: mqtt.MQTTMessage) -> None:
-        """NCMD `Node Control/Rebirth` = true: births again before the next data."""
+    def poll(self) -> None:
+        """Read the commands that arrived: NCMD `Node Control/Rebirth` = true sets `rebirth`."""
+        for message in self.client.received():
+            if message.topic == self.commands and self._asks_rebirth(message.payload):
+                self.rebirth = True
+
+    @staticmethod
+    def _asks_rebirth(payload: bytes) -> bool:
         try:
-            decoded = decode_payload(bytes(msg.payload), max_metrics=1000)
+            decoded = decode_payload(payload, max_metrics=1000)
             names = [decoded.name(i) for i in range(len(decoded))]
         except PayloadError:
-            return
+            return False
         value, status = metric_values(decoded.rows, decoded.rows[:, C_DATATYPE])
-        for name, v, ok in zip(names, value.tolist(), status.tolist(), strict=True):
-            if name == "Node Control/Rebirth" and ok == OK and v == 1.0:
-                self.rebirth.set()
+        return any(
+            name == "Node Control/Rebirth" and ok == OK and v == 1.0
+            for name, v, ok in zip(names, value.tolist(), status.tolist(), strict=True)
+        )
 
     def publish(self, kind: str, device: str | None, metrics: list[Metric], ts: int) -> None:
         topic = f"{self.base}/{kind}/{self.node.edge}" + (f"/{device}" if device else "")
         data = encode_payload(timestamp=ts, seq=self.seq, metrics=metrics)
         self.seq = (self.seq + 1) % 256
-        self.pending.append(self.client.publish(topic, data, qos=1))
-        if len(self.pending) >= 500:
-            self.settle()
+        self.client.publish(topic, data, qos=1, properties=_NO_PROPERTIES)
 
-    def settle(self) -> None:
-        for info in self.pending:
-            info.wait_for_publish(timeout=60)
-        self.pending.clear()
+    def idle(self, seconds: float) -> None:
+        """Wait, reading acknowledgements and commands and keeping the connection alive."""
+        self.client.idle(seconds)
 
     def die(self) -> None:
         """Disconnect with the will: the broker publishes the NDEATH."""
-        self.settle()
-        self.client.disconnect(reasoncode=ReasonCode(PacketTypes.DISCONNECT, identifier=4))
-        self.client.loop_stop()
+        self.client.settle(timeout=60)
+        self.client.close(_WITH_WILL)
 
 
 def _births(edge: _Edge, table: dict[tuple[str, str], int], index: int, ms: int, hz: float) -> int:
@@ -221,8 +216,10 @@ def simulate_sparkplug(
         ms = [start_ms + round(i * dt_ms) for i in index]
         for edge, table in zip(edges, aliases, strict=True):
             e_index, e_ms = index, ms
-            if edge.rebirth.is_set():  # births with this step's first sample, data after
-                edge.rebirth.clear()
+            if answer_rebirth:
+                edge.poll()
+            if edge.rebirth:  # births with this step's first sample, data after
+                edge.rebirth = False
                 edge.seq = 0
                 sent += _births(edge, table, int(index[0]), ms[0], hz)
                 e_index, e_ms = index[1:], ms[1:]
@@ -239,7 +236,9 @@ def simulate_sparkplug(
                 edge.publish("DDATA", d.path.rsplit("/", 1)[-1], data, e_ms[-1])
                 sent += len(data)
         if realtime:
-            time.sleep(max(0.0, ms[-1] / 1000 - time.time()))
+            left = max(0.0, ms[-1] / 1000 - time.time())
+            for edge in edges:  # each edge waits its share, answering pings and reading NCMD
+                edge.idle(left / len(edges))
         step += 1
     end_ms = start_ms + round((step * batch + 1) * dt_ms)
     for edge in edges:

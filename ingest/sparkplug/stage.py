@@ -38,7 +38,7 @@ from ingest.sparkplug.kernel import (
 )
 from ingest.sparkplug.nodes import BirthMetric, NodeState, births_upserts, load_changed
 from ingest.sparkplug.topic import Topic, parse_topic
-from ingest.sparkplug.wire import Decoded, decode_payload, metric_path
+from ingest.sparkplug.wire import DataReadings, Decoded, decode_data, decode_payload, metric_path
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,9 @@ DEATHS_IGNORED = Counter(
 
 _NUMERIC: Final = frozenset(range(1, 12))
 _NAN: Final = float("nan")
+_NO_TABLE: Final = AliasTable.empty()
+_NO_TIMES: Final = np.empty(0, np.int64)
+_ANY_TIME: Final = (-(2**63), 2**63 - 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,8 +71,9 @@ class Item:
     index: int  # the message's place in the flush, for dead letters
     topic: Topic
     decoded: Decoded
-    times: npt.NDArray[np.int64]
+    times: npt.NDArray[np.int64]  # of every metric; empty with `data`
     received_us: int
+    data: DataReadings | None = None  # DATA read at intake with the node's table of then
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +119,9 @@ def warm_up() -> None:
     decoded = decode_payload(data + b"\x12\x04\x4a\x02\x0a\x00", max_metrics=10)
     sv.metric_times(decoded.rows, payload_ms=decoded.timestamp, received_us=0)
     sv.metric_columns(decoded.rows, table=AliasTable.empty())
+    decode_data(
+        data, _NO_TABLE, max_metrics=10, received_us=0, window=_ANY_TIME, store_transient=False
+    )
 
 
 class SparkplugStage:
@@ -152,6 +159,18 @@ class SparkplugStage:
         MESSAGES.labels(parsed.kind or "ignored").inc()
         if parsed.kind is None:
             return None
+        if parsed.kind in ("NDATA", "DDATA"):
+            data = decode_data(
+                payload,
+                self._table(parsed.node),
+                max_metrics=max_metrics,
+                received_us=received_us,
+                window=window,
+                store_transient=self._store_transient,
+            )
+            if data is not None:  # no name, no error: the common case, in one kernel call
+                self._check_seq(parsed, data.decoded.seq)
+                return Item(index, parsed, data.decoded, _NO_TIMES, received_us, data)
         decoded = decode_payload(payload, max_metrics=max_metrics)
         times = sv.metric_times(decoded.rows, payload_ms=decoded.timestamp, received_us=received_us)
         lo, hi = window
@@ -169,6 +188,10 @@ class SparkplugStage:
                 if name is not None and "\x00" in name:  # PostgreSQL text cannot hold NUL
                     raise PayloadError(f"{metric_path(decoded.rows, row)}.name: contains NUL")
         return Item(index, parsed, decoded, times, received_us)
+
+    def _table(self, node: str) -> AliasTable:
+        state = self._nodes.get(node)
+        return state.table if state is not None else _NO_TABLE
 
     def _check_seq(self, topic: Topic, seq: int | None) -> None:
         if seq is None:
@@ -324,6 +347,8 @@ class SparkplugStage:
         return self._columns(item, sensors, value, status, quality)
 
     def _data(self, item: Item, registry: Registry) -> Columns:
+        if item.data is not None:
+            return self._fast_data(item, item.data)
         decoded, topic = item.decoded, item.topic
         rows = decoded.rows
         aliased = (rows[:, C_FLAGS] & F_ALIAS) != 0
@@ -346,6 +371,45 @@ class SparkplugStage:
                 sensor = registry.get(SensorKey(topic.levels, name)) if name else None
                 sensors[row] = -1 if sensor is None else sensor
         return self._columns(item, sensors, value, status, quality)
+
+    def _fast_data(self, item: Item, data: DataReadings) -> Columns:
+        """DATA that `accept` read already: read again only if the node's table changed since
+        (a birth earlier in the flush, or one another instance wrote)."""
+        topic = item.topic
+        table = self._table(topic.node)
+        if data.table is not table:
+            again = decode_data(
+                data.decoded.payload,
+                table,
+                max_metrics=len(data.decoded) + 1,
+                received_us=item.received_us,
+                window=_ANY_TIME,
+                store_transient=self._store_transient,
+            )
+            if again is None:  # not expected: the same payload was read at intake
+                raise PayloadError("payload: could not be read again with the new aliases")
+            data = again
+        info = data.info
+        unknown = int(info[sv.I_UNKNOWN])
+        if unknown >= 0:
+            if self._on_unknown_alias is not None:
+                self._on_unknown_alias(topic.group, topic.edge)
+            rows = data.decoded.rows
+            alias = int(rows[unknown, C_ALIAS]) % 2**64
+            raise PayloadError(
+                f"{metric_path(rows, unknown)}.alias: {alias} is not defined by a birth of edge "
+                f"node {topic.node!r}"
+            )
+        for slot, why in (
+            (sv.I_NULL, "null"),
+            (sv.I_NONNUMERIC, "nonnumeric"),
+            (sv.I_NOVALUE, "novalue"),
+            (sv.I_TRANSIENT, "transient"),
+        ):
+            count = int(info[slot])
+            if count:
+                SKIPPED.labels(why).inc(count)
+        return Columns(data.time, data.sensor, data.value, data.quality)
 
     def _columns(
         self,

@@ -15,12 +15,15 @@ from ingest.sparkplug.kernel import (
     C_DATATYPE,
     C_FIELD,
     C_FLAGS,
+    C_NAME_START,
     C_QUALITY,
     C_RAW,
     C_TIMESTAMP,
     F_ALIAS,
     F_NULL,
     F_TIMESTAMP,
+    F_TRANSIENT,
+    decode,
 )
 
 _EMPTY: Final = AliasTable.empty()
@@ -207,3 +210,169 @@ def _times(rows: npt.NDArray[np.int64], fallback: int) -> npt.NDArray[np.int64]:
         else:
             out[i] = fallback
     return out
+
+
+# Slots of the `info` array `data_columns` fills.
+I_ROWS: Final = 0  # metric rows decoded
+I_READINGS: Final = 1  # readings returned
+I_SLOW: Final = 2  # 1: the caller must take the general path (see data_columns)
+I_UNKNOWN: Final = 3  # row of the first aliased metric the table does not know, -1 if none
+I_NULL: Final = 4  # skip counts, by why
+I_NONNUMERIC: Final = 5
+I_NOVALUE: Final = 6
+I_TRANSIENT: Final = 7
+I_TIMESTAMP: Final = 8  # the payload's timestamp (ms bits) and whether it has one
+I_HAS_TIMESTAMP: Final = 9
+I_SEQ: Final = 10
+I_HAS_SEQ: Final = 11
+INFO: Final = 12
+
+
+@kernel
+def data_columns(
+    buf: npt.NDArray[np.uint8],
+    max_rows: int,
+    max_depth: int,
+    rows: npt.NDArray[np.int64],
+    info: npt.NDArray[np.int64],
+    time: npt.NDArray[np.int64],
+    sensor: npt.NDArray[np.int32],
+    value: npt.NDArray[np.float64],
+    quality: npt.NDArray[np.uint8],
+    t_alias: npt.NDArray[np.int64],
+    t_sensor: npt.NDArray[np.int32],
+    t_datatype: npt.NDArray[np.int64],
+    received_us: int,
+    lo: int,
+    hi: int,
+    store_transient: bool,
+) -> int:
+    """A DATA payload decoded and turned into its readings in one call: the readings kept go to
+    the first places of `time`, `sensor`, `value` and `quality` (as long as `rows`), the metric
+    rows to `rows`, counts and the payload's timestamp and seq to `info` (INFO long, the I_*
+    slots); returns the number of readings. Arrays come from the caller and nothing is returned
+    but an int: boxing an array the kernel made costs more than decoding 20 metrics.
+
+    Metrics are read as metric_columns, timed as metric_times and filtered as the stage filters
+    DATA (status OK, a known sensor, transient ones unless `store_transient`), with the skip
+    counts in `info`; an aliased metric the table does not know is no reading and no count.
+
+    info[I_SLOW] is 1, and nothing else is meant to be used, for whatever the general path
+    must handle with its precise reasons or by name: a malformed payload or full `rows` (the
+    decoder's error), a time outside [lo, hi], or a metric with a name."""
+    info[:] = 0
+    info[I_UNKNOWN] = -1
+    n, head = decode(buf, max_rows, max_depth, rows, np.empty((16, 4), np.int64))
+    info[I_ROWS] = n
+    if head[4] != 0:
+        info[I_SLOW] = 1
+        return 0
+    info[I_TIMESTAMP], info[I_HAS_TIMESTAMP] = head[0], head[1]
+    info[I_SEQ], info[I_HAS_SEQ] = head[2], head[3]
+    fallback = received_us
+    if head[1]:
+        ms = head[0]
+        if not 0 <= ms <= 9_223_372_036_854_775:
+            info[I_SLOW] = 1  # outside any window: the general path names it
+            return 0
+        fallback = ms * 1000
+        if fallback < lo or fallback > hi:
+            info[I_SLOW] = 1
+            return 0
+    f32 = rows.view(np.float32)
+    f64 = rows.view(np.float64)
+    m = len(t_alias)
+    k = 0
+    for i in range(n):
+        flags = rows[i, C_FLAGS]
+        if rows[i, C_NAME_START] >= 0:
+            info[I_SLOW] = 1
+            return 0
+        if flags & F_TIMESTAMP:
+            ms = rows[i, C_TIMESTAMP]
+            t = ms * 1000 if 0 <= ms <= 9_223_372_036_854_775 else -1
+        else:
+            t = fallback
+        if t < lo or t > hi:
+            info[I_SLOW] = 1
+            return 0
+        dt = rows[i, C_DATATYPE]
+        s = -1
+        if flags & F_ALIAS:
+            found = False
+            if m:
+                a = rows[i, C_ALIAS]
+                lo_, hi_ = 0, m  # binary search of the sorted alias column
+                while lo_ < hi_:
+                    mid = (lo_ + hi_) >> 1
+                    if t_alias[mid] < a:
+                        lo_ = mid + 1
+                    else:
+                        hi_ = mid
+                if lo_ < m and t_alias[lo_] == a:
+                    found = True
+                    s = t_sensor[lo_]
+                    if dt == 0:
+                        dt = t_datatype[lo_]
+            if not found:
+                if info[I_UNKNOWN] < 0:
+                    info[I_UNKNOWN] = i
+                continue
+        f = rows[i, C_FIELD]
+        if flags & F_NULL:
+            info[I_NULL] += 1
+            continue
+        if f == 0:
+            info[I_NOVALUE] += 1
+            continue
+        if f >= 15:
+            info[I_NONNUMERIC] += 1
+            continue
+        if dt == 0:  # no datatype anywhere: the value field says what it is
+            dt = 7 if f == 10 else (8 if f == 11 else (9 if f == 12 else (10 if f == 13 else 11)))
+        v = 0.0
+        if f == 12 or f == 13:  # float or double bits
+            # the float's bits are the low half of the little-endian int64
+            x = np.float64(f32[i, 2 * C_RAW]) if f == 12 else f64[i, C_RAW]
+            if 1 <= dt <= 10:
+                v = x
+            elif dt == 11:
+                v = 1.0 if x != 0.0 else 0.0
+            else:
+                info[I_NONNUMERIC] += 1
+                continue
+        else:
+            r = rows[i, C_RAW]
+            if dt == 1 or dt == 5:
+                u = r & 0xFF
+                v = u - 256 if dt == 1 and u >= 128 else u
+            elif dt == 2 or dt == 6:
+                u = r & 0xFFFF
+                v = u - 65536 if dt == 2 and u >= 32768 else u
+            elif dt == 3 or dt == 7:
+                u = r & 0xFFFFFFFF
+                v = u - 4294967296 if dt == 3 and u >= 2147483648 else u
+            elif dt == 4:
+                v = r
+            elif dt == 8 or dt == 9 or dt == 10:
+                v = np.float64(np.uint64(r))
+            elif dt == 11:
+                v = 1.0 if r != 0 else 0.0
+            else:
+                info[I_NONNUMERIC] += 1
+                continue
+        if s < 0:
+            continue
+        if flags & F_TRANSIENT and not store_transient:
+            info[I_TRANSIENT] += 1
+            continue
+        q = rows[i, C_QUALITY]
+        time[k] = t
+        sensor[k] = s
+        value[k] = v
+        quality[k] = (
+            GOOD if q < 0 or q == 192 else (BAD if q == 0 else (STALE if q == 500 else UNCERTAIN))
+        )
+        k += 1
+    info[I_READINGS] = k
+    return k

@@ -8,12 +8,13 @@ aliased data does not). Its error codes become PayloadErrors naming metric, fiel
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
 
 from ingest.errors import PayloadError
+from ingest.sparkplug.aliases import AliasTable
 from ingest.sparkplug.kernel import (
     C_NAME_LEN,
     C_NAME_START,
@@ -40,8 +41,18 @@ from ingest.sparkplug.kernel import (
     TEMPLATE_WT,
     decode,
 )
+from ingest.sparkplug.values import (
+    I_HAS_SEQ,
+    I_HAS_TIMESTAMP,
+    I_ROWS,
+    I_SEQ,
+    I_SLOW,
+    I_TIMESTAMP,
+    INFO,
+    data_columns,
+)
 
-__all__ = ["Decoded", "decode_payload", "metric_path"]
+__all__ = ["DataReadings", "Decoded", "decode_data", "decode_payload", "metric_path"]
 
 _WHAT: Final = {
     E_TRUNCATED_VARINT: "varint runs past the end",
@@ -190,3 +201,69 @@ def decode_payload(payload: bytes, *, max_metrics: int, max_depth: int = 8) -> D
         seq=int(head[2]) % 2**64 if head[3] else None,
         rows=rows[:n],
     )
+
+
+class DataReadings(NamedTuple):
+    """A DATA payload's readings as `decode_data` returns them, kept ones only (in metric
+    order): `info` holds the skip counts and the first unknown alias (values.I_*), `table` is
+    the alias table they were read with. A tuple: quicker to make than a frozen dataclass."""
+
+    decoded: Decoded
+    table: AliasTable
+    info: npt.NDArray[np.int64]
+    time: npt.NDArray[np.int64]
+    sensor: npt.NDArray[np.int32]
+    value: npt.NDArray[np.float64]
+    quality: npt.NDArray[np.uint8]
+
+
+def decode_data(
+    payload: bytes,
+    table: AliasTable,
+    *,
+    max_metrics: int,
+    received_us: int,
+    window: tuple[int, int],
+    store_transient: bool,
+    max_depth: int = 8,
+) -> DataReadings | None:
+    """Decode a DATA payload and read its aliased metrics through `table`, in one kernel call.
+
+    None where the general path (decode_payload, metric_times, metric_columns) must take over:
+    a malformed payload (it raises the precise PayloadError), a time outside `window`, a metric
+    with a name, or more metrics than the first guess of room holds."""
+    room = min(len(payload) // 12 + 16, max_metrics + 1)
+    rows = np.empty((room, COLUMNS), np.int64)
+    info = np.empty(INFO, np.int64)
+    time = np.empty(room, np.int64)
+    sensor = np.empty(room, np.int32)
+    value = np.empty(room, np.float64)
+    quality = np.empty(room, np.uint8)
+    k = data_columns(
+        np.frombuffer(payload, np.uint8),
+        max_metrics,
+        max_depth,
+        rows,
+        info,
+        time,
+        sensor,
+        value,
+        quality,
+        table.aliases,
+        table.sensors,
+        table.datatypes,
+        received_us,
+        window[0],
+        window[1],
+        store_transient,
+    )
+    head = info.tolist()
+    if head[I_SLOW]:
+        return None
+    decoded = Decoded(
+        payload=payload,
+        timestamp=head[I_TIMESTAMP] % 2**64 if head[I_HAS_TIMESTAMP] else None,
+        seq=head[I_SEQ] % 2**64 if head[I_HAS_SEQ] else None,
+        rows=rows[: head[I_ROWS]],
+    )
+    return DataReadings(decoded, table, info, time[:k], sensor[:k], value[:k], quality[:k])
