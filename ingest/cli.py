@@ -1,4 +1,4 @@
-"""The command line: `ingest run`, `drain`, `migrate`, `retain`, `simulate`, `assets`, `check-config`."""
+"""The `ingest` command line: run, drain, migrate, retain, simulate, assets, check-config."""
 
 from __future__ import annotations
 
