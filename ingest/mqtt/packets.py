@@ -242,30 +242,8 @@ def connect(
 
 def connack(body: bytes) -> tuple[int, dict[int, int | str]]:
     """(reason code, the numeric and text properties) of a CONNACK body."""
-    reason = body[1]
-    got = _read_varint(body, 2)
-    if got is None:
-        raise ValueError("CONNACK ends inside its properties' length")
-    length, at = got
-    end = at + length
-    found: dict[int, int | str] = {}
-    while at < end:
-        ident = body[at]
-        at += 1
-        kind = _CONNACK_PROPERTIES.get(ident)
-        if isinstance(kind, int):
-            found[ident] = int.from_bytes(body[at : at + kind], "big")
-            at += kind
-        elif kind == "s":
-            n = int.from_bytes(body[at : at + 2], "big")
-            found[ident] = body[at + 2 : at + 2 + n].decode("utf-8", "replace")
-            at += 2 + n
-        elif kind == "p":
-            _, at = _utf8(body, at)
-            _, at = _utf8(body, at)
-        else:
-            raise ValueError(f"unknown CONNACK property 0x{ident:02x}")
-    return reason, found
+    found, _ = properties(body, 2, allowed=_CONNACK_PROPERTIES, packet_name="CONNACK")
+    return body[1], found
 
 
 def publish_properties(content_type: str, user: list[tuple[str, str]]) -> bytes:
@@ -282,14 +260,21 @@ def publish(*, topic: bytes, payload: bytes, qos: int, mid: int, properties: byt
     return packet(PUBLISH | (qos << 1), head + payload)
 
 
-def properties(body: bytes, at: int) -> tuple[dict[int, int | str], int]:
+def properties(
+    body: bytes,
+    at: int,
+    *,
+    allowed: dict[int, int | str] = _PROPERTIES,
+    packet_name: str = "",
+) -> tuple[dict[int, int | str], int]:
     """(numeric and text properties, where they end) of the property block at body[at:].
 
-    User properties and binary values are skipped; ValueError if the block is malformed.
+    User properties and binary values are skipped; ValueError if the block is malformed or
+    holds a property outside `allowed` (`packet_name` names the packet in the message).
     """
     got = _read_varint(body, at)
     if got is None:
-        raise ValueError("the packet ends inside its properties' length")
+        raise ValueError(f"{packet_name or 'the packet'} ends inside its properties' length")
     length, at = got
     end = at + length
     if end > len(body):
@@ -298,7 +283,7 @@ def properties(body: bytes, at: int) -> tuple[dict[int, int | str], int]:
     while at < end:
         ident = body[at]
         at += 1
-        kind = _PROPERTIES.get(ident)
+        kind = allowed.get(ident)
         if isinstance(kind, int):
             found[ident] = int.from_bytes(body[at : at + kind], "big")
             at += kind
@@ -315,7 +300,9 @@ def properties(body: bytes, at: int) -> tuple[dict[int, int | str], int]:
                 raise ValueError("a property ends inside its value")
             found[ident], at = value
         else:
-            raise ValueError(f"unknown property 0x{ident:02x}")
+            raise ValueError(
+                f"unknown {packet_name + ' ' if packet_name else ''}property 0x{ident:02x}"
+            )
     if at != end:
         raise ValueError("a property runs past the properties' length")
     return found, end
