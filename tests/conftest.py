@@ -13,6 +13,7 @@ import asyncpg
 import pytest
 
 from ingest.migrate import migrate
+from tests.alert_helpers import Receiver
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -98,6 +99,38 @@ async def empty_database() -> AsyncIterator[Database]:
     db = await create_database(migrated=False)
     yield db
     await drop_database(db)
+
+
+@pytest.fixture
+async def db() -> AsyncIterator[Database]:
+    """A migrated scratch database of the test's own, shared with no other test."""
+    db = await create_database(migrated=True)
+    yield db
+    await drop_database(db)
+
+
+@pytest.fixture
+async def owner_conn(db: Database) -> AsyncIterator[asyncpg.Connection]:
+    """The schema owner's connection to `db`."""
+    conn = await asyncpg.connect(db.owner_url)
+    yield conn
+    await conn.close()
+
+
+@pytest.fixture
+async def service(db: Database) -> AsyncIterator[asyncpg.Connection]:
+    """The service's connection to `db`, as the insert-only `ingest` role."""
+    conn = await asyncpg.connect(db.ingest_url)
+    yield conn
+    await conn.close()
+
+
+@pytest.fixture
+async def receiver(tmp_path: Path) -> AsyncIterator[Receiver]:
+    """A real HTTP receiver process that records every request (tests/alert_receiver.py)."""
+    r = await Receiver(tmp_path / "requests.jsonl").start()
+    yield r
+    await r.stop()
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ shown in sensors_v. And `ingest retain` dropping delivered notifications."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from ingest.alerts.assets import AssetFileError, read
 from ingest.config import Retention
 from ingest.retention import retain
 from tests.alert_helpers import seed_device
-from tests.conftest import Database, create_database, drop_database
+from tests.conftest import Database
 from tests.helpers import ingest_cli
 
 YAML = """\
@@ -31,13 +30,6 @@ assets:
     criticality: 5
     ci_id: CI0042
 """
-
-
-@pytest.fixture
-async def db() -> AsyncIterator[Database]:
-    db = await create_database(migrated=True)
-    yield db
-    await drop_database(db)
 
 
 def env(db: Database) -> dict[str, str]:

@@ -6,48 +6,17 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import asyncpg
-import pytest
 from prometheus_client import REGISTRY
 
 from ingest.alerts.outbox import Dispatcher
 from ingest.alerts.rules import Alerts, CloudEventsSink, MqttSink, PagerDutySink, ServiceNowSink
 from ingest.alerts.sinks import retry_after
 from tests.alert_helpers import MqttWatch, Receiver, seed_device
-from tests.conftest import Database, create_database, drop_database
+from tests.conftest import Database
 from tests.helpers import wait_until
-
-
-@pytest.fixture
-async def db() -> AsyncIterator[Database]:
-    db = await create_database(migrated=True)
-    yield db
-    await drop_database(db)
-
-
-@pytest.fixture
-async def owner_conn(db: Database) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(db.owner_url)
-    yield conn
-    await conn.close()
-
-
-@pytest.fixture
-async def service(db: Database) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(db.ingest_url)
-    yield conn
-    await conn.close()
-
-
-@pytest.fixture
-async def receiver(tmp_path: Path) -> AsyncIterator[Receiver]:
-    r = await Receiver(tmp_path / "requests.jsonl").start()
-    yield r
-    await r.stop()
 
 
 def note(key: str, event: str, n: int, **extra: Any) -> dict[str, Any]:

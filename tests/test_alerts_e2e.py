@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ import pytest
 
 from benchmarks.harness import free_port
 from tests.alert_helpers import MqttWatch, Receiver, seed_device
-from tests.conftest import Database, create_database, drop_database
+from tests.conftest import Database
 from tests.helpers import (
     Ingester,
     Publisher,
@@ -40,20 +39,6 @@ RULES = [
         },
     }
 ]
-
-
-@pytest.fixture
-async def db() -> AsyncIterator[Database]:
-    db = await create_database(migrated=True)
-    yield db
-    await drop_database(db)
-
-
-@pytest.fixture
-async def receiver(tmp_path: Path) -> AsyncIterator[Receiver]:
-    r = await Receiver(tmp_path / "requests.jsonl").start()
-    yield r
-    await r.stop()
 
 
 def alert_env(

@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from datetime import timedelta
 
 import asyncpg
-import pytest
 
 from ingest.alerts.evaluator import Evaluator
 from ingest.alerts.rules import AlertRule, Alerts, CloudEventsSink
 from ingest.rules import AnomalyRule
 from tests.alert_helpers import anomaly, at, now_base, readings_until, seed_device
-from tests.conftest import Database, create_database, drop_database
+from tests.conftest import Database
 
 HOOK = CloudEventsSink(name="hook", url="http://127.0.0.1:9/hook")
 OVERHEAT = AnomalyRule(
@@ -26,28 +24,6 @@ OVERHEAT = AnomalyRule(
 STUCK = AnomalyRule(
     match="*/pressure", flatline_count=10, alert=AlertRule(condition="stuck", severity="minor")
 )
-
-
-@pytest.fixture
-async def db() -> AsyncIterator[Database]:
-    db = await create_database(migrated=True)
-    yield db
-    await drop_database(db)
-
-
-@pytest.fixture
-async def owner_conn(db: Database) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(db.owner_url)
-    yield conn
-    await conn.close()
-
-
-@pytest.fixture
-async def service(db: Database) -> AsyncIterator[asyncpg.Connection]:
-    """The evaluator's connection, as the insert-only `ingest` role."""
-    conn = await asyncpg.connect(db.ingest_url)
-    yield conn
-    await conn.close()
 
 
 async def outbox(conn: asyncpg.Connection) -> list[tuple[str, str, str, str]]:
