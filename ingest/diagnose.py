@@ -133,10 +133,13 @@ def _msgpack_problem(data: bytes) -> str | None:
     end = len(data)
     pos = 0
     pending = [1]  # values still to read at each open nesting level
+    in_map = [False]  # whether that level is a map (its even-numbered values are keys)
     while pending:
         if not pending[-1]:
             pending.pop()
+            in_map.pop()
             continue
+        key = in_map[-1] and pending[-1] % 2 == 0
         pending[-1] -= 1
         if pos >= end:
             return f"payload: truncated at byte {end}"
@@ -147,19 +150,38 @@ def _msgpack_problem(data: bytes) -> str | None:
         size = -1
         if code <= 0x7F or code >= 0xE0:
             continue
+        is_map = code <= 0x8F or code in (0xDE, 0xDF)
+        if key and is_map:  # valid MessagePack, but no key a decoder can hold
+            return f"payload: the map key at byte {at} is a map"
         if code <= 0x8F:
             count = 2 * (code & 0x0F)
         elif code <= 0x9F:
             count = code & 0x0F
         elif code <= 0xBF:
             size = code & 0x1F
-        elif code in _FIXED:
-            pos += _FIXED[code]
-        elif code in _BIN or code in _EXT or code in _STR:
-            width = _BIN.get(code) or _EXT.get(code) or _STR[code]
+        elif code in _FIXED or code in _EXT:
+            if code in _EXT:
+                width = _EXT[code]
+                if pos + width > end:
+                    return f"payload: truncated at byte {end}"
+                data_size = int.from_bytes(data[pos : pos + width], "big")
+                pos += width
+            else:
+                data_size = _FIXED[code] - 1
+            if code >= 0xD4 or code in _EXT:  # an extension: its type byte, then its data
+                if pos >= end:
+                    return f"payload: truncated at byte {end}"
+                problem = _extension_problem(data[pos], data_size, at, key=key)
+                if problem is not None:
+                    return problem
+                pos += 1 + data_size
+            else:
+                pos += _FIXED[code]
+        elif code in _BIN or code in _STR:
+            width = _BIN.get(code) or _STR[code]
             if pos + width > end:
                 return f"payload: truncated at byte {end}"
-            size = int.from_bytes(data[pos : pos + width], "big") + (code in _EXT)
+            size = int.from_bytes(data[pos : pos + width], "big")
             pos += width
         elif code in _CONTAINER:
             width, per = _CONTAINER[code]
@@ -173,6 +195,7 @@ def _msgpack_problem(data: bytes) -> str | None:
             if len(pending) > _MAX_DEPTH:
                 return f"payload: nested deeper than {_MAX_DEPTH} levels"
             pending.append(count)
+            in_map.append(is_map)
         elif size >= 0:
             if (code <= 0xBF or code in _STR) and pos + size <= end:
                 try:
@@ -187,6 +210,17 @@ def _msgpack_problem(data: bytes) -> str | None:
     return None
 
 
+def _extension_problem(kind: int, size: int, at: int, *, key: bool) -> str | None:
+    """What a decoder cannot hold of the extension at byte `at` (type byte `kind`), or None."""
+    if kind == 0xFF:  # type -1, a timestamp
+        if size not in (4, 8, 12):
+            return f"payload: the timestamp at byte {at} has {size} bytes; 4, 8 or 12 are valid"
+        return None
+    if key:
+        return f"payload: the map key at byte {at} is an extension value"
+    return None
+
+
 def _msgpack_values(payload: bytes) -> Any:
     problem = _msgpack_problem(payload)
     if problem is not None:
@@ -194,8 +228,8 @@ def _msgpack_values(payload: bytes) -> Any:
     try:
         return msgspec.msgpack.decode(payload)
     except (msgspec.DecodeError, TypeError, ValueError, RecursionError):
-        # Syntax is sound but the values have no plain form (a map as a map key, say).
-        raise PayloadError("payload: MessagePack is malformed: a map key is a map") from None
+        # The scanner passed what the plain decoder still refuses: say so rather than guess.
+        raise PayloadError("payload: MessagePack holds a value with no plain form") from None
 
 
 # --------------------------------------------------------------------------------------------

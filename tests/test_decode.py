@@ -746,6 +746,17 @@ def test_malformed_msgpack() -> None:
     assert reason(MSGPACK_BATCH[:-1]) == f"payload: truncated at byte {len(MSGPACK_BATCH) - 1}"
     assert reason(b"\x91" * 40 + b"\x01") == "payload: nested deeper than 32 levels"
     assert reason(b"\x81\x91\x01\x01") == "payload: key: expected a string, got an array"
+    # Valid MessagePack that no decoder can hold as plain values, named where it stands.
+    assert reason(b"\x81\x81\x01\x01\x01") == "payload: the map key at byte 1 is a map"
+    assert reason(b"\x81\xd4\x05\x01\x01") == (
+        "payload: the map key at byte 1 is an extension value"
+    )
+    assert reason(b"\xc7\x03\xff\x00\x00\x00") == (
+        "payload: the timestamp at byte 0 has 3 bytes; 4, 8 or 12 are valid"
+    )
+    assert reason(b"\x81\xd6\xff\x00\x00\x00\x01\x01") == (
+        "payload: key: expected a string, got a timestamp"
+    )
 
 
 @pytest.mark.parametrize(
