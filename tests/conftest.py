@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -78,6 +80,17 @@ async def drop_database(db: Database) -> None:
         await conn.execute(f'DROP DATABASE IF EXISTS "{db.name}" WITH (FORCE)')
     finally:
         await conn.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compiled_kernels() -> None:
+    """Fill numba's on-disk cache once, before any test starts an ingester: on a fresh checkout
+    the first `ingest run` would otherwise compile every kernel while its start is timed."""
+    subprocess.run(
+        [sys.executable, "-c", "from ingest.kernels import warm_up; warm_up()"],
+        check=True,
+        timeout=600,
+    )
 
 
 @pytest.fixture(scope="session")

@@ -316,8 +316,11 @@ class Connection(asyncio.Protocol):
 
     def ack(self, seq: int) -> bool:
         """Acknowledge message `seq`. The PUBACKs it releases are written at the end of this
-        turn of the event loop, together with all others released meanwhile, in one write."""
-        if self.lost:
+        turn of the event loop, together with all others released meanwhile, in one write.
+
+        ``False`` once the connection is being dropped or closed, even before the transport
+        reports it lost: a PUBACK written then would never reach the broker."""
+        if self.lost or not self.alive:
             return False
         released = self.ledger.ack(seq)
         if released is None:
