@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
 
+from ingest.db.registry import Registry, SensorKey, _Known
 from ingest.decode import Batch, Channel
 from ingest.pipeline import FlushJob, _Accepted, build_readings, channel_keys
-from ingest.registry import Registry, SensorKey, _Known
 
 T0 = 1_767_225_600_000_000  # 2026-01-01T00:00:00Z
 DEVICES = 40

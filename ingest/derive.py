@@ -11,11 +11,11 @@ import numpy as np
 import numpy.typing as npt
 
 from ingest import metrics
-from ingest.anomaly import AnomalyDetector, Event, Pending, StateNeed
-from ingest.kernels import MINUTE_US, Rollup, rollup, warm_up
-from ingest.registry import Registry
-from ingest.rules import AnomalyRule, rule_for
-from ingest.sink import PG_EPOCH_US, Appended, Extra, Readings, Upsert, copy_data
+from ingest.anomaly.detector import AnomalyDetector, Event, Pending, StateNeed
+from ingest.anomaly.rules import AnomalyRule, rule_for
+from ingest.db.registry import Registry
+from ingest.db.sink import PG_EPOCH_US, Appended, Extra, Readings, Upsert, copy_data
+from ingest.kernels import MINUTE_US, Rollup, rollup
 
 # Microseconds since the Unix epoch to timestamptz, exactly, inside the database.
 _TS = "(timestamptz 'epoch' + {} * interval '1 microsecond')"
@@ -227,11 +227,6 @@ class Deriver:
         self.detector = AnomalyDetector()
         self._assigned: set[int] = set()
         self._open: set[tuple[int, str, int]] = set()  # open events, to count new ones
-
-    @staticmethod
-    def warm_up() -> None:
-        """Compile (or load from the on-disk cache) every kernel before the first message."""
-        warm_up()
 
     async def prepare(self, conn: asyncpg.Connection, *, readings: Readings) -> None:
         """Give new sensors their anomaly rule and rebuild the state of sensors seen first."""

@@ -20,6 +20,9 @@ import numpy.typing as npt
 from ingest import memory, metrics
 from ingest.alerts.service import start as start_alerts
 from ingest.config import Config, parse_rfc3339_us
+from ingest.db.migrate import default_schema_dir, load_migrations, pending
+from ingest.db.registry import Registry, SensorKey
+from ingest.db.sink import CLIENT_ERRORS, DeadLetter, Readings, Sink, Upsert, classify
 from ingest.decode import Batch, DecodeLimits, decode_batch, parse_topic
 from ingest.derive import Derived, Deriver, merge_rollups
 from ingest.errors import (
@@ -30,14 +33,11 @@ from ingest.errors import (
     TransientSinkError,
 )
 from ingest.kernels import check_sorted, gather
-from ingest.migrate import default_schema_dir, load_migrations, pending
 from ingest.mqtt import MqttSource, Received
-from ingest.registry import Registry, SensorKey
-from ingest.sink import CLIENT_ERRORS, DeadLetter, Readings, Sink, Upsert, classify
 from ingest.sparkplug.commands import HostApplication, RebirthRequester
 from ingest.sparkplug.stage import Columns, Item, Prepared, SparkplugStage
-from ingest.sparkplug.stage import warm_up as warm_up_sparkplug
 from ingest.sparkplug.topic import is_sparkplug
+from ingest.warmup import warm_up
 
 log = logging.getLogger(__name__)
 
@@ -805,9 +805,7 @@ async def run_service(
     health = metrics.Health()
     pipeline = Pipeline(cfg, health=health)
     started = time.monotonic()
-    pipeline.deriver.warm_up()
-    if cfg.sparkplug.enabled:
-        warm_up_sparkplug()
+    warm_up(sparkplug=cfg.sparkplug.enabled)
     memory.freeze_startup()
     log.info("kernels ready in %.2fs", time.monotonic() - started)
     failed: list[BaseException] = []

@@ -8,10 +8,10 @@ import uuid
 import pytest
 
 from ingest import config, metrics
+from ingest.db.sink import Readings
 from ingest.decode import DecodeLimits, decode_batch
 from ingest.errors import InternalError
 from ingest.pipeline import FlushJob, Pipeline, _Accepted
-from ingest.sink import Readings
 from tests.conftest import Database
 from tests.helpers import (
     T0,
