@@ -28,9 +28,9 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
-from ingest.anomaly import AnomalyDetector, Event
+from ingest.anomaly.detector import AnomalyDetector, Event
+from ingest.anomaly.rules import AnomalyRule
 from ingest.decode import DecodeLimits, decode_batch
-from ingest.rules import AnomalyRule
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "nab"

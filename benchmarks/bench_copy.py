@@ -1,4 +1,4 @@
-"""Micro-benchmark of ingest.sink.encode_copy (binary COPY data of a slab); readings/s per case."""
+"""Micro-benchmark of ingest.db.sink.encode_copy (binary COPY data of a slab): readings/s."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
 
-from ingest.sink import Readings, encode_copy
+from ingest.db.sink import Readings, encode_copy
 
 T0 = 1_767_225_600_000_000  # 2026-01-01T00:00:00Z
 SENSORS = 240  # the simulator's built-in plant

@@ -1,4 +1,4 @@
-"""Micro-benchmark of ingest.pipeline.build_readings: a flush's messages to sorted columns.
+"""Micro-benchmark of ingest.flush.build_readings: a flush's messages to sorted columns.
 
 The flush is what `ingest simulate` sends with the built-in plant: 167 messages of 6 channels
 of 100 samples (100,200 readings). Two cases: the channels as they arrive (ordered whole by
@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
 
+from ingest.db.registry import Registry, SensorKey, _Known
 from ingest.decode import Batch, Channel
-from ingest.pipeline import FlushJob, _Accepted, build_readings, channel_keys
-from ingest.registry import Registry, SensorKey, _Known
+from ingest.flush import Accepted, FlushJob, build_readings, channel_keys
 
 T0 = 1_767_225_600_000_000  # 2026-01-01T00:00:00Z
 DEVICES = 40
@@ -48,7 +48,7 @@ def _flush(*, overlap: bool) -> tuple[FlushJob, Registry]:
                 registry._sensors[key] = _Known(len(registry._sensors) + 1, None)
             part = slice(s * SAMPLES, (s + 1) * SAMPLES)
             channels.append(Channel(name, None, time[part], value[part], quality[part]))
-        job.accepted.append(_Accepted(levels, Batch(m, tuple(channels), n, time, value, quality)))
+        job.accepted.append(Accepted(levels, Batch(m, tuple(channels), n, time, value, quality)))
         job.readings += SENSORS_PER_DEVICE * SAMPLES
     return job, registry
 

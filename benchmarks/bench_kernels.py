@@ -12,10 +12,11 @@ import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 from pytest_benchmark.fixture import BenchmarkFixture
 
-from ingest.anomaly import AnomalyDetector
-from ingest.filters import MAD_SCALE
-from ingest.kernels import HOUR_US, MINUTE_US, rollup, warm_up
-from ingest.rules import MAX_SPIKE_WINDOW, AnomalyRule
+from ingest.anomaly.detector import AnomalyDetector
+from ingest.anomaly.layout import MAD_SCALE
+from ingest.anomaly.rules import MAX_SPIKE_WINDOW, AnomalyRule
+from ingest.kernels import HOUR_US, MINUTE_US, rollup
+from ingest.warmup import warm_up
 
 T0 = 1_767_225_600_000_000  # 2026-01-01T00:00:00Z
 SENSORS = 1_000

@@ -30,7 +30,7 @@ import pytest
 
 from ingest.mqtt import MqttSource, Settings
 from ingest.mqtt.packets import publish_properties
-from ingest.publisher import Publisher
+from ingest.sim.publisher import Publisher
 
 MESSAGES = 10_000
 PAYLOAD = 5_000

@@ -68,12 +68,12 @@ from benchmarks.harness import (
 )
 from ingest import config as ingest_config
 from ingest import memory
+from ingest.anomaly.rules import MAX_DRIFT_SPAN
+from ingest.db.migrate import migrate
+from ingest.db.sink import Readings, encode_copy
 from ingest.decode import DecodeLimits, decode_batch
 from ingest.errors import ConfigError, IngestError
-from ingest.migrate import migrate
-from ingest.rules import MAX_DRIFT_SPAN
-from ingest.simulate import load_plant, read_record
-from ingest.sink import Readings, encode_copy
+from ingest.sim.simulate import load_plant, read_record
 
 _STACK_VARS = (
     "INGEST_DB_URL",
@@ -473,7 +473,7 @@ class Ingester:
         # Fill numba's on-disk kernel cache first, as the container image does when it is built,
         # so the process under test loads its kernels rather than compiling them: its memory is
         # then the running service's, not the compiler's.
-        warm = [sys.executable, "-c", "import ingest.kernels as k; k.warm_up()"]
+        warm = [sys.executable, "-c", "import ingest.warmup as w; w.warm_up()"]
         compiler = await children.start("kernel warm-up", warm, env=self.env)
         if await compiler.wait(timeout=300, doing="compiling the kernels") != 0:
             raise BenchError(f"kernel warm-up failed{compiler.tail()}")

@@ -159,7 +159,7 @@ def _simulate(args: argparse.Namespace) -> int:
     import time
 
     from ingest.config import parse_rfc3339_us
-    from ingest.simulate import Anomaly, SimSettings, load_plant, simulate
+    from ingest.sim.simulate import Anomaly, SimSettings, load_plant, simulate
 
     devices = load_plant(args.plant)
     if args.devices:
@@ -204,7 +204,7 @@ def _migrate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ingest import config as config_mod
-    from ingest.migrate import migrate
+    from ingest.db.migrate import migrate
 
     cfg = config_mod.load(path=args.config, for_migrate=True)
     _setup_logging(level=cfg.log.level, fmt=cfg.log.format)
@@ -220,7 +220,7 @@ def _migrate(args: argparse.Namespace) -> int:
 
 def _retain(args: argparse.Namespace) -> int:
     from ingest import config as config_mod
-    from ingest.retention import retain
+    from ingest.db.retention import retain
 
     cfg = config_mod.load(path=args.config, for_migrate=True)
     dsn = cfg.db.migrate_url or cfg.db.url

@@ -13,9 +13,9 @@ from typing import Any, Literal
 import msgspec
 
 from ingest.alerts.rules import Alerts
+from ingest.anomaly.rules import AnomalyRule
 from ingest.errors import ConfigError
 from ingest.mqtt.settings import Settings as Mqtt
-from ingest.rules import AnomalyRule
 
 ENV_PREFIX = "INGEST_"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

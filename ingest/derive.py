@@ -11,21 +11,18 @@ import numpy as np
 import numpy.typing as npt
 
 from ingest import metrics
-from ingest.anomaly import AnomalyDetector, Event, Pending, StateNeed
-from ingest.kernels import MINUTE_US, Rollup, rollup, warm_up
-from ingest.registry import Registry
-from ingest.rules import AnomalyRule, rule_for
-from ingest.sink import PG_EPOCH_US, Appended, Extra, Readings, Upsert, copy_data
+from ingest.anomaly.detector import AnomalyDetector, Event, Pending, StateNeed
+from ingest.anomaly.rules import AnomalyRule, rule_for
+from ingest.db.registry import Registry
+from ingest.db.sink import PG_EPOCH_US, Appended, Extra, Readings, Upsert, copy_data
+from ingest.kernels import MINUTE_US, Rollup, rollup
 
 # Microseconds since the Unix epoch to timestamptz, exactly, inside the database.
 _TS = "(timestamptz 'epoch' + {} * interval '1 microsecond')"
 
 
-ROLLUP_WIDTHS = ("1m", "1h")
-"""telemetry.rollup_<width>: merged from telemetry.rollup_pending by MERGE_SQL."""
-
 # A flush appends the 1-minute partials of its new readings to telemetry.rollup_pending with
-# one COPY; merge_rollups moves them into both rollup tables in bulk (schema/003).
+# one COPY; ingest.db.rollups moves them into both rollup tables in bulk (schema/003).
 _PENDING_COLUMNS = (
     "bucket",
     "sensor_id",
@@ -39,69 +36,6 @@ _PENDING_COLUMNS = (
     "last_time",
 )
 _PENDING_WIRE = (">i8", ">i4", ">f8", ">f8", ">f8", ">i8", ">f8", ">i8", ">f8", ">i8")
-
-_MERGE = """
-    SELECT {bucket} AS bucket, sensor_id, min(min) AS min, max(max) AS max, sum(sum) AS sum,
-           sum(count)::int8 AS count,
-           (array_agg(first ORDER BY first_time))[1] AS first, min(first_time) AS first_time,
-           (array_agg(last ORDER BY last_time DESC))[1] AS last, max(last_time) AS last_time
-      FROM {source} GROUP BY 1, 2"""
-
-
-def _merge_insert(table: str, source: str) -> str:
-    return f"""
-INSERT INTO telemetry.{table} AS r
-       (bucket, sensor_id, min, max, sum, count, first, first_time, last, last_time)
-SELECT bucket, sensor_id, min, max, sum, count, first, first_time, last, last_time
-  FROM {source} ORDER BY sensor_id, bucket
-ON CONFLICT (sensor_id, bucket) DO UPDATE SET
-    min = least(r.min, EXCLUDED.min),
-    max = greatest(r.max, EXCLUDED.max),
-    sum = r.sum + EXCLUDED.sum,
-    count = r.count + EXCLUDED.count,
-    first = CASE WHEN EXCLUDED.first_time < r.first_time THEN EXCLUDED.first ELSE r.first END,
-    first_time = least(r.first_time, EXCLUDED.first_time),
-    last = CASE WHEN EXCLUDED.last_time > r.last_time THEN EXCLUDED.last ELSE r.last END,
-    last_time = greatest(r.last_time, EXCLUDED.last_time)
-RETURNING 1"""
-
-
-# Every committed partial, moved in one statement: deleted from the pending table, aggregated
-# per (sensor, minute) and per (sensor, hour), and merged into the two rollup tables. Partials
-# that commit meanwhile are not in the statement's snapshot and wait for the next merge.
-_MERGE_1M = _merge_insert("rollup_1m", "minute")
-_MERGE_1H = _merge_insert("rollup_1h", "hour")
-MERGE_SQL = f"""
-WITH moved AS (DELETE FROM telemetry.rollup_pending RETURNING *),
-minute AS ({_MERGE.format(bucket="bucket", source="moved")}),
-hour AS ({_MERGE.format(bucket="time_bucket(INTERVAL '1 hour', bucket)", source="minute")}),
-m AS ({_MERGE_1M}),
-h AS ({_MERGE_1H})
-SELECT (SELECT count(*) FROM moved) AS partials, (SELECT count(*) FROM m) AS minutes,
-       (SELECT count(*) FROM h) AS hours
-"""
-# Room to sort a merge's partials in memory (this transaction only).
-_MERGE_MEMORY = "SET LOCAL work_mem = '128MB'"
-# One merger at a time, whatever the number of ingesters: the others skip their turn.
-_MERGE_LOCK = "SELECT pg_try_advisory_xact_lock(7301998173522371379)"
-
-
-async def merge_rollups(conn: asyncpg.Connection) -> int | None:
-    """Merge every committed rollup partial into the rollup tables, in one transaction.
-
-    Returns how many partials were merged, or None when another ingester was merging.
-    """
-    async with conn.transaction():
-        if not await conn.fetchval(_MERGE_LOCK):
-            return None
-        await conn.execute(_MERGE_MEMORY)
-        row = await conn.fetchrow(MERGE_SQL)
-    assert row is not None
-    metrics.ROLLUP_MERGES.inc()
-    metrics.ROLLUP_ROWS.labels("1m").inc(row["minutes"])
-    metrics.ROLLUP_ROWS.labels("1h").inc(row["hours"])
-    return int(row["partials"])
-
 
 ANOMALY_SQL = f"""
 INSERT INTO telemetry.anomalies AS a (start_time, sensor_id, kind, end_time, value, score, detail)
@@ -227,11 +161,6 @@ class Deriver:
         self.detector = AnomalyDetector()
         self._assigned: set[int] = set()
         self._open: set[tuple[int, str, int]] = set()  # open events, to count new ones
-
-    @staticmethod
-    def warm_up() -> None:
-        """Compile (or load from the on-disk cache) every kernel before the first message."""
-        warm_up()
 
     async def prepare(self, conn: asyncpg.Connection, *, readings: Readings) -> None:
         """Give new sensors their anomaly rule and rebuild the state of sensors seen first."""

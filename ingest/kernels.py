@@ -1,17 +1,15 @@
-"""Numba kernels of the hot path: gathering a flush, per-sensor time-bucket rollups, and warming
-up every kernel."""
+"""Numba kernels of the hot path: gathering a flush and per-sensor time-bucket rollups."""
 
 from __future__ import annotations
 
-import logging
 import operator
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final, TypeVar, cast
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
-from numba import njit
+
+from ingest.jit import kernel
 
 __all__ = [
     "DAY_US",
@@ -19,34 +17,14 @@ __all__ = [
     "MINUTE_US",
     "Rollup",
     "check_sorted",
+    "compile_kernels",
     "gather",
-    "kernel",
     "rollup",
-    "warm_up",
 ]
 
 MINUTE_US: Final = 60_000_000
 HOUR_US: Final = 3_600_000_000
 DAY_US: Final = 86_400_000_000
-
-_F = TypeVar("_F", bound=Callable[..., Any])
-_log = logging.getLogger(__name__)
-_uncached: list[str] = []
-
-
-def kernel(fn: _F) -> _F:
-    """Compile `fn` with numba, GIL released while it runs, cached on disk where possible.
-
-    The cache lives next to the module, else (read-only install) in the user's cache directory,
-    or in NUMBA_CACHE_DIR if set. With no writable place at all, kernels compile at `warm_up`.
-    """
-    try:
-        return cast(_F, njit(cache=True, nogil=True)(fn))
-    except RuntimeError as exc:  # numba: "cannot cache function ...: no locator available"
-        if not _uncached:
-            _log.warning("numba cache unavailable, kernels compile at every start: %s", exc)
-        _uncached.append(fn.__name__)
-        return cast(_F, njit(nogil=True)(fn))
 
 
 @kernel
@@ -255,15 +233,8 @@ def rollup(
     return out
 
 
-def warm_up() -> None:
-    """Compile or load from the on-disk cache every kernel (a flush's gather and order check,
-    rollups and anomaly filters).
-
-    Call once before subscribing, so that no message waits for the JIT. Blocks for up to a
-    few seconds on a cold cache, well under one on a warm one.
-    """
-    from ingest import anomaly  # imports this module for `kernel`
-
+def compile_kernels() -> None:
+    """Compile, or load from the on-disk cache, this module's kernels (see `ingest.warmup`)."""
     sensor = np.array([1, 1, 2], np.int32)
     time = np.array([0, MINUTE_US, 5], np.int64)
     value = np.array([1.0, np.nan, 2.0])
@@ -272,4 +243,3 @@ def warm_up() -> None:
     starts, lengths = np.array([1, 0], np.int64), np.array([2, 1], np.int64)
     columns = gather(time, value, np.zeros(3, np.uint8), starts, lengths, sensor[:2])
     check_sorted(columns[1], columns[0])
-    anomaly.warm_up()

@@ -14,15 +14,20 @@ and, every hundred of those, a full one over every object in the process: numba,
 their modules hold hundreds of thousands, none of which will ever be garbage. `freeze_startup`
 moves everything that exists once the kernels are compiled out of the collector's sight, and
 lets young collections run less often.
+
+`InflightBudget` bounds what the pipeline holds: received and not yet acknowledged.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import ctypes.util
 import gc
 import logging
 from typing import Final
+
+from ingest import metrics
 
 log = logging.getLogger(__name__)
 
@@ -54,3 +59,39 @@ def freeze_startup() -> None:
     gc.freeze()
     _, middle, old = gc.get_threshold()
     gc.set_threshold(YOUNG_THRESHOLD, middle, old)
+
+
+class InflightBudget:
+    """Caps what is received and not yet acknowledged, in bytes and readings.
+
+    The in-flight gauges read it when scraped, so taking a message costs no metric update.
+    """
+
+    def __init__(self, *, max_bytes: int, max_readings: int) -> None:
+        self.max_bytes, self.max_readings = max_bytes, max_readings
+        self.bytes = self.readings = self.messages = 0
+        self._changed = asyncio.Condition()
+        metrics.INFLIGHT_BYTES.set_function(lambda: self.bytes)
+        metrics.INFLIGHT_READINGS.set_function(lambda: self.readings)
+        metrics.INFLIGHT_MESSAGES.set_function(lambda: self.messages)
+
+    def has_room(self) -> bool:
+        return self.bytes < self.max_bytes and self.readings < self.max_readings
+
+    async def wait_for_room(self) -> None:
+        if self.has_room():
+            return
+        async with self._changed:
+            await self._changed.wait_for(self.has_room)
+
+    def take(self, *, nbytes: int, readings: int) -> None:
+        self.bytes += nbytes
+        self.readings += readings
+        self.messages += 1
+
+    async def release(self, *, nbytes: int, readings: int, messages: int) -> None:
+        async with self._changed:
+            self.bytes -= nbytes
+            self.readings -= readings
+            self.messages -= messages
+            self._changed.notify_all()

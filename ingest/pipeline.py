@@ -1,192 +1,37 @@
-"""The pipeline: wires source, decode, registry, kernels and sink, and acknowledges after commit."""
+"""The pipeline: wires the MQTT source, decoding, the flush, the writer and the rollup merger;
+acknowledges every message after its flush committed."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
-import random
 import signal
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
-
-import asyncpg
-import numpy as np
-import numpy.typing as npt
 
 from ingest import memory, metrics
 from ingest.alerts.service import start as start_alerts
 from ingest.config import Config, parse_rfc3339_us
-from ingest.decode import Batch, DecodeLimits, decode_batch, parse_topic
-from ingest.derive import Derived, Deriver, merge_rollups
+from ingest.db.registry import Registry
+from ingest.db.rollups import RollupMerger
+from ingest.decode import DecodeLimits, decode_batch, parse_topic
+from ingest.derive import Deriver
 from ingest.errors import (
     ConfigError,
-    InternalError,
     PayloadError,
     PermanentSinkError,
-    TransientSinkError,
 )
-from ingest.kernels import check_sorted, gather
-from ingest.migrate import default_schema_dir, load_migrations, pending
+from ingest.flush import Accepted, FlushJob
+from ingest.memory import InflightBudget
 from ingest.mqtt import MqttSource, Received
-from ingest.registry import Registry, SensorKey
-from ingest.sink import CLIENT_ERRORS, DeadLetter, Readings, Sink, Upsert, classify
 from ingest.sparkplug.commands import HostApplication, RebirthRequester
-from ingest.sparkplug.stage import Columns, Item, Prepared, SparkplugStage
-from ingest.sparkplug.stage import warm_up as warm_up_sparkplug
+from ingest.sparkplug.stage import SparkplugStage
 from ingest.sparkplug.topic import is_sparkplug
+from ingest.warmup import warm_up
+from ingest.writer import Writer
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class _Accepted:
-    levels: tuple[str, ...]
-    batch: Batch
-    received: Received | None = None
-
-
-@dataclass(slots=True)
-class FlushJob:
-    """Messages gathered for one flush, in arrival order."""
-
-    received: list[Received] = field(default_factory=list)
-    accepted: list[_Accepted] = field(default_factory=list)
-    dead_letters: list[DeadLetter] = field(default_factory=list)
-    readings: int = 0
-    nbytes: int = 0
-    sparkplug: list[Item] = field(default_factory=list)
-    sparkplug_prepared: Prepared | None = None  # once per flush, kept for its retries
-
-    def __bool__(self) -> bool:
-        return bool(self.received)
-
-
-class _Budget:
-    """Caps what is received and not yet acknowledged, in bytes and readings.
-
-    The in-flight gauges read it when scraped, so taking a message costs no metric update.
-    """
-
-    def __init__(self, *, max_bytes: int, max_readings: int) -> None:
-        self.max_bytes, self.max_readings = max_bytes, max_readings
-        self.bytes = self.readings = self.messages = 0
-        self._changed = asyncio.Condition()
-        metrics.INFLIGHT_BYTES.set_function(lambda: self.bytes)
-        metrics.INFLIGHT_READINGS.set_function(lambda: self.readings)
-        metrics.INFLIGHT_MESSAGES.set_function(lambda: self.messages)
-
-    def has_room(self) -> bool:
-        return self.bytes < self.max_bytes and self.readings < self.max_readings
-
-    async def wait_for_room(self) -> None:
-        if self.has_room():
-            return
-        async with self._changed:
-            await self._changed.wait_for(self.has_room)
-
-    def take(self, *, nbytes: int, readings: int) -> None:
-        self.bytes += nbytes
-        self.readings += readings
-        self.messages += 1
-
-    async def release(self, *, nbytes: int, readings: int, messages: int) -> None:
-        async with self._changed:
-            self.bytes -= nbytes
-            self.readings -= readings
-            self.messages -= messages
-            self._changed.notify_all()
-
-
-def channel_keys(job: FlushJob) -> list[SensorKey]:
-    """The sensor of every channel of the flush, in arrival order."""
-    return [SensorKey(item.levels, ch.name) for item in job.accepted for ch in item.batch.channels]
-
-
-def build_readings(
-    job: FlushJob, sensor_ids: Sequence[int | None] | npt.NDArray[np.int32]
-) -> tuple[Readings, int]:
-    """The flush's readings as columns sorted by (sensor, time); for a repeated (sensor, time)
-    the reading that arrived last wins. Returns the columns and how many were superseded.
-    `sensor_ids` holds the id of every channel's sensor, in arrival order.
-
-    Channels usually hold rising times, and a sensor's channels from later messages start
-    after the earlier ones end: then gathering whole channels in (sensor, first time) order
-    sorts the flush, which one linear check confirms. Anything else takes a stable sort of
-    every reading.
-    """
-    batches = [item.batch for item in job.accepted]
-    if not len(sensor_ids):
-        empty = Readings(
-            np.empty(0, np.int64),
-            np.empty(0, np.int32),
-            np.empty(0, np.float64),
-            np.empty(0, np.uint8),
-        )
-        return empty, 0
-    if not isinstance(sensor_ids, np.ndarray):
-        assert None not in sensor_ids, "resolve() registers every sensor of the flush first"
-    sensor = np.asarray(sensor_ids, dtype=np.int32)  # per channel, in arrival order
-    lengths = np.array([len(ch.time) for b in batches for ch in b.channels], dtype=np.int64)
-    starts = np.cumsum(lengths) - lengths
-    time = np.concatenate([b.time for b in batches])
-    value = np.concatenate([b.value for b in batches])
-    quality = np.concatenate([b.quality for b in batches])
-    order = np.lexsort((time[starts], sensor))  # stable: ties keep arrival order
-    slab = Readings(*gather(time, value, quality, starts[order], lengths[order], sensor[order]))
-    if check_sorted(slab.sensor, slab.time) < 0:
-        return slab, 0
-    return _sort_readings(Readings(time, np.repeat(sensor, lengths), value, quality))
-
-
-def _sort_readings(arrived: Readings) -> tuple[Readings, int]:
-    """`arrived` (in arrival order) sorted by (sensor, time), keeping the last of equal keys."""
-    order = np.lexsort((arrived.time, arrived.sensor))  # stable: equal keys keep arrival order
-    time_col, sensor_col = arrived.time[order], arrived.sensor[order]
-    value_col, quality_col = arrived.value[order], arrived.quality[order]
-    repeated = (sensor_col[1:] == sensor_col[:-1]) & (time_col[1:] == time_col[:-1])
-    if repeated.any():
-        keep = np.ones(len(time_col), dtype=bool)
-        keep[:-1] = ~repeated
-        slab = Readings(time_col[keep], sensor_col[keep], value_col[keep], quality_col[keep])
-        return slab, int(repeated.sum())
-    return Readings(time_col, sensor_col, value_col, quality_col), 0
-
-
-def merge_sparkplug(readings: Readings, columns: Columns) -> tuple[Readings, int]:
-    """Sorted `readings` with a flush's Sparkplug readings (arrival order) added; a repeated
-    (sensor, time) keeps the later one. Returns the readings and how many were superseded."""
-    if not len(columns.time):
-        return readings, 0
-    return _sort_readings(
-        Readings(
-            np.concatenate([readings.time, columns.time]),
-            np.concatenate([readings.sensor, columns.sensor]),
-            np.concatenate([readings.value, columns.value]),
-            np.concatenate([readings.quality, columns.quality]),
-        )
-    )
-
-
-def _derive_with(
-    deriver: Deriver, upserts: Sequence[Upsert], *, skip_nan: bool
-) -> Callable[[Readings], Derived]:
-    """`deriver.derive` plus the Sparkplug births' writes, first, in the same transaction.
-    With `skip_nan`, the stale rows of deaths (NaN) stay out of rollups and anomaly filters."""
-
-    def derive(new: Readings) -> Derived:
-        derived = deriver.derive(new.select(~np.isnan(new.value)) if skip_nan else new)
-        return dataclasses.replace(derived, upserts=[*upserts, *derived.upserts])
-
-    return derive
-
-
-def _clean(text: str | None) -> str | None:
-    """PostgreSQL text cannot hold NUL; keep everything else as received."""
-    return None if text is None else text.replace("\x00", "\\x00")
 
 
 # Leaving a share group: the session is empty once everything received is acknowledged and
@@ -223,12 +68,18 @@ class Pipeline:
         self.deriver = Deriver(
             rules=cfg.anomaly.rules, rollups=cfg.rollups.enabled, registry=self.registry
         )
-        self.sinks = [
-            Sink(dsn=cfg.db.url, connect_timeout_s=cfg.db.connect_timeout_s)
-            for _ in range(cfg.db.writers)
-        ]
-        self._merge_sink = Sink(dsn=cfg.db.url, connect_timeout_s=cfg.db.connect_timeout_s)
-        self._stop_merging = asyncio.Event()
+        self.writer = Writer(
+            cfg,
+            registry=self.registry,
+            deriver=self.deriver,
+            sparkplug=self.sparkplug,
+            health=health,
+        )
+        self.merger = RollupMerger(
+            dsn=cfg.db.url,
+            connect_timeout_s=cfg.db.connect_timeout_s,
+            interval_s=cfg.rollups.merge_interval_s,
+        )
         self.source = MqttSource(
             settings=cfg.mqtt,
             extra_filters=cfg.sparkplug.topic_filters(),
@@ -243,7 +94,7 @@ class Pipeline:
             min_time_us=parse_rfc3339_us(cfg.limits.min_time),
             max_future_us=int(cfg.limits.max_future_s * 1_000_000),
         )
-        self._budget = _Budget(
+        self._budget = InflightBudget(
             max_bytes=cfg.flush.max_inflight_bytes, max_readings=cfg.flush.max_inflight_readings
         )
         self._job = FlushJob()
@@ -279,19 +130,10 @@ class Pipeline:
                 now_us=time.time_ns() // 1000,
             )
         except PayloadError as exc:
-            job.dead_letters.append(
-                DeadLetter(
-                    received_us=msg.received_ns // 1000,
-                    topic=_clean(msg.topic) or "",
-                    payload=msg.payload,
-                    reason=exc.reason,
-                    content_type=_clean(msg.content_type),
-                )
-            )
-            metrics.DEAD_LETTERS.labels(metrics.reason_field(exc.reason)).inc()
+            job.reject(msg, exc.reason)
             self._budget.take(nbytes=len(msg.payload), readings=0)
             return
-        job.accepted.append(_Accepted(levels, batch, msg))
+        job.accepted.append(Accepted(levels, batch, msg))
         job.readings += batch.readings
         self._budget.take(nbytes=len(msg.payload), readings=batch.readings)
 
@@ -354,7 +196,7 @@ class Pipeline:
             self._writer_idle = False
             if job is None:
                 return
-            await self._commit(job)
+            await self.writer.write(job)
             # Only what the current connection takes: after a reconnect the broker delivers
             # the others again, and they are counted when those copies are acknowledged.
             acked = 0
@@ -365,238 +207,7 @@ class Pipeline:
                 nbytes=job.nbytes, readings=job.readings, messages=len(job.received)
             )
 
-    async def _commit(self, job: FlushJob) -> None:
-        """Write one flush, retrying transient database errors with capped backoff.
-
-        The flush is split by sensor over the writer connections, each part in a transaction
-        of its own, written at the same time; a part that committed is not written again.
-        """
-        delay = self.cfg.db.retry_min_s
-        started = time.monotonic()
-        written: set[int] = set()
-        while True:
-            try:
-                await self._try_commit(job, written, started)
-                self.health.database = True
-                return
-            except TransientSinkError as exc:
-                self.health.database = False
-                metrics.DB_RETRIES.inc()
-                log.warning(
-                    "flush of %d messages not written, retrying in %.1fs: %s",
-                    len(job.received),
-                    delay,
-                    exc,
-                )
-                await asyncio.sleep(delay * (0.5 + random.random()))
-                delay = min(delay * 2, self.cfg.db.retry_max_s)
-                for sink in self.sinks:
-                    if not sink.connected:
-                        with contextlib.suppress(TransientSinkError):
-                            await sink.connect()
-
-    async def _try_commit(self, job: FlushJob, written: set[int], started: float) -> None:
-        conn = self.sinks[0].connection
-        stage = "resolve"
-        try:
-            ids = await self._resolve(conn, job)
-            stage = "assembly"
-            readings, superseded = build_readings(job, ids)
-            if job.sparkplug:
-                stage = "Sparkplug prepare"
-                if job.sparkplug_prepared is None:
-                    job.sparkplug_prepared = await self._prepare_sparkplug(conn, job)
-                readings, more = merge_sparkplug(readings, job.sparkplug_prepared.columns)
-                superseded += more
-            stage = "prepare"
-            await self.deriver.prepare(conn, readings=readings)
-        except (PermanentSinkError, TransientSinkError):
-            raise
-        except (asyncpg.PostgresError, *CLIENT_ERRORS) as exc:
-            if not isinstance(exc, asyncpg.PostgresError):
-                self.sinks[0].discard()  # its state is unknown after a client-side error
-            raise classify(exc) from exc
-        except Exception as exc:
-            # A defect of ours: say so, and keep the connection, which did nothing wrong.
-            raise InternalError(f"{stage}: {type(exc).__name__}: {exc}") from exc
-        # Split only into parts of at least db.split_min_readings: for a small flush a second
-        # transaction costs more than writing in parallel saves.
-        parts = max(1, min(len(self.sinks), len(readings) // self.cfg.db.split_min_readings))
-        prepared = job.sparkplug_prepared
-        births = prepared.upserts if prepared is not None else []
-        derive0: Callable[[Readings], Derived] = self.deriver.derive
-        if prepared is not None and (births or prepared.stale_rows):
-            derive0 = _derive_with(self.deriver, births, skip_nan=prepared.stale_rows > 0)
-        if births:
-            parts = 1  # a birth's aliases commit in the transaction of its readings
-        slabs = [readings]
-        if parts > 1:
-            part_of = readings.sensor % parts
-            slabs = [readings.select(part_of == p) for p in range(parts)]
-        todo = [
-            p
-            for p in range(parts)
-            if p not in written and (len(slabs[p]) or (p == 0 and (job.dead_letters or births)))
-        ]
-        outcomes = await asyncio.gather(
-            *(
-                self.sinks[p].write(
-                    readings=slabs[p],
-                    dead_letters=job.dead_letters if p == 0 else (),
-                    derive=derive0 if p == 0 else self.deriver.derive,
-                )
-                for p in todo
-            ),
-            return_exceptions=True,
-        )
-        failure: BaseException | None = None
-        for p, outcome in zip(todo, outcomes, strict=True):
-            if isinstance(outcome, BaseException):
-                failure = failure or outcome
-                continue
-            result, derived = outcome
-            written.add(p)
-            self.deriver.commit(derived)
-            metrics.READINGS_WRITTEN.inc(result.inserted)
-            metrics.READINGS_DUPLICATE.inc(result.duplicates)
-            metrics.COPY_SECONDS.observe(result.copy_seconds)
-            if result.staged:
-                log.info(
-                    "a flush part of %d readings held %d already stored (redelivery)",
-                    result.inserted + result.duplicates,
-                    result.duplicates,
-                )
-        if failure is not None:
-            raise failure
-        done = time.time()
-        metrics.READINGS_SUPERSEDED.inc(superseded)
-        metrics.FLUSH_READINGS.observe(len(readings))
-        metrics.FLUSH_SECONDS.observe(time.monotonic() - started)
-        metrics.LAST_COMMIT.set(done)
-        for msg in job.received:
-            sent = msg.published_us / 1e6 if msg.published_us else msg.received_ns / 1e9
-            metrics.COMMIT_LAG.observe(max(0.0, done - sent))
-
-    async def _resolve(self, conn: asyncpg.Connection, job: FlushJob) -> npt.NDArray[np.int32]:
-        """The sensor id of every channel of the flush, in arrival order, registering new
-        sensors and units. A message naming a sensor its device has no room for becomes a dead
-        letter. A message shaped like an earlier one (device, channel names, units) costs one
-        look-up, not one per channel."""
-        registry = self.registry
-        parts: list[npt.NDArray[np.int32] | None] = []
-        shapes = []
-        sensors: dict[SensorKey, str | None] = {}
-        latest: dict[SensorKey, int] = {}  # the latest reading time of each new sensor
-        for item in job.accepted:
-            names = tuple([ch.name for ch in item.batch.channels])
-            units = tuple([ch.unit for ch in item.batch.channels])
-            ids = registry.message_ids(item.levels, names, units)
-            parts.append(ids)
-            shapes.append((names, units))
-            if ids is None:
-                for ch in item.batch.channels:
-                    key = SensorKey(item.levels, ch.name)
-                    if ch.unit is not None or key not in sensors:
-                        sensors[key] = ch.unit
-                    if key not in registry:
-                        t = int(ch.time.max())
-                        latest[key] = max(t, latest.get(key, t))
-        if sensors:
-            refused = await registry.resolve(conn, sensors=sensors, latest=latest)
-            if refused:
-                self._refuse(job, refused)
-                return await self._resolve(conn, job)  # all known now: one look-up each
-            for i, item in enumerate(job.accepted):
-                if parts[i] is None:
-                    parts[i] = registry.remember(item.levels, *shapes[i])
-            metrics.SENSORS_KNOWN.set(registry.used)
-        done = [p for p in parts if p is not None]
-        return np.concatenate(done) if done else np.empty(0, np.int32)
-
-    def _refuse(self, job: FlushJob, refused: set[SensorKey]) -> None:
-        """Turn the messages naming a refused sensor into dead letters, in place."""
-        cap = self.cfg.limits.max_sensors_per_device
-        kept = []
-        for item in job.accepted:
-            over = next(
-                (c.name for c in item.batch.channels if SensorKey(item.levels, c.name) in refused),
-                None,
-            )
-            if over is None or item.received is None:
-                kept.append(item)
-                continue
-            msg = item.received
-            reason = (
-                f"sensor: device {'/'.join(item.levels)} already has {cap} sensors "
-                f"(limits.max_sensors_per_device); {over!r} is not registered"
-            )
-            job.dead_letters.append(
-                DeadLetter(
-                    received_us=msg.received_ns // 1000,
-                    topic=_clean(msg.topic) or "",
-                    payload=msg.payload,
-                    reason=_clean(reason) or reason,
-                    content_type=_clean(msg.content_type),
-                )
-            )
-            metrics.DEAD_LETTERS.labels(metrics.reason_field(reason)).inc()
-        job.accepted = kept
-
     # ------------------------------------------------------------------ lifecycle
-
-    async def _prepare_sparkplug(self, conn: asyncpg.Connection, job: FlushJob) -> Prepared:
-        prepared = await self.sparkplug.prepare(conn, items=job.sparkplug, registry=self.registry)
-        for index, reason in prepared.dead_letters:
-            msg = job.received[index]
-            job.dead_letters.append(
-                DeadLetter(
-                    received_us=msg.received_ns // 1000,
-                    topic=_clean(msg.topic) or "",
-                    payload=msg.payload,
-                    reason=reason,
-                    content_type=_clean(msg.content_type),
-                )
-            )
-            metrics.DEAD_LETTERS.labels(metrics.reason_field(reason)).inc()
-        return prepared
-
-    async def wait_for_database(self, stop: asyncio.Event) -> bool:
-        """Connect, check the schema is current and load the registry in bulk, retrying until
-        done or `stop` is set."""
-        migrations = load_migrations(default_schema_dir())
-        delay = self.cfg.db.retry_min_s
-        while not stop.is_set():
-            try:
-                for sink in self.sinks:
-                    await sink.connect()
-                self.health.database = True
-                conn = self.sinks[0].connection
-                behind = await pending(conn, migrations=migrations)
-                if not behind:
-                    started = time.monotonic()
-                    try:
-                        await self.registry.load(conn)
-                    except (asyncpg.PostgresError, *CLIENT_ERRORS) as exc:
-                        raise classify(exc) from exc
-                    log.info(
-                        "registry: %d sensors loaded in %.2fs",
-                        len(self.registry),
-                        time.monotonic() - started,
-                    )
-                    self.health.schema = True
-                    return True
-                log.warning(
-                    "database schema is behind: %d migration(s) pending (%s); run 'ingest migrate'",
-                    len(behind),
-                    behind[0].name,
-                )
-            except TransientSinkError as exc:
-                self.health.database = False
-                log.warning("database not reachable, retrying in %.1fs: %s", delay, exc)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=delay)
-            delay = min(delay * 2, self.cfg.db.retry_max_s)
-        return False
 
     async def run(self, stop: asyncio.Event, *, drain: bool = False) -> None:
         """Run until `stop` is set, then stop intake, flush, acknowledge and return.
@@ -607,18 +218,18 @@ class Pipeline:
         the group (see `_leave`). `drain`: take over the session of `mqtt.client_id` without
         subscribing, ingest what the broker holds in it, end it and return (`ingest drain`).
         """
-        if not await self.wait_for_database(stop):
-            return
         cfg = self.cfg
         leave = drain or (bool(cfg.mqtt.share_group) and cfg.mqtt.leave_on_stop)
         if drain:
             await self.source.leave()  # the first connection unsubscribes instead
-        async with self.source, asyncio.TaskGroup() as tg:
+        async with self.writer, self.source, asyncio.TaskGroup() as tg:
+            if not await self.writer.connect(stop):
+                return
             writer = tg.create_task(self._writer(), name="writer")
             timer = tg.create_task(self._timer(), name="flush-timer")
             merger = None
             if self.cfg.rollups.enabled:
-                merger = tg.create_task(self._merger(), name="rollup-merge")
+                merger = tg.create_task(self.merger.run(), name="rollup-merge")
             extras = []
             if self.rebirths is not None:
                 extras.append(tg.create_task(self.rebirths.run(), name="sparkplug-rebirths"))
@@ -653,24 +264,20 @@ class Pipeline:
             for task in extras:
                 task.cancel()
             stopper.cancel()
-            self._stop_merging.set()  # a merge in progress finishes; no new one starts
+            self.merger.stop()  # a merge in progress finishes; no new one starts
             alerts_stop.set()
             if not writer.done():
                 # Shield the final flush: a second signal during the grace period is ignored.
                 await asyncio.shield(self._drain(writer, merger, deadline))
             if merger is not None and not merger.done():
-                self._merge_sink.discard()  # the server rolls the merge back
+                self.merger.abort()  # the server rolls the merge back
                 merger.cancel()
+            self.writer.deadline = deadline
             if leave:
                 await self._end_session(
                     emptied=emptied and writer.done() and self._idle(), deadline=deadline
                 )
-        for sink in [*self.sinks, self._merge_sink]:
-            left = deadline - asyncio.get_running_loop().time()
-            if left > 0:
-                await sink.close(wait_s=min(5.0, left))
-            else:
-                sink.discard()
+        await self.merger.close(wait_s=deadline - asyncio.get_running_loop().time())
 
     def _idle(self) -> bool:
         """Nothing received is unacknowledged: no flush gathering, waiting or being written."""
@@ -750,7 +357,7 @@ class Pipeline:
                 await asyncio.shield(writer)
                 if merger is not None:
                     await asyncio.shield(merger)  # a merge in progress ends first
-                    await self._merge_once()
+                    await self.merger.merge_once()
         except TimeoutError:
             if writer.done():
                 log.warning("final rollup merge not done in time; the next merge does it")
@@ -761,33 +368,6 @@ class Pipeline:
                 self.cfg.flush.shutdown_grace_s,
             )
             writer.cancel()
-
-    async def _merger(self) -> None:
-        """Merge the pending rollup partials every rollups.merge_interval_s (own connection),
-        until stopping."""
-        while not self._stop_merging.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    self._stop_merging.wait(), timeout=self.cfg.rollups.merge_interval_s
-                )
-            if not self._stop_merging.is_set():
-                await self._merge_once()
-
-    async def _merge_once(self) -> None:
-        sink = self._merge_sink
-        try:
-            if not sink.connected:
-                await sink.connect()
-            started = time.monotonic()
-            merged = await merge_rollups(sink.connection)
-            if merged:
-                log.debug("merged %d rollup partials in %.2fs", merged, time.monotonic() - started)
-        except (TransientSinkError, PermanentSinkError) as exc:
-            log.warning("rollup merge skipped: %s", exc)
-        except (asyncpg.PostgresError, *CLIENT_ERRORS) as exc:
-            if not isinstance(exc, asyncpg.PostgresError):
-                sink.discard()
-            log.warning("rollup merge skipped, the next one retries: %s", classify(exc))
 
 
 async def run_service(
@@ -805,9 +385,7 @@ async def run_service(
     health = metrics.Health()
     pipeline = Pipeline(cfg, health=health)
     started = time.monotonic()
-    pipeline.deriver.warm_up()
-    if cfg.sparkplug.enabled:
-        warm_up_sparkplug()
+    warm_up(sparkplug=cfg.sparkplug.enabled)
     memory.freeze_startup()
     log.info("kernels ready in %.2fs", time.monotonic() - started)
     failed: list[BaseException] = []

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from ingest.migrate import migrate
+from ingest.db.migrate import migrate
 from tests.alert_helpers import Receiver
 
 ROOT = Path(__file__).resolve().parent.parent

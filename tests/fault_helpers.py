@@ -35,7 +35,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from benchmarks.harness import free_port
-from ingest.migrate import migrate
+from ingest.db.migrate import migrate
 from tests.conftest import Database
 from tests.helpers import Ingester, Row, stored, wait_until
 

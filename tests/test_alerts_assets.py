@@ -12,7 +12,7 @@ import pytest
 
 from ingest.alerts.assets import AssetFileError, read
 from ingest.config import Retention
-from ingest.retention import retain
+from ingest.db.retention import retain
 from tests.alert_helpers import seed_device
 from tests.conftest import Database
 from tests.helpers import ingest_cli

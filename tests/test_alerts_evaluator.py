@@ -11,7 +11,7 @@ import asyncpg
 
 from ingest.alerts.evaluator import Evaluator
 from ingest.alerts.rules import AlertRule, Alerts, CloudEventsSink
-from ingest.rules import AnomalyRule
+from ingest.anomaly.rules import AnomalyRule
 from tests.alert_helpers import anomaly, at, now_base, readings_until, seed_device
 from tests.conftest import Database
 

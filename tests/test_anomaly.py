@@ -14,10 +14,11 @@ import pytest
 from hypothesis import HealthCheck, currently_in_test_context, event, given, settings
 from hypothesis import strategies as st
 
-from ingest import anomaly
-from ingest.anomaly import KINDS, AnomalyDetector, Event, Pending, StateNeed, warm_up
-from ingest.filters import MAD_SCALE
-from ingest.rules import AnomalyRule, rule_for
+from ingest.anomaly import detector as anomaly
+from ingest.anomaly.detector import KINDS, AnomalyDetector, Event, Pending, StateNeed
+from ingest.anomaly.layout import MAD_SCALE
+from ingest.anomaly.rules import AnomalyRule, rule_for
+from ingest.warmup import warm_up
 
 T0 = 1_767_225_600_000_000  # 2026-01-01T00:00:00Z
 S = 1_000_000  # one second in microseconds

@@ -27,8 +27,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ingest import config, metrics
 from ingest.config import Config, Flush, Limits, Metrics
+from ingest.db.migrate import default_schema_dir, load_migrations
 from ingest.errors import ConfigError
-from ingest.migrate import default_schema_dir, load_migrations
 from tests.conftest import Database
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -313,7 +313,7 @@ def test_image_finds_the_schema() -> None:
     )
     text = "\n".join(f"{word} {rest}" for word, rest in dockerfile())
     assert "COPY schema/ schema/" in text
-    assert "python -I -c 'from ingest.migrate import default_schema_dir, load_migrations" in text
+    assert "python -I -c 'from ingest.db.migrate import default_schema_dir, load_migrations" in text
     assert "site-packages" not in text, "nothing is copied in by hand"
     assert "cp " not in text, "nothing is copied in by hand"
 

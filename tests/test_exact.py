@@ -9,7 +9,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ingest import drift, exact
+from ingest.anomaly import drift, exact
 
 PROPERTY = settings(
     max_examples=300,

@@ -10,9 +10,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ingest import anomaly, filters, kernels
-from ingest.kernels import DAY_US, HOUR_US, MINUTE_US, Rollup, rollup, warm_up
-from ingest.rules import AnomalyRule
+from ingest import kernels
+from ingest.anomaly import detector as anomaly
+from ingest.anomaly import filters
+from ingest.anomaly.rules import AnomalyRule
+from ingest.kernels import DAY_US, HOUR_US, MINUTE_US, Rollup, rollup
+from ingest.warmup import warm_up
 
 T0 = 1_767_225_600_000_000  # 2026-01-01T00:00:00Z
 
@@ -253,8 +256,8 @@ def test_after_warm_up_nothing_compiles_again() -> None:
         "ingest.kernels._rollup_fill",
         "ingest.kernels.check_sorted",
         "ingest.kernels.gather",
-        "ingest.filters.process_flush",
-        "ingest.filters.commit_flush",
+        "ingest.anomaly.filters.process_flush",
+        "ingest.anomaly.filters.commit_flush",
     )
     assert all(before[name] == 1 for name in entry_points), before
     n = 600

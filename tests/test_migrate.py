@@ -9,7 +9,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from ingest.migrate import default_schema_dir, load_migrations, migrate
+from ingest.db.migrate import default_schema_dir, load_migrations, migrate
 from tests.conftest import Database
 from tests.helpers import ingest_cli
 

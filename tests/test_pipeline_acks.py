@@ -8,8 +8,9 @@ import pytest
 from prometheus_client import REGISTRY
 
 from ingest import config, metrics
+from ingest.flush import FlushJob
 from ingest.mqtt import AckToken, Received
-from ingest.pipeline import FlushJob, Pipeline
+from ingest.pipeline import Pipeline
 
 ACKED = "ingest_messages_acknowledged_total"
 
@@ -41,7 +42,7 @@ async def test_acknowledged_metric_counts_only_the_acknowledgements_taken(
     async def committed(job: FlushJob) -> None:
         pass
 
-    monkeypatch.setattr(pipeline, "_commit", committed)
+    monkeypatch.setattr(pipeline.writer, "write", committed)
     # Received on connection 1, committed after the reconnect (connection 2): the broker
     # refuses nothing, but those acknowledgements are void; it delivers the messages again.
     job = FlushJob(received=[_received(1, 0), _received(2, 0), _received(1, 1), _received(2, 1)])

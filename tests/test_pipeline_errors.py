@@ -8,10 +8,11 @@ import uuid
 import pytest
 
 from ingest import config, metrics
+from ingest.db.sink import Readings
 from ingest.decode import DecodeLimits, decode_batch
 from ingest.errors import InternalError
-from ingest.pipeline import FlushJob, Pipeline, _Accepted
-from ingest.sink import Readings
+from ingest.flush import Accepted, FlushJob
+from ingest.pipeline import Pipeline
 from tests.conftest import Database
 from tests.helpers import (
     T0,
@@ -32,7 +33,7 @@ def _job(site: str) -> FlushJob:
         payload, content_type=None, limits=DecodeLimits(max_payload_bytes=1 << 20), now_us=T0
     )
     job = FlushJob()
-    job.accepted.append(_Accepted((site, "dev-1"), batch))
+    job.accepted.append(Accepted((site, "dev-1"), batch))
     job.readings = batch.readings
     return job
 
@@ -55,14 +56,16 @@ async def test_a_defect_is_reported_as_itself_and_keeps_the_connection(
             broken()
 
         monkeypatch.setattr(pipeline.deriver, "prepare", prepare)
-    await pipeline.sinks[0].connect()
+    await pipeline.writer.sinks[0].connect()
     try:
         with pytest.raises(InternalError) as caught:
-            await pipeline._try_commit(_job(f"site-{uuid.uuid4().hex[:8]}"), set(), time.time())
+            await pipeline.writer.write_once(
+                _job(f"site-{uuid.uuid4().hex[:8]}"), set(), time.time()
+            )
         assert str(caught.value) == f"{stage}: ValueError: a bug of ours"
-        assert pipeline.sinks[0].connected
+        assert pipeline.writer.sinks[0].connected
     finally:
-        await pipeline.sinks[0].close()
+        await pipeline.writer.sinks[0].close()
 
 
 async def test_sensors_beyond_a_devices_cap_are_dead_letters(

@@ -7,7 +7,7 @@ import uuid
 import asyncpg
 import numpy as np
 
-from ingest.registry import Registry, SensorKey
+from ingest.db.registry import Registry, SensorKey
 from tests.conftest import Database
 
 SITE = f"reg-{uuid.uuid4().hex[:8]}"  # the database is shared by the module's tests

@@ -14,7 +14,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from ingest.simulate import read_record
+from ingest.sim.simulate import read_record
 from tests.conftest import Database
 from tests.helpers import T0, Ingester, Row, ingest_cli, ingester_env, stored, wait_until
 

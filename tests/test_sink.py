@@ -11,7 +11,7 @@ import asyncpg
 import numpy as np
 import pytest
 
-from ingest.sink import Appended, Readings, Sink, Upsert
+from ingest.db.sink import Appended, Readings, Sink, Upsert
 from tests.conftest import Database, admin_dsn
 from tests.helpers import T0, wait_until
 

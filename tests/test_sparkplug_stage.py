@@ -12,8 +12,8 @@ import asyncpg
 import numpy as np
 import pytest
 
+from ingest.db.registry import Registry, SensorKey
 from ingest.errors import PayloadError
-from ingest.registry import Registry, SensorKey
 from ingest.sparkplug.stage import Item, Prepared, SparkplugStage
 from ingest.sparkplug.topic import parse_topic
 from tests.conftest import Database

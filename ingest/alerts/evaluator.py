@@ -26,7 +26,7 @@ from ingest import metrics
 from ingest.alerts.lifecycle import AlertState, Change, Event, Timing, advance
 from ingest.alerts.rules import KINDS, SEVERITIES, AlertRule, Alerts
 from ingest.alerts.store import EPOCH, state_of, to_us, write_changes
-from ingest.rules import AnomalyRule, rule_for
+from ingest.anomaly.rules import AnomalyRule, rule_for
 
 log = logging.getLogger(__name__)
 

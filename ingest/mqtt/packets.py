@@ -3,7 +3,7 @@
 No I/O here. The connection (``ingest.mqtt.connection``) reads the socket in large chunks and
 frames every packet in them; common PUBLISH packets take the fast parser (``parse_publish``),
 anything unusual the complete one (``parse_publish_full``). `ingest simulate` publishes with
-``ingest.publisher``, which builds its packets here too.
+``ingest.sim.publisher``, which builds its packets here too.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
-from ingest.kernels import kernel
+from ingest.jit import kernel
 
 # Columns of the metric matrix.
 C_NAME_START: Final = 0  # byte offset of the name in the payload, -1 without a name

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import asyncpg
 import numpy as np
 
-from ingest.sink import Upsert
+from ingest.db.sink import Upsert
 from ingest.sparkplug.aliases import AliasTable
 
 __all__ = ["BirthMetric", "NodeState", "births_upserts", "load_changed"]

@@ -4,7 +4,7 @@ Each line of the plant is an edge node (group: the site; edge node: the line's l
 by `.`; device: the device id). A node connects with its NDEATH as will message, sends NBIRTH
 (bdSeq, `Node Control/Rebirth`) and a DBIRTH per device (every sensor with name, alias,
 datatype and first sample), then DDATA by alias only, and at the end a DDEATH per device and a
-disconnect that makes the broker publish the will. Published with ``ingest.publisher``, one
+disconnect that makes the broker publish the will. Published with ``ingest.sim.publisher``, one
 blocking connection per edge node; rebirth commands are read between steps of the run.
 """
 
@@ -20,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ingest.errors import IngestError, PayloadError
-from ingest.publisher import Publisher
+from ingest.sim.publisher import Publisher
 from ingest.sparkplug.encode import Metric, encode_payload
 from ingest.sparkplug.kernel import C_DATATYPE
 from ingest.sparkplug.values import OK, metric_values

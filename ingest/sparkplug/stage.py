@@ -20,9 +20,9 @@ import numpy as np
 import numpy.typing as npt
 from prometheus_client import Counter
 
+from ingest.db.registry import Registry, SensorKey
+from ingest.db.sink import Upsert
 from ingest.errors import PayloadError
-from ingest.registry import Registry, SensorKey
-from ingest.sink import Upsert
 from ingest.sparkplug import values as sv
 from ingest.sparkplug.aliases import AliasTable
 from ingest.sparkplug.kernel import (
@@ -42,7 +42,7 @@ from ingest.sparkplug.wire import DataReadings, Decoded, decode_data, decode_pay
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Columns", "Item", "Prepared", "SparkplugStage", "warm_up"]
+__all__ = ["Columns", "Item", "Prepared", "SparkplugStage", "compile_kernels"]
 
 MESSAGES = Counter(
     "ingest_sparkplug_messages_total", "Sparkplug messages received, by type.", ["type"]
@@ -111,8 +111,8 @@ def _bd_seq(decoded: Decoded) -> int | None:
     return None
 
 
-def warm_up() -> None:
-    """Compile (or load from the on-disk cache) the Sparkplug kernels before the first message."""
+def compile_kernels() -> None:
+    """Compile, or load from the on-disk cache, the Sparkplug kernels (see `ingest.warmup`)."""
     from ingest.sparkplug.encode import Metric, encode_payload
 
     data = encode_payload(timestamp=1, seq=0, metrics=[Metric("m", alias=1, datatype=10, value=1)])

@@ -8,7 +8,7 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from ingest.kernels import kernel
+from ingest.jit import kernel
 from ingest.sparkplug.aliases import AliasTable
 from ingest.sparkplug.kernel import (
     C_ALIAS,

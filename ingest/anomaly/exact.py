@@ -20,7 +20,7 @@ from llvmlite import ir
 from numba.core import types
 from numba.extending import intrinsic
 
-from ingest.kernels import kernel
+from ingest.jit import kernel
 
 F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]

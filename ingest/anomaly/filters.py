@@ -1,22 +1,22 @@
-"""Numba kernels of the anomaly filters: the per-slot state layout, one pass over a flush
-(every filter, with the events it opens and closes), and applying that pass once committed.
+"""Numba kernels of the anomaly filters: one pass over a flush (every filter, with the events
+it opens and closes), and applying that pass once committed.
 
-`ingest.anomaly` owns the arrays laid out here and is the only caller.
+The state they work on is laid out in `ingest.anomaly.layout`; `ingest.anomaly.detector` owns
+it and is the only caller.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Final
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from ingest.drift import (
+from ingest.anomaly.drift import (
     C_XB,
     C_XR,
     DRIFT_SIZE,
-    NC,
     RESYNC,
     SCRATCH,
     copy_sums,
@@ -29,259 +29,54 @@ from ingest.drift import (
     tidy,
     track,
 )
-from ingest.kernels import kernel
-
-KINDS: Final = ("range", "rate", "spike", "drift", "flatline")
-"""Event kinds; a kind's index in this tuple is its bit in the kernels' filter mask."""
-
-MAD_SCALE: Final = 1.4826
-"""Scales a median absolute deviation to a standard deviation for normal data (Hampel)."""
-
-NO_TIME: Final = -(2**63)
-RANGE, RATE, SPIKE, DRIFT, FLAT = 0, 1, 2, 3, 4
-
-# Rule parameters per slot (written by assign, read-only in the kernels): P_SIZE is the size of
-# the slot's pool area, P_OFF where it starts.
-P_MASK, P_SPIKE_W, P_DRIFT_W, P_DRIFT_B, P_FLAT_N, P_FLAT_US, P_HIST, P_OFF, P_SIZE = range(9)
-NPI: Final = 9
-Q_MIN, Q_MAX, Q_RATE, Q_SPIKE_K, Q_SPIKE_FLOOR, Q_DRIFT_K, Q_DRIFT_FLOOR = range(7)
-NPF: Final = 7
-# Mutable state per slot: last time, flatline run, finite readings seen (the last `hist` of
-# them are in the pool), then drift's counts (`ingest.drift`, from S_DRIFT); last value. A
-# slot's pool area holds its last `hist` finite values as a ring (reading a at a % hist), then
-# the spike window sorted, then drift's sums (DRIFT_SIZE int64 limbs, if it has drift).
-S_LAST, S_RUN_START, S_RUN_COUNT, S_SEEN, S_DRIFT = range(5)
-NSI: Final = S_DRIFT + NC
-S_PREV: Final = 0
-NSF: Final = 1
-# Open-event state per slot and kind.
-E_OPEN, E_START, E_LAST = range(3)
-NEI: Final = 3
-E_VALUE, E_SCORE = range(2)
-NEF: Final = 2
-
-I64 = npt.NDArray[np.int64]
-F64 = npt.NDArray[np.float64]
-
-
-@kernel
-def _median(buf: F64, lo: int, w: int) -> float:
-    """Median of the sorted buf[lo : lo + w]."""
-    h = w // 2
-    if w % 2 == 1:
-        return float(buf[lo + h])
-    return float((buf[lo + h - 1] + buf[lo + h]) / 2.0)
-
-
-@kernel
-def _bisect(buf: F64, lo: int, hi: int, x: float, right: bool) -> int:
-    """First index in the sorted buf[lo:hi] whose value is > x (`right`) or >= x."""
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if buf[mid] < x or (right and buf[mid] == x):
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
-
-
-@kernel
-def _kth_pair(buf: F64, split: int, nl: int, nr: int, med: float, k: int) -> Any:
-    """The k-th and (k-1)-th smallest |x - med| (from 0; -1.0 for none), where buf holds nl
-    sorted values below `med` up to index `split` and nr sorted values from `split` on: the
-    k-th of two sorted sequences, found by bisecting how many come from below.
-    """
-    lo = max(0, k + 1 - nr)
-    hi = min(k + 1, nl)
-    while True:
-        i = (lo + hi) // 2  # deviations taken from below med, j from above
-        j = k + 1 - i
-        if i > 0 and j < nr and abs(buf[split - i] - med) > abs(buf[split + j] - med):
-            hi = i - 1
-        elif j > 0 and i < nl and abs(buf[split + j - 1] - med) > abs(buf[split - 1 - i] - med):
-            lo = i + 1
-        else:
-            break
-    below = abs(buf[split - i] - med) if i > 0 else -1.0
-    above = abs(buf[split + j - 1] - med) if j > 0 else -1.0
-    if below >= above:
-        second = abs(buf[split - i + 1] - med) if i > 1 else -1.0
-        return below, max(second, above)
-    second = abs(buf[split + j - 2] - med) if j > 1 else -1.0
-    return above, max(below, second)
-
-
-@kernel
-def _mad(buf: F64, lo: int, w: int, med: float) -> float:
-    """Median of |buf[q] - med| over the sorted buf[lo : lo + w] (w >= 2), med its median."""
-    split = lo + w // 2  # buf[split] >= med; values before it are <= med
-    if buf[split - 1] >= med:
-        split = _bisect(buf, lo, split - 1, med, False)
-    nl = split - lo
-    upper, lower = _kth_pair(buf, split, nl, w - nl, med, w // 2)
-    if w % 2 == 1:
-        return float(upper)
-    return float((lower + upper) / 2.0)
-
-
-@kernel
-def _sorted_replace(buf: F64, lo: int, n: int, old: float, new: float, remove: bool) -> None:
-    """In the sorted buf[lo : lo + n], replace one `old` by `new` if `remove`, else insert.
-
-    The gap left by `old` (or the end) moves towards `new`'s place one element at a time:
-    readings close in time are usually close in value, so that walk is short.
-    """
-    q = _bisect(buf, lo, lo + n, old, False) if remove else lo + n
-    if remove and new > old:
-        while q + 1 < lo + n and buf[q + 1] < new:
-            buf[q] = buf[q + 1]
-            q += 1
-    else:
-        while q > lo and buf[q - 1] > new:
-            buf[q] = buf[q - 1]
-            q -= 1
-    buf[q] = new
-
-
-@kernel
-def _grow(ev_i: I64, ev_f: F64) -> Any:
-    cap = ev_i.shape[0] * 2
-    new_i = np.empty((cap, 4), np.int64)
-    new_f = np.empty((cap, 2), np.float64)
-    new_i[: ev_i.shape[0]] = ev_i
-    new_f[: ev_f.shape[0]] = ev_f
-    return new_i, new_f
-
-
-@kernel
-def _emit(
-    ev_i: I64, ev_f: F64, m: int, sid: int, kind: int, start: int, end: int, v: float, sc: float
-) -> None:
-    """Row m of the event upserts: (sensor, kind, start, end or NO_TIME) and (value, score)."""
-    ev_i[m, 0] = sid
-    ev_i[m, 1] = kind
-    ev_i[m, 2] = start
-    ev_i[m, 3] = end
-    ev_f[m, 0] = v
-    ev_f[m, 1] = sc
-
-
-@kernel
-def _track(
-    kind: int,
-    sid: int,
-    i: int,
-    n: int,
-    verdicts: Any,
-    when: I64,
-    oi: I64,
-    of: F64,
-    ev_i: I64,
-    ev_f: F64,
-    m: int,
-    touched: bool,
-) -> Any:
-    """Turn one filter's verdicts on readings i..n-1 (at times `when`) into events.
-
-    `verdicts` holds the (offending, score, value, start) columns; `oi`/`of` are the open-event
-    state of this sensor and kind, updated in place. Appends an upsert to ev_i/ev_f for every
-    event that ends, and at the end for the event left open if an offending reading touched
-    it. Stops early, returning where, when ev_i is full (arrays are never reassigned in the
-    loop: that would cost a reference count per reading). Returns (i, m, touched).
-    """
-    off, score, value, start = verdicts
-    is_open = oi[E_OPEN] == 1
-    ev_start = oi[E_START]
-    ev_last = oi[E_LAST]
-    ev_value = of[E_VALUE]
-    ev_score = of[E_SCORE]
-    room = ev_i.shape[0] - 1  # the last row is kept for the event left open
-    while i < n:
-        if off[i]:
-            if not is_open:
-                is_open = True
-                ev_start = start[i]
-                ev_value = value[i]
-                ev_score = score[i]
-            elif score[i] > ev_score:
-                ev_value = value[i]
-                ev_score = score[i]
-            ev_last = when[i]
-            touched = True
-        elif is_open:
-            if m >= room:
-                break
-            _emit(ev_i, ev_f, m, sid, kind, ev_start, ev_last, ev_value, ev_score)
-            m += 1
-            is_open = False
-        i += 1
-    if i == n and touched and is_open:
-        _emit(ev_i, ev_f, m, sid, kind, ev_start, NO_TIME, ev_value, ev_score)
-        m += 1
-    oi[E_OPEN] = 1 if is_open else 0
-    oi[E_START] = ev_start
-    oi[E_LAST] = ev_last
-    of[E_VALUE] = ev_value
-    of[E_SCORE] = ev_score
-    return i, m, touched
-
-
-@kernel
-def _events(
-    kind: int,
-    sid: int,
-    n: int,
-    verdicts: Any,
-    when: I64,
-    oi: I64,
-    of: F64,
-    ev_i: I64,
-    ev_f: F64,
-    m: int,
-) -> Any:
-    """`_track` over all n readings, growing the event arrays as needed: (ev_i, ev_f, m)."""
-    i = 0
-    touched = False
-    while True:
-        if m >= ev_i.shape[0] - 1:
-            ev_i, ev_f = _grow(ev_i, ev_f)
-        i, m, touched = _track(kind, sid, i, n, verdicts, when, oi, of, ev_i, ev_f, m, touched)
-        if i == n:
-            return ev_i, ev_f, m
-
-
-@kernel
-def _at(
-    pool: F64, po: int, r0: int, h: int, hcap: int, seen: int, ext: F64, e0: int, a: int
-) -> float:
-    """Finite reading a (counted from the sensor's first): from this flush's accepted values
-    ext[e0:] if a >= seen, else from the ring of the last h = min(seen, hcap), whose oldest
-    is at pool[po + r0]."""
-    if a >= seen:
-        return float(ext[e0 + a - seen])
-    q = r0 + a - seen + h
-    if q >= hcap:
-        q -= hcap
-    return float(pool[po + q])
-
-
-@kernel
-def _gather(
-    win: F64,
-    pool: F64,
-    po: int,
-    r0: int,
-    h: int,
-    hcap: int,
-    seen: int,
-    ext: F64,
-    e0: int,
-    lo: int,
-    n: int,
-) -> None:
-    """Readings lo .. lo + n - 1 into win[:n]."""
-    for q in range(n):
-        win[q] = _at(pool, po, r0, h, hcap, seen, ext, e0, lo + q)
+from ingest.anomaly.events import (
+    events,
+)
+from ingest.anomaly.layout import (
+    DRIFT,
+    F64,
+    FLAT,
+    I64,
+    MAD_SCALE,
+    NEF,
+    NEI,
+    NO_TIME,
+    NSF,
+    NSI,
+    P_DRIFT_B,
+    P_DRIFT_W,
+    P_FLAT_N,
+    P_FLAT_US,
+    P_HIST,
+    P_MASK,
+    P_OFF,
+    P_SIZE,
+    P_SPIKE_W,
+    Q_DRIFT_FLOOR,
+    Q_DRIFT_K,
+    Q_MAX,
+    Q_MIN,
+    Q_RATE,
+    Q_SPIKE_FLOOR,
+    Q_SPIKE_K,
+    RANGE,
+    RATE,
+    S_DRIFT,
+    S_LAST,
+    S_PREV,
+    S_RUN_COUNT,
+    S_RUN_START,
+    S_SEEN,
+    SPIKE,
+)
+from ingest.anomaly.window import (
+    mad,
+    median,
+    ring_at,
+    ring_window,
+    sorted_replace,
+)
+from ingest.jit import kernel
 
 
 @kernel
@@ -311,7 +106,7 @@ def process_flush(
 
     Per sensor: the finite, timely readings are gathered (into `ext`, at the sensor's rows);
     older readings come from the sensor's ring in `pool`. Each filter in turn judges them all
-    and `_track` turns its verdicts into events. The scratch state per sensor is its int and
+    and `events` turns its verdicts into events. The scratch state per sensor is its int and
     float state, its open events, and its pool area past the ring (spike window, drift sums).
     """
     n = sensor.shape[0]
@@ -412,7 +207,7 @@ def process_flush(
                 score[i] = x - hi_limit if x > hi_limit else lo_limit - x
                 val[i] = x
                 start[i] = when[i]
-            ev_i, ev_f, m = _events(
+            ev_i, ev_f, m = events(
                 RANGE, sid, na, verdicts, when, xei[j, RANGE], xef[j, RANGE], ev_i, ev_f, m
             )
         if mask & (1 << RATE):
@@ -428,7 +223,7 @@ def process_flush(
                     score[i] = rate / max_rate
                 val[i] = x
                 start[i] = when[i]
-            ev_i, ev_f, m = _events(
+            ev_i, ev_f, m = events(
                 RATE, sid, na, verdicts, when, xei[j, RATE], xef[j, RATE], ev_i, ev_f, m
             )
         if mask & (1 << SPIKE):
@@ -441,20 +236,20 @@ def process_flush(
                 off[i] = False
                 full = a >= spike_w
                 if full:
-                    med = _median(xpool, o, spike_w)
+                    med = median(xpool, o, spike_w)
                     dev = abs(x - med)
                     # sigma >= the floor: within k floors of the median needs no MAD.
                     if dev > spike_k * spike_floor:
-                        sigma = MAD_SCALE * _mad(xpool, o, spike_w, med)
+                        sigma = MAD_SCALE * mad(xpool, o, spike_w, med)
                         if sigma < spike_floor:
                             sigma = spike_floor
                         off[i] = dev > spike_k * sigma
                         score[i] = dev / sigma if sigma > 0.0 else math.inf
                 val[i] = x
                 start[i] = when[i]
-                old = _at(pool, po, r0, h, hcap, seen, ext, e0, a - spike_w) if full else 0.0
-                _sorted_replace(xpool, o, min(a, spike_w), old, x, full)
-            ev_i, ev_f, m = _events(
+                old = ring_at(pool, po, r0, h, hcap, seen, ext, e0, a - spike_w) if full else 0.0
+                sorted_replace(xpool, o, min(a, spike_w), old, x, full)
+            ev_i, ev_f, m = events(
                 SPIKE, sid, na, verdicts, when, xei[j, SPIKE], xef[j, SPIKE], ev_i, ev_f, m
             )
         if mask & (1 << DRIFT):
@@ -472,10 +267,10 @@ def process_flush(
             for i in range(na):
                 a = seen + i
                 x = ext[e0 + i]
-                moved = _at(pool, po, r0, h, hcap, seen, ext, e0, a - wd) if a >= wd else 0.0
+                moved = ring_at(pool, po, r0, h, hcap, seen, ext, e0, a - wd) if a >= wd else 0.0
                 gone = 0.0
                 if a >= wd + wb:
-                    gone = _at(pool, po, r0, h, hcap, seen, ext, e0, a - wd - wb)
+                    gone = ring_at(pool, po, r0, h, hcap, seen, ext, e0, a - wd - wb)
                 slide(xlimbs, plo, cnt, S_DRIFT, x, moved, gone, a, wd, wb)
                 track(approx, x, moved, gone, a, wd, wb)
                 off[i] = False
@@ -491,9 +286,9 @@ def process_flush(
                     if surely_quiet(approx, wd, wb, drift_k, drift_floor):
                         continue
                 if cnt[S_DRIFT + C_XR] > 0:
-                    _gather(win_r, pool, po, r0, h, hcap, seen, ext, e0, a - wd + 1, wd)
+                    ring_window(win_r, pool, po, r0, h, hcap, seen, ext, e0, a - wd + 1, wd)
                 if cnt[S_DRIFT + C_XB] > 0:
-                    _gather(win_b, pool, po, r0, h, hcap, seen, ext, e0, a - wd + 1 - wb, wb)
+                    ring_window(win_b, pool, po, r0, h, hcap, seen, ext, e0, a - wd + 1 - wb, wb)
                 mean_r, mean_b = means(xlimbs, plo, cnt, S_DRIFT, wd, wb, win_r, win_b, tmp)
                 dist = abs(mean_r - mean_b)
                 # sd >= the floor: within k floors of the baseline needs no variance.
@@ -505,7 +300,7 @@ def process_flush(
                     score[i] = dist / sd if sd > 0.0 else math.inf
                 val[i] = mean_r
             tidy(xlimbs, plo, cnt, S_DRIFT)
-            ev_i, ev_f, m = _events(
+            ev_i, ev_f, m = events(
                 DRIFT, sid, na, verdicts, when, xei[j, DRIFT], xef[j, DRIFT], ev_i, ev_f, m
             )
         run_start = xsi[j, S_RUN_START]
@@ -525,7 +320,7 @@ def process_flush(
                 score[i] = dur / 1e6
                 val[i] = x
                 start[i] = run_start
-            ev_i, ev_f, m = _events(
+            ev_i, ev_f, m = events(
                 FLAT, sid, na, verdicts, when, xei[j, FLAT], xef[j, FLAT], ev_i, ev_f, m
             )
         xsi[j, S_LAST] = when[na - 1]

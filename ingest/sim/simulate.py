@@ -23,7 +23,7 @@ import numpy.typing as npt
 
 from ingest.errors import ConfigError, IngestError
 from ingest.mqtt.packets import publish_properties
-from ingest.publisher import Publisher
+from ingest.sim.publisher import Publisher
 
 Kind = Literal["temperature", "vibration", "current", "pressure", "counter", "energy"]
 KINDS: tuple[str, ...] = ("temperature", "vibration", "current", "pressure", "counter", "energy")

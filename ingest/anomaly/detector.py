@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import functools
-import math
 import operator
-import threading
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
-from typing import Any, Concatenate, Final, ParamSpec, TypeVar
+from collections.abc import Iterable
+from typing import Any, Final
 
 import msgspec
 import numpy as np
 import numpy.typing as npt
 
-from ingest.drift import DRIFT_SIZE
-from ingest.drift import empty as empty_sums
-from ingest.filters import (
+from ingest.anomaly.drift import empty as empty_sums
+from ingest.anomaly.filters import commit_flush, fill_drift, process_flush
+from ingest.anomaly.layout import (
     DRIFT,
     FLAT,
     I64,
@@ -34,23 +30,19 @@ from ingest.filters import (
     P_OFF,
     P_SIZE,
     P_SPIKE_W,
-    RANGE,
-    RATE,
     S_DRIFT,
     S_LAST,
     S_PREV,
     S_RUN_COUNT,
     S_RUN_START,
     S_SEEN,
-    SPIKE,
-    commit_flush,
-    fill_drift,
-    process_flush,
 )
+from ingest.anomaly.locking import SharedLock, reads, writes
+from ingest.anomaly.params import Compiled, StateNeed, compile_rule, describe
+from ingest.anomaly.rules import AnomalyRule
 from ingest.kernels import check_sorted
-from ingest.rules import AnomalyRule
 
-__all__ = ["KINDS", "AnomalyDetector", "Event", "Pending", "StateNeed", "warm_up"]
+__all__ = ["KINDS", "AnomalyDetector", "Event", "Pending", "StateNeed", "compile_kernels"]
 
 _KIND_INDEX: Final = {kind: i for i, kind in enumerate(KINDS)}
 
@@ -71,15 +63,6 @@ class Event(msgspec.Struct, frozen=True, kw_only=True):
     value: float
     score: float
     detail: str
-
-
-class StateNeed(msgspec.Struct, frozen=True, kw_only=True):
-    """History a sensor's state is rebuilt from: its last `readings` finite readings, and also
-    every finite reading less than `span_us` before its latest one (`span_us` is 0 if unused).
-    """
-
-    readings: int
-    span_us: int
 
 
 class Pending:
@@ -109,132 +92,6 @@ class Pending:
         self.late = late
 
 
-class _Compiled(msgspec.Struct, frozen=True):
-    ints: tuple[int, ...]
-    floats: tuple[float, ...]
-    size: int
-    need: StateNeed
-
-
-def _compile(rule: AnomalyRule) -> _Compiled:
-    inf = math.inf
-    mask = 0
-    if rule.min is not None or rule.max is not None:
-        mask |= 1 << RANGE
-    if rule.max_rate is not None:
-        mask |= 1 << RATE
-    spike_w = rule.spike_window or 0
-    if spike_w:
-        mask |= 1 << SPIKE
-    drift_w = rule.drift_window or 0
-    drift_b = rule.drift_baseline or 0
-    if drift_w:
-        mask |= 1 << DRIFT
-    flat_n = rule.flatline_count or 0
-    flat_us = max(1, round(rule.flatline_seconds * 1e6)) if rule.flatline_seconds else 0
-    if flat_n or flat_us:
-        mask |= 1 << FLAT
-    hist = max(spike_w, drift_w + drift_b)  # drift: the reading leaving the baseline too
-    size = hist + spike_w + (DRIFT_SIZE if drift_w else 0)
-    ints = (mask, spike_w, drift_w, drift_b, flat_n, flat_us, hist, 0, size)
-    floats = (
-        -inf if rule.min is None else float(rule.min),
-        inf if rule.max is None else float(rule.max),
-        inf if rule.max_rate is None else float(rule.max_rate),
-        3.0 if rule.spike_threshold is None else float(rule.spike_threshold),
-        float(rule.spike_min_sigma or 0.0),
-        3.0 if rule.drift_sigma is None else float(rule.drift_sigma),
-        float(rule.drift_min_sigma or 0.0),
-    )
-    readings = max(1, hist, flat_n - 1)
-    need = StateNeed(readings=readings, span_us=flat_us if flat_us and not flat_n else 0)
-    return _Compiled(ints=ints, floats=floats, size=size, need=need)
-
-
-def _detail(kind: int, value: float, score: float, rule: AnomalyRule) -> str:
-    if kind == RANGE:
-        if rule.max is not None and value > rule.max:
-            return f"above max {float(rule.max)!r}"
-        return f"below min {float(rule.min or 0.0)!r}"
-    if kind == RATE:
-        return f"rate {score:.3g} x max_rate {float(rule.max_rate or 0.0)!r}/s"
-    if kind == SPIKE:
-        return f"{score:.3g} scaled MADs from the median of the last {rule.spike_window}"
-    if kind == DRIFT:
-        return (
-            f"mean of the last {rule.drift_window} is {score:.3g} sd from "
-            f"the {rule.drift_baseline} before"
-        )
-    return f"unchanged for {score:g} s"
-
-
-# ---------------------------------------------------------------------------------------------
-# The detector
-
-_P = ParamSpec("_P")
-_R = TypeVar("_R")
-
-
-class _SharedLock:
-    """Many holders at once in `shared` mode, or one alone in `exclusive` mode."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
-        self._shared = 0
-        self._exclusive = False
-
-    @contextmanager
-    def shared(self) -> Iterator[None]:
-        with self._cond:
-            self._cond.wait_for(lambda: not self._exclusive)
-            self._shared += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._shared -= 1
-                if not self._shared:
-                    self._cond.notify_all()
-
-    @contextmanager
-    def exclusive(self) -> Iterator[None]:
-        with self._cond:
-            self._cond.wait_for(lambda: not self._exclusive and not self._shared)
-            self._exclusive = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._exclusive = False
-                self._cond.notify_all()
-
-
-def _reads(
-    method: Callable[Concatenate[AnomalyDetector, _P], _R],
-) -> Callable[Concatenate[AnomalyDetector, _P], _R]:
-    """The method only reads the committed state: it may run beside other readers."""
-
-    @functools.wraps(method)
-    def locked(self: AnomalyDetector, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
-        with self._lock.shared():
-            return method(self, *args, **kwargs)
-
-    return locked
-
-
-def _writes(
-    method: Callable[Concatenate[AnomalyDetector, _P], _R],
-) -> Callable[Concatenate[AnomalyDetector, _P], _R]:
-    """The method changes the state: it runs alone."""
-
-    @functools.wraps(method)
-    def locked(self: AnomalyDetector, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
-        with self._lock.exclusive():
-            return method(self, *args, **kwargs)
-
-    return locked
-
-
 class AnomalyDetector:
     """Per-sensor anomaly state, advanced one flush at a time, applied only after commit.
 
@@ -246,7 +103,7 @@ class AnomalyDetector:
     whole flush with the GIL released: several `process` calls (the writers' worker threads,
     each with its part of a flush) run at once. `assign`, `restore`, `forget` and `commit`
     change the state: each waits until no `process` is running, and holds the others off
-    while it runs (a lock per detector, taken once per call).
+    while it runs (`guard`, a lock per detector, taken once per call).
 
     Non-finite values (NaN, +-inf) are skipped entirely: they are in no window, break no
     flatline run and end no event. Sensors without a rule cost nothing. Results do not depend
@@ -257,7 +114,7 @@ class AnomalyDetector:
 
     def __init__(self) -> None:
         self._rules: dict[int, AnomalyRule] = {}
-        self._compiled: dict[AnomalyRule, _Compiled] = {}
+        self._compiled: dict[AnomalyRule, Compiled] = {}
         self._slot_of = np.full(0, -1, np.int32)
         self._free: list[int] = []
         self._used = 0
@@ -271,11 +128,11 @@ class AnomalyDetector:
         self._restored = np.zeros(0, np.bool_)
         self._pool = np.zeros(0, np.float64)
         self._pool_used = 0
-        self._lock = _SharedLock()
+        self.guard = SharedLock()
 
     # -- rules -----------------------------------------------------------------------------
 
-    @_writes
+    @writes
     def assign(self, *, sensor_id: int, rule: AnomalyRule | None) -> None:
         """Set the rule of a sensor (None: no filters); a changed rule starts from no state."""
         sensor_id = operator.index(sensor_id)
@@ -290,7 +147,7 @@ class AnomalyDetector:
             return
         compiled = self._compiled.get(rule)
         if compiled is None:
-            compiled = self._compiled[rule] = _compile(rule)
+            compiled = self._compiled[rule] = compile_rule(rule)
         slot = self._take_slot()
         offset = self._alloc(compiled.size)
         if sensor_id >= self._slot_of.shape[0]:
@@ -310,7 +167,7 @@ class AnomalyDetector:
 
     # -- rebuilding state --------------------------------------------------------------------
 
-    @_reads
+    @reads
     def state_needed(self, *, sensor_ids: Iterable[int] | npt.NDArray[Any]) -> dict[int, StateNeed]:
         """For the given sensors that have a rule but no state yet: the history to restore from.
 
@@ -328,7 +185,7 @@ class AnomalyDetector:
         ids = ids[~self._restored[slots]]
         return {int(i): self._compiled[self._rules[int(i)]].need for i in ids.tolist()}
 
-    @_writes
+    @writes
     def restore(
         self,
         *,
@@ -395,7 +252,7 @@ class AnomalyDetector:
                 self._ef[slot, k] = (ev.value, ev.score)
         self._restored[slot] = True
 
-    @_writes
+    @writes
     def forget(self, *, sensor_ids: Iterable[int]) -> None:
         """Drop the state of these sensors (keeping their rules): `state_needed` lists them again.
 
@@ -407,7 +264,7 @@ class AnomalyDetector:
 
     # -- the flush ---------------------------------------------------------------------------
 
-    @_reads
+    @reads
     def process(
         self,
         *,
@@ -452,7 +309,7 @@ class AnomalyDetector:
                     end=None if end == NO_TIME else end,
                     value=val,
                     score=score,
-                    detail=_detail(k, val, score, self._rules[sid]),
+                    detail=describe(k, val, score, self._rules[sid]),
                 )
             )
         return Pending(
@@ -464,7 +321,7 @@ class AnomalyDetector:
             late=int(late),
         )
 
-    @_writes
+    @writes
     def commit(self, pending: Pending, /) -> None:
         """Apply a processed flush after its transaction committed.
 
@@ -550,8 +407,9 @@ class AnomalyDetector:
         return off
 
 
-def warm_up() -> None:
-    """Compile or load from the on-disk cache every anomaly kernel (tiny input, all filters)."""
+def compile_kernels() -> None:
+    """Compile, or load from the on-disk cache, every anomaly kernel (tiny input, all filters;
+    see `ingest.warmup`)."""
     rule = AnomalyRule(
         match="*",
         min=0.0,

@@ -1,5 +1,5 @@
 """The drift filter's rolling sums, exact: the recent window's sum, the baseline's sum and sum
-of squares, each a long accumulator (`ingest.exact`) that a reading enters and leaves in
+of squares, each a long accumulator (`ingest.anomaly.exact`) that a reading enters and leaves in
 constant time, read once per judged reading, correctly rounded.
 
 A window that holds a reading outside `exact.SAFE_MIN`..`exact.SAFE_MAX` in magnitude (other
@@ -15,7 +15,7 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
-from ingest.exact import (
+from ingest.anomaly.exact import (
     BIAS,
     LIMBS,
     LIMBS2,
@@ -27,8 +27,8 @@ from ingest.exact import (
     spread,
     value_sq,
 )
-from ingest.exact import value as exact_value
-from ingest.kernels import kernel
+from ingest.anomaly.exact import value as exact_value
+from ingest.jit import kernel
 
 F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]

@@ -1,7 +1,7 @@
 """Anomaly rules: which filters apply to which sensors, checked when the configuration loads.
 
-Kept apart from the kernels (`ingest.anomaly`) so that reading a configuration does not load
-numba.
+Kept apart from the kernels (`ingest.anomaly.detector`) so that reading a configuration does
+not load numba.
 """
 
 from __future__ import annotations

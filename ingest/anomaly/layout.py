@@ -1,0 +1,45 @@
+"""The anomaly filters' state, laid out in flat numba-friendly arrays: event kinds, rule
+parameters, per-slot state and open events. `ingest.anomaly.detector` owns the arrays; the
+kernels in `ingest.anomaly.filters` read and write them.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+
+from ingest.anomaly.drift import NC
+
+KINDS: Final = ("range", "rate", "spike", "drift", "flatline")
+"""Event kinds; a kind's index in this tuple is its bit in the kernels' filter mask."""
+
+MAD_SCALE: Final = 1.4826
+"""Scales a median absolute deviation to a standard deviation for normal data (Hampel)."""
+
+NO_TIME: Final = -(2**63)
+RANGE, RATE, SPIKE, DRIFT, FLAT = 0, 1, 2, 3, 4
+
+# Rule parameters per slot (written by assign, read-only in the kernels): P_SIZE is the size of
+# the slot's pool area, P_OFF where it starts.
+P_MASK, P_SPIKE_W, P_DRIFT_W, P_DRIFT_B, P_FLAT_N, P_FLAT_US, P_HIST, P_OFF, P_SIZE = range(9)
+NPI: Final = 9
+Q_MIN, Q_MAX, Q_RATE, Q_SPIKE_K, Q_SPIKE_FLOOR, Q_DRIFT_K, Q_DRIFT_FLOOR = range(7)
+NPF: Final = 7
+# Mutable state per slot: last time, flatline run, finite readings seen (the last `hist` of
+# them are in the pool), then drift's counts (`ingest.anomaly.drift`, from S_DRIFT); last value. A
+# slot's pool area holds its last `hist` finite values as a ring (reading a at a % hist), then
+# the spike window sorted, then drift's sums (DRIFT_SIZE int64 limbs, if it has drift).
+S_LAST, S_RUN_START, S_RUN_COUNT, S_SEEN, S_DRIFT = range(5)
+NSI: Final = S_DRIFT + NC
+S_PREV: Final = 0
+NSF: Final = 1
+# Open-event state per slot and kind.
+E_OPEN, E_START, E_LAST = range(3)
+NEI: Final = 3
+E_VALUE, E_SCORE = range(2)
+NEF: Final = 2
+
+I64 = npt.NDArray[np.int64]
+F64 = npt.NDArray[np.float64]

@@ -1,0 +1,141 @@
+"""A flush: the messages gathered for one database transaction, and their readings assembled
+into columns sorted by (sensor, time). No I/O here."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from ingest import metrics
+from ingest.db.registry import SensorKey
+from ingest.db.sink import DeadLetter, Readings
+from ingest.decode import Batch
+from ingest.kernels import check_sorted, gather
+from ingest.mqtt import Received
+from ingest.sparkplug.stage import Columns, Item, Prepared
+
+__all__ = [
+    "Accepted",
+    "FlushJob",
+    "build_readings",
+    "channel_keys",
+    "clean",
+    "merge_sparkplug",
+    "sort_readings",
+]
+
+
+@dataclass(slots=True)
+class Accepted:
+    """A decoded message: its topic levels, its batch, and the message itself."""
+
+    levels: tuple[str, ...]
+    batch: Batch
+    received: Received | None = None
+
+
+@dataclass(slots=True)
+class FlushJob:
+    """Messages gathered for one flush, in arrival order."""
+
+    received: list[Received] = field(default_factory=list)
+    accepted: list[Accepted] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    readings: int = 0
+    nbytes: int = 0
+    sparkplug: list[Item] = field(default_factory=list)
+    sparkplug_prepared: Prepared | None = None  # once per flush, kept for its retries
+
+    def __bool__(self) -> bool:
+        return bool(self.received)
+
+    def reject(self, msg: Received, reason: str) -> None:
+        """Store `msg` as a dead letter with `reason`, and count it."""
+        self.dead_letters.append(
+            DeadLetter(
+                received_us=msg.received_ns // 1000,
+                topic=clean(msg.topic) or "",
+                payload=msg.payload,
+                reason=clean(reason) or reason,
+                content_type=clean(msg.content_type),
+            )
+        )
+        metrics.DEAD_LETTERS.labels(metrics.reason_field(reason)).inc()
+
+
+def channel_keys(job: FlushJob) -> list[SensorKey]:
+    """The sensor of every channel of the flush, in arrival order."""
+    return [SensorKey(item.levels, ch.name) for item in job.accepted for ch in item.batch.channels]
+
+
+def build_readings(
+    job: FlushJob, sensor_ids: Sequence[int | None] | npt.NDArray[np.int32]
+) -> tuple[Readings, int]:
+    """The flush's readings as columns sorted by (sensor, time); for a repeated (sensor, time)
+    the reading that arrived last wins. Returns the columns and how many were superseded.
+    `sensor_ids` holds the id of every channel's sensor, in arrival order.
+
+    Channels usually hold rising times, and a sensor's channels from later messages start
+    after the earlier ones end: then gathering whole channels in (sensor, first time) order
+    sorts the flush, which one linear check confirms. Anything else takes a stable sort of
+    every reading.
+    """
+    batches = [item.batch for item in job.accepted]
+    if not len(sensor_ids):
+        empty = Readings(
+            np.empty(0, np.int64),
+            np.empty(0, np.int32),
+            np.empty(0, np.float64),
+            np.empty(0, np.uint8),
+        )
+        return empty, 0
+    if not isinstance(sensor_ids, np.ndarray):
+        assert None not in sensor_ids, "resolve() registers every sensor of the flush first"
+    sensor = np.asarray(sensor_ids, dtype=np.int32)  # per channel, in arrival order
+    lengths = np.array([len(ch.time) for b in batches for ch in b.channels], dtype=np.int64)
+    starts = np.cumsum(lengths) - lengths
+    time = np.concatenate([b.time for b in batches])
+    value = np.concatenate([b.value for b in batches])
+    quality = np.concatenate([b.quality for b in batches])
+    order = np.lexsort((time[starts], sensor))  # stable: ties keep arrival order
+    slab = Readings(*gather(time, value, quality, starts[order], lengths[order], sensor[order]))
+    if check_sorted(slab.sensor, slab.time) < 0:
+        return slab, 0
+    return sort_readings(Readings(time, np.repeat(sensor, lengths), value, quality))
+
+
+def sort_readings(arrived: Readings) -> tuple[Readings, int]:
+    """`arrived` (in arrival order) sorted by (sensor, time), keeping the last of equal keys."""
+    order = np.lexsort((arrived.time, arrived.sensor))  # stable: equal keys keep arrival order
+    time_col, sensor_col = arrived.time[order], arrived.sensor[order]
+    value_col, quality_col = arrived.value[order], arrived.quality[order]
+    repeated = (sensor_col[1:] == sensor_col[:-1]) & (time_col[1:] == time_col[:-1])
+    if repeated.any():
+        keep = np.ones(len(time_col), dtype=bool)
+        keep[:-1] = ~repeated
+        slab = Readings(time_col[keep], sensor_col[keep], value_col[keep], quality_col[keep])
+        return slab, int(repeated.sum())
+    return Readings(time_col, sensor_col, value_col, quality_col), 0
+
+
+def merge_sparkplug(readings: Readings, columns: Columns) -> tuple[Readings, int]:
+    """Sorted `readings` with a flush's Sparkplug readings (arrival order) added; a repeated
+    (sensor, time) keeps the later one. Returns the readings and how many were superseded."""
+    if not len(columns.time):
+        return readings, 0
+    return sort_readings(
+        Readings(
+            np.concatenate([readings.time, columns.time]),
+            np.concatenate([readings.sensor, columns.sensor]),
+            np.concatenate([readings.value, columns.value]),
+            np.concatenate([readings.quality, columns.quality]),
+        )
+    )
+
+
+def clean(text: str | None) -> str | None:
+    """PostgreSQL text cannot hold NUL; keep everything else as received."""
+    return None if text is None else text.replace("\x00", "\\x00")

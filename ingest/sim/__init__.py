@@ -1,0 +1,1 @@
+"""The plant simulator (`simulate`) and its MQTT publisher (`publisher`)."""

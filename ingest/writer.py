@@ -1,0 +1,305 @@
+"""The writer: each flush into the database, in transactions split over its connections, with
+retries, like Telegraf's running output. Owns the connections and the flush metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from types import TracebackType
+from typing import Self
+
+import asyncpg
+import numpy as np
+import numpy.typing as npt
+
+from ingest import metrics
+from ingest.config import Config
+from ingest.db.migrate import default_schema_dir, load_migrations, pending
+from ingest.db.registry import Registry, SensorKey
+from ingest.db.sink import CLIENT_ERRORS, Readings, Sink, Upsert, classify
+from ingest.derive import Derived, Deriver
+from ingest.errors import InternalError, PermanentSinkError, TransientSinkError
+from ingest.flush import FlushJob, build_readings, merge_sparkplug
+from ingest.sparkplug.stage import Prepared, SparkplugStage
+
+__all__ = ["Writer"]
+
+log = logging.getLogger(__name__)
+
+
+def _derive_with(
+    deriver: Deriver, upserts: Sequence[Upsert], *, skip_nan: bool
+) -> Callable[[Readings], Derived]:
+    """`deriver.derive` plus the Sparkplug births' writes, first, in the same transaction.
+    With `skip_nan`, the stale rows of deaths (NaN) stay out of rollups and anomaly filters."""
+
+    def derive(new: Readings) -> Derived:
+        derived = deriver.derive(new.select(~np.isnan(new.value)) if skip_nan else new)
+        return dataclasses.replace(derived, upserts=[*upserts, *derived.upserts])
+
+    return derive
+
+
+class Writer:
+    """Writes flushes: resolves their sensors (registering new ones), assembles the readings,
+    derives rollups and anomaly events, and commits, retrying transient database errors.
+
+    Use as an async context manager: `connect` waits for the database; leaving closes the
+    connections, by `deadline` if one is set (the pipeline sets it when stopping).
+    `write` is called from one task at a time.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        registry: Registry,
+        deriver: Deriver,
+        sparkplug: SparkplugStage,
+        health: metrics.Health,
+    ) -> None:
+        self._cfg = cfg
+        self._registry = registry
+        self._deriver = deriver
+        self._sparkplug = sparkplug
+        self._health = health
+        self.sinks = [
+            Sink(dsn=cfg.db.url, connect_timeout_s=cfg.db.connect_timeout_s)
+            for _ in range(cfg.db.writers)
+        ]
+        self.deadline: float | None = None
+        """Loop time by which leaving the context closes the connections (else 5 s each)."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        for sink in self.sinks:
+            left = 5.0 if self.deadline is None else self.deadline - loop.time()
+            if left > 0:
+                await sink.close(wait_s=min(5.0, left))
+            else:
+                sink.discard()
+
+    async def write(self, job: FlushJob) -> None:
+        """Write one flush, retrying transient database errors with capped backoff.
+
+        The flush is split by sensor over the writer connections, each part in a transaction
+        of its own, written at the same time; a part that committed is not written again.
+        """
+        delay = self._cfg.db.retry_min_s
+        started = time.monotonic()
+        written: set[int] = set()
+        while True:
+            try:
+                await self.write_once(job, written, started)
+                self._health.database = True
+                return
+            except TransientSinkError as exc:
+                self._health.database = False
+                metrics.DB_RETRIES.inc()
+                log.warning(
+                    "flush of %d messages not written, retrying in %.1fs: %s",
+                    len(job.received),
+                    delay,
+                    exc,
+                )
+                await asyncio.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, self._cfg.db.retry_max_s)
+                for sink in self.sinks:
+                    if not sink.connected:
+                        with contextlib.suppress(TransientSinkError):
+                            await sink.connect()
+
+    async def write_once(self, job: FlushJob, written: set[int], started: float) -> None:
+        """One attempt at `job`: the parts in `written` committed in an earlier attempt."""
+        conn = self.sinks[0].connection
+        stage = "resolve"
+        try:
+            ids = await self._resolve(conn, job)
+            stage = "assembly"
+            readings, superseded = build_readings(job, ids)
+            if job.sparkplug:
+                stage = "Sparkplug prepare"
+                if job.sparkplug_prepared is None:
+                    job.sparkplug_prepared = await self._prepare_sparkplug(conn, job)
+                readings, more = merge_sparkplug(readings, job.sparkplug_prepared.columns)
+                superseded += more
+            stage = "prepare"
+            await self._deriver.prepare(conn, readings=readings)
+        except (PermanentSinkError, TransientSinkError):
+            raise
+        except (asyncpg.PostgresError, *CLIENT_ERRORS) as exc:
+            if not isinstance(exc, asyncpg.PostgresError):
+                self.sinks[0].discard()  # its state is unknown after a client-side error
+            raise classify(exc) from exc
+        except Exception as exc:
+            # A defect of ours: say so, and keep the connection, which did nothing wrong.
+            raise InternalError(f"{stage}: {type(exc).__name__}: {exc}") from exc
+        # Split only into parts of at least db.split_min_readings: for a small flush a second
+        # transaction costs more than writing in parallel saves.
+        parts = max(1, min(len(self.sinks), len(readings) // self._cfg.db.split_min_readings))
+        prepared = job.sparkplug_prepared
+        births = prepared.upserts if prepared is not None else []
+        derive0: Callable[[Readings], Derived] = self._deriver.derive
+        if prepared is not None and (births or prepared.stale_rows):
+            derive0 = _derive_with(self._deriver, births, skip_nan=prepared.stale_rows > 0)
+        if births:
+            parts = 1  # a birth's aliases commit in the transaction of its readings
+        slabs = [readings]
+        if parts > 1:
+            part_of = readings.sensor % parts
+            slabs = [readings.select(part_of == p) for p in range(parts)]
+        todo = [
+            p
+            for p in range(parts)
+            if p not in written and (len(slabs[p]) or (p == 0 and (job.dead_letters or births)))
+        ]
+        outcomes = await asyncio.gather(
+            *(
+                self.sinks[p].write(
+                    readings=slabs[p],
+                    dead_letters=job.dead_letters if p == 0 else (),
+                    derive=derive0 if p == 0 else self._deriver.derive,
+                )
+                for p in todo
+            ),
+            return_exceptions=True,
+        )
+        failure: BaseException | None = None
+        for p, outcome in zip(todo, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                failure = failure or outcome
+                continue
+            result, derived = outcome
+            written.add(p)
+            self._deriver.commit(derived)
+            metrics.READINGS_WRITTEN.inc(result.inserted)
+            metrics.READINGS_DUPLICATE.inc(result.duplicates)
+            metrics.COPY_SECONDS.observe(result.copy_seconds)
+            if result.staged:
+                log.info(
+                    "a flush part of %d readings held %d already stored (redelivery)",
+                    result.inserted + result.duplicates,
+                    result.duplicates,
+                )
+        if failure is not None:
+            raise failure
+        done = time.time()
+        metrics.READINGS_SUPERSEDED.inc(superseded)
+        metrics.FLUSH_READINGS.observe(len(readings))
+        metrics.FLUSH_SECONDS.observe(time.monotonic() - started)
+        metrics.LAST_COMMIT.set(done)
+        for msg in job.received:
+            sent = msg.published_us / 1e6 if msg.published_us else msg.received_ns / 1e9
+            metrics.COMMIT_LAG.observe(max(0.0, done - sent))
+
+    async def _resolve(self, conn: asyncpg.Connection, job: FlushJob) -> npt.NDArray[np.int32]:
+        """The sensor id of every channel of the flush, in arrival order, registering new
+        sensors and units. A message naming a sensor its device has no room for becomes a dead
+        letter. A message shaped like an earlier one (device, channel names, units) costs one
+        look-up, not one per channel."""
+        registry = self._registry
+        parts: list[npt.NDArray[np.int32] | None] = []
+        shapes = []
+        sensors: dict[SensorKey, str | None] = {}
+        latest: dict[SensorKey, int] = {}  # the latest reading time of each new sensor
+        for item in job.accepted:
+            names = tuple([ch.name for ch in item.batch.channels])
+            units = tuple([ch.unit for ch in item.batch.channels])
+            ids = registry.message_ids(item.levels, names, units)
+            parts.append(ids)
+            shapes.append((names, units))
+            if ids is None:
+                for ch in item.batch.channels:
+                    key = SensorKey(item.levels, ch.name)
+                    if ch.unit is not None or key not in sensors:
+                        sensors[key] = ch.unit
+                    if key not in registry:
+                        t = int(ch.time.max())
+                        latest[key] = max(t, latest.get(key, t))
+        if sensors:
+            refused = await registry.resolve(conn, sensors=sensors, latest=latest)
+            if refused:
+                self._refuse(job, refused)
+                return await self._resolve(conn, job)  # all known now: one look-up each
+            for i, item in enumerate(job.accepted):
+                if parts[i] is None:
+                    parts[i] = registry.remember(item.levels, *shapes[i])
+            metrics.SENSORS_KNOWN.set(registry.used)
+        done = [p for p in parts if p is not None]
+        return np.concatenate(done) if done else np.empty(0, np.int32)
+
+    def _refuse(self, job: FlushJob, refused: set[SensorKey]) -> None:
+        """Turn the messages naming a refused sensor into dead letters, in place."""
+        cap = self._cfg.limits.max_sensors_per_device
+        kept = []
+        for item in job.accepted:
+            over = next(
+                (c.name for c in item.batch.channels if SensorKey(item.levels, c.name) in refused),
+                None,
+            )
+            if over is None or item.received is None:
+                kept.append(item)
+                continue
+            reason = (
+                f"sensor: device {'/'.join(item.levels)} already has {cap} sensors "
+                f"(limits.max_sensors_per_device); {over!r} is not registered"
+            )
+            job.reject(item.received, reason)
+        job.accepted = kept
+
+    async def _prepare_sparkplug(self, conn: asyncpg.Connection, job: FlushJob) -> Prepared:
+        prepared = await self._sparkplug.prepare(conn, items=job.sparkplug, registry=self._registry)
+        for index, reason in prepared.dead_letters:
+            job.reject(job.received[index], reason)
+        return prepared
+
+    async def connect(self, stop: asyncio.Event) -> bool:
+        """Connect, check the schema is current and load the registry in bulk, retrying until
+        done or `stop` is set."""
+        migrations = load_migrations(default_schema_dir())
+        delay = self._cfg.db.retry_min_s
+        while not stop.is_set():
+            try:
+                for sink in self.sinks:
+                    await sink.connect()
+                self._health.database = True
+                conn = self.sinks[0].connection
+                behind = await pending(conn, migrations=migrations)
+                if not behind:
+                    started = time.monotonic()
+                    try:
+                        await self._registry.load(conn)
+                    except (asyncpg.PostgresError, *CLIENT_ERRORS) as exc:
+                        raise classify(exc) from exc
+                    log.info(
+                        "registry: %d sensors loaded in %.2fs",
+                        len(self._registry),
+                        time.monotonic() - started,
+                    )
+                    self._health.schema = True
+                    return True
+                log.warning(
+                    "database schema is behind: %d migration(s) pending (%s); run 'ingest migrate'",
+                    len(behind),
+                    behind[0].name,
+                )
+            except TransientSinkError as exc:
+                self._health.database = False
+                log.warning("database not reachable, retrying in %.1fs: %s", delay, exc)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=delay)
+            delay = min(delay * 2, self._cfg.db.retry_max_s)
+        return False
