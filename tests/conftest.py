@@ -87,7 +87,7 @@ def compiled_kernels() -> None:
     """Fill numba's on-disk cache once, before any test starts an ingester: on a fresh checkout
     the first `ingest run` would otherwise compile every kernel while its start is timed."""
     subprocess.run(
-        [sys.executable, "-c", "from ingest.kernels import warm_up; warm_up()"],
+        [sys.executable, "-c", "from ingest.warmup import warm_up; warm_up()"],
         check=True,
         timeout=600,
     )
