@@ -2,18 +2,40 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
-from typing import Annotated, Final, TypeAlias, cast
+from datetime import datetime
+from typing import cast
 
 import msgspec
 import numpy as np
 import numpy.typing as npt
-from msgspec import UNSET, Meta, UnsetType
+from msgspec import UNSET
 
 from ingest.diagnose import diagnose, excerpt
 from ingest.errors import PayloadError
+from ingest.wire import (
+    DECODE_ERRORS,
+    F8,
+    I64_MAX,
+    JOIN_MAX,
+    JSON_DECODER,
+    JSON_SCHEMA,
+    MSGPACK_DECODER,
+    UNIT_MAX,
+    ChannelWire,
+    MsgpackBatch,
+    check_name,
+    check_unit,
+    check_window,
+    first_non_blank,
+    is_name,
+    name_problem,
+    quality_column,
+    times_column,
+    to_us,
+    value_itemsize,
+    values_column,
+)
 
 __all__ = ["Batch", "Channel", "DecodeLimits", "decode_batch", "parse_topic"]
 
@@ -67,150 +89,6 @@ class Batch(msgspec.Struct, frozen=True, eq=False):
 
 
 # --------------------------------------------------------------------------------------------
-# Wire shapes (decoders are built once, below)
-# --------------------------------------------------------------------------------------------
-
-_I64_MIN: Final = -(2**63)
-_I64_MAX: Final = 2**63 - 1
-
-_Int64: TypeAlias = Annotated[int, Meta(ge=_I64_MIN, le=_I64_MAX)]
-_PositiveInt64: TypeAlias = Annotated[int, Meta(gt=0, le=_I64_MAX)]
-_Quality: TypeAlias = Annotated[int, Meta(ge=0, le=255)]
-_Seq: TypeAlias = Annotated[int, Meta(ge=0, le=_I64_MAX)]  # fits a bigint column
-_Rfc3339: TypeAlias = Annotated[datetime, Meta(tz=True)]
-
-
-class _MsgpackChannel(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    s: str
-    v: memoryview | list[float]
-    vt: str | UnsetType = UNSET
-    dt: _PositiveInt64 | UnsetType = UNSET
-    t: memoryview | list[_Int64] | UnsetType = UNSET
-    q: _Quality | memoryview | list[_Quality] | UnsetType = UNSET
-    u: str | UnsetType = UNSET
-
-
-class _MsgpackBatch(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    v: int
-    t0: int
-    ch: list[_MsgpackChannel]
-    seq: _Seq | UnsetType = UNSET
-
-
-class _JsonChannel(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    s: str
-    v: list[float]
-    vt: str | UnsetType = UNSET
-    dt: _PositiveInt64 | UnsetType = UNSET
-    t: list[_Int64] | UnsetType = UNSET
-    q: _Quality | list[_Quality] | UnsetType = UNSET
-    u: str | UnsetType = UNSET
-
-
-class _JsonObject(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """A JSON object: either the batch shape (v, t0, seq, ch) or the single-sample shape."""
-
-    v: int | UnsetType = UNSET
-    t0: int | _Rfc3339 | UnsetType = UNSET
-    seq: _Seq | UnsetType = UNSET
-    ch: list[_JsonChannel] | UnsetType = UNSET
-    ts: int | _Rfc3339 | UnsetType = UNSET
-    values: dict[str, float] | UnsetType = UNSET
-
-
-class _JsonSample(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    ts: int | _Rfc3339
-    values: dict[str, float]
-
-
-_JSON_SCHEMA: Final = _JsonObject | list[_JsonSample]
-_MSGPACK_DECODER: Final = msgspec.msgpack.Decoder(_MsgpackBatch)
-_JSON_DECODER: Final = msgspec.json.Decoder(_JSON_SCHEMA)
-
-_ChannelWire: TypeAlias = _MsgpackChannel | _JsonChannel
-
-# --------------------------------------------------------------------------------------------
-# Small helpers: names, reasons, times
-# --------------------------------------------------------------------------------------------
-
-_NAME_CHARS: Final = "A-Z a-z 0-9 _ . : -"
-_NAME_MAX: Final = 64
-_UNIT_MAX: Final = 32
-_is_name: Final = re.compile(r"[A-Za-z0-9_.:\-]{1,64}").fullmatch
-_first_non_blank: Final = re.compile(rb"[^ \t\r\n]").search
-_F8: Final = np.dtype("<f8")
-_F4: Final = np.dtype("<f4")
-_I8: Final = np.dtype("<i8")
-_JOIN_MAX: Final = 8192  # readings: above it, a batch's bin values are not joined first
-_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
-_ONE_US: Final = timedelta(microseconds=1)
-
-
-def _name_problem(name: str) -> str | None:
-    """Why `name` is not a valid sensor name / topic level, or None when it is."""
-    if _is_name(name):
-        return None
-    if not name:
-        return "is empty"
-    if len(name) > _NAME_MAX:
-        return f"has {len(name)} characters, over the {_NAME_MAX}-character limit"
-    return f"{excerpt(name)} has a character outside {_NAME_CHARS}"
-
-
-def _check_name(field: str, name: str) -> None:
-    problem = _name_problem(name)
-    if problem is not None:
-        raise PayloadError(f"{field}: {problem}")
-
-
-def _check_unit(field: str, unit: str) -> None:
-    """Units: 1 to 32 printable characters (str.isprintable), no leading or trailing space."""
-    if not unit:
-        raise PayloadError(f"{field}: is empty")
-    if len(unit) > _UNIT_MAX:
-        raise PayloadError(
-            f"{field}: has {len(unit)} characters, over the {_UNIT_MAX}-character limit"
-        )
-    if not unit.isprintable():
-        raise PayloadError(f"{field}: {excerpt(unit)} has a non-printable character")
-    if unit[0] == " " or unit[-1] == " ":
-        raise PayloadError(f"{field}: {excerpt(unit)} has a leading or trailing space")
-
-
-def _fmt_us(us: int) -> str:
-    """RFC 3339 (UTC) rendering of a microsecond timestamp, or the raw number out of range."""
-    try:
-        moment = _EPOCH + timedelta(microseconds=us)
-    except OverflowError:
-        return f"{us} us since the epoch"
-    return moment.replace(tzinfo=None).isoformat() + "Z"
-
-
-def _check_window(field: str, first: int, last: int, window: tuple[int, int]) -> None:
-    lo, hi = window
-    if first < lo:
-        raise PayloadError(
-            f"{field}: {_fmt_us(first)} is before the accepted window (starts {_fmt_us(lo)})"
-        )
-    if last > hi:
-        raise PayloadError(
-            f"{field}: {_fmt_us(last)} is after the accepted window (ends {_fmt_us(hi)})"
-        )
-
-
-def _to_us(value: int | datetime) -> int:
-    if isinstance(value, datetime):
-        return (value - _EPOCH) // _ONE_US
-    return value
-
-
-# What msgspec raises for bad input: its own errors, and UnicodeDecodeError for a str that is
-# not UTF-8 in some releases. The reason is then worked out by ingest.diagnose, never taken
-# from the error's text.
-_DECODE_ERRORS: Final = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
-
-
-# --------------------------------------------------------------------------------------------
 # Public functions
 # --------------------------------------------------------------------------------------------
 
@@ -235,7 +113,7 @@ def parse_topic(topic: str, *, prefix: str) -> tuple[str, ...]:
         raise PayloadError("topic: no device id after the prefix")
     levels = tuple(rest.split("/"))
     for number, level in enumerate(levels, 1):
-        problem = _name_problem(level)
+        problem = name_problem(level)
         if problem is not None:
             raise PayloadError(f"topic: level {number} after the prefix {problem}")
     return levels
@@ -276,7 +154,7 @@ def decode_batch(
     if size == 0:
         raise PayloadError("payload: is empty")
     json = _is_json(payload, content_type)
-    window = (limits.min_time_us, min(now_us + limits.max_future_us, _I64_MAX))
+    window = (limits.min_time_us, min(now_us + limits.max_future_us, I64_MAX))
     if json:
         return _decode_json(payload, limits, window)
     return _decode_msgpack(payload, limits, window)
@@ -299,7 +177,7 @@ def _is_json(payload: bytes, content_type: str | None) -> bool:
                 f"content-type: {excerpt(content_type)} is not application/msgpack"
                 " or application/json"
             )
-    first = _first_non_blank(payload)
+    first = first_non_blank(payload)
     if first is None:
         raise PayloadError("payload: holds only whitespace")
     return first[0] in (b"{", b"[")
@@ -307,9 +185,9 @@ def _is_json(payload: bytes, content_type: str | None) -> bool:
 
 def _decode_msgpack(payload: bytes, limits: DecodeLimits, window: tuple[int, int]) -> Batch:
     try:
-        wire = _MSGPACK_DECODER.decode(payload)
-    except _DECODE_ERRORS as exc:
-        raise diagnose(payload, _MsgpackBatch, json=False) from exc
+        wire = MSGPACK_DECODER.decode(payload)
+    except DECODE_ERRORS as exc:
+        raise diagnose(payload, MsgpackBatch, json=False) from exc
     if wire.v != 1:
         raise PayloadError(f"v: unsupported format version {wire.v}")
     seq = None if wire.seq is UNSET else wire.seq
@@ -318,9 +196,9 @@ def _decode_msgpack(payload: bytes, limits: DecodeLimits, window: tuple[int, int
 
 def _decode_json(payload: bytes, limits: DecodeLimits, window: tuple[int, int]) -> Batch:
     try:
-        wire = _JSON_DECODER.decode(payload)
-    except _DECODE_ERRORS as exc:
-        raise diagnose(payload, _JSON_SCHEMA, json=True) from exc
+        wire = JSON_DECODER.decode(payload)
+    except DECODE_ERRORS as exc:
+        raise diagnose(payload, JSON_SCHEMA, json=True) from exc
     if isinstance(wire, list):
         if not wire:
             raise PayloadError("payload: empty JSON array; at least one sample is required")
@@ -349,17 +227,17 @@ def _decode_json(payload: bytes, limits: DecodeLimits, window: tuple[int, int]) 
     if wire.ch is UNSET:
         raise PayloadError("ch: missing required field")
     seq = None if wire.seq is UNSET else wire.seq
-    return _decode_channels(_to_us(wire.t0), seq, wire.ch, limits, window)
+    return _decode_channels(to_us(wire.t0), seq, wire.ch, limits, window)
 
 
 def _decode_channels(
     t0: int,
     seq: int | None,
-    wire: Sequence[_ChannelWire],
+    wire: Sequence[ChannelWire],
     limits: DecodeLimits,
     window: tuple[int, int],
 ) -> Batch:
-    _check_window("t0", t0, t0, window)
+    check_window("t0", t0, t0, window)
     if not wire:
         raise PayloadError("ch: is empty; at least one channel is required")
 
@@ -371,12 +249,12 @@ def _decode_channels(
     for i, c in enumerate(wire):
         # The common case is checked inline; a field's name is only built for an error.
         name = c.s
-        if not _is_name(name):
-            _check_name(f"ch[{i}].s", name)
+        if not is_name(name):
+            check_name(f"ch[{i}].s", name)
         u = c.u
         if u is not UNSET:
-            if not (u and len(u) <= _UNIT_MAX and u.isprintable() and u[0] != " " != u[-1]):
-                _check_unit(f"ch[{i}].u", u)
+            if not (u and len(u) <= UNIT_MAX and u.isprintable() and u[0] != " " != u[-1]):
+                check_unit(f"ch[{i}].u", u)
             seen = units.setdefault(name, (u, i))
             if seen[0] != u:
                 raise PayloadError(
@@ -384,7 +262,7 @@ def _decode_channels(
                     f" given for the same sensor in ch[{seen[1]}]"
                 )
         vt = c.vt
-        itemsize = 8 if vt is UNSET or vt == "f8" else _itemsize(f"ch[{i}]", vt)
+        itemsize = 8 if vt is UNSET or vt == "f8" else value_itemsize(f"ch[{i}]", vt)
         v = c.v
         nbytes = -1
         if isinstance(v, memoryview):
@@ -424,15 +302,15 @@ def _decode_channels(
     # Pass 2: the batch's columns; one copy of each bin field, no Python object per reading.
     if plain:
         views = cast("list[memoryview]", [c.v for c in wire])
-        if total <= _JOIN_MAX:  # one join and one conversion cost least
-            value = np.frombuffer(b"".join(views), dtype=_F8).astype(np.float64)
+        if total <= JOIN_MAX:  # one join and one conversion cost least
+            value = np.frombuffer(b"".join(views), dtype=F8).astype(np.float64)
         else:  # no temporary copy: a large one is returned to the system and faulted in again
-            value = np.concatenate([np.frombuffer(v, dtype=_F8) for v in views], dtype=np.float64)
+            value = np.concatenate([np.frombuffer(v, dtype=F8) for v in views], dtype=np.float64)
         quality = np.zeros(total, dtype=np.uint8)
     else:
-        value = _batch_values(wire, counts, total)
-        quality = _batch_quality(wire, counts, total)
-    time = _batch_times(t0, wire, counts, total, window)
+        value = values_column(wire, counts, total)
+        quality = quality_column(wire, counts, total)
+    time = times_column(t0, wire, counts, total, window)
     names = [(c.s, None if c.u is UNSET else c.u) for c in wire]
     return _batch(seq, names, counts, time=time, value=value, quality=quality)
 
@@ -457,108 +335,6 @@ def _batch(
     return Batch(seq, tuple(channels), at, time, value, quality)
 
 
-def _batch_values(
-    wire: Sequence[_ChannelWire], counts: Sequence[int], total: int
-) -> npt.NDArray[np.float64]:
-    out = np.empty(total, dtype=np.float64)
-    at = 0
-    for c, n in zip(wire, counts, strict=True):
-        v = c.v
-        out[at : at + n] = (
-            np.frombuffer(v, dtype=_F4 if c.vt == "f4" else _F8) if isinstance(v, memoryview) else v
-        )
-        at += n
-    return out
-
-
-def _batch_times(
-    t0: int,
-    wire: Sequence[_ChannelWire],
-    counts: Sequence[int],
-    total: int,
-    window: tuple[int, int],
-) -> npt.NDArray[np.int64]:
-    if any(c.t is not UNSET for c in wire):
-        out = np.empty(total, dtype=np.int64)
-        at = 0
-        for i, (c, n) in enumerate(zip(wire, counts, strict=True)):
-            _times(f"ch[{i}]", c, n, t0, window, out[at : at + n])
-            at += n
-        return out
-    # Regular sampling only: t0 + k * dt within each channel (dt 0 for a single reading).
-    dts = [0 if c.dt is UNSET or n == 1 else c.dt for c, n in zip(wire, counts, strict=True)]
-    last = max(dt * (n - 1) for dt, n in zip(dts, counts, strict=True))
-    if t0 + last > window[1]:  # name the first channel that ends too late
-        for i, (dt, n) in enumerate(zip(dts, counts, strict=True)):
-            _check_window(f"ch[{i}].dt", t0, t0 + dt * (n - 1), window)
-    n0, dt0 = counts[0], dts[0]
-    if len(set(counts)) == 1 and len(set(dts)) == 1:
-        one = np.arange(n0, dtype=np.int64)
-        one *= dt0
-        one += t0
-        out = np.empty(total, dtype=np.int64)
-        out.reshape(len(counts), n0)[:] = one
-        return out
-    lengths = np.array(counts, dtype=np.int64)
-    step = np.arange(total, dtype=np.int64)
-    step -= np.repeat(np.cumsum(lengths) - lengths, lengths)  # index within its channel
-    step *= np.repeat(np.array(dts, dtype=np.int64), lengths)
-    step += t0
-    return step
-
-
-def _batch_quality(
-    wire: Sequence[_ChannelWire], counts: Sequence[int], total: int
-) -> npt.NDArray[np.uint8]:
-    out = np.empty(total, dtype=np.uint8)
-    at = 0
-    for c, n in zip(wire, counts, strict=True):
-        q = c.q
-        if q is UNSET:
-            out[at : at + n] = 0
-        elif isinstance(q, memoryview):
-            out[at : at + n] = np.frombuffer(q, dtype=np.uint8)
-        else:  # one value for all, or a list (checked to be 0..255)
-            out[at : at + n] = q
-        at += n
-    return out
-
-
-def _itemsize(field: str, vt: str | UnsetType) -> int:
-    if vt is UNSET or vt == "f8":
-        return 8
-    if vt == "f4":
-        return 4
-    raise PayloadError(f'{field}.vt: {excerpt(vt)} is not "f8" or "f4"')
-
-
-def _times(
-    field: str,
-    c: _ChannelWire,
-    n: int,
-    t0: int,
-    window: tuple[int, int],
-    out: npt.NDArray[np.int64],
-) -> None:
-    """Write the n absolute times of channel `c` to `out`."""
-    t = c.t
-    if t is not UNSET:
-        offsets = (
-            np.frombuffer(t, dtype=_I8) if isinstance(t, memoryview) else np.array(t, np.int64)
-        )
-        # Bounds in Python ints first: t0 + offset cannot overflow once inside the window.
-        _check_window(f"{field}.t", t0 + int(offsets.min()), t0 + int(offsets.max()), window)
-        np.add(offsets, t0, out=out)
-        return
-    if c.dt is UNSET or n == 1:
-        out[:] = t0
-        return
-    dt = c.dt
-    _check_window(f"{field}.dt", t0, t0 + dt * (n - 1), window)
-    np.multiply(np.arange(n, dtype=np.int64), dt, out=out)
-    out += t0
-
-
 def _decode_samples(
     samples: Sequence[tuple[str, int | datetime, dict[str, float]]],
     limits: DecodeLimits,
@@ -576,12 +352,12 @@ def _decode_samples(
         )
     columns: dict[str, tuple[list[int], list[float]]] = {}
     for where, ts, values in samples:
-        at = _to_us(ts)
-        _check_window(f"{where}ts", at, at, window)
+        at = to_us(ts)
+        check_window(f"{where}ts", at, at, window)
         for name, value in values.items():
             column = columns.get(name)
             if column is None:
-                problem = _name_problem(name)
+                problem = name_problem(name)
                 if problem is not None:
                     raise PayloadError(f"{where}values: sensor name {problem}")
                 column = columns[name] = ([], [])
