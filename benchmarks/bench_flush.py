@@ -15,7 +15,7 @@ import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
 
 from ingest.db.registry import Registry, SensorKey, _Known
-from ingest.decode import Batch, Channel
+from ingest.decode import Batch
 from ingest.flush import Accepted, FlushJob, build_readings, channel_keys
 
 T0 = 1_767_225_600_000_000  # 2026-01-01T00:00:00Z
@@ -40,15 +40,15 @@ def _flush(*, overlap: bool) -> tuple[FlushJob, Registry]:
         quality = np.zeros(n, np.uint8)
         if overlap and m == MESSAGES - 1:
             time[SAMPLES - 1] = T0 - 1  # earlier than everything of that sensor
-        channels = []
-        for s in range(SENSORS_PER_DEVICE):
-            name = f"sensor-{s}"
+        names = tuple(f"sensor-{s}" for s in range(SENSORS_PER_DEVICE))
+        for name in names:
             key = SensorKey(levels, name)
             if key not in registry._sensors:
                 registry._sensors[key] = _Known(len(registry._sensors) + 1, None)
-            part = slice(s * SAMPLES, (s + 1) * SAMPLES)
-            channels.append(Channel(name, None, time[part], value[part], quality[part]))
-        job.accepted.append(Accepted(levels, Batch(m, tuple(channels), n, time, value, quality)))
+        units = (None,) * SENSORS_PER_DEVICE
+        counts = (SAMPLES,) * SENSORS_PER_DEVICE
+        batch = Batch(m, names, units, counts, n, time, value, quality)
+        job.accepted.append(Accepted(levels, batch))
         job.readings += SENSORS_PER_DEVICE * SAMPLES
     return job, registry
 

@@ -68,7 +68,7 @@ class FlushJob:
 
 def channel_keys(job: FlushJob) -> list[SensorKey]:
     """The sensor of every channel of the flush, in arrival order."""
-    return [SensorKey(item.levels, ch.name) for item in job.accepted for ch in item.batch.channels]
+    return [SensorKey(item.levels, name) for item in job.accepted for name in item.batch.names]
 
 
 def build_readings(
@@ -95,7 +95,7 @@ def build_readings(
     if not isinstance(sensor_ids, np.ndarray):
         assert None not in sensor_ids, "resolve() registers every sensor of the flush first"
     sensor = np.asarray(sensor_ids, dtype=np.int32)  # per channel, in arrival order
-    lengths = np.array([len(ch.time) for b in batches for ch in b.channels], dtype=np.int64)
+    lengths = np.array([n for b in batches for n in b.counts], dtype=np.int64)
     starts = np.cumsum(lengths) - lengths
     time = np.concatenate([b.time for b in batches])
     value = np.concatenate([b.value for b in batches])

@@ -216,19 +216,20 @@ class Writer:
         sensors: dict[SensorKey, str | None] = {}
         latest: dict[SensorKey, int] = {}  # the latest reading time of each new sensor
         for item in job.accepted:
-            names = tuple([ch.name for ch in item.batch.channels])
-            units = tuple([ch.unit for ch in item.batch.channels])
+            batch = item.batch
+            names, units = batch.names, batch.units
             ids = registry.message_ids(item.levels, names, units)
             parts.append(ids)
             shapes.append((names, units))
             if ids is None:
-                for ch in item.batch.channels:
-                    key = SensorKey(item.levels, ch.name)
-                    if ch.unit is not None or key not in sensors:
-                        sensors[key] = ch.unit
+                counts = np.array(batch.counts, dtype=np.int64)
+                ends = np.maximum.reduceat(batch.time, np.cumsum(counts) - counts).tolist()
+                for name, unit, end in zip(names, units, ends, strict=True):
+                    key = SensorKey(item.levels, name)
+                    if unit is not None or key not in sensors:
+                        sensors[key] = unit
                     if key not in registry:
-                        t = int(ch.time.max())
-                        latest[key] = max(t, latest.get(key, t))
+                        latest[key] = max(end, latest.get(key, end))
         if sensors:
             refused = await registry.resolve(conn, sensors=sensors, latest=latest)
             if refused:
@@ -247,7 +248,7 @@ class Writer:
         kept = []
         for item in job.accepted:
             over = next(
-                (c.name for c in item.batch.channels if SensorKey(item.levels, c.name) in refused),
+                (name for name in item.batch.names if SensorKey(item.levels, name) in refused),
                 None,
             )
             if over is None or item.received is None:
