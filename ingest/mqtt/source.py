@@ -13,10 +13,10 @@ from typing import Final, Self
 
 import msgspec
 
-from ingest.errors import ConfigError
 from ingest.mqtt import packets
 from ingest.mqtt.connection import Connection, ConnectionLostError, RefusedError
 from ingest.mqtt.packets import Publish
+from ingest.mqtt.refusals import check_suback, connack_error
 from ingest.mqtt.settings import Settings, parse_url, tls_context
 
 __all__ = ["AckToken", "MqttSource", "Received", "maximum_packet_size"]
@@ -32,21 +32,6 @@ _EXTRA_OPTIONS: Final = 0x01 | 0x20
 # Room for what a PUBLISH carries besides its payload: the fixed header, the topic and the
 # content type (MQTT strings, at most 64 KiB each), the packet id and small properties.
 PUBLISH_OVERHEAD: Final = 2 * (2 + 65535) + 4096
-# CONNACK refusals that a retry cannot fix, and the setting to blame.
-_CONNACK_FATAL: Final = {
-    0x84: ("mqtt.url", "the broker does not support MQTT v5"),
-    0x85: ("mqtt.client_id", "the broker rejected the client identifier"),
-    0x86: ("mqtt.url", "bad user name or password"),
-    0x87: ("mqtt.url", "not authorized to connect"),
-    0x8C: ("mqtt.url", "bad authentication method"),
-}
-# SUBACK refusals that a retry cannot fix.
-_SUBACK_FATAL: Final = {
-    0x87: ("mqtt.topic_prefix", "not authorized to subscribe"),
-    0x8F: ("mqtt.topic_prefix", "the broker rejected the topic filter"),
-    0x9E: ("mqtt.share_group", "the broker does not support shared subscriptions"),
-    0xA2: ("mqtt.topic_prefix", "the broker does not support wildcard subscriptions"),
-}
 
 
 def maximum_packet_size(max_payload_bytes: int) -> int:
@@ -425,11 +410,9 @@ class MqttSource:
                 await self._subscribe(conn)
         except RefusedError as exc:
             conn.abort()
-            if exc.code in _CONNACK_FATAL:
-                key, reason = _CONNACK_FATAL[exc.code]
-                raise ConfigError(
-                    f"{key}: {endpoint.redacted} refused the connection: {reason}"
-                ) from exc
+            fatal = connack_error(exc.code, endpoint.redacted)
+            if fatal is not None:
+                raise fatal from exc
             raise
         except BaseException:
             conn.abort()
@@ -442,22 +425,4 @@ class MqttSource:
         pairs = [(self._topic_filter, _SUBSCRIBE_OPTIONS)]
         pairs += [(f, _EXTRA_OPTIONS) for f in self._extra_filters]
         codes, reason = await conn.subscribe(pairs)
-        if len(codes) != len(pairs):
-            raise ConnectionLostError(
-                f"the SUBACK holds {len(codes)} codes for {len(pairs)} filters"
-            )
-        for (topic_filter, _), code in zip(pairs, codes, strict=True):
-            if code in _SUBACK_FATAL:
-                key, text = _SUBACK_FATAL[code]
-                raise ConfigError(f"{key}: subscribing to {topic_filter!r} failed: {text}")
-            if code == 0:
-                raise ConfigError(
-                    f"mqtt.url: the broker granted only QoS 0 for {topic_filter!r}; "
-                    "acknowledgement after commit needs QoS 1"
-                )
-            if code >= 0x80:
-                raise ConnectionLostError(
-                    f"subscribing to {topic_filter!r} failed: reason code 0x{code:02x}"
-                    + (f" ({reason})" if reason else ""),
-                    code=code,
-                )
+        check_suback(pairs, codes, reason)
