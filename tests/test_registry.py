@@ -8,7 +8,7 @@ import asyncpg
 import numpy as np
 
 from ingest.db.registry import Registry, SensorKey
-from tests.conftest import Database
+from tests.support.cluster import Database
 
 SITE = f"reg-{uuid.uuid4().hex[:8]}"  # the database is shared by the module's tests
 LEVELS = (SITE, "line1", "dev-1")

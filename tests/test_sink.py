@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from ingest.db.sink import Appended, Readings, Sink, Upsert
-from tests.conftest import Database, admin_dsn
-from tests.helpers import T0, wait_until
+from tests.support.cluster import Database, admin_dsn
+from tests.support.process import wait_until
+from tests.support.streams import T0
 
 
 @dataclass(slots=True)
