@@ -15,7 +15,8 @@ One run on the local stack (``deploy/local/stack up``; its ``env`` exported), in
 
     python -m benchmarks.e2e [--readings N] [--out DIR] [--format compact|json] [--backlog] ...
 
-``--shape wide`` runs a plant's shape instead (benchmarks/wide.py).
+``--shape wide`` runs a plant's shape instead (benchmarks/wide.py); ``--instances N`` runs N
+ingesters on one shared subscription against the same stream (`instances`).
 
 Every run creates its own scratch database and drops it at the end; a CHECKPOINT precedes each
 measured phase. Targets are reported, never asserted: the exit status is 0 whenever the
@@ -24,8 +25,8 @@ measurements completed.
 The modules: `options` and `cli` (the command), `load` (the simulated load, its recording, decode
 speed), `baselines` (the scratch database's tables, the direct-COPY limit, the naive bridge),
 `processes` (the child processes, the ingester under test and how it is polled), `measure`
-(CPU from /proc, histograms, the machine), `run` (the phases of the default run), `report`
-(targets, Markdown, JSON).
+(CPU from /proc, histograms, the machine), `run` (the phases of the default run),
+`instances` (several ingesters on one share group), `report` (targets, Markdown, JSON).
 """
 
 import sys

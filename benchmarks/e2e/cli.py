@@ -7,6 +7,7 @@ import sys
 
 import asyncpg
 
+from benchmarks.e2e.instances import run_instances
 from benchmarks.e2e.options import parse_options
 from benchmarks.e2e.report import render_markdown, write_results
 from benchmarks.e2e.run import run
@@ -23,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
         memory.keep_freed_memory()
         if opts.shape == "wide":
             return run_wide(opts)
+        if opts.instances is not None:
+            return run_instances(opts)
         res = asyncio.run(run(opts))
         paths = write_results(res, opts.out)
     except SupportError as exc:

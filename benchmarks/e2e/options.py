@@ -42,6 +42,7 @@ class Options:
     plant: Path | None = None
     rounds: int = 6
     plant_devices: int = 5_000
+    instances: int | None = None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -104,6 +105,14 @@ def _parser() -> argparse.ArgumentParser:
         help="profile the ingester's sustained phase with py-spy (if installed) into FILE: "
         "speedscope JSON, or a flame graph (.svg) or collapsed stacks (.txt)",
     )
+    p.add_argument(
+        "--instances",
+        type=int,
+        metavar="N",
+        help="run N ingesters on one shared subscription against the same stream instead: "
+        "total rate and its ratio to the direct-COPY limit, each one's CPU per million "
+        "readings, lock waits (narrow shape; writes e2e-instances-<N>-<time>.json/.md)",
+    )
     return p
 
 
@@ -114,6 +123,8 @@ def parse_options(argv: list[str] | None) -> Options:
             raise BenchError(f"--{name.replace('_', '-')}: must be >= 1")
     if args.hz <= 0 or args.latency_seconds <= 0 or args.naive_seconds <= 0:
         raise BenchError("--hz, --latency-seconds and --naive-seconds must be > 0")
+    if args.instances is not None and (args.instances < 1 or args.shape != "narrow"):
+        raise BenchError("--instances: must be >= 1, with the narrow shape")
     extra: dict[str, str] = {}
     for item in args.ingest_env:
         key, sep, value = item.partition("=")
@@ -139,4 +150,5 @@ def parse_options(argv: list[str] | None) -> Options:
         shape=args.shape,
         rounds=args.rounds,
         plant_devices=args.wide_devices,
+        instances=args.instances,
     )
