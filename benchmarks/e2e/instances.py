@@ -235,7 +235,7 @@ async def _phases(bench: Bench, res: InstancesResults, folder: Path) -> None:
     res.machine = await machine(db)
     res.settings = {**settings(bench, main, start_us), "instances": n}
     say(
-        f"{n} instance(s) on one share group; {main.readings:,} readings, {bench.sensors} "
+        f"{_ingesters(n)} on one share group; {main.readings:,} readings, {bench.sensors} "
         f"sensors; database {db.name}"
     )
     alone, record = await bench.record(main, start_us=start_us, folder=folder)
@@ -260,7 +260,7 @@ async def _phases(bench: Bench, res: InstancesResults, folder: Path) -> None:
         each.update(ingester.memory_mb())
     await asyncio.gather(*(stop_ingester(i) for i in ingesters))
     say(
-        f"{n} instance(s): {res.total['readings_per_s']:,.0f} readings/s in total, CPU-s per "
+        f"{_ingesters(n)}: {res.total['readings_per_s']:,.0f} readings/s in total, CPU-s per "
         "million readings " + ", ".join(f"{e['cpu_s_per_million']:.2f}" for e in res.each)
     )
     stored = await value(db.owner_url, "SELECT count(*) FROM telemetry.readings")
@@ -293,12 +293,16 @@ async def _sustained(
     return total, each
 
 
+def _ingesters(n: int) -> str:
+    return f"{n} ingester{'s' if n > 1 else ''}"
+
+
 def render(res: InstancesResults) -> str:
     m, s, t, lim, lk = res.machine, res.settings, res.total, res.limit, res.total["locks"]
     rate, limit = t["readings_per_s"], lim["readings_per_s"]
     events = ", ".join(f"{k} {v}" for k, v in lk["by_wait_event"].items()) or "none"
     out = [
-        f"# End-to-end benchmark, {res.instances} ingester(s) on one share group, {res.started}",
+        f"# End-to-end benchmark, {_ingesters(res.instances)} on one share group, {res.started}",
         "",
         f"Machine: {m['cores']} cores ({m['cpu']}), {m['ram_gib']} GiB RAM, load average at "
         f"start {m['load_average_at_start'][0]}; PostgreSQL {m['postgresql']}, TimescaleDB "
@@ -313,7 +317,7 @@ def render(res: InstancesResults) -> str:
         "|---|---:|---:|",
         f"| limit: binary COPY by one writer, {lim['slab_readings']:,}-reading slabs | "
         f"{limit:,.0f} | 1.00 |",
-        f"| {res.instances} ingester(s) on one share group, total, sustained "
+        f"| {_ingesters(res.instances)} on one share group, total, sustained "
         f"({t['bound']}-bound) | {rate:,.0f} | {rate / limit:.2f} of limit |",
         "",
         "| instance | share of readings | CPU-s per million readings | cores | writer busy | "
