@@ -19,7 +19,7 @@ import numpy as np
 
 from ingest.sparkplug.aliases import AliasTable
 from ingest.sparkplug.wire import decode_data
-from tests.sparkplug_pb import new_payload, payload_class
+from tests.support.sparkplug import new_payload, payload_class
 
 METRICS = 100
 PAYLOADS = 200

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import signal
 import sys
 import tempfile
 import time
@@ -34,21 +33,15 @@ from typing import Any
 
 import msgspec
 
-from benchmarks.e2e import (
-    Bench,
-    Ingester,
-    Load,
-    Options,
-    _checkpoint,
-    _iso,
-    _machine,
-    _sql,
-    _stack_env,
-    latency,
-    recorded_slabs,
-    scratch_database,
-)
-from benchmarks.harness import BenchError, Children, grown, metric_sum, proc_cpu_s, scrape
+from benchmarks.e2e import BenchError
+from benchmarks.e2e.baselines import bench_database, checkpoint, direct_copy, value
+from benchmarks.e2e.load import HOUR_US, Load, iso, recorded_slabs
+from benchmarks.e2e.measure import grown, machine, proc_cpu_s
+from benchmarks.e2e.options import Options
+from benchmarks.e2e.processes import Children, latency, start_py_spy, stop_ingester, stop_py_spy
+from benchmarks.e2e.report import finite
+from benchmarks.e2e.run import Bench
+from tests.support.ingester import Ingester, metric_sum, scrape
 
 _SENSORS = {
     **{f"temp.{i:02d}": "temperature" for i in range(6)},
@@ -62,7 +55,6 @@ _SENSORS = {
 _WRITTEN = "ingest_readings_written_total"
 _REJECTED = ("ingest_dead_letters_total", "ingest_readings_duplicate_total")
 _POLL_S = 0.2
-_HOUR_US = 3_600_000_000
 
 
 def write_plant(path: Path, *, devices: int, per_line: int = 100) -> None:
@@ -105,7 +97,7 @@ async def _poll_until(ingester: Ingester, readings: float, *, timeout: float) ->
     polls: list[_Poll] = []
     deadline = time.monotonic() + timeout
     while True:
-        m = await scrape(ingester.port) if ingester.child and ingester.child.running else {}
+        m = await scrape(ingester.port) if ingester.alive else {}
         ingester.check_alive()
         poll = _Poll(
             time.monotonic(),
@@ -163,11 +155,10 @@ async def _publish(bench: Bench, *, start_us: int, rounds: int, record: Path | N
 
 
 async def _run(opts: Options, res: WideResults, folder: Path) -> None:
-    stack = _stack_env()
     children = Children(folder)
     try:
-        async with scratch_database(stack, keep=opts.keep_database) as db:
-            bench = Bench(opts, stack, db, children)
+        async with bench_database(keep=opts.keep_database) as db:
+            bench = Bench(opts, db, children)
             await _phases(bench, res, folder)
     finally:
         await children.stop_all()
@@ -177,9 +168,9 @@ async def _phases(bench: Bench, res: WideResults, folder: Path) -> None:
     opts, db = bench.opts, bench.db
     sensors = bench.sensors
     rounds = opts.rounds
-    start_us = (time.time_ns() // 1000 - (rounds + 4) * 1_000_000 - _HOUR_US) // _HOUR_US
-    start_us *= _HOUR_US
-    res.machine = await _machine(db)
+    start_us = (time.time_ns() // 1000 - (rounds + 4) * 1_000_000 - HOUR_US) // HOUR_US
+    start_us *= HOUR_US
+    res.machine = await machine(db)
     res.settings = {
         "devices": len(bench.devices),
         "sensors": sensors,
@@ -191,29 +182,27 @@ async def _phases(bench: Bench, res: WideResults, folder: Path) -> None:
         "flush": msgspec.to_builtins(bench.cfg.flush),
         "writers": bench.cfg.db.writers,
         "mqtt_receive_maximum": bench.cfg.mqtt.receive_maximum,
-        "first_reading": _iso(start_us),
+        "first_reading": iso(start_us),
         "ingest_env": opts.ingest_env,
     }
     _say(f"{len(bench.devices):,} devices, {sensors:,} sensors, {rounds} rounds; {db.name}")
 
     # The session first, then the backlog it holds.
-    ingester = await Ingester(bench.env, bench.port).spawn(bench.children)
-    await ingester.ready()
-    await ingester.stop()
+    ingester = await bench.spawn()
+    await ingester.wait_ready(timeout=180)
+    await stop_ingester(ingester)
     record = folder / "load"
     await _publish(bench, start_us=start_us, rounds=rounds, record=record)
     _say(f"published {rounds} rounds into the ingester's session")
 
-    await _checkpoint(db)
-    ingester = await Ingester(bench.env, bench.port).spawn(bench.children)
-    await ingester.ready()
+    await checkpoint(db)
+    ingester = await bench.spawn()
+    await ingester.wait_ready(timeout=180)
     ready = await scrape(ingester.port)
-    spy = await bench._py_spy(ingester.pid)
+    spy = await start_py_spy(bench.children, opts.py_spy, ingester.pid)
     began = _Poll(time.monotonic(), 0.0, time.time(), proc_cpu_s(ingester.pid), ready)
     polls = await _poll_until(ingester, sensors * rounds, timeout=max(600.0, rounds * 60.0))
-    if spy is not None:
-        spy.signal_group(signal.SIGINT)
-        await spy.wait(timeout=60, doing="writing its profile")
+    await stop_py_spy(spy)
     seen = next(p for p in polls if p.written >= sensors)
     res.first_sight = _rate(began, seen)
     res.steady = _rate(seen, polls[-1])
@@ -224,16 +213,15 @@ async def _phases(bench: Bench, res: WideResults, folder: Path) -> None:
         f"{res.steady['readings_per_s']:,.0f} readings/s, "
         f"{res.steady['cpu_s_per_million']:.2f} CPU-s per million"
     )
-    await ingester.stop()
+    await stop_ingester(ingester)
 
     # A restart against the known registry.
     await _publish(bench, start_us=start_us + rounds * 1_000_000, rounds=2, record=None)
-    await _checkpoint(db)
-    ingester = Ingester(bench.env, bench.port)
+    await checkpoint(db)
     spawned = time.monotonic()
-    await ingester.spawn(bench.children)
+    ingester = await bench.spawn()
     started = time.monotonic()  # after the kernel cache was filled in its own process
-    await ingester.ready()
+    await ingester.wait_ready(timeout=180)
     ready_s = time.monotonic() - started
     polls = await _poll_until(ingester, 2 * sensors, timeout=600)
     first = next(p for p in polls if p.written >= sensors)
@@ -248,18 +236,16 @@ async def _phases(bench: Bench, res: WideResults, folder: Path) -> None:
         f"restart: ready in {ready_s:.1f}s, a full round written {first.at - started:.1f}s "
         "after the process started"
     )
-    await ingester.stop()
+    await stop_ingester(ingester)
 
     expected = sensors * (rounds + 2)
-    stored = await _sql(db.owner_url, "SELECT count(*) FROM telemetry.readings", value=True)
+    stored = await value(db.owner_url, "SELECT count(*) FROM telemetry.readings")
     if stored != expected:
         raise BenchError(f"telemetry.readings holds {stored:,} rows, {expected:,} were sent")
     for table in ("rollup_1m", "rollup_1h"):
-        res.derived[table] = await _sql(
-            db.owner_url, f"SELECT count(*) FROM telemetry.{table}", value=True
-        )
+        res.derived[table] = await value(db.owner_url, f"SELECT count(*) FROM telemetry.{table}")
     if bench.cfg.rollups.enabled:
-        counted = await _sql(db.owner_url, "SELECT sum(count) FROM telemetry.rollup_1m", value=True)
+        counted = await value(db.owner_url, "SELECT sum(count) FROM telemetry.rollup_1m")
         if counted != expected:
             raise BenchError(f"rollup_1m counts {counted:,} readings, {expected:,} were written")
 
@@ -269,7 +255,7 @@ async def _phases(bench: Bench, res: WideResults, folder: Path) -> None:
     slabs, total = recorded_slabs(paths, slab=slab)
     if total != sensors * rounds:
         raise BenchError(f"recorded {total:,} readings, {sensors * rounds:,} expected")
-    res.limit = await bench.limit(slabs, total)
+    res.limit = await direct_copy(db, slabs, total)
     _say(f"limit, direct COPY in {slab:,}-reading slabs: {res.limit['readings_per_s']:,.0f}/s")
 
 
@@ -311,16 +297,6 @@ def _say(text: str) -> None:
     print(f"e2e wide: {text}", file=sys.stderr, flush=True)
 
 
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
-
-
 def run_wide(opts: Options) -> int:
     """`python -m benchmarks.e2e --shape wide`: run, print the table, write JSON and Markdown."""
     res = WideResults(started=datetime.now(UTC).isoformat(timespec="seconds"))
@@ -340,7 +316,7 @@ def run_wide(opts: Options) -> int:
     res.seconds = time.monotonic() - wall
     opts.out.mkdir(parents=True, exist_ok=True)
     stamp = res.started.replace("+00:00", "Z").replace(":", "")
-    doc = _finite(msgspec.to_builtins(res))
+    doc = finite(msgspec.to_builtins(res))
     (opts.out / f"e2e-wide-{stamp}.json").write_text(json.dumps(doc, indent=2) + "\n")
     text = render(res)
     (opts.out / f"e2e-wide-{stamp}.md").write_text(text)

@@ -13,9 +13,9 @@ import pytest
 from ingest.alerts.assets import AssetFileError, read
 from ingest.config import Retention
 from ingest.db.retention import retain
-from tests.alert_helpers import seed_device
-from tests.conftest import Database
-from tests.helpers import ingest_cli
+from tests.support.alerts import seed_device
+from tests.support.cluster import Database
+from tests.support.ingester import ingest_cli
 
 YAML = """\
 # the press shop and one press of it

@@ -9,7 +9,7 @@ import pytest
 from ingest import config
 from ingest.alerts.rules import CloudEventsSink, MqttSink, ServiceNowSink, sink_wants
 from ingest.errors import ConfigError
-from tests.helpers import ingest_cli
+from tests.support.ingester import ingest_cli
 
 BASE = {"INGEST_DB_URL": "postgresql://ingest@db/telemetry"}
 

@@ -14,9 +14,10 @@ from prometheus_client import REGISTRY
 from ingest.alerts.outbox import Dispatcher
 from ingest.alerts.rules import Alerts, CloudEventsSink, MqttSink, PagerDutySink, ServiceNowSink
 from ingest.alerts.sinks import retry_after
-from tests.alert_helpers import MqttWatch, Receiver, seed_device
-from tests.conftest import Database
-from tests.helpers import wait_until
+from tests.support.alerts import Receiver, seed_device
+from tests.support.cluster import Database
+from tests.support.mqtt import MqttWatch
+from tests.support.process import wait_until
 
 
 def note(key: str, event: str, n: int, **extra: Any) -> dict[str, Any]:

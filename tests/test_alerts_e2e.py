@@ -12,18 +12,13 @@ from typing import Any
 import asyncpg
 import pytest
 
-from benchmarks.harness import free_port
-from tests.alert_helpers import MqttWatch, Receiver, seed_device
-from tests.conftest import Database
-from tests.helpers import (
-    Ingester,
-    Publisher,
-    batch_payload,
-    f8,
-    ingest_cli,
-    ingester_env,
-    wait_until,
-)
+from tests.support.alerts import Receiver, seed_device
+from tests.support.cluster import Database
+from tests.support.ingester import Ingester, ingest_cli, ingester_env
+from tests.support.mqtt import MqttWatch, Publisher
+from tests.support.net import free_port
+from tests.support.process import wait_until
+from tests.support.streams import batch_payload, f8
 
 pytestmark = pytest.mark.slow
 

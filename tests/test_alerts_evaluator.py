@@ -12,8 +12,8 @@ import asyncpg
 from ingest.alerts.evaluator import Evaluator
 from ingest.alerts.rules import AlertRule, Alerts, CloudEventsSink
 from ingest.anomaly.rules import AnomalyRule
-from tests.alert_helpers import anomaly, at, now_base, readings_until, seed_device
-from tests.conftest import Database
+from tests.support.alerts import anomaly, at, now_base, readings_until, seed_device
+from tests.support.cluster import Database
 
 HOOK = CloudEventsSink(name="hook", url="http://127.0.0.1:9/hook")
 OVERHEAT = AnomalyRule(

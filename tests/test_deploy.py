@@ -7,8 +7,6 @@ import json
 import os
 import re
 import shutil
-import socket
-import subprocess
 import sys
 import tomllib
 from collections.abc import Iterator
@@ -29,13 +27,14 @@ from ingest import config, metrics
 from ingest.config import Config, Flush, Limits, Metrics
 from ingest.db.migrate import default_schema_dir, load_migrations
 from ingest.errors import ConfigError
-from tests.conftest import Database
+from tests.support.cluster import Database
+from tests.support.net import free_port
+from tests.support.tools import promtool, run_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 DASHBOARDS = DEPLOY / "grafana" / "dashboards"
-PROMTOOL = DEPLOY / "local" / "promtool"
 K8S_VERSION = "1.30.0"  # the oldest Kubernetes the manifests must validate against
 
 # Settings read from the environment that do not follow INGEST_<SECTION>_<KEY>.
@@ -114,29 +113,6 @@ def label_names() -> dict[str, set[str]]:
 
 def load_yaml(path: Path) -> Any:
     return yaml.safe_load(path.read_text(encoding="utf-8"))
-
-
-def run(*cmd: str | Path, stdin: str | None = None, timeout: float = 120) -> str:
-    """Run a command; fail the test with its output when it exits non-zero."""
-    proc = subprocess.run(
-        [str(c) for c in cmd],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-    if proc.returncode != 0:
-        pytest.fail(
-            f"{' '.join(map(str, cmd))} exited {proc.returncode}:\n{proc.stdout}{proc.stderr}",
-            pytrace=False,
-        )
-    return proc.stdout + proc.stderr
-
-
-def promtool(*args: str | Path, stdin: str | None = None) -> str:
-    """deploy/local/promtool fetches promtool from Debian's package on first use."""
-    return run(PROMTOOL, *args, stdin=stdin, timeout=300)
 
 
 _DEFAULT = re.compile(r"\$\{([A-Z0-9_]+):-([^}]*)\}")
@@ -356,7 +332,7 @@ def compose() -> dict[str, Any]:
 
 @pytest.mark.parametrize("name", COMPOSE_FILES)
 def test_compose_file_follows_the_compose_spec(name: str) -> None:
-    run(
+    run_tool(
         sys.executable,
         "-m",
         "check_jsonschema",
@@ -472,13 +448,6 @@ def mosquitto_conf(path: Path) -> dict[str, list[str]]:
             key, _, value = line.strip().partition(" ")
             out.setdefault(key, []).append(value.strip())
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 async def test_broker_config_runs_mqtt5_and_passes_oversized_payloads(tmp_path: Path) -> None:
@@ -745,7 +714,7 @@ def k8s_manifests() -> list[Path]:
 
 
 def test_k8s_manifests_follow_the_kubernetes_schema() -> None:
-    run(
+    run_tool(
         sys.executable,
         "-m",
         "kubernetes_validate",

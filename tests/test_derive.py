@@ -9,8 +9,11 @@ import asyncpg
 import msgspec
 import numpy as np
 
-from tests.conftest import Database
-from tests.helpers import T0, Ingester, Publisher, ingester_env, wait_until
+from tests.support.cluster import Database
+from tests.support.ingester import Ingester, ingester_env
+from tests.support.mqtt import Publisher
+from tests.support.process import wait_until
+from tests.support.streams import T0
 
 HZ_US = 100_000  # 10 readings per second
 N = 600

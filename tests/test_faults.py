@@ -3,7 +3,7 @@
 Each scenario publishes a stream with a plain paho client, runs `ingest run` as a child process
 through the fault, and then compares everything published with everything stored: every
 reading exactly once, nothing missing. Servers that a scenario restarts are private to it
-(tests/fault_helpers.py); the shared stack is never restarted.
+(tests/support/); the shared stack is never restarted.
 """
 
 from __future__ import annotations
@@ -17,36 +17,15 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from benchmarks.harness import http_get
-from tests.conftest import Database, admin_dsn
-from tests.fault_helpers import (
-    PrivateBroker,
-    PrivateCluster,
-    SlowCloseProxy,
-    assert_exactly_once,
-    dead_letters,
-    ingest_waits_for_lock,
-    md5,
-    new_prefix,
-    new_site,
-    private_cluster,
-    publish,
-    purge_session,
-    service_dir,
-    table_lock,
-)
-from tests.helpers import (
-    T0,
-    Ingester,
-    Publisher,
-    Row,
-    acked_at_least,
-    batch_payload,
-    f8,
-    ingester_env,
-    stream,
-    wait_until,
-)
+from tests.support.broker import PrivateBroker
+from tests.support.cluster import Database, PrivateCluster, admin_dsn, private_cluster
+from tests.support.ingester import Ingester, acked_at_least, ingester_env
+from tests.support.mqtt import Publisher, publish, purge_session
+from tests.support.net import SlowCloseProxy, http_get
+from tests.support.process import service_dir, wait_until
+from tests.support.rows import assert_exactly_once, ingest_waits_for_lock, md5, table_lock
+from tests.support.rows import dead_letter_digests as dead_letters
+from tests.support.streams import T0, Row, batch_payload, f8, new_prefix, new_site, stream
 
 MiB = 1024 * 1024
 

@@ -27,14 +27,10 @@ from hypothesis import strategies as st
 
 from ingest.decode import Batch, DecodeLimits, decode_batch, parse_topic
 from ingest.errors import PayloadError
-from tests.conftest import Database
-from tests.fault_helpers import (
-    new_prefix,
-    new_site,
-    publish,
-    purge_session,
-)
-from tests.helpers import T0, Ingester, acked_at_least, f8, ingester_env
+from tests.support.cluster import Database
+from tests.support.ingester import Ingester, acked_at_least, ingester_env
+from tests.support.mqtt import publish, purge_session
+from tests.support.streams import T0, f8, new_prefix, new_site
 
 mp = msgspec.msgpack.encode
 MAX_PAYLOAD = 262_144

@@ -7,17 +7,12 @@ import uuid
 
 import pytest
 
-from tests.conftest import Database
-from tests.helpers import (
-    Ingester,
-    Publisher,
-    ingester_env,
-    share_group,
-    stored,
-    stream,
-    wait_until,
-)
-from tests.mqtt_helpers import purge_session_sync, session_present_sync
+from tests.support.cluster import Database
+from tests.support.ingester import Ingester, ingester_env, share_group
+from tests.support.mqtt import Publisher, purge_session, session_present
+from tests.support.process import wait_until
+from tests.support.rows import stored
+from tests.support.streams import stream
 
 
 @pytest.fixture
@@ -49,7 +44,7 @@ async def test_sigterm_leaves_the_share_group_and_ends_the_session(
             assert f"session of {a_id!r} ended".encode() in a.log, a.log.decode()
             # The broker no longer holds a session for the member that left, so nothing of
             # what follows is routed to it: the remaining member takes it all.
-            assert not await asyncio.to_thread(session_present_sync, mqtt_url, a_id)
+            assert not await asyncio.to_thread(session_present, mqtt_url, a_id)
             for device, payload in second:
                 pub.publish(f"{prefix}/{device}", payload)
 
@@ -74,7 +69,7 @@ async def test_without_leave_on_stop_the_session_stays(
     a = await Ingester(env).start()
     assert await a.stop() == 0, a.log.decode()
     assert b"ended" not in a.log
-    assert await asyncio.to_thread(session_present_sync, mqtt_url, env["INGEST_MQTT_CLIENT_ID"])
+    assert await asyncio.to_thread(session_present, mqtt_url, env["INGEST_MQTT_CLIENT_ID"])
 
 
 async def test_drain_ingests_an_orphaned_session_and_ends_it(
@@ -106,10 +101,10 @@ async def test_drain_ingests_an_orphaned_session_and_ends_it(
         rows = await stored(database, site)
         assert len(rows) == len(expected)
         assert set(rows) == expected
-        assert not await asyncio.to_thread(session_present_sync, mqtt_url, a_id)
+        assert not await asyncio.to_thread(session_present, mqtt_url, a_id)
     finally:
         assert await b.stop() == 0, b.log.decode()
-        await asyncio.to_thread(purge_session_sync, mqtt_url, a_id)
+        await asyncio.to_thread(purge_session, mqtt_url, a_id)
 
 
 async def test_drain_of_a_client_id_without_a_session_ends_at_once(
@@ -122,4 +117,4 @@ async def test_drain_of_a_client_id_without_a_session_ends_at_once(
     await drain.spawn()
     assert await drain.wait_exit(timeout=120) == 0, drain.log.decode()
     assert b"nothing to drain" in drain.log
-    assert not await asyncio.to_thread(session_present_sync, mqtt_url, client_id)
+    assert not await asyncio.to_thread(session_present, mqtt_url, client_id)

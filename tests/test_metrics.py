@@ -6,9 +6,13 @@ import msgspec
 import pytest
 
 from ingest.metrics import reason_field
-from tests.conftest import Database
-from tests.helpers import T0, Ingester, Publisher, http_get, ingester_env, wait_until
-from tests.test_deploy import promtool
+from tests.support.cluster import Database
+from tests.support.ingester import Ingester, ingester_env
+from tests.support.mqtt import Publisher
+from tests.support.net import http_get
+from tests.support.process import wait_until
+from tests.support.streams import T0
+from tests.support.tools import promtool
 
 
 @pytest.mark.parametrize(

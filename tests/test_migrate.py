@@ -10,8 +10,8 @@ import asyncpg
 import pytest
 
 from ingest.db.migrate import default_schema_dir, load_migrations, migrate
-from tests.conftest import Database
-from tests.helpers import ingest_cli
+from tests.support.cluster import Database
+from tests.support.ingester import ingest_cli
 
 SCHEMA_FILES = sorted(p.name for p in default_schema_dir().glob("*.sql"))
 

@@ -1,8 +1,8 @@
 """The MQTT connection (ingest.mqtt.connection) against streams and brokers that misbehave.
 
 Framing is checked on the protocol object itself, fed by hand; flow control and keepalive
-against a scripted broker on 127.0.0.1 (tests/fake_broker.py). The real broker's side is in
-tests/test_source.py.
+against a scripted broker on 127.0.0.1 (tests/support/fake_broker.py). The real broker's side
+is in tests/test_source.py.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from ingest.mqtt import MqttSource, Received, Settings, packets
 from ingest.mqtt.connection import Connection
 from ingest.mqtt.packets import Publish
 from ingest.mqtt.source import maximum_packet_size
-from tests.fake_broker import FakeBroker, Session, publish
-from tests.mqtt_helpers import TIMEOUT, until
+from tests.support.fake_broker import FakeBroker, Session, publish
+from tests.support.mqtt import TIMEOUT, until
 
 
 class _Transport:

@@ -11,20 +11,12 @@ import msgspec
 import numpy as np
 import pytest
 
-from tests.conftest import Database
-from tests.helpers import (
-    T0,
-    Ingester,
-    Publisher,
-    Row,
-    acked_at_least,
-    f8,
-    ingester_env,
-    share_group,
-    stored,
-    stream,
-    wait_until,
-)
+from tests.support.cluster import Database
+from tests.support.ingester import Ingester, acked_at_least, ingester_env, share_group
+from tests.support.mqtt import Publisher
+from tests.support.process import wait_until
+from tests.support.rows import dead_letters, stored
+from tests.support.streams import T0, Row, f8, stream
 
 
 @pytest.fixture
@@ -38,19 +30,6 @@ async def ingester(database: Database, mqtt_url: str, prefix: str) -> AsyncItera
     proc = await Ingester(ingester_env(database, mqtt_url, prefix)).start()
     yield proc
     assert await proc.stop() == 0, proc.log.decode()
-
-
-async def dead_letters(db: Database, prefix: str) -> list[tuple[str, bytes, str, str | None]]:
-    conn = await asyncpg.connect(db.analyst_url)
-    try:
-        rows = await conn.fetch(
-            "SELECT topic, payload, reason, content_type FROM telemetry.dead_letters"
-            " WHERE topic LIKE $1 || '/%' ORDER BY received_at, reason",
-            prefix,
-        )
-    finally:
-        await conn.close()
-    return [(r["topic"], r["payload"], r["reason"], r["content_type"]) for r in rows]
 
 
 def sample_messages(site: str) -> tuple[list[tuple[str, bytes, str | None]], list[Row]]:

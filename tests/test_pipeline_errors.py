@@ -13,18 +13,11 @@ from ingest.decode import DecodeLimits, decode_batch
 from ingest.errors import InternalError
 from ingest.flush import Accepted, FlushJob
 from ingest.pipeline import Pipeline
-from tests.conftest import Database
-from tests.helpers import (
-    T0,
-    Ingester,
-    Publisher,
-    acked_at_least,
-    batch_payload,
-    f8,
-    ingester_env,
-    stored,
-)
-from tests.test_pipeline import dead_letters
+from tests.support.cluster import Database
+from tests.support.ingester import Ingester, acked_at_least, ingester_env
+from tests.support.mqtt import Publisher
+from tests.support.rows import dead_letters, stored
+from tests.support.streams import T0, batch_payload, f8
 
 
 def _job(site: str) -> FlushJob:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import asyncpg
 import numpy as np
 
 from ingest.db.registry import Registry, SensorKey
-from tests.conftest import Database
+from tests.support.cluster import Database
 
 SITE = f"reg-{uuid.uuid4().hex[:8]}"  # the database is shared by the module's tests
 LEVELS = (SITE, "line1", "dev-1")
@@ -89,3 +90,134 @@ async def test_a_message_shape_is_resolved_once_until_a_unit_changes(database: D
         assert registry.message_ids(levels, names, units) is None  # a unit changed since
     finally:
         await conn.close()
+
+
+# ------------------------------------------------------------------------------ exact contents
+# The tests below have a database each (`db`), so that they can compare whole tables.
+
+
+async def _tables(db: Database) -> dict[str, list[tuple[object, ...]]]:
+    """The registry's tables by path, ids replaced by the paths they stand for."""
+    conn = await asyncpg.connect(db.owner_url)
+    try:
+        assets = await conn.fetch(
+            "SELECT a.path, p.path AS parent, a.name, a.depth FROM telemetry.assets a"
+            " LEFT JOIN telemetry.assets p ON p.id = a.parent_id ORDER BY a.path"
+        )
+        devices = await conn.fetch(
+            "SELECT d.path, d.name, a.path AS asset FROM telemetry.devices d"
+            " LEFT JOIN telemetry.assets a ON a.id = d.asset_id ORDER BY d.path"
+        )
+        sensors = await conn.fetch(
+            "SELECT s.id, d.path, s.name, s.unit,"
+            " (extract(epoch FROM s.last_seen) * 1000000)::bigint AS last_seen"
+            " FROM telemetry.sensors s JOIN telemetry.devices d ON d.id = s.device_id"
+            " ORDER BY d.path, s.name"
+        )
+    finally:
+        await conn.close()
+    return {
+        "assets": [tuple(r) for r in assets],
+        "devices": [tuple(r) for r in devices],
+        "sensors": [tuple(r) for r in sensors],
+    }
+
+
+async def test_first_sight_registers_assets_devices_and_sensors_exactly(db: Database) -> None:
+    conn = await asyncpg.connect(db.ingest_url)
+    try:
+        registry = Registry(max_sensors_per_device=2)
+        one, two = ("plant", "line1", "press-1"), ("plant", "line2", "robot-1")
+        sensors = {
+            SensorKey(one, "temp"): "degC",
+            SensorKey(one, "speed"): None,
+            SensorKey(one, "torque"): "Nm",  # over the cap of 2: refused
+            SensorKey(two, "temp"): "K",
+            SensorKey(("solo",), "x"): None,  # a device without assets above it
+        }
+        latest = {SensorKey(one, "temp"): 1_767_225_600_000_001, SensorKey(two, "temp"): 0}
+        refused = await registry.resolve(conn, sensors=sensors, latest=latest)
+    finally:
+        await conn.close()
+    assert refused == {SensorKey(one, "torque")}
+    tables = await _tables(db)
+    assert tables["assets"] == [
+        ("plant", None, "plant", 1),
+        ("plant/line1", "plant", "line1", 2),
+        ("plant/line2", "plant", "line2", 2),
+    ]
+    assert tables["devices"] == [
+        ("plant/line1/press-1", "press-1", "plant/line1"),
+        ("plant/line2/robot-1", "robot-1", "plant/line2"),
+        ("solo", "solo", None),
+    ]
+    assert [s[1:] for s in tables["sensors"]] == [
+        ("plant/line1/press-1", "speed", None, None),
+        ("plant/line1/press-1", "temp", "degC", 1_767_225_600_000_001),
+        ("plant/line2/robot-1", "temp", "K", 0),
+        ("solo", "x", None, None),
+    ]
+    assert {
+        registry.get(SensorKey(tuple(p.split("/")), n)) for _, p, n, *_ in tables["sensors"]
+    } == {s[0] for s in tables["sensors"]}
+    assert registry.get(SensorKey(one, "torque")) is None
+
+
+async def test_a_new_unit_is_written_and_no_unit_changes_nothing(db: Database) -> None:
+    key = SensorKey(("plant", "dev"), "temp")
+    conn = await asyncpg.connect(db.ingest_url)
+    try:
+        registry = Registry()
+        await registry.resolve(conn, sensors={key: "degC"})
+        await registry.resolve(conn, sensors={key: "K"})
+        await registry.resolve(conn, sensors={key: None})  # a message without a unit
+        other = Registry()  # another ingester, which saw the unit first as degC
+        await other.resolve(conn, sensors={key: None})
+    finally:
+        await conn.close()
+    assert [s[2:4] for s in (await _tables(db))["sensors"]] == [("temp", "K")]
+    assert other.get(key) == registry.get(key)
+
+
+async def test_two_registries_registering_the_same_sensors_at_once_agree(db: Database) -> None:
+    devices = [("plant", f"line{n % 2}", f"dev-{n}") for n in range(20)]
+    wanted = {SensorKey(levels, name): None for levels in devices for name in ("a", "b", "c")}
+    a_conn, b_conn = await asyncpg.connect(db.ingest_url), await asyncpg.connect(db.ingest_url)
+    try:
+        a, b = Registry(), Registry()
+        refused = await asyncio.gather(
+            a.resolve(a_conn, sensors=wanted),
+            b.resolve(b_conn, sensors=wanted),
+        )
+    finally:
+        await a_conn.close()
+        await b_conn.close()
+    assert refused == [set(), set()]
+    assert all(a.get(k) == b.get(k) is not None for k in wanted)
+    tables = await _tables(db)
+    assert len(tables["sensors"]) == len(wanted) == 60
+    assert len(tables["devices"]) == 20
+    assert [r[0] for r in tables["assets"]] == ["plant", "plant/line0", "plant/line1"]
+
+
+async def test_a_loaded_registry_resolves_known_sensors_without_the_database(
+    db: Database,
+) -> None:
+    known = {SensorKey(("plant", "dev-1"), name): "bar" for name in ("p1", "p2")}
+    conn = await asyncpg.connect(db.ingest_url)
+    try:
+        empty = Registry()
+        await empty.load(conn)  # nothing registered yet
+        await Registry().resolve(conn, sensors=known)
+        loaded = Registry()
+        await loaded.load(conn)
+    finally:
+        await conn.close()
+    assert len(empty) == 0
+    assert len(loaded) == 2
+    # Every name and unit is known: resolving touches no connection (this one is closed).
+    assert await loaded.resolve(conn, sensors=known) == set()
+    assert [loaded.name_of(loaded.get(k) or 0) for k in known] == [
+        ("plant/dev-1", "p1"),
+        ("plant/dev-1", "p2"),
+    ]

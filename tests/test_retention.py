@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from tests.conftest import Database, create_database, drop_database
-from tests.helpers import ingest_cli
+from tests.support.cluster import Database, create_database, drop_database
+from tests.support.ingester import ingest_cli
 
 CUTOFF = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"
 

@@ -1,7 +1,7 @@
 """Security: MQTT over TLS with passwords, scram-sha-256 for PostgreSQL, least privilege, no SQL
 text built from payload content.
 
-The TLS broker and the scram cluster are private to this module (tests/fault_helpers.py): a CA
+The TLS broker and the scram cluster are private to this module (tests/support/): a CA
 and a server certificate made by the test with the openssl command, a Mosquitto listener that
 requires TLS and a password, and a PostgreSQL+TimescaleDB cluster whose TCP connections all
 authenticate with scram-sha-256.
@@ -18,24 +18,16 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from benchmarks.harness import http_get
-from tests.conftest import ROOT, admin_dsn
-from tests.fault_helpers import (
-    PG_ROLES,
-    Certs,
-    PrivateBroker,
-    PrivateCluster,
-    assert_exactly_once,
-    make_ca,
-    make_certs,
-    new_prefix,
-    new_site,
-    private_cluster,
-    publish,
-    service_dir,
-)
-from tests.helpers import Ingester, ingest_cli, ingester_env, stored, stream, wait_until
-from tests.test_simulate import recorded
+from tests.support.broker import PrivateBroker
+from tests.support.certs import Certs, make_ca, make_certs
+from tests.support.cluster import PG_ROLES, PrivateCluster, admin_dsn, private_cluster
+from tests.support.ingester import Ingester, ingest_cli, ingester_env
+from tests.support.mqtt import publish
+from tests.support.net import http_get
+from tests.support.process import service_dir, wait_until
+from tests.support.rows import assert_exactly_once, stored
+from tests.support.stack import ROOT
+from tests.support.streams import new_prefix, new_site, recorded, stream
 
 # ------------------------------------------------------------------------------ fixtures
 
@@ -630,7 +622,7 @@ def sql_check(source: str, filename: str) -> Iterator[str]:
 
 
 def test_no_sql_text_is_built_from_anything_but_constants() -> None:
-    modules = sorted((ROOT / "ingest").glob("*.py"))
+    modules = sorted((ROOT / "ingest").rglob("*.py"))
     findings = [
         finding
         for path in modules

@@ -6,7 +6,6 @@ the anomalies it injects must come out of the ingester's filters as events.
 
 from __future__ import annotations
 
-import glob
 import json
 import uuid
 from pathlib import Path
@@ -14,9 +13,11 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from ingest.sim.simulate import read_record
-from tests.conftest import Database
-from tests.helpers import T0, Ingester, Row, ingest_cli, ingester_env, stored, wait_until
+from tests.support.cluster import Database
+from tests.support.ingester import Ingester, ingest_cli, ingester_env
+from tests.support.process import wait_until
+from tests.support.rows import stored
+from tests.support.streams import T0, recorded
 
 START = "2026-01-01T00:00:00Z"  # T0
 S = 1_000_000  # a second in µs
@@ -36,19 +37,6 @@ def plant(folder: Path, site: str) -> Path:
         f'[[line]]\npath = "{site}/assembly/line1"\ndevices = ["robot-01", "robot-02"]\n'
     )
     return path
-
-
-def recorded(pattern: str, prefix: str) -> set[Row]:
-    """Every reading the simulator's recordings hold, as `stored` returns them."""
-    rows: set[Row] = set()
-    for path in sorted(glob.glob(pattern)):
-        for topic, sensor, times, values in read_record(path):
-            device = topic.removeprefix(f"{prefix}/")
-            rows.update(
-                (t, device, sensor, v, 0)
-                for t, v in zip(times.tolist(), values.tolist(), strict=True)
-            )
-    return rows
 
 
 async def events(db: Database, site: str) -> list[tuple[str, str, str, int, int | None]]:

@@ -1,24 +1,38 @@
-"""The sink against a real scratch database: the redelivery path and appended extras."""
+"""The sink against a real scratch database: COPY, redelivery, dead letters and extras,
+compared row for row with what the database holds."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg
 import numpy as np
 import pytest
 
-from ingest.db.sink import Appended, Readings, Sink, Upsert
-from tests.conftest import Database, admin_dsn
-from tests.helpers import T0, wait_until
+from ingest.db.sink import (
+    PG_EPOCH_US,
+    Appended,
+    DeadLetter,
+    Extra,
+    Readings,
+    Sink,
+    StagedUpsert,
+    Upsert,
+    copy_data,
+)
+from ingest.errors import PermanentSinkError
+from tests.support.cluster import Database, admin_dsn
+from tests.support.process import wait_until
+from tests.support.streams import T0
 
 
 @dataclass(slots=True)
 class _Extras:
-    upserts: list[Upsert] = field(default_factory=list)
+    upserts: list[Extra] = field(default_factory=list)
 
 
 def _readings(sensors: list[int], t: int = T0) -> Readings:
@@ -94,3 +108,194 @@ async def test_redelivery_learns_the_inserted_rows_from_the_insert(
 async def test_appended_rows_go_only_to_appendable_tables(database: Database, sink: Sink) -> None:
     with pytest.raises(ValueError, match="not appendable"):
         Appended(table="readings", columns=("time",), data=memoryview(b""), rows=0)
+
+
+# ------------------------------------------------------------------------------ exact contents
+# Each test below has a database of its own (`db`), so that it can compare whole tables.
+
+_ROWS = (
+    "SELECT (extract(epoch FROM time) * 1000000)::bigint, sensor_id, value, quality"
+    "  FROM telemetry.readings ORDER BY sensor_id, time"
+)
+
+
+def _slab(rows: list[tuple[int, int, float, int]]) -> Readings:
+    """A slab from (time µs, sensor, value, quality) rows, sorted by (sensor, time)."""
+    rows = sorted(rows, key=lambda r: (r[1], r[0]))
+    return Readings(
+        np.array([r[0] for r in rows], np.int64),
+        np.array([r[1] for r in rows], np.int32),
+        np.array([r[2] for r in rows], np.float64),
+        np.array([r[3] for r in rows], np.uint8),
+    )
+
+
+def _as_rows(readings: Readings) -> list[tuple[int, int, float, int]]:
+    return list(
+        zip(
+            readings.time.tolist(),
+            readings.sensor.tolist(),
+            readings.value.tolist(),
+            readings.quality.tolist(),
+            strict=True,
+        )
+    )
+
+
+@pytest.fixture
+async def own_sink(db: Database) -> AsyncIterator[Sink]:
+    sink = Sink(dsn=db.ingest_url)
+    await sink.connect()
+    try:
+        yield sink
+    finally:
+        await sink.close()
+
+
+async def _fetch(db: Database, sql: str) -> list[tuple[object, ...]]:
+    conn = await asyncpg.connect(db.owner_url)
+    try:
+        return [tuple(r) for r in await conn.fetch(sql)]
+    finally:
+        await conn.close()
+
+
+@dataclass(slots=True)
+class _Derived:
+    """What derive was given; the sink returns the one whose extras it committed."""
+
+    rows: list[tuple[int, int, float, int]]
+    upserts: list[Extra] = field(default_factory=list)
+
+
+def _derive(rows: Readings) -> _Derived:
+    return _Derived(_as_rows(rows))
+
+
+async def test_a_flush_is_copied_row_for_row(db: Database, own_sink: Sink) -> None:
+    rows = [
+        (T0, 7, 21.5, 0),
+        (T0 + 1, 7, -0.0, 0),  # a microsecond later
+        (T0 + 1_000_000, 7, 1e300, 192),
+        (T0, 3, -273.15, 1),
+        (T0 - 3_600_000_000, 3, 5e-324, 255),  # an hour earlier; the smallest double
+    ]
+    result, used = await own_sink.write(readings=_slab(rows), dead_letters=(), derive=_derive)
+    assert (result.inserted, result.duplicates, result.staged) == (5, 0, False)
+    assert used.rows == _as_rows(_slab(rows))  # derive saw every row, in the slab's order
+    assert await _fetch(db, _ROWS) == sorted(
+        [(t, s, v, q) for t, s, v, q in rows], key=lambda r: (r[1], r[0])
+    )
+
+
+async def test_a_redelivery_inserts_and_reports_exactly_the_new_rows(
+    db: Database, own_sink: Sink
+) -> None:
+    first = [(T0 + i, s, float(10 * s + i), 0) for s in (1, 2) for i in range(3)]
+    await own_sink.write(readings=_slab(first), dead_letters=(), derive=_derive)
+
+    # The same keys again, with other values: nothing is inserted and nothing overwritten.
+    again = [(t, s, v + 0.5, 9) for t, s, v, _ in first]
+    result, used = await own_sink.write(readings=_slab(again), dead_letters=(), derive=_derive)
+    assert (result.inserted, result.duplicates, result.staged) == (0, 6, True)
+    assert used.rows == []
+    assert await _fetch(db, _ROWS) == sorted(first, key=lambda r: (r[1], r[0]))
+
+    # Half stored already, half new: exactly the new half is inserted and given to derive.
+    new = [(T0 + 3, 1, 13.0, 0), (T0 + 4, 1, 14.0, 0), (T0, 3, 30.0, 5)]
+    mixed = [first[1], first[4], *new]
+    result, used = await own_sink.write(readings=_slab(mixed), dead_letters=(), derive=_derive)
+    assert (result.inserted, result.duplicates, result.staged) == (3, 2, True)
+    assert used.rows == _as_rows(_slab(new))
+    assert await _fetch(db, _ROWS) == sorted(first + new, key=lambda r: (r[1], r[0]))
+
+
+async def test_dead_letters_are_stored_with_their_raw_bytes(db: Database, own_sink: Sink) -> None:
+    letters = [
+        DeadLetter(T0, "p/site/dev-1", b"\x00\xc1\xff", "payload: no batch", "application/msgpack"),
+        DeadLetter(T0 + 1, "p/site/dev-2", b"", "payload: empty", None),
+        DeadLetter(T0 + 2, "p/site/'; DROP TABLE x; --", b'{"v": 1}', "ch: missing", "text/x"),
+    ]
+    readings = _slab([(T0, 1, 1.0, 0)])
+    result, _ = await own_sink.write(readings=readings, dead_letters=letters, derive=_derive)
+    assert result.inserted == 1
+    # A flush of dead letters only.
+    late = DeadLetter(T0 + 3, "p/site/dev-3", b"x" * 70_000, "payload: too large", None)
+    result, _ = await own_sink.write(readings=_slab([]), dead_letters=[late], derive=_derive)
+    assert result.inserted == 0
+    stored = await _fetch(
+        db,
+        "SELECT (extract(epoch FROM received_at) * 1000000)::bigint, topic, payload, reason,"
+        " content_type FROM telemetry.dead_letters ORDER BY received_at",
+    )
+    assert stored == [
+        (d.received_us, d.topic, d.payload, d.reason, d.content_type) for d in [*letters, late]
+    ]
+    assert await _fetch(db, _ROWS) == [(T0, 1, 1.0, 0)]
+
+
+_PENDING = (
+    "SELECT (extract(epoch FROM bucket) * 1000000)::bigint, sensor_id, min, max, sum, count,"
+    " first, (extract(epoch FROM first_time) * 1000000)::bigint, last,"
+    " (extract(epoch FROM last_time) * 1000000)::bigint FROM telemetry.rollup_pending"
+    " ORDER BY sensor_id"
+)
+_PENDING_COLUMNS = (
+    "bucket", "sensor_id", "min", "max", "sum", "count", "first", "first_time", "last",
+    "last_time",
+)  # fmt: skip
+
+
+def _pending(rows: list[tuple[int, int, float, float, float, int, float, int, float, int]]) -> Any:
+    """COPY data of rollup_pending rows (times in Unix µs)."""
+    cols = list(zip(*rows, strict=True))
+    wire = (">i8", ">i4", ">f8", ">f8", ">f8", ">i8", ">f8", ">i8", ">f8", ">i8")
+    times = {0, 7, 9}
+    return copy_data(
+        [
+            (w, np.array(c, np.int64) - PG_EPOCH_US if i in times else np.array(c))
+            for i, (w, c) in enumerate(zip(wire, cols, strict=True))
+        ]
+    )
+
+
+async def test_extras_commit_with_the_flush_or_not_at_all(db: Database, own_sink: Sink) -> None:
+    partial = (T0, 1, 1.0, 2.0, 3.0, 2, 1.0, T0, 2.0, T0 + 1)
+    appended = Appended(
+        table="rollup_pending", columns=_PENDING_COLUMNS, data=_pending([partial]), rows=1
+    )
+    staged = StagedUpsert(
+        stage="pending_stage",
+        stage_ddl="CREATE TEMPORARY TABLE IF NOT EXISTS pending_stage"
+        " (LIKE telemetry.rollup_pending) ON COMMIT DELETE ROWS",
+        data=_pending([(T0, 2, 5.0, 5.0, 5.0, 1, 5.0, T0, 5.0, T0)]),
+        rows=1,
+        sql="INSERT INTO telemetry.rollup_pending SELECT * FROM pending_stage",
+    )
+    failing = Upsert("SELECT 1 / (cardinality($1::int[]) - 1)", ([1],))  # division by zero
+
+    def extras(*upserts: Extra) -> Callable[[Readings], _Extras]:
+        return lambda rows: _Extras(list(upserts))
+
+    # A failing extra takes the whole flush with it, stage table included.
+    with pytest.raises(PermanentSinkError, match="SQLSTATE 22012"):
+        await own_sink.write(
+            readings=_slab([(T0, 1, 1.0, 0)]),
+            dead_letters=[DeadLetter(T0, "p/d", b"x", "r", None)],
+            derive=extras(appended, staged, failing),
+        )
+    assert await _fetch(db, _ROWS) == []
+    assert await _fetch(db, "SELECT * FROM telemetry.dead_letters") == []
+    assert await _fetch(db, _PENDING) == []
+
+    # The connection is still usable, and creates the stage table again.
+    result, _ = await own_sink.write(
+        readings=_slab([(T0, 1, 1.0, 0), (T0 + 1, 1, 2.0, 0)]),
+        dead_letters=(),
+        derive=extras(appended, staged),
+    )
+    assert result.inserted == 2
+    assert await _fetch(db, _PENDING) == [partial, (T0, 2, 5.0, 5.0, 5.0, 1, 5.0, T0, 5.0, T0)]
+    # The stage table is emptied at commit, and reused by the next flush.
+    await own_sink.write(readings=_slab([]), dead_letters=(), derive=extras(staged))
+    assert len(await _fetch(db, _PENDING)) == 3

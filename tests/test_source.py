@@ -6,9 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
-import shutil
 import signal
-import socket
 import sys
 import time
 import uuid
@@ -20,19 +18,22 @@ import pytest
 
 from ingest.errors import ConfigError
 from ingest.mqtt import MqttSource, Received, Settings
-from tests.mqtt_helpers import (
+from tests.support.broker import PrivateBroker
+from tests.support.mqtt import (
     TIMEOUT,
     Collector,
     Intruder,
     Outgoing,
     publish,
-    purge_session_sync,
+    purge_session,
     until,
     wait_connected,
 )
+from tests.support.net import free_port
+from tests.support.process import service_dir
+from tests.support.stack import ROOT
 
 ClientIds = Callable[[str], str]
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -46,7 +47,7 @@ async def client_ids(mqtt_url: str) -> AsyncIterator[ClientIds]:
 
     yield make
     for client_id in made:
-        await asyncio.to_thread(purge_session_sync, mqtt_url, client_id)
+        await asyncio.to_thread(purge_session, mqtt_url, client_id)
 
 
 def settings(url: str, client_id: str, prefix: str, **overrides: object) -> Settings:
@@ -371,86 +372,55 @@ async def test_cancelled_next_loses_no_message(
         assert all(source.ack(m.token) for m in got)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-async def _start_broker(conf: Path) -> asyncio.subprocess.Process:
-    binary = shutil.which("mosquitto") or shutil.which(
-        "mosquitto", path="/usr/local/sbin:/usr/sbin"
-    )
-    if binary is None:
-        pytest.fail("mosquitto is not installed (the test stack needs it)")
-    proc = await asyncio.create_subprocess_exec(
-        binary, "-c", str(conf), stderr=asyncio.subprocess.PIPE
-    )
-    assert proc.stderr is not None
-    async with asyncio.timeout(TIMEOUT):
-        while b"running" not in (line := await proc.stderr.readline()):
-            assert line, "mosquitto did not start"
-    return proc
-
-
-async def _stop_broker(proc: asyncio.subprocess.Process) -> None:
-    if proc.returncode is None:
-        proc.terminate()
-        await proc.wait()
-
-
 async def test_waits_for_broker_then_resubscribes_after_restart(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     # A private broker without persistence, so a restart also loses the session: the
     # subscription must be made again.
-    port = _free_port()
-    conf = tmp_path / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n")
-    url = f"mqtt://127.0.0.1:{port}"
-    prefix = "private"
-    caplog.set_level(logging.INFO, logger="ingest.source")
-    source = MqttSource(settings=settings(url, "private-sub", prefix))
-    async with source, Collector(source) as collector:
-        await until(lambda: "retrying" in caplog.text)
-        assert not source.connected
-        broker = await _start_broker(conf)
-        try:
-            await wait_connected(source)
-            await publish(url, [Outgoing(f"{prefix}/a", b"one")], client_id="private-pub")
-            (one,) = await collector.take(1)
-            assert source.ack(one.token)
+    with service_dir() as base:
+        broker = PrivateBroker(base)
+        url = broker.url()
+        prefix = "private"
+        caplog.set_level(logging.INFO, logger="ingest.source")
+        source = MqttSource(settings=settings(url, "private-sub", prefix))
+        async with source, Collector(source) as collector:
+            await until(lambda: "retrying" in caplog.text)
+            assert not source.connected
+            await broker.start()
+            try:
+                await wait_connected(source)
+                await publish(url, [Outgoing(f"{prefix}/a", b"one")], client_id="private-pub")
+                (one,) = await collector.take(1)
+                assert source.ack(one.token)
 
-            await _stop_broker(broker)
-            await until(lambda: not source.connected)
-            broker = await _start_broker(conf)
-            await wait_connected(source)
-            assert source.reconnects == 1
-            await publish(url, [Outgoing(f"{prefix}/a", b"two")], client_id="private-pub")
-            (two,) = await collector.take(1)
-            assert two.payload == b"two"
-            assert source.ack(two.token)
-        finally:
-            await _stop_broker(broker)
+                await broker.stop()
+                await until(lambda: not source.connected)
+                await broker.start()
+                await wait_connected(source)
+                assert source.reconnects == 1
+                await publish(url, [Outgoing(f"{prefix}/a", b"two")], client_id="private-pub")
+                (two,) = await collector.take(1)
+                assert two.payload == b"two"
+                assert source.ack(two.token)
+            finally:
+                await broker.stop()
     assert "lost; reconnecting" in caplog.text
     assert "reconnected to mqtt://127.0.0.1" in caplog.text
 
 
-async def test_refused_credentials_are_a_config_error(tmp_path: Path) -> None:
-    port = _free_port()
-    conf = tmp_path / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous false\n")
-    broker = await _start_broker(conf)
-    try:
-        config = settings(f"mqtt://nobody:wrong@127.0.0.1:{port}", "refused-sub", "private")
-        async with MqttSource(settings=config) as source:
-            with pytest.raises(ConfigError, match=r"^mqtt\.url: mqtt://nobody:\*\*\*@"):
-                async with asyncio.timeout(TIMEOUT):
-                    await anext(source.messages())
-            assert not source.connected
-    finally:
-        await _stop_broker(broker)
+async def test_refused_credentials_are_a_config_error() -> None:
+    with service_dir() as base:
+        broker = PrivateBroker(base, users={})  # anonymous access off, and nobody known
+        await broker.start()
+        try:
+            config = settings(broker.url(user="nobody", password="wrong"), "refused-sub", "private")
+            async with MqttSource(settings=config) as source:
+                with pytest.raises(ConfigError, match=r"^mqtt\.url: mqtt://nobody:\*\*\*@"):
+                    async with asyncio.timeout(TIMEOUT):
+                        await anext(source.messages())
+                assert not source.connected
+        finally:
+            await broker.stop()
 
 
 async def test_iteration_ends_when_closed(
@@ -471,7 +441,7 @@ async def test_iteration_ends_when_closed(
 async def test_iteration_ends_when_closed_while_connecting(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    config = settings(f"mqtt://127.0.0.1:{_free_port()}", "nobody", "private")
+    config = settings(f"mqtt://127.0.0.1:{free_port()}", "nobody", "private")
     async with MqttSource(settings=config) as source:
         task = asyncio.create_task(anext(source.messages(), None))
         await until(lambda: "retrying" in caplog.text)  # the connect task is running

@@ -13,8 +13,7 @@ from ingest.sparkplug import values as sv
 from ingest.sparkplug.aliases import AliasTable
 from ingest.sparkplug.kernel import C_ALIAS, C_FLAGS, C_NAME_START, F_ALIAS, F_TRANSIENT
 from ingest.sparkplug.wire import DataReadings, decode_data, decode_payload
-from tests.sparkplug_pb import new_payload
-from tests.test_sparkplug_wire import METRIC, U64, _fill, _valid
+from tests.support.sparkplug import METRIC, U64, fill_metric, new_payload, valid_payload
 
 ANY = (-(2**63), 2**63 - 1)
 TABLE = AliasTable.build(
@@ -132,7 +131,7 @@ def test_data_path_agrees_with_the_general_one(
     for i, spec in enumerate(metrics):
         if i < len(aliases):
             spec = {**spec, "alias": aliases[i]}
-        _fill(payload.metrics.add(), spec)
+        fill_metric(payload.metrics.add(), spec)
     _same(payload.SerializeToString(), window, transient=transient)
 
 
@@ -161,7 +160,7 @@ def test_plain_aliased_data_is_read_through_the_table() -> None:
 def test_names_and_templates_take_the_general_path() -> None:
     assert (
         decode_data(
-            _valid(), TABLE, max_metrics=10, received_us=0, window=ANY, store_transient=False
+            valid_payload(), TABLE, max_metrics=10, received_us=0, window=ANY, store_transient=False
         )
         is None
     )
@@ -186,7 +185,7 @@ def test_mangled_data_is_none_or_agrees(data: st.DataObject) -> None:
         m = payload.metrics.add()
         m.alias = i
         m.double_value = i / 3
-        _fill(m, {"quality": 500})
+        fill_metric(m, {"quality": 500})
     valid = payload.SerializeToString()
     cut = data.draw(st.integers(0, len(valid)))
     kind = data.draw(st.sampled_from(["truncate", "flip", "insert"]))

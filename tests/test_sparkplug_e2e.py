@@ -16,40 +16,14 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from ingest.sparkplug.commands import RebirthRequester
-from tests.conftest import Database
-from tests.helpers import Ingester, Publisher, acked_at_least, ingester_env, stored, wait_until
-from tests.sparkplug_pb import new_payload, payload_class
+from tests.support.cluster import Database
+from tests.support.ingester import Ingester, acked_at_least, ingester_env
+from tests.support.mqtt import Publisher
+from tests.support.process import wait_until
+from tests.support.rows import stored
+from tests.support.sparkplug import T, payload, payload_class
 
-T = 1_767_225_600_000  # ms, 2026-01-01T00:00:00Z
 STALE = 2
-
-
-def payload(ts: int | None, seq: int | None, metrics: list[dict[str, Any]]) -> bytes:
-    """A Payload from dicts of Metric fields; `quality` adds the Quality property, `members`
-    makes a template instance of the given member dicts."""
-    p = new_payload()
-    if ts is not None:
-        p.timestamp = ts
-    if seq is not None:
-        p.seq = seq
-    for spec in metrics:
-        _metric(p.metrics.add(), spec)
-    return bytes(p.SerializeToString())
-
-
-def _metric(m: Any, spec: dict[str, Any]) -> None:
-    for key, value in spec.items():
-        if key == "quality":
-            m.properties.keys.append("Quality")
-            prop = m.properties.values.add()
-            prop.type = 3
-            prop.int_value = value
-        elif key == "members":
-            m.template_value.template_ref = "Motor"
-            for member in value:
-                _metric(m.template_value.metrics.add(), member)
-        else:
-            setattr(m, key, value)
 
 
 def nbirth(bd_seq: int) -> bytes:

@@ -20,9 +20,11 @@ from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion
 
 from ingest.sparkplug.encode import Metric, encode_payload
-from tests.conftest import Database
-from tests.helpers import Ingester, acked_at_least, ingest_cli, ingester_env, stored, wait_until
-from tests.sparkplug_pb import payload_class
+from tests.support.cluster import Database
+from tests.support.ingester import Ingester, acked_at_least, ingest_cli, ingester_env
+from tests.support.process import wait_until
+from tests.support.rows import stored
+from tests.support.sparkplug import payload_class
 
 STALE = 2
 

@@ -16,8 +16,8 @@ from ingest.db.registry import Registry, SensorKey
 from ingest.errors import PayloadError
 from ingest.sparkplug.stage import Item, Prepared, SparkplugStage
 from ingest.sparkplug.topic import parse_topic
-from tests.conftest import Database
-from tests.test_sparkplug_e2e import T, payload
+from tests.support.cluster import Database
+from tests.support.sparkplug import T, payload
 
 WINDOW = (0, 2**62)
 

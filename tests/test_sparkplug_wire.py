@@ -28,59 +28,16 @@ from ingest.sparkplug.kernel import (
     F_TRANSIENT,
 )
 from ingest.sparkplug.wire import decode_payload
-from tests.sparkplug_pb import new_payload, payload_class
-
-U32 = st.integers(0, 2**32 - 1)
-U64 = st.integers(0, 2**64 - 1)
-VALUE_FIELDS = ("int_value", "long_value", "float_value", "double_value", "boolean_value")
-
-
-def _value_strategy() -> st.SearchStrategy[tuple[str, Any] | None]:
-    return st.one_of(
-        st.none(),
-        st.tuples(st.just("int_value"), U32),
-        st.tuples(st.just("long_value"), U64),
-        st.tuples(st.just("float_value"), st.floats(width=32, allow_nan=False)),
-        st.tuples(st.just("double_value"), st.floats(allow_nan=False)),
-        st.tuples(st.just("boolean_value"), st.booleans()),
-        st.tuples(st.just("string_value"), st.text(max_size=8)),
-        st.tuples(st.just("bytes_value"), st.binary(max_size=8)),
-    )
-
-
-METRIC = st.fixed_dictionaries(
-    {},
-    optional={
-        "name": st.text(min_size=1, max_size=12),
-        "alias": U64,
-        "timestamp": U64,
-        "datatype": st.integers(0, 34),
-        "is_historical": st.booleans(),
-        "is_transient": st.booleans(),
-        "is_null": st.booleans(),
-        "quality": st.sampled_from([0, 192, 500, 600]),
-        "value": _value_strategy(),
-    },
+from tests.support.sparkplug import (
+    METRIC,
+    U64,
+    fill_metric,
+    new_payload,
+    payload_class,
+    valid_payload,
 )
 
-
-def _fill(metric: Any, spec: dict[str, Any]) -> None:
-    for key in ("name", "alias", "timestamp", "datatype", "is_historical", "is_transient"):
-        if key in spec:
-            setattr(metric, key, spec[key])
-    if "is_null" in spec:
-        metric.is_null = spec["is_null"]
-    if "quality" in spec:
-        metric.properties.keys.extend(["engUnit", "Quality"])
-        unit = metric.properties.values.add()
-        unit.type = 12
-        unit.string_value = "degC"
-        quality = metric.properties.values.add()
-        quality.type = 3
-        quality.int_value = spec["quality"]
-    if spec.get("value") is not None:
-        field, value = spec["value"]
-        setattr(metric, field, value)
+VALUE_FIELDS = ("int_value", "long_value", "float_value", "double_value", "boolean_value")
 
 
 def _expected_value(metric: Any, datatype: int) -> tuple[float, int]:
@@ -198,14 +155,14 @@ def test_random_payloads_decode_like_upb(
     if seq is not None:
         payload.seq = seq
     for spec in metrics:
-        _fill(payload.metrics.add(), spec)
+        fill_metric(payload.metrics.add(), spec)
     if members:
         template = payload.metrics.add()
         template.name = "line1"
         template.datatype = 19
         template.template_value.template_ref = "Motor"
         for spec in members:
-            _fill(template.template_value.metrics.add(), spec)
+            fill_metric(template.template_value.metrics.add(), spec)
     _compare(payload.SerializeToString() + unknown)  # unknown fields 15 / 16: skipped
 
 
@@ -242,7 +199,7 @@ def test_signed_integers_of_every_width() -> None:
 def test_quality_property_maps_to_our_codes() -> None:
     payload = new_payload()
     for quality in (192, 0, 500, 7):
-        _fill(payload.metrics.add(), {"quality": quality, "value": ("double_value", 1.0)})
+        fill_metric(payload.metrics.add(), {"quality": quality, "value": ("double_value", 1.0)})
     payload.metrics.add().double_value = 2.0
     decoded = decode_payload(payload.SerializeToString(), max_metrics=100)
     assert list(sv.metric_columns(decoded.rows)[4]) == [
@@ -266,23 +223,6 @@ def test_times_fall_back_to_the_payload_then_the_receive_time() -> None:
 
 
 # ---------------------------------------------------------------------------- hostile input
-
-
-def _valid() -> bytes:
-    payload = new_payload()
-    payload.timestamp = 1_767_225_600_000
-    payload.seq = 7
-    for i in range(3):
-        m = payload.metrics.add()
-        m.name = f"m{i}"
-        m.alias = i
-        m.datatype = 10
-        m.double_value = i / 3
-        _fill(m, {"quality": 192})
-    t = payload.metrics.add()
-    t.name = "inst"
-    t.template_value.metrics.add().name = "member"
-    return bytes(payload.SerializeToString())
 
 
 @pytest.mark.parametrize(
@@ -349,7 +289,7 @@ def test_names_must_be_utf8() -> None:
 @settings(max_examples=400, deadline=None)
 @given(data=st.data())
 def test_mangled_payloads_are_payload_errors_or_agree_with_upb(data: st.DataObject) -> None:
-    valid = _valid()
+    valid = valid_payload()
     cut = data.draw(st.integers(0, len(valid)))
     kind = data.draw(st.sampled_from(["truncate", "flip", "insert"]))
     if kind == "truncate":

@@ -8,18 +8,11 @@ import asyncio
 import asyncpg
 import numpy as np
 
-from tests.conftest import Database
-from tests.fault_helpers import assert_exactly_once, new_prefix, new_site, purge_session
-from tests.helpers import (
-    T0,
-    Ingester,
-    Publisher,
-    Row,
-    acked_at_least,
-    batch_payload,
-    f8,
-    ingester_env,
-)
+from tests.support.cluster import Database
+from tests.support.ingester import Ingester, acked_at_least, ingester_env
+from tests.support.mqtt import Publisher, purge_session
+from tests.support.rows import assert_exactly_once
+from tests.support.streams import T0, Row, batch_payload, f8, new_prefix, new_site
 
 DEVICES, SENSORS, ROUNDS = 200, 20, 6
 SECOND = 1_000_000

@@ -1,12 +1,12 @@
 """A real HTTP receiver for the alert tests, run as its own process.
 
-`python -m tests.alert_receiver RECORD_FILE` binds a free loopback port, prints it, and appends
-one JSON line per request to RECORD_FILE (method, path, headers, body, and the answer it gave).
-`POST /_control` with {"answers": [...]} queues answers for the next requests, each one of
-{"status": 500}, {"status": 429, "retry_after": "2"} or {"hang": 5.0} (sleep, then 200); once
-the queue is empty every request gets 200 (202 on paths ending in /enqueue, as PagerDuty).
-A request is recorded when it arrives; one whose notification id was already answered 2xx
-on the same path (processed) is recorded as a duplicate.
+`python -m tests.support.alert_receiver RECORD_FILE` binds a free loopback port, prints it,
+and appends one JSON line per request to RECORD_FILE (method, path, headers, body, and the
+answer it gave). `POST /_control` with {"answers": [...]} queues answers for the next
+requests, each one of {"status": 500}, {"status": 429, "retry_after": "2"} or {"hang": 5.0}
+(sleep, then 200); once the queue is empty every request gets 200 (202 on paths ending in
+/enqueue, as PagerDuty). A request is recorded when it arrives; one whose notification id was
+already answered 2xx on the same path (processed) is recorded as a duplicate.
 """
 
 from __future__ import annotations

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 
 def varint(n: int) -> bytes:
@@ -75,7 +76,9 @@ def _connect_properties(body: bytes) -> tuple[int, dict[int, int]]:
 class FakeBroker:
     """``async with FakeBroker(on_subscribed=...) as broker``; ``broker.url`` to connect to."""
 
-    def __init__(self, *, on_subscribed: Callable[[Session], Awaitable[None]] | None = None):
+    def __init__(
+        self, *, on_subscribed: Callable[[Session], Coroutine[Any, Any, None]] | None = None
+    ):
         self.on_subscribed = on_subscribed
         self.sessions: list[Session] = []
         self.url = ""

@@ -1,26 +1,22 @@
-"""Helpers for the alert tests: the HTTP receiver process, an MQTT watcher, seeded history."""
+"""The alert tests' surroundings: a real HTTP receiver process, and seeded history."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import sys
-import threading
-import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import asyncpg
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 
-from benchmarks.harness import free_port
+from tests.support.net import free_port
 
 
 class Receiver:
-    """`python -m tests.alert_receiver` as a child process: a real HTTP server on loopback."""
+    """`python -m tests.support.alert_receiver` as a child process: a real HTTP server on
+    loopback."""
 
     def __init__(self, record: Path, *, port: int | None = None) -> None:
         self.record = record
@@ -35,7 +31,7 @@ class Receiver:
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "tests.alert_receiver",
+            "tests.support.alert_receiver",
             str(self.record),
             str(self.port),
             stdout=asyncio.subprocess.PIPE,
@@ -52,7 +48,7 @@ class Receiver:
             await self.proc.wait()
 
     async def answer(self, *answers: dict[str, Any]) -> None:
-        """Queue answers for the next requests (see tests/alert_receiver.py)."""
+        """Queue answers for the next requests (see tests/support/alert_receiver.py)."""
         reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
         body = json.dumps({"answers": list(answers)}).encode()
         writer.write(
@@ -78,42 +74,6 @@ class Receiver:
                 doc = json.loads(r["body"])
                 out.append((doc["type"].rsplit(".", 1)[-1], doc["data"]["key"]))
         return out
-
-
-class MqttWatch:
-    """A plain paho subscriber (not the ingester's code) recording what arrives on a filter."""
-
-    def __init__(self, url: str, topic_filter: str) -> None:
-        parts = urlsplit(url)
-        self.messages: list[tuple[str, bytes, bool]] = []
-        self._lock = threading.Lock()
-        self._subscribed = threading.Event()
-        self._client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=f"watch-{uuid.uuid4().hex[:8]}",
-            protocol=mqtt.MQTTv5,
-        )
-        if parts.username:
-            self._client.username_pw_set(parts.username, parts.password)
-        self._client.on_message = self._on_message
-        self._client.on_subscribe = lambda *a: self._subscribed.set()
-        self._client.on_connect = lambda c, *a: c.subscribe(topic_filter, qos=1)
-        self._client.connect(parts.hostname or "127.0.0.1", parts.port or 1883)
-        self._client.loop_start()
-        if not self._subscribed.wait(10):
-            raise AssertionError("the MQTT watcher did not get its subscription")
-
-    def _on_message(self, client: object, userdata: object, msg: mqtt.MQTTMessage) -> None:
-        with self._lock:
-            self.messages.append((msg.topic, bytes(msg.payload), bool(msg.retain)))
-
-    def received(self) -> list[tuple[str, bytes, bool]]:
-        with self._lock:
-            return list(self.messages)
-
-    def close(self) -> None:
-        self._client.disconnect()
-        self._client.loop_stop()
 
 
 # ------------------------------------------------------------------------------ seeded history
