@@ -221,3 +221,26 @@ async def test_a_loaded_registry_resolves_known_sensors_without_the_database(
         ("plant/dev-1", "p1"),
         ("plant/dev-1", "p2"),
     ]
+
+
+async def test_registries_meeting_the_same_new_sensors_in_opposite_orders_do_not_deadlock(
+    db: Database,
+) -> None:
+    """Each ingester meets a plant's sensors in its own arrival order; every round, two register
+    the same 2,000 new ones, one in reverse, at the same moment: both succeed, with one id each."""
+    conns = [await asyncpg.connect(db.ingest_url) for _ in range(2)]
+    try:
+        for run in range(5):
+            devices = [(f"order-{run}", "line1", f"dev-{n}") for n in range(100)]
+            forward = [SensorKey(levels, f"s{i:02d}") for levels in devices for i in range(20)]
+            a, b = Registry(), Registry()
+            refused = await asyncio.gather(
+                a.resolve(conns[0], sensors=dict.fromkeys(forward)),
+                b.resolve(conns[1], sensors=dict.fromkeys(reversed(forward))),
+            )
+            assert refused == [set(), set()]
+            assert all(a.get(k) == b.get(k) is not None for k in forward)
+            assert len({a.get(k) for k in forward}) == 2_000
+    finally:
+        for conn in conns:
+            await conn.close()

@@ -219,7 +219,7 @@ class Registry:
         devices = {k.device: k.levels for k in sensors if k.device not in self._devices}
         if devices:
             await self._register_assets(conn, devices.values())
-            paths = list(devices)
+            paths = sorted(devices)  # every ingester inserts in one order: no deadlock
             await conn.execute(
                 _INSERT_DEVICES,
                 paths,
@@ -231,6 +231,9 @@ class Registry:
         keys, refused = await self._within_cap(conn, list(sensors))
         if not keys:
             return refused
+        # Rows inserted in one order by every ingester, so that two registering the same new
+        # sensors wait for each other instead of deadlocking.
+        keys.sort(key=lambda k: (self._devices[k.device], k.name))
         device_ids = [self._devices[k.device] for k in keys]
         names = [k.name for k in keys]
         by_pair = {(d, n): k for d, n, k in zip(device_ids, names, keys, strict=True)}
