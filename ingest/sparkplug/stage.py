@@ -38,7 +38,14 @@ from ingest.sparkplug.kernel import (
 )
 from ingest.sparkplug.nodes import BirthMetric, NodeState, births_upserts, load_changed
 from ingest.sparkplug.topic import Topic, parse_topic
-from ingest.sparkplug.wire import DataReadings, Decoded, decode_data, decode_payload, metric_path
+from ingest.sparkplug.wire import (
+    DataReadings,
+    Decoded,
+    decode_data,
+    decode_payload,
+    metric_path,
+    reading_columns,
+)
 
 log = logging.getLogger(__name__)
 
@@ -409,7 +416,7 @@ class SparkplugStage:
             count = int(info[slot])
             if count:
                 SKIPPED.labels(why).inc(count)
-        return Columns(data.time, data.sensor, data.value, data.quality)
+        return Columns(*reading_columns(data.readings))
 
     def _columns(
         self,
