@@ -59,7 +59,8 @@ class FlushJob:
     readings: int = 0
     nbytes: int = 0
     sparkplug: list[Item] = field(default_factory=list)
-    sparkplug_prepared: Prepared | None = None  # once per flush, kept for its retries
+    # Prepared again while no part of the flush has committed, else kept for its retries.
+    sparkplug_prepared: Prepared | None = None
 
     def __bool__(self) -> bool:
         return bool(self.received)
@@ -404,8 +405,14 @@ class Pipeline:
             readings, superseded = build_readings(job, ids)
             if job.sparkplug:
                 stage = "Sparkplug prepare"
-                if job.sparkplug_prepared is None:
-                    job.sparkplug_prepared = await self._prepare_sparkplug(conn, job)
+                if job.sparkplug_prepared is None or not written:
+                    # Again on a retry: another instance may have changed a node meanwhile
+                    # (the check of the node versions failed).
+                    job.sparkplug_prepared = await self.sparkplug.prepare(
+                        conn,
+                        items=job.sparkplug,
+                        registry=self.registry,
+                    )
                 readings, more = merge_sparkplug(readings, job.sparkplug_prepared.columns)
                 superseded += more
             stage = "prepare"
@@ -424,6 +431,7 @@ class Pipeline:
         parts = max(1, min(len(self.sinks), len(readings) // self.cfg.db.split_min_readings))
         prepared = job.sparkplug_prepared
         births = prepared.upserts if prepared is not None else []
+        dead_letters = job.dead_letters + self._sparkplug_dead_letters(job)
         derive0: Callable[[Readings], Derived] = self.deriver.derive
         if prepared is not None and (births or prepared.stale_rows):
             derive0 = _derive_with(self.deriver, births, skip_nan=prepared.stale_rows > 0)
@@ -436,13 +444,13 @@ class Pipeline:
         todo = [
             p
             for p in range(parts)
-            if p not in written and (len(slabs[p]) or (p == 0 and (job.dead_letters or births)))
+            if p not in written and (len(slabs[p]) or (p == 0 and (dead_letters or births)))
         ]
         outcomes = await asyncio.gather(
             *(
                 self.sinks[p].write(
                     readings=slabs[p],
-                    dead_letters=job.dead_letters if p == 0 else (),
+                    dead_letters=dead_letters if p == 0 else (),
                     derive=derive0 if p == 0 else self.deriver.derive,
                 )
                 for p in todo
@@ -468,6 +476,10 @@ class Pipeline:
                 )
         if failure is not None:
             raise failure
+        if prepared is not None:  # the whole flush committed: this runs once for it
+            self.sparkplug.committed(prepared)
+            for _, reason in prepared.dead_letters:
+                metrics.DEAD_LETTERS.labels(metrics.reason_field(reason)).inc()
         done = time.time()
         metrics.READINGS_SUPERSEDED.inc(superseded)
         metrics.FLUSH_READINGS.observe(len(readings))
@@ -544,11 +556,15 @@ class Pipeline:
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def _prepare_sparkplug(self, conn: asyncpg.Connection, job: FlushJob) -> Prepared:
-        prepared = await self.sparkplug.prepare(conn, items=job.sparkplug, registry=self.registry)
+    @staticmethod
+    def _sparkplug_dead_letters(job: FlushJob) -> list[DeadLetter]:
+        prepared = job.sparkplug_prepared
+        if prepared is None:
+            return []
+        out = []
         for index, reason in prepared.dead_letters:
             msg = job.received[index]
-            job.dead_letters.append(
+            out.append(
                 DeadLetter(
                     received_us=msg.received_ns // 1000,
                     topic=_clean(msg.topic) or "",
@@ -557,8 +573,7 @@ class Pipeline:
                     content_type=_clean(msg.content_type),
                 )
             )
-            metrics.DEAD_LETTERS.labels(metrics.reason_field(reason)).inc()
-        return prepared
+        return out
 
     async def wait_for_database(self, stop: asyncio.Event) -> bool:
         """Connect, check the schema is current and load the registry in bulk, retrying until

@@ -1,16 +1,17 @@
 """The Sparkplug stage: messages to reading columns, births to alias tables, deaths to stale rows.
 
 `accept` runs in the intake task for every message (decode, time window, seq check; never
-awaits). `prepare` runs in the writer task once per flush: it registers the births' sensors,
-checks the alias tables of the nodes the flush touches against the database (one query per
-flush, one more for the nodes another instance re-birthed), then walks the flush's messages in
-arrival order. The database is the source of truth; this object's tables are a cache.
+awaits). `prepare` runs in the writer task once per flush: it reads the versions of the nodes
+the flush touches (one query per flush, more only for the nodes another instance changed),
+registers the births' sensors, then walks the flush's messages in arrival order. The database is
+the source of truth; this object's node states are a cache, and a flush that changes a node
+checks in its transaction that the node is still at the version it read.
 """
 
 from __future__ import annotations
 
 import logging
-import secrets
+from collections import Counter as Counts
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
@@ -36,7 +37,16 @@ from ingest.sparkplug.kernel import (
     F_ALIAS,
     F_TRANSIENT,
 )
-from ingest.sparkplug.nodes import BirthMetric, NodeState, births_upserts, load_changed
+from ingest.sparkplug.nodes import (
+    BirthMetric,
+    NodeState,
+    dbirth,
+    ddeath,
+    load,
+    nbirth,
+    ndeath,
+    state_upserts,
+)
 from ingest.sparkplug.topic import Topic, parse_topic
 from ingest.sparkplug.wire import (
     DataReadings,
@@ -61,8 +71,11 @@ SKIPPED = Counter(
 )
 SEQ_GAPS = Counter("ingest_sparkplug_seq_gaps_total", "Gaps in an edge node's seq (0-255).")
 DEATHS_IGNORED = Counter(
-    "ingest_sparkplug_deaths_ignored_total", "NDEATHs whose bdSeq did not match the last NBIRTH."
+    "ingest_sparkplug_deaths_ignored_total",
+    "Sparkplug deaths that changed nothing: an NDEATH whose bdSeq is not the last NBIRTH's, "
+    "or the death of an edge node or device already offline.",
 )
+
 
 _NUMERIC: Final = frozenset(range(1, 12))
 _NAN: Final = float("nan")
@@ -95,13 +108,20 @@ class Columns:
 
 @dataclass(slots=True)
 class Prepared:
-    """A flush's Sparkplug part: its readings, dead letters (message index, reason) and the
-    alias-table writes for the same transaction."""
+    """A flush's Sparkplug part: its readings, dead letters (message index, reason), the
+    node-state writes for the same transaction, and what to count once it committed
+    (`SparkplugStage.committed`)."""
 
     columns: Columns
     dead_letters: list[tuple[int, str]] = field(default_factory=list)
     upserts: list[Upsert] = field(default_factory=list)
     stale_rows: int = 0
+    skipped: Counts[str] = field(default_factory=Counts)
+    deaths_ignored: int = 0
+
+
+class _UnknownAliasError(PayloadError):
+    """DATA naming an alias the node's table does not have."""
 
 
 def _empty() -> Columns:
@@ -141,8 +161,8 @@ class SparkplugStage:
         store_transient: bool = False,
         on_unknown_alias: Callable[[str, str], None] | None = None,
     ) -> None:
-        """`on_unknown_alias(group, edge node)`: called (never awaited) for DATA naming an
-        alias no birth defined, e.g. to ask for a rebirth."""
+        """`on_unknown_alias(group, edge node)`: called (never awaited) for DATA that becomes a
+        dead letter because it names an alias no birth defined, e.g. to ask for a rebirth."""
         self._store_transient = store_transient
         self._on_unknown_alias = on_unknown_alias
         self._nodes: dict[str, NodeState] = {}
@@ -215,21 +235,30 @@ class SparkplugStage:
     # ------------------------------------------------------------------ flush
 
     async def prepare(
-        self, conn: asyncpg.Connection, *, items: Sequence[Item], registry: Registry
+        self,
+        conn: asyncpg.Connection,
+        *,
+        items: Sequence[Item],
+        registry: Registry,
     ) -> Prepared:
-        """The readings, dead letters and alias-table writes of a flush's Sparkplug messages."""
+        """The readings, dead letters and node-state writes of a flush's Sparkplug messages.
+        Counts nothing: call `committed` once the flush committed (a flush whose transaction
+        failed before any part of it committed is prepared again)."""
+        out = Prepared(_empty())
         if not items:
-            return Prepared(_empty())
-        await self._refresh(conn, sorted({it.topic.node for it in items}), registry)
+            return out
+        read = await self._refresh(conn, sorted({it.topic.node for it in items}), registry)
         names = self._births_and_names(items)
         if names:
             await registry.resolve(conn, sensors=dict.fromkeys(names))
-        out = Prepared(_empty())
         parts: list[Columns] = []
-        born: set[str] = set()
+        changed: set[str] = set()
         for item in items:
             try:
-                part = self._item(item, registry, born, out)
+                part = self._item(item, registry, changed, out)
+            except _UnknownAliasError as exc:
+                self._give_up(item, exc.reason, out)
+                continue
             except PayloadError as exc:
                 out.dead_letters.append((item.index, exc.reason))
                 continue
@@ -242,25 +271,41 @@ class SparkplugStage:
                 np.concatenate([p.value for p in parts]),
                 np.concatenate([p.quality for p in parts]),
             )
-        if born:
-            out.upserts = births_upserts({n: self._nodes[n] for n in born})
+        if changed:
+            out.upserts = state_upserts({n: self._nodes[n] for n in changed}, read)
         return out
+
+    def committed(self, prepared: Prepared) -> None:
+        """Count what a committed flush did."""
+        for why, count in prepared.skipped.items():
+            SKIPPED.labels(why).inc(count)
+        if prepared.deaths_ignored:
+            DEATHS_IGNORED.inc(prepared.deaths_ignored)
+
+    def _give_up(self, item: Item, reason: str, out: Prepared) -> None:
+        out.dead_letters.append((item.index, reason))
+        if self._on_unknown_alias is not None:
+            self._on_unknown_alias(item.topic.group, item.topic.edge)
 
     async def _refresh(
         self, conn: asyncpg.Connection, nodes: list[str], registry: Registry
-    ) -> None:
-        """Reload the nodes another instance re-birthed, and make their sensors known to the
-        registry (that instance registered them)."""
-        changed = await load_changed(conn, nodes, self._nodes)
-        if not changed:
-            return
+    ) -> dict[str, int]:
+        """The database's version of each of `nodes` (absent: none there). Reloads the nodes
+        another instance changed and makes their sensors known to the registry; forgets the
+        ones the database does not have (what a flush that did not commit left here)."""
+        versions, changed = await load(conn, nodes, self._nodes)
+        for node in nodes:
+            if node not in versions:
+                self._nodes.pop(node, None)
         self._nodes.update(changed)
         keys: list[SensorKey] = []
         for node, state in changed.items():
             for device, metrics in state.devices.items():
                 levels = (*node.split("/", 1), device) if device else tuple(node.split("/", 1))
                 keys += [SensorKey(levels, m.name) for m in metrics if m.sensor is not None]
-        await registry.resolve(conn, sensors=dict.fromkeys(keys))
+        if keys:
+            await registry.resolve(conn, sensors=dict.fromkeys(keys))
+        return versions
 
     def _name(self, item: Item, row: int) -> str | None:
         """The sensor name of a metric row: its name, else (in DATA) its alias's, with the
@@ -282,6 +327,8 @@ class SparkplugStage:
         keys: list[SensorKey] = []
         for item in items:
             kind, rows = item.topic.kind, item.decoded.rows
+            if item.data is not None:  # read at intake: aliases only, no name
+                continue
             if kind in ("NBIRTH", "DBIRTH"):
                 wanted = np.isin(rows[:, C_DATATYPE], list(_NUMERIC))
             elif kind in ("NDATA", "DDATA"):
@@ -295,36 +342,40 @@ class SparkplugStage:
         return keys
 
     def _item(
-        self, item: Item, registry: Registry, born: set[str], out: Prepared
+        self, item: Item, registry: Registry, changed: set[str], out: Prepared
     ) -> Columns | None:
         kind, node = item.topic.kind, item.topic.node
         if kind in ("NBIRTH", "DBIRTH"):
-            return self._birth(item, registry, born)
+            return self._birth(item, registry, changed, out)
         if kind in ("NDATA", "DDATA"):
-            return self._data(item, registry)
+            return self._data(item, registry, out)
         state = self._nodes.get(node)
-        if state is None:
-            return None
         if kind == "NDEATH":
             bd_seq = _bd_seq(item.decoded)
-            if bd_seq is None or bd_seq != state.bd_seq:
-                DEATHS_IGNORED.inc()
-                log.info("sparkplug node %s: NDEATH bdSeq %s is not %s", node, bd_seq, state.bd_seq)
-                return None
-            metrics = [m for ms in state.devices.values() for m in ms]
+            death = ndeath(state, bd_seq) if state is not None else None
             at = item.received_us
+            what = f"NDEATH bdSeq {bd_seq}"
         else:  # DDEATH
-            metrics = list(state.devices.get(item.topic.device or "", ()))
-            ts = item.decoded.timestamp
-            at = item.received_us if ts is None else ts * 1000
-        sensors = np.array(sorted({m.sensor for m in metrics if m.sensor is not None}), np.int32)
-        out.stale_rows += len(sensors)
+            device, ms = item.topic.device or "", item.decoded.timestamp
+            death = ddeath(state, device, ms=ms) if state is not None else None
+            at = item.received_us if ms is None else ms * 1000
+            what = f"DDEATH of {device!r}"
+        if death is None:
+            out.deaths_ignored += 1
+            log.info(
+                "sparkplug node %s: %s changes nothing (offline, or another birth)", node, what
+            )
+            return None
+        self._nodes[node], stale = death
+        changed.add(node)
+        sensors = np.array(stale, np.int32)
         n = len(sensors)
+        out.stale_rows += n
         return Columns(
             np.full(n, at, np.int64), sensors, np.full(n, _NAN), np.full(n, sv.STALE, np.uint8)
         )
 
-    def _birth(self, item: Item, registry: Registry, born: set[str]) -> Columns:
+    def _birth(self, item: Item, registry: Registry, changed: set[str], out: Prepared) -> Columns:
         decoded, topic = item.decoded, item.topic
         rows = decoded.rows
         metrics: list[BirthMetric] = []
@@ -341,21 +392,22 @@ class SparkplugStage:
             metrics.append(BirthMetric(name, alias, sensor, datatype))
         node = topic.node
         old = self._nodes.get(node)
+        ms = decoded.timestamp
         if topic.kind == "NBIRTH":
-            devices = {"": tuple(metrics)}
-            bd_seq = _bd_seq(decoded)
+            state = nbirth(old, tuple(metrics), bd_seq=_bd_seq(decoded), ms=ms)
         else:
-            devices = dict(old.devices) if old is not None else {}
-            devices[topic.device or ""] = tuple(metrics)
-            bd_seq = old.bd_seq if old is not None else None
-        self._nodes[node] = NodeState.of(secrets.randbits(63), bd_seq, devices)
-        born.add(node)
+            state = dbirth(old, topic.device or "", tuple(metrics), ms=ms)
+        if state is not None:
+            self._nodes[node] = state
+            changed.add(node)
+        else:
+            log.info("sparkplug node %s: %s older than the last birth", node, topic.kind)
         value, status, _, _, quality = sv.metric_columns(rows)
-        return self._columns(item, sensors, value, status, quality)
+        return self._columns(item, sensors, value, status, quality, out)
 
-    def _data(self, item: Item, registry: Registry) -> Columns:
+    def _data(self, item: Item, registry: Registry, out: Prepared) -> Columns:
         if item.data is not None:
-            return self._fast_data(item, item.data)
+            return self._fast_data(item, item.data, out)
         decoded, topic = item.decoded, item.topic
         rows = decoded.rows
         aliased = (rows[:, C_FLAGS] & F_ALIAS) != 0
@@ -364,22 +416,15 @@ class SparkplugStage:
         value, status, sensors, known, quality = sv.metric_columns(rows, table=table)
         missing = np.flatnonzero(aliased & ~known)
         if len(missing):
-            if self._on_unknown_alias is not None:
-                self._on_unknown_alias(topic.group, topic.edge)
-            row = int(missing[0])
-            alias = int(rows[row, C_ALIAS]) % 2**64
-            raise PayloadError(
-                f"{metric_path(rows, row)}.alias: {alias} is not defined by a birth of edge node "
-                f"{topic.node!r}"
-            )
+            raise _unknown(item, int(missing[0]))
         if not aliased.all():
             for row in np.flatnonzero(~aliased).tolist():  # data sent by name
                 name = self._name(item, row)
                 sensor = registry.get(SensorKey(topic.levels, name)) if name else None
                 sensors[row] = -1 if sensor is None else sensor
-        return self._columns(item, sensors, value, status, quality)
+        return self._columns(item, sensors, value, status, quality, out)
 
-    def _fast_data(self, item: Item, data: DataReadings) -> Columns:
+    def _fast_data(self, item: Item, data: DataReadings, out: Prepared) -> Columns:
         """DATA that `accept` read already: read again only if the node's table changed since
         (a birth earlier in the flush, or one another instance wrote)."""
         topic = item.topic
@@ -399,14 +444,7 @@ class SparkplugStage:
         info = data.info
         unknown = int(info[sv.I_UNKNOWN])
         if unknown >= 0:
-            if self._on_unknown_alias is not None:
-                self._on_unknown_alias(topic.group, topic.edge)
-            rows = data.decoded.rows
-            alias = int(rows[unknown, C_ALIAS]) % 2**64
-            raise PayloadError(
-                f"{metric_path(rows, unknown)}.alias: {alias} is not defined by a birth of edge "
-                f"node {topic.node!r}"
-            )
+            raise _unknown(item, unknown)
         for slot, why in (
             (sv.I_NULL, "null"),
             (sv.I_NONNUMERIC, "nonnumeric"),
@@ -415,7 +453,7 @@ class SparkplugStage:
         ):
             count = int(info[slot])
             if count:
-                SKIPPED.labels(why).inc(count)
+                out.skipped[why] += count
         return Columns(*reading_columns(data.readings))
 
     def _columns(
@@ -425,6 +463,7 @@ class SparkplugStage:
         value: npt.NDArray[np.float64],
         status: npt.NDArray[np.uint8],
         quality: npt.NDArray[np.uint8],
+        out: Prepared,
     ) -> Columns:
         rows = item.decoded.rows
         keep = (status == sv.OK) & (sensors >= 0)
@@ -435,10 +474,19 @@ class SparkplugStage:
         ):
             count = int(np.count_nonzero(status == code))
             if count:
-                SKIPPED.labels(why).inc(count)
+                out.skipped[why] += count
         if not self._store_transient:
             transient = keep & ((rows[:, C_FLAGS] & F_TRANSIENT) != 0)
             if transient.any():
-                SKIPPED.labels("transient").inc(int(transient.sum()))
+                out.skipped["transient"] += int(transient.sum())
                 keep &= ~transient
         return Columns(item.times[keep], sensors[keep], value[keep], quality[keep])
+
+
+def _unknown(item: Item, row: int) -> _UnknownAliasError:
+    rows = item.decoded.rows
+    alias = int(rows[row, C_ALIAS]) % 2**64
+    return _UnknownAliasError(
+        f"{metric_path(rows, row)}.alias: {alias} is not defined by a birth of edge node "
+        f"{item.topic.node!r}"
+    )
