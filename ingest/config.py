@@ -136,8 +136,11 @@ class Sparkplug(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     store_transient: bool = False
     rebirth: bool = False
     host_id: str = ""
+    unknown_alias_wait_s: float = 0.5
 
     def __post_init__(self) -> None:
+        if not 0 <= self.unknown_alias_wait_s <= 60:
+            raise ValueError("unknown_alias_wait_s: must be between 0 and 60")
         for group in self.groups:
             if not group or any(c in group for c in "/+#\0"):
                 raise ValueError(f"groups: {group!r} must be non-empty, without / + # or NUL")

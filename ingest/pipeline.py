@@ -61,9 +61,14 @@ class FlushJob:
     sparkplug: list[Item] = field(default_factory=list)
     # Prepared again while no part of the flush has committed, else kept for its retries.
     sparkplug_prepared: Prepared | None = None
+    carried: int = 0  # Sparkplug messages held back from an earlier flush
 
     def __bool__(self) -> bool:
         return bool(self.received)
+
+    def has_news(self) -> bool:
+        """Whether it holds more than messages carried from an earlier flush."""
+        return len(self.received) > self.carried
 
 
 class _Budget:
@@ -195,6 +200,15 @@ def _clean(text: str | None) -> str | None:
 _QUIET_S = 1.0
 
 
+@dataclass(slots=True)
+class _Carried:
+    """The messages of a flush carried into the next one, by index, and their size."""
+
+    indices: set[int] = field(default_factory=set)
+    nbytes: int = 0
+    readings: int = 0
+
+
 class Pipeline:
     """One ingester: intake task, flush timer and writer task under one TaskGroup."""
 
@@ -220,6 +234,7 @@ class Pipeline:
         self.sparkplug = SparkplugStage(
             store_transient=cfg.sparkplug.store_transient,
             on_unknown_alias=self.rebirths.want if self.rebirths is not None else None,
+            unknown_alias_wait_s=cfg.sparkplug.unknown_alias_wait_s,
         )
         self.deriver = Deriver(
             rules=cfg.anomaly.rules, rollups=cfg.rollups.enabled, registry=self.registry
@@ -348,23 +363,55 @@ class Pipeline:
 
     async def _writer(self) -> None:
         while True:
-            if self._queue.empty() and self._job:
+            if self._queue.empty() and self._job.has_news():
                 await self._dispatch()  # what gathered while the last flush was written
             self._writer_idle = True
             job = await self._queue.get()
             self._writer_idle = False
             if job is None:
-                return
+                if not self._job:
+                    return
+                # Stopping with messages held for a birth: flush them again (they become dead
+                # letters within sparkplug.unknown_alias_wait_s at the latest).
+                self._queue.put_nowait(None)
+                await asyncio.sleep(self.cfg.flush.interval_s)
+                job, self._job = self._job, FlushJob()
             await self._commit(job)
+            carried = self._carry(job)
             # Only what the current connection takes: after a reconnect the broker delivers
             # the others again, and they are counted when those copies are acknowledged.
             acked = 0
-            for msg in job.received:
-                acked += self.source.ack(msg.token)
+            for i, msg in enumerate(job.received):
+                if i not in carried.indices:
+                    acked += self.source.ack(msg.token)
             metrics.MESSAGES_ACKED.inc(acked)
             await self._budget.release(
-                nbytes=job.nbytes, readings=job.readings, messages=len(job.received)
+                nbytes=job.nbytes - carried.nbytes,
+                readings=job.readings - carried.readings,
+                messages=len(job.received) - len(carried.indices),
             )
+
+    def _carry(self, job: FlushJob) -> _Carried:
+        """Move the messages a committed flush held back (Sparkplug DATA waiting for a birth)
+        into the flush being gathered: unacknowledged, and in flight still."""
+        carried = _Carried()
+        if job.sparkplug_prepared is None or not job.sparkplug_prepared.held:
+            return carried
+        target = self._job
+        if not target:
+            self._job_started = time.monotonic()  # tried again after flush.interval_s
+        items = {item.index: item for item in job.sparkplug}
+        for i in job.sparkplug_prepared.held:
+            item, msg = items[i], job.received[i]
+            target.sparkplug.append(dataclasses.replace(item, index=len(target.received)))
+            target.received.append(msg)
+            target.carried += 1
+            target.nbytes += len(msg.payload)
+            target.readings += len(item.decoded)
+            carried.indices.add(i)
+            carried.nbytes += len(msg.payload)
+            carried.readings += len(item.decoded)
+        return carried
 
     async def _commit(self, job: FlushJob) -> None:
         """Write one flush, retrying transient database errors with capped backoff.
@@ -407,11 +454,12 @@ class Pipeline:
                 stage = "Sparkplug prepare"
                 if job.sparkplug_prepared is None or not written:
                     # Again on a retry: another instance may have changed a node meanwhile
-                    # (the check of the node versions failed).
+                    # (the check of the node versions failed), or its birth may have come.
                     job.sparkplug_prepared = await self.sparkplug.prepare(
                         conn,
                         items=job.sparkplug,
                         registry=self.registry,
+                        now_us=time.time_ns() // 1000,
                     )
                 readings, more = merge_sparkplug(readings, job.sparkplug_prepared.columns)
                 superseded += more

@@ -35,8 +35,11 @@ class Instance:
         self.index += 1
         return item
 
-    async def prepare(self, conn: asyncpg.Connection, *items: Item) -> Prepared:
-        return await self.stage.prepare(conn, items=items, registry=self.registry)
+    async def prepare(
+        self, conn: asyncpg.Connection, *items: Item, now_us: int | None = None
+    ) -> Prepared:
+        now = time.time_ns() // 1000 if now_us is None else now_us
+        return await self.stage.prepare(conn, items=items, registry=self.registry, now_us=now)
 
     async def write(self, conn: asyncpg.Connection, prepared: Prepared) -> None:
         async with conn.transaction():
@@ -44,8 +47,10 @@ class Instance:
                 await conn.execute(upsert.sql, *upsert.columns)
         self.stage.committed(prepared)
 
-    async def flush(self, conn: asyncpg.Connection, *items: Item) -> Prepared:
-        prepared = await self.prepare(conn, *items)
+    async def flush(
+        self, conn: asyncpg.Connection, *items: Item, now_us: int | None = None
+    ) -> Prepared:
+        prepared = await self.prepare(conn, *items, now_us=now_us)
         await self.write(conn, prepared)
         return prepared
 

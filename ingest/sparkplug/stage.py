@@ -6,6 +6,10 @@ the flush touches (one query per flush, more only for the nodes another instance
 registers the births' sensors, then walks the flush's messages in arrival order. The database is
 the source of truth; this object's node states are a cache, and a flush that changes a node
 checks in its transaction that the node is still at the version it read.
+
+DATA naming an alias no birth defined may name one that another instance has received and not
+committed yet: it is held (not acknowledged) and read again in the next flushes, for at most
+`unknown_alias_wait_s` after its receipt, before it becomes a dead letter.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Final
 import asyncpg
 import numpy as np
 import numpy.typing as npt
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 from ingest.errors import PayloadError
 from ingest.registry import Registry, SensorKey
@@ -75,7 +79,13 @@ DEATHS_IGNORED = Counter(
     "Sparkplug deaths that changed nothing: an NDEATH whose bdSeq is not the last NBIRTH's, "
     "or the death of an edge node or device already offline.",
 )
+HELD = Gauge(
+    "ingest_sparkplug_messages_held",
+    "Sparkplug DATA naming an alias no birth has defined yet, held for a later flush.",
+)
 
+MAX_HELD: Final = 10_000
+"""At most this many messages are held; beyond, the oldest become dead letters at once."""
 
 _NUMERIC: Final = frozenset(range(1, 12))
 _NAN: Final = float("nan")
@@ -109,11 +119,12 @@ class Columns:
 @dataclass(slots=True)
 class Prepared:
     """A flush's Sparkplug part: its readings, dead letters (message index, reason), the
-    node-state writes for the same transaction, and what to count once it committed
-    (`SparkplugStage.committed`)."""
+    messages held for a later flush (index), the node-state writes for the same transaction,
+    and what to count once it committed (`SparkplugStage.committed`)."""
 
     columns: Columns
     dead_letters: list[tuple[int, str]] = field(default_factory=list)
+    held: list[int] = field(default_factory=list)
     upserts: list[Upsert] = field(default_factory=list)
     stale_rows: int = 0
     skipped: Counts[str] = field(default_factory=Counts)
@@ -160,11 +171,15 @@ class SparkplugStage:
         *,
         store_transient: bool = False,
         on_unknown_alias: Callable[[str, str], None] | None = None,
+        unknown_alias_wait_s: float = 0.0,
+        max_held: int = MAX_HELD,
     ) -> None:
         """`on_unknown_alias(group, edge node)`: called (never awaited) for DATA that becomes a
         dead letter because it names an alias no birth defined, e.g. to ask for a rebirth."""
         self._store_transient = store_transient
         self._on_unknown_alias = on_unknown_alias
+        self._wait_us = round(unknown_alias_wait_s * 1_000_000)
+        self._max_held = max_held
         self._nodes: dict[str, NodeState] = {}
         self._seq: dict[str, int] = {}
 
@@ -240,10 +255,11 @@ class SparkplugStage:
         *,
         items: Sequence[Item],
         registry: Registry,
+        now_us: int,
     ) -> Prepared:
-        """The readings, dead letters and node-state writes of a flush's Sparkplug messages.
-        Counts nothing: call `committed` once the flush committed (a flush whose transaction
-        failed before any part of it committed is prepared again)."""
+        """The readings, dead letters, held messages and node-state writes of a flush's
+        Sparkplug messages. Counts nothing: call `committed` once the flush committed (a flush
+        whose transaction failed before any part of it committed is prepared again)."""
         out = Prepared(_empty())
         if not items:
             return out
@@ -253,17 +269,25 @@ class SparkplugStage:
             await registry.resolve(conn, sensors=dict.fromkeys(names))
         parts: list[Columns] = []
         changed: set[str] = set()
+        waiting: list[tuple[Item, str]] = []
         for item in items:
             try:
                 part = self._item(item, registry, changed, out)
             except _UnknownAliasError as exc:
-                self._give_up(item, exc.reason, out)
+                if now_us < item.received_us + self._wait_us:
+                    waiting.append((item, exc.reason))
+                else:
+                    self._give_up(item, exc.reason, out)
                 continue
             except PayloadError as exc:
                 out.dead_letters.append((item.index, exc.reason))
                 continue
             if part is not None:
                 parts.append(part)
+        waiting.sort(key=lambda w: w[0].received_us, reverse=True)
+        for item, reason in waiting[self._max_held :]:  # the oldest, beyond the cap
+            self._give_up(item, reason, out)
+        out.held = sorted(item.index for item, _ in waiting[: self._max_held])
         if parts:
             out.columns = Columns(
                 np.concatenate([p.time for p in parts]),
@@ -281,6 +305,7 @@ class SparkplugStage:
             SKIPPED.labels(why).inc(count)
         if prepared.deaths_ignored:
             DEATHS_IGNORED.inc(prepared.deaths_ignored)
+        HELD.set(len(prepared.held))
 
     def _give_up(self, item: Item, reason: str, out: Prepared) -> None:
         out.dead_letters.append((item.index, reason))
