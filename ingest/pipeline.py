@@ -235,6 +235,7 @@ class Pipeline:
             store_transient=cfg.sparkplug.store_transient,
             on_unknown_alias=self.rebirths.want if self.rebirths is not None else None,
             unknown_alias_wait_s=cfg.sparkplug.unknown_alias_wait_s,
+            reorder_timeout_s=cfg.sparkplug.reorder_timeout_s,
         )
         self.deriver = Deriver(
             rules=cfg.anomaly.rules, rollups=cfg.rollups.enabled, registry=self.registry
@@ -422,9 +423,13 @@ class Pipeline:
         delay = self.cfg.db.retry_min_s
         started = time.monotonic()
         written: set[int] = set()
+        committed = False
         while True:
             try:
-                await self._try_commit(job, written, started)
+                if not committed:
+                    await self._try_commit(job, written, started)
+                    committed = True
+                await self._merge_seq(job)
                 self.health.database = True
                 return
             except TransientSinkError as exc:
@@ -603,6 +608,18 @@ class Pipeline:
         job.accepted = kept
 
     # ------------------------------------------------------------------ lifecycle
+
+    async def _merge_seq(self, job: FlushJob) -> None:
+        """The Sparkplug seq numbers of a committed flush, into the database (its own
+        transaction, retried like the flush, before anything is acknowledged)."""
+        if job.sparkplug_prepared is None:
+            return
+        try:
+            await self.sparkplug.merge_seq(self.sinks[0].connection, job.sparkplug_prepared)
+        except (asyncpg.PostgresError, *CLIENT_ERRORS) as exc:
+            if not isinstance(exc, asyncpg.PostgresError):
+                self.sinks[0].discard()
+            raise classify(exc) from exc
 
     @staticmethod
     def _sparkplug_dead_letters(job: FlushJob) -> list[DeadLetter]:

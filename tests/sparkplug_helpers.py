@@ -45,6 +45,7 @@ class Instance:
         async with conn.transaction():
             for upsert in prepared.upserts:
                 await conn.execute(upsert.sql, *upsert.columns)
+        await self.stage.merge_seq(conn, prepared)
         self.stage.committed(prepared)
 
     async def flush(

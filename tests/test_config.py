@@ -73,6 +73,11 @@ def test_defaults() -> None:
             "between 0 and 60",
         ),
         (
+            {**BASE, "INGEST_SPARKPLUG_REORDER_TIMEOUT_S": "7200"},
+            "sparkplug.reorder_timeout_s (INGEST_SPARKPLUG_REORDER_TIMEOUT_S): must be between 0 "
+            "and 3600",
+        ),
+        (
             {**BASE, "INGEST_MQTT_URL": "tcp://broker"},
             "mqtt.url (INGEST_MQTT_URL): must start with mqtt:// or mqtts://",
         ),

@@ -1,15 +1,18 @@
 """The Sparkplug stage: messages to reading columns, births to alias tables, deaths to stale rows.
 
-`accept` runs in the intake task for every message (decode, time window, seq check; never
-awaits). `prepare` runs in the writer task once per flush: it reads the versions of the nodes
-the flush touches (one query per flush, more only for the nodes another instance changed),
-registers the births' sensors, then walks the flush's messages in arrival order. The database is
+`accept` runs in the intake task for every message (decode, time window; never awaits).
+`prepare` runs in the writer task once per flush: it reads the versions of the nodes the flush
+touches (one query per flush, more only for the nodes another instance changed), registers the
+births' sensors, then walks the flush's messages in arrival order. The database is
 the source of truth; this object's node states are a cache, and a flush that changes a node
 checks in its transaction that the node is still at the version it read.
 
 DATA naming an alias no birth defined may name one that another instance has received and not
 committed yet: it is held (not acknowledged) and read again in the next flushes, for at most
 `unknown_alias_wait_s` after its receipt, before it becomes a dead letter.
+
+After a flush has committed, `merge_seq` merges the seq numbers of its messages with those of
+every other instance in the database and counts the gaps (see `seq`).
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ from ingest.sparkplug.nodes import (
     ndeath,
     state_upserts,
 )
+from ingest.sparkplug.seq import Seen, merge_flush
 from ingest.sparkplug.topic import Topic, parse_topic
 from ingest.sparkplug.wire import (
     DataReadings,
@@ -73,7 +77,11 @@ SKIPPED = Counter(
     "Sparkplug metric values not stored, by why: null, nonnumeric, novalue, transient.",
     ["why"],
 )
-SEQ_GAPS = Counter("ingest_sparkplug_seq_gaps_total", "Gaps in an edge node's seq (0-255).")
+SEQ_GAPS = Counter(
+    "ingest_sparkplug_seq_gaps_total",
+    "Gaps in an edge node's seq (0-255) merged from every ingester: runs of seq numbers that "
+    "did not come within the reorder timeout.",
+)
 DEATHS_IGNORED = Counter(
     "ingest_sparkplug_deaths_ignored_total",
     "Sparkplug deaths that changed nothing: an NDEATH whose bdSeq is not the last NBIRTH's, "
@@ -129,6 +137,7 @@ class Prepared:
     stale_rows: int = 0
     skipped: Counts[str] = field(default_factory=Counts)
     deaths_ignored: int = 0
+    seen: dict[str, list[Seen]] = field(default_factory=dict)  # seq numbers, by node
 
 
 class _UnknownAliasError(PayloadError):
@@ -173,6 +182,7 @@ class SparkplugStage:
         on_unknown_alias: Callable[[str, str], None] | None = None,
         unknown_alias_wait_s: float = 0.0,
         max_held: int = MAX_HELD,
+        reorder_timeout_s: float = 0.0,
     ) -> None:
         """`on_unknown_alias(group, edge node)`: called (never awaited) for DATA that becomes a
         dead letter because it names an alias no birth defined, e.g. to ask for a rebirth."""
@@ -180,8 +190,8 @@ class SparkplugStage:
         self._on_unknown_alias = on_unknown_alias
         self._wait_us = round(unknown_alias_wait_s * 1_000_000)
         self._max_held = max_held
+        self._reorder_s = reorder_timeout_s
         self._nodes: dict[str, NodeState] = {}
-        self._seq: dict[str, int] = {}
 
     # ------------------------------------------------------------------ intake
 
@@ -211,7 +221,6 @@ class SparkplugStage:
                 store_transient=self._store_transient,
             )
             if data is not None:  # no name, no error: the common case, in one kernel call
-                self._check_seq(parsed, data.decoded.seq)
                 return Item(index, parsed, data.decoded, _NO_TIMES, received_us, data)
         decoded = decode_payload(payload, max_metrics=max_metrics)
         times = sv.metric_times(decoded.rows, payload_ms=decoded.timestamp, received_us=received_us)
@@ -224,7 +233,6 @@ class SparkplugStage:
                 which = metric_path(decoded.rows, int(bad[0]))
                 raise PayloadError(f"{which}.timestamp: outside the accepted window")
         if parsed.kind != "NDEATH":
-            self._check_seq(parsed, decoded.seq)
             for row in np.flatnonzero(decoded.rows[:, C_NAME_START] >= 0).tolist():
                 name = decoded.name(row)  # every name must be UTF-8: raises PayloadError here
                 if name is not None and "\x00" in name:  # PostgreSQL text cannot hold NUL
@@ -234,18 +242,6 @@ class SparkplugStage:
     def _table(self, node: str) -> AliasTable:
         state = self._nodes.get(node)
         return state.table if state is not None else _NO_TABLE
-
-    def _check_seq(self, topic: Topic, seq: int | None) -> None:
-        if seq is None:
-            return
-        node = topic.node
-        last = self._seq.get(node)
-        self._seq[node] = seq
-        if topic.kind == "NBIRTH" or last is None or seq == last:  # seq == last: a redelivery
-            return
-        if seq != (last + 1) % 256:
-            SEQ_GAPS.inc()
-            log.info("sparkplug node %s: seq %d after %d (a gap)", node, seq, last)
 
     # ------------------------------------------------------------------ flush
 
@@ -288,6 +284,12 @@ class SparkplugStage:
         for item, reason in waiting[self._max_held :]:  # the oldest, beyond the cap
             self._give_up(item, reason, out)
         out.held = sorted(item.index for item, _ in waiting[: self._max_held])
+        for item in items:  # held ones too: they came (and merging one twice changes nothing)
+            seq, kind = item.decoded.seq, item.topic.kind
+            if seq is not None and kind != "NDEATH":
+                ms = item.decoded.timestamp
+                seen = Seen(seq, item.received_us // 1000 if ms is None else ms, kind == "NBIRTH")
+                out.seen.setdefault(item.topic.node, []).append(seen)
         if parts:
             out.columns = Columns(
                 np.concatenate([p.time for p in parts]),
@@ -306,6 +308,17 @@ class SparkplugStage:
         if prepared.deaths_ignored:
             DEATHS_IGNORED.inc(prepared.deaths_ignored)
         HELD.set(len(prepared.held))
+
+    async def merge_seq(self, conn: asyncpg.Connection, prepared: Prepared) -> None:
+        """Merge the seq numbers of a committed flush into the database and count the gaps
+        this settles (its own transaction; merging a flush again changes nothing)."""
+        if not prepared.seen:
+            return
+        gaps = await merge_flush(conn, prepared.seen, reorder_s=self._reorder_s)
+        for node, count in gaps.items():
+            if count:
+                SEQ_GAPS.inc(count)
+                log.info("sparkplug node %s: %d gap(s) in seq", node, count)
 
     def _give_up(self, item: Item, reason: str, out: Prepared) -> None:
         out.dead_letters.append((item.index, reason))
