@@ -25,7 +25,6 @@ from typing import Final
 
 import asyncpg
 import numpy as np
-import numpy.typing as npt
 from prometheus_client import Counter, Gauge
 
 from ingest.errors import PayloadError
@@ -34,18 +33,12 @@ from ingest.sink import Upsert
 from ingest.sparkplug import values as sv
 from ingest.sparkplug.aliases import AliasTable
 from ingest.sparkplug.kernel import (
-    C_ALIAS,
     C_DATATYPE,
-    C_FIELD,
     C_FLAGS,
     C_NAME_START,
-    C_PARENT,
-    C_RAW,
     F_ALIAS,
-    F_TRANSIENT,
 )
 from ingest.sparkplug.nodes import (
-    BirthMetric,
     NodeState,
     dbirth,
     ddeath,
@@ -54,15 +47,25 @@ from ingest.sparkplug.nodes import (
     ndeath,
     state_upserts,
 )
+from ingest.sparkplug.readings import (
+    ANY_TIME,
+    NUMERIC,
+    Columns,
+    Item,
+    UnknownAliasError,
+    bd_seq,
+    birth_readings,
+    data_readings,
+    empty,
+    sensor_name,
+    stale_readings,
+)
 from ingest.sparkplug.seq import Seen, merge_flush
-from ingest.sparkplug.topic import Topic, parse_topic
+from ingest.sparkplug.topic import parse_topic
 from ingest.sparkplug.wire import (
-    DataReadings,
-    Decoded,
     decode_data,
     decode_payload,
     metric_path,
-    reading_columns,
 )
 
 log = logging.getLogger(__name__)
@@ -95,33 +98,8 @@ HELD = Gauge(
 MAX_HELD: Final = 10_000
 """At most this many messages are held; beyond, the oldest become dead letters at once."""
 
-_NUMERIC: Final = frozenset(range(1, 12))
-_NAN: Final = float("nan")
 _NO_TABLE: Final = AliasTable.empty()
 _NO_TIMES: Final = np.empty(0, np.int64)
-_ANY_TIME: Final = (-(2**63), 2**63 - 1)
-
-
-@dataclass(frozen=True, slots=True)
-class Item:
-    """One accepted Sparkplug message of a flush."""
-
-    index: int  # the message's place in the flush, for dead letters
-    topic: Topic
-    decoded: Decoded
-    times: npt.NDArray[np.int64]  # of every metric; empty with `data`
-    received_us: int
-    data: DataReadings | None = None  # DATA read at intake with the node's table of then
-
-
-@dataclass(frozen=True, slots=True)
-class Columns:
-    """Readings in arrival order (not sorted, may repeat a (sensor, time))."""
-
-    time: npt.NDArray[np.int64]
-    sensor: npt.NDArray[np.int32]
-    value: npt.NDArray[np.float64]
-    quality: npt.NDArray[np.uint8]
 
 
 @dataclass(slots=True)
@@ -140,24 +118,6 @@ class Prepared:
     seen: dict[str, list[Seen]] = field(default_factory=dict)  # seq numbers, by node
 
 
-class _UnknownAliasError(PayloadError):
-    """DATA naming an alias the node's table does not have."""
-
-
-def _empty() -> Columns:
-    return Columns(
-        np.empty(0, np.int64), np.empty(0, np.int32), np.empty(0, np.float64), np.empty(0, np.uint8)
-    )
-
-
-def _bd_seq(decoded: Decoded) -> int | None:
-    """The value of a top-level metric named `bdSeq`, if any."""
-    for row in np.flatnonzero(decoded.rows[:, C_PARENT] < 0).tolist():
-        if decoded.rows[row, C_FIELD] in (10, 11) and decoded.name(row) == "bdSeq":
-            return int(decoded.rows[row, C_RAW])
-    return None
-
-
 def warm_up() -> None:
     """Compile (or load from the on-disk cache) the Sparkplug kernels before the first message."""
     from ingest.sparkplug.encode import Metric, encode_payload
@@ -167,7 +127,7 @@ def warm_up() -> None:
     sv.metric_times(decoded.rows, payload_ms=decoded.timestamp, received_us=0)
     sv.metric_columns(decoded.rows, table=AliasTable.empty())
     decode_data(
-        data, _NO_TABLE, max_metrics=10, received_us=0, window=_ANY_TIME, store_transient=False
+        data, _NO_TABLE, max_metrics=10, received_us=0, window=ANY_TIME, store_transient=False
     )
 
 
@@ -256,7 +216,7 @@ class SparkplugStage:
         """The readings, dead letters, held messages and node-state writes of a flush's
         Sparkplug messages. Counts nothing: call `committed` once the flush committed (a flush
         whose transaction failed before any part of it committed is prepared again)."""
-        out = Prepared(_empty())
+        out = Prepared(empty())
         if not items:
             return out
         read = await self._refresh(conn, sorted({it.topic.node for it in items}), registry)
@@ -269,7 +229,7 @@ class SparkplugStage:
         for item in items:
             try:
                 part = self._item(item, registry, changed, out)
-            except _UnknownAliasError as exc:
+            except UnknownAliasError as exc:
                 if now_us < item.received_us + self._wait_us:
                     waiting.append((item, exc.reason))
                 else:
@@ -345,21 +305,6 @@ class SparkplugStage:
             await registry.resolve(conn, sensors=dict.fromkeys(keys))
         return versions
 
-    def _name(self, item: Item, row: int) -> str | None:
-        """The sensor name of a metric row: its name, else (in DATA) its alias's, with the
-        names of the template instances it is a member of in front (`instance/member`)."""
-        decoded = item.decoded
-        rows = decoded.rows
-        own = decoded.name(row)
-        if own is None and rows[row, C_FLAGS] & F_ALIAS:
-            state = self._nodes.get(item.topic.node)
-            own = state.names.get(int(rows[row, C_ALIAS])) if state is not None else None
-        parent = int(rows[row, C_PARENT])
-        if own is None or parent < 0:
-            return own
-        above = self._name(item, parent)
-        return None if above is None else f"{above}/{own}"
-
     def _births_and_names(self, items: Sequence[Item]) -> list[SensorKey]:
         """Sensors named in the flush: the births' numeric metrics and data sent by name."""
         keys: list[SensorKey] = []
@@ -368,13 +313,14 @@ class SparkplugStage:
             if item.data is not None:  # read at intake: aliases only, no name
                 continue
             if kind in ("NBIRTH", "DBIRTH"):
-                wanted = np.isin(rows[:, C_DATATYPE], list(_NUMERIC))
+                wanted = np.isin(rows[:, C_DATATYPE], list(NUMERIC))
             elif kind in ("NDATA", "DDATA"):
                 wanted = (rows[:, C_FLAGS] & F_ALIAS) == 0
             else:
                 continue
+            state = self._nodes.get(item.topic.node)
             for row in np.flatnonzero(wanted).tolist():
-                name = self._name(item, row)
+                name = sensor_name(item, state, row)
                 if name:
                     keys.append(SensorKey(item.topic.levels, name))
         return keys
@@ -386,13 +332,16 @@ class SparkplugStage:
         if kind in ("NBIRTH", "DBIRTH"):
             return self._birth(item, registry, changed, out)
         if kind in ("NDATA", "DDATA"):
-            return self._data(item, registry, out)
+            state = self._nodes.get(node)
+            return data_readings(
+                item, state, registry, store_transient=self._store_transient, skipped=out.skipped
+            )
         state = self._nodes.get(node)
         if kind == "NDEATH":
-            bd_seq = _bd_seq(item.decoded)
-            death = ndeath(state, bd_seq) if state is not None else None
+            bd = bd_seq(item.decoded)
+            death = ndeath(state, bd) if state is not None else None
             at = item.received_us
-            what = f"NDEATH bdSeq {bd_seq}"
+            what = f"NDEATH bdSeq {bd}"
         else:  # DDEATH
             device, ms = item.topic.device or "", item.decoded.timestamp
             death = ddeath(state, device, ms=ms) if state is not None else None
@@ -406,125 +355,22 @@ class SparkplugStage:
             return None
         self._nodes[node], stale = death
         changed.add(node)
-        sensors = np.array(stale, np.int32)
-        n = len(sensors)
-        out.stale_rows += n
-        return Columns(
-            np.full(n, at, np.int64), sensors, np.full(n, _NAN), np.full(n, sv.STALE, np.uint8)
-        )
+        out.stale_rows += len(stale)
+        return stale_readings(at, stale)
 
     def _birth(self, item: Item, registry: Registry, changed: set[str], out: Prepared) -> Columns:
-        decoded, topic = item.decoded, item.topic
-        rows = decoded.rows
-        metrics: list[BirthMetric] = []
-        sensors = np.full(len(decoded), -1, np.int32)
-        for row in range(len(decoded)):
-            name = decoded.full_name(row)
-            if not name:
-                continue
-            datatype = min(int(rows[row, C_DATATYPE]), 32767)  # a smallint; >34 is unknown
-            sensor = registry.get(SensorKey(topic.levels, name)) if datatype in _NUMERIC else None
-            if sensor is not None:
-                sensors[row] = sensor
-            alias = int(rows[row, C_ALIAS]) if rows[row, C_FLAGS] & F_ALIAS else None
-            metrics.append(BirthMetric(name, alias, sensor, datatype))
-        node = topic.node
-        old = self._nodes.get(node)
-        ms = decoded.timestamp
+        topic, ms = item.topic, item.decoded.timestamp
+        columns, metrics = birth_readings(
+            item, registry, store_transient=self._store_transient, skipped=out.skipped
+        )
+        old = self._nodes.get(topic.node)
         if topic.kind == "NBIRTH":
-            state = nbirth(old, tuple(metrics), bd_seq=_bd_seq(decoded), ms=ms)
+            state = nbirth(old, metrics, bd_seq=bd_seq(item.decoded), ms=ms)
         else:
-            state = dbirth(old, topic.device or "", tuple(metrics), ms=ms)
+            state = dbirth(old, topic.device or "", metrics, ms=ms)
         if state is not None:
-            self._nodes[node] = state
-            changed.add(node)
+            self._nodes[topic.node] = state
+            changed.add(topic.node)
         else:
-            log.info("sparkplug node %s: %s older than the last birth", node, topic.kind)
-        value, status, _, _, quality = sv.metric_columns(rows)
-        return self._columns(item, sensors, value, status, quality, out)
-
-    def _data(self, item: Item, registry: Registry, out: Prepared) -> Columns:
-        if item.data is not None:
-            return self._fast_data(item, item.data, out)
-        decoded, topic = item.decoded, item.topic
-        rows = decoded.rows
-        aliased = (rows[:, C_FLAGS] & F_ALIAS) != 0
-        state = self._nodes.get(topic.node)
-        table = state.table if state is not None else AliasTable.empty()
-        value, status, sensors, known, quality = sv.metric_columns(rows, table=table)
-        missing = np.flatnonzero(aliased & ~known)
-        if len(missing):
-            raise _unknown(item, int(missing[0]))
-        if not aliased.all():
-            for row in np.flatnonzero(~aliased).tolist():  # data sent by name
-                name = self._name(item, row)
-                sensor = registry.get(SensorKey(topic.levels, name)) if name else None
-                sensors[row] = -1 if sensor is None else sensor
-        return self._columns(item, sensors, value, status, quality, out)
-
-    def _fast_data(self, item: Item, data: DataReadings, out: Prepared) -> Columns:
-        """DATA that `accept` read already: read again only if the node's table changed since
-        (a birth earlier in the flush, or one another instance wrote)."""
-        topic = item.topic
-        table = self._table(topic.node)
-        if data.table is not table:
-            again = decode_data(
-                data.decoded.payload,
-                table,
-                max_metrics=len(data.decoded) + 1,
-                received_us=item.received_us,
-                window=_ANY_TIME,
-                store_transient=self._store_transient,
-            )
-            if again is None:  # not expected: the same payload was read at intake
-                raise PayloadError("payload: could not be read again with the new aliases")
-            data = again
-        info = data.info
-        unknown = int(info[sv.I_UNKNOWN])
-        if unknown >= 0:
-            raise _unknown(item, unknown)
-        for slot, why in (
-            (sv.I_NULL, "null"),
-            (sv.I_NONNUMERIC, "nonnumeric"),
-            (sv.I_NOVALUE, "novalue"),
-            (sv.I_TRANSIENT, "transient"),
-        ):
-            count = int(info[slot])
-            if count:
-                out.skipped[why] += count
-        return Columns(*reading_columns(data.readings))
-
-    def _columns(
-        self,
-        item: Item,
-        sensors: npt.NDArray[np.int32],
-        value: npt.NDArray[np.float64],
-        status: npt.NDArray[np.uint8],
-        quality: npt.NDArray[np.uint8],
-        out: Prepared,
-    ) -> Columns:
-        rows = item.decoded.rows
-        keep = (status == sv.OK) & (sensors >= 0)
-        for code, why in (
-            (sv.NULL, "null"),
-            (sv.NONNUMERIC, "nonnumeric"),
-            (sv.NOVALUE, "novalue"),
-        ):
-            count = int(np.count_nonzero(status == code))
-            if count:
-                out.skipped[why] += count
-        if not self._store_transient:
-            transient = keep & ((rows[:, C_FLAGS] & F_TRANSIENT) != 0)
-            if transient.any():
-                out.skipped["transient"] += int(transient.sum())
-                keep &= ~transient
-        return Columns(item.times[keep], sensors[keep], value[keep], quality[keep])
-
-
-def _unknown(item: Item, row: int) -> _UnknownAliasError:
-    rows = item.decoded.rows
-    alias = int(rows[row, C_ALIAS]) % 2**64
-    return _UnknownAliasError(
-        f"{metric_path(rows, row)}.alias: {alias} is not defined by a birth of edge node "
-        f"{item.topic.node!r}"
-    )
+            log.info("sparkplug node %s: %s older than the last birth", topic.node, topic.kind)
+        return columns
