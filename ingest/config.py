@@ -136,8 +136,14 @@ class Sparkplug(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     store_transient: bool = False
     rebirth: bool = False
     host_id: str = ""
+    unknown_alias_wait_s: float = 0.5
+    reorder_timeout_s: float = 2.0
 
     def __post_init__(self) -> None:
+        if not 0 <= self.unknown_alias_wait_s <= 60:
+            raise ValueError("unknown_alias_wait_s: must be between 0 and 60")
+        if not 0 <= self.reorder_timeout_s <= 3600:
+            raise ValueError("reorder_timeout_s: must be between 0 and 3600")
         for group in self.groups:
             if not group or any(c in group for c in "/+#\0"):
                 raise ValueError(f"groups: {group!r} must be non-empty, without / + # or NUL")

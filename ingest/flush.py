@@ -3,6 +3,7 @@ into columns sorted by (sensor, time). No I/O here."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -19,10 +20,13 @@ from ingest.sparkplug.stage import Columns, Item, Prepared
 
 __all__ = [
     "Accepted",
+    "Carried",
     "FlushJob",
     "build_readings",
+    "carry_held",
     "channel_keys",
     "clean",
+    "dead_letter",
     "merge_sparkplug",
     "sort_readings",
 ]
@@ -47,23 +51,61 @@ class FlushJob:
     readings: int = 0
     nbytes: int = 0
     sparkplug: list[Item] = field(default_factory=list)
-    sparkplug_prepared: Prepared | None = None  # once per flush, kept for its retries
+    # Prepared again while no part of the flush has committed, else kept for its retries.
+    sparkplug_prepared: Prepared | None = None
+    carried: int = 0  # Sparkplug messages held back from an earlier flush
 
     def __bool__(self) -> bool:
         return bool(self.received)
 
+    def has_news(self) -> bool:
+        """Whether it holds more than messages carried from an earlier flush."""
+        return len(self.received) > self.carried
+
     def reject(self, msg: Received, reason: str) -> None:
         """Store `msg` as a dead letter with `reason`, and count it."""
-        self.dead_letters.append(
-            DeadLetter(
-                received_us=msg.received_ns // 1000,
-                topic=clean(msg.topic) or "",
-                payload=msg.payload,
-                reason=clean(reason) or reason,
-                content_type=clean(msg.content_type),
-            )
-        )
+        self.dead_letters.append(dead_letter(msg, reason))
         metrics.DEAD_LETTERS.labels(metrics.reason_field(reason)).inc()
+
+
+def dead_letter(msg: Received, reason: str) -> DeadLetter:
+    """`msg` as the dead letter stored for `reason`."""
+    return DeadLetter(
+        received_us=msg.received_ns // 1000,
+        topic=clean(msg.topic) or "",
+        payload=msg.payload,
+        reason=clean(reason) or reason,
+        content_type=clean(msg.content_type),
+    )
+
+
+@dataclass(slots=True)
+class Carried:
+    """The messages of a flush carried into the next one, by index, and their size."""
+
+    indices: set[int] = field(default_factory=set)
+    nbytes: int = 0
+    readings: int = 0
+
+
+def carry_held(job: FlushJob, target: FlushJob) -> Carried:
+    """Move the Sparkplug messages a committed `job` held back (DATA waiting for a birth) into
+    `target`, the flush being gathered; what moved, to be left unacknowledged."""
+    carried = Carried()
+    if job.sparkplug_prepared is None or not job.sparkplug_prepared.held:
+        return carried
+    items = {item.index: item for item in job.sparkplug}
+    for i in job.sparkplug_prepared.held:
+        item, msg = items[i], job.received[i]
+        target.sparkplug.append(dataclasses.replace(item, index=len(target.received)))
+        target.received.append(msg)
+        target.carried += 1
+        target.nbytes += len(msg.payload)
+        target.readings += len(item.decoded)
+        carried.indices.add(i)
+        carried.nbytes += len(msg.payload)
+        carried.readings += len(item.decoded)
+    return carried
 
 
 def channel_keys(job: FlushJob) -> list[SensorKey]:

@@ -22,7 +22,7 @@ from ingest.errors import (
     PayloadError,
     PermanentSinkError,
 )
-from ingest.flush import Accepted, FlushJob
+from ingest.flush import Accepted, Carried, FlushJob, carry_held
 from ingest.memory import InflightBudget
 from ingest.mqtt import MqttSource, Received
 from ingest.sparkplug.commands import HostApplication, RebirthRequester
@@ -64,6 +64,8 @@ class Pipeline:
         self.sparkplug = SparkplugStage(
             store_transient=cfg.sparkplug.store_transient,
             on_unknown_alias=self.rebirths.want if self.rebirths is not None else None,
+            unknown_alias_wait_s=cfg.sparkplug.unknown_alias_wait_s,
+            reorder_timeout_s=cfg.sparkplug.reorder_timeout_s,
         )
         self.deriver = Deriver(
             rules=cfg.anomaly.rules, rollups=cfg.rollups.enabled, registry=self.registry
@@ -189,23 +191,40 @@ class Pipeline:
 
     async def _writer(self) -> None:
         while True:
-            if self._queue.empty() and self._job:
+            if self._queue.empty() and self._job.has_news():
                 await self._dispatch()  # what gathered while the last flush was written
             self._writer_idle = True
             job = await self._queue.get()
             self._writer_idle = False
             if job is None:
-                return
+                if not self._job:
+                    return
+                # Stopping with messages held for a birth: flush them again (they become dead
+                # letters within sparkplug.unknown_alias_wait_s at the latest).
+                self._queue.put_nowait(None)
+                await asyncio.sleep(self.cfg.flush.interval_s)
+                job, self._job = self._job, FlushJob()
             await self.writer.write(job)
+            carried = self._carry(job)
             # Only what the current connection takes: after a reconnect the broker delivers
             # the others again, and they are counted when those copies are acknowledged.
             acked = 0
-            for msg in job.received:
-                acked += self.source.ack(msg.token)
+            for i, msg in enumerate(job.received):
+                if i not in carried.indices:
+                    acked += self.source.ack(msg.token)
             metrics.MESSAGES_ACKED.inc(acked)
             await self._budget.release(
-                nbytes=job.nbytes, readings=job.readings, messages=len(job.received)
+                nbytes=job.nbytes - carried.nbytes,
+                readings=job.readings - carried.readings,
+                messages=len(job.received) - len(carried.indices),
             )
+
+    def _carry(self, job: FlushJob) -> Carried:
+        """Move the messages a committed flush held back (Sparkplug DATA waiting for a birth)
+        into the flush being gathered: unacknowledged, and in flight still."""
+        if not self._job:
+            self._job_started = time.monotonic()  # tried again after flush.interval_s
+        return carry_held(job, self._job)
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -24,8 +24,8 @@ from ingest.db.registry import Registry, SensorKey
 from ingest.db.sink import CLIENT_ERRORS, Readings, Sink, Upsert, classify
 from ingest.derive import Derived, Deriver
 from ingest.errors import InternalError, PermanentSinkError, TransientSinkError
-from ingest.flush import FlushJob, build_readings, merge_sparkplug
-from ingest.sparkplug.stage import Prepared, SparkplugStage
+from ingest.flush import FlushJob, build_readings, dead_letter, merge_sparkplug
+from ingest.sparkplug.stage import SparkplugStage
 
 __all__ = ["Writer"]
 
@@ -101,9 +101,13 @@ class Writer:
         delay = self._cfg.db.retry_min_s
         started = time.monotonic()
         written: set[int] = set()
+        committed = False
         while True:
             try:
-                await self.write_once(job, written, started)
+                if not committed:
+                    await self.write_once(job, written, started)
+                    committed = True
+                await self._merge_seq(job)
                 self._health.database = True
                 return
             except TransientSinkError as exc:
@@ -132,8 +136,15 @@ class Writer:
             readings, superseded = build_readings(job, ids)
             if job.sparkplug:
                 stage = "Sparkplug prepare"
-                if job.sparkplug_prepared is None:
-                    job.sparkplug_prepared = await self._prepare_sparkplug(conn, job)
+                if job.sparkplug_prepared is None or not written:
+                    # Again on a retry: another instance may have changed a node meanwhile
+                    # (the check of the node versions failed), or its birth may have come.
+                    job.sparkplug_prepared = await self._sparkplug.prepare(
+                        conn,
+                        items=job.sparkplug,
+                        registry=self._registry,
+                        now_us=time.time_ns() // 1000,
+                    )
                 readings, more = merge_sparkplug(readings, job.sparkplug_prepared.columns)
                 superseded += more
             stage = "prepare"
@@ -152,6 +163,10 @@ class Writer:
         parts = max(1, min(len(self.sinks), len(readings) // self._cfg.db.split_min_readings))
         prepared = job.sparkplug_prepared
         births = prepared.upserts if prepared is not None else []
+        dead_letters = job.dead_letters
+        if prepared is not None and prepared.dead_letters:
+            held = [dead_letter(job.received[i], reason) for i, reason in prepared.dead_letters]
+            dead_letters = [*dead_letters, *held]
         derive0: Callable[[Readings], Derived] = self._deriver.derive
         if prepared is not None and (births or prepared.stale_rows):
             derive0 = _derive_with(self._deriver, births, skip_nan=prepared.stale_rows > 0)
@@ -164,13 +179,13 @@ class Writer:
         todo = [
             p
             for p in range(parts)
-            if p not in written and (len(slabs[p]) or (p == 0 and (job.dead_letters or births)))
+            if p not in written and (len(slabs[p]) or (p == 0 and (dead_letters or births)))
         ]
         outcomes = await asyncio.gather(
             *(
                 self.sinks[p].write(
                     readings=slabs[p],
-                    dead_letters=job.dead_letters if p == 0 else (),
+                    dead_letters=dead_letters if p == 0 else (),
                     derive=derive0 if p == 0 else self._deriver.derive,
                 )
                 for p in todo
@@ -196,6 +211,10 @@ class Writer:
                 )
         if failure is not None:
             raise failure
+        if prepared is not None:  # the whole flush committed: this runs once for it
+            self._sparkplug.committed(prepared)
+            for _, reason in prepared.dead_letters:
+                metrics.DEAD_LETTERS.labels(metrics.reason_field(reason)).inc()
         done = time.time()
         metrics.READINGS_SUPERSEDED.inc(superseded)
         metrics.FLUSH_READINGS.observe(len(readings))
@@ -261,11 +280,17 @@ class Writer:
             job.reject(item.received, reason)
         job.accepted = kept
 
-    async def _prepare_sparkplug(self, conn: asyncpg.Connection, job: FlushJob) -> Prepared:
-        prepared = await self._sparkplug.prepare(conn, items=job.sparkplug, registry=self._registry)
-        for index, reason in prepared.dead_letters:
-            job.reject(job.received[index], reason)
-        return prepared
+    async def _merge_seq(self, job: FlushJob) -> None:
+        """The Sparkplug seq numbers of a committed flush, into the database (its own
+        transaction, retried like the flush, before anything is acknowledged)."""
+        if job.sparkplug_prepared is None:
+            return
+        try:
+            await self._sparkplug.merge_seq(self.sinks[0].connection, job.sparkplug_prepared)
+        except (asyncpg.PostgresError, *CLIENT_ERRORS) as exc:
+            if not isinstance(exc, asyncpg.PostgresError):
+                self.sinks[0].discard()
+            raise classify(exc) from exc
 
     async def connect(self, stop: asyncio.Event) -> bool:
         """Connect, check the schema is current and load the registry in bulk, retrying until

@@ -68,6 +68,16 @@ def test_defaults() -> None:
             "1/24 to 36500 days",
         ),
         (
+            {**BASE, "INGEST_SPARKPLUG_UNKNOWN_ALIAS_WAIT_S": "-1"},
+            "sparkplug.unknown_alias_wait_s (INGEST_SPARKPLUG_UNKNOWN_ALIAS_WAIT_S): must be "
+            "between 0 and 60",
+        ),
+        (
+            {**BASE, "INGEST_SPARKPLUG_REORDER_TIMEOUT_S": "7200"},
+            "sparkplug.reorder_timeout_s (INGEST_SPARKPLUG_REORDER_TIMEOUT_S): must be between 0 "
+            "and 3600",
+        ),
+        (
             {**BASE, "INGEST_MQTT_URL": "tcp://broker"},
             "mqtt.url (INGEST_MQTT_URL): must start with mqtt:// or mqtts://",
         ),

@@ -3,7 +3,6 @@ the other, checked with one query per flush."""
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -12,14 +11,13 @@ import asyncpg
 import numpy as np
 import pytest
 
-from ingest.db.registry import Registry, SensorKey
+from ingest.db.registry import SensorKey
 from ingest.errors import PayloadError
-from ingest.sparkplug.stage import Item, Prepared, SparkplugStage
+from ingest.sparkplug.stage import SparkplugStage
 from ingest.sparkplug.topic import parse_topic
 from tests.support.cluster import Database
 from tests.support.sparkplug import T, payload
-
-WINDOW = (0, 2**62)
+from tests.support.sparkplug_stage import Instance
 
 
 @pytest.fixture
@@ -27,41 +25,6 @@ async def conn(database: Database) -> AsyncIterator[asyncpg.Connection]:
     c = await asyncpg.connect(database.ingest_url)
     yield c
     await c.close()
-
-
-class Instance:
-    """One ingester's Sparkplug state, committing its births like the sink would."""
-
-    def __init__(self) -> None:
-        self.stage = SparkplugStage()
-        self.registry = Registry()
-        self.index = 0
-
-    def accept(self, topic: str, data: bytes) -> Item:
-        item = self.stage.accept(
-            index=self.index,
-            topic=topic,
-            payload=data,
-            received_us=time.time_ns() // 1000,
-            window=WINDOW,
-            max_metrics=1000,
-        )
-        assert item is not None
-        self.index += 1
-        return item
-
-    async def flush(self, conn: asyncpg.Connection, *items: Item) -> Prepared:
-        prepared = await self.stage.prepare(conn, items=items, registry=self.registry)
-        async with conn.transaction():
-            for upsert in prepared.upserts:
-                await conn.execute(upsert.sql, *upsert.columns)
-        return prepared
-
-    def named(self, group: str, prepared: Prepared) -> dict[str, float]:
-        out = {}
-        for sensor, value in zip(prepared.columns.sensor, prepared.columns.value, strict=True):
-            out[self.registry.name_of(int(sensor))[1]] = float(value)
-        return out
 
 
 def _birth(aliases: dict[str, int]) -> bytes:
@@ -92,7 +55,8 @@ async def test_a_rebirth_at_one_instance_is_used_by_the_other(conn: asyncpg.Conn
     conn.add_query_logger(lambda q: queries.append(q) if q.query.startswith("SELECT") else None)
     got = await b.flush(conn, b.accept(data, _data({1: 7.0, 2: 8.0}, 2)))
     assert b.named(group, got) == {"Pressure": 7.0, "Temp": 8.0}
-    assert len(queries) == 2  # the birth ids of the flush's nodes, then the changed node's table
+    # the versions of the flush's nodes, then the changed node's metrics and devices
+    assert len(queries) == 3
     queries.clear()
     got = await b.flush(conn, b.accept(data, _data({1: 9.0}, 3)))
     assert b.named(group, got) == {"Pressure": 9.0}

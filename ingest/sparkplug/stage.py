@@ -1,24 +1,31 @@
 """The Sparkplug stage: messages to reading columns, births to alias tables, deaths to stale rows.
 
-`accept` runs in the intake task for every message (decode, time window, seq check; never
-awaits). `prepare` runs in the writer task once per flush: it registers the births' sensors,
-checks the alias tables of the nodes the flush touches against the database (one query per
-flush, one more for the nodes another instance re-birthed), then walks the flush's messages in
-arrival order. The database is the source of truth; this object's tables are a cache.
+`accept` runs in the intake task for every message (decode, time window; never awaits).
+`prepare` runs in the writer task once per flush: it reads the versions of the nodes the flush
+touches (one query per flush, more only for the nodes another instance changed), registers the
+births' sensors, then walks the flush's messages in arrival order. The database is
+the source of truth; this object's node states are a cache, and a flush that changes a node
+checks in its transaction that the node is still at the version it read.
+
+DATA naming an alias no birth defined may name one that another instance has received and not
+committed yet: it is held (not acknowledged) and read again in the next flushes, for at most
+`unknown_alias_wait_s` after its receipt, before it becomes a dead letter.
+
+After a flush has committed, `merge_seq` merges the seq numbers of its messages with those of
+every other instance in the database and counts the gaps (see `seq`).
 """
 
 from __future__ import annotations
 
 import logging
-import secrets
+from collections import Counter as Counts
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
 import asyncpg
 import numpy as np
-import numpy.typing as npt
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 from ingest.db.registry import Registry, SensorKey
 from ingest.db.sink import Upsert
@@ -26,19 +33,40 @@ from ingest.errors import PayloadError
 from ingest.sparkplug import values as sv
 from ingest.sparkplug.aliases import AliasTable
 from ingest.sparkplug.kernel import (
-    C_ALIAS,
     C_DATATYPE,
-    C_FIELD,
     C_FLAGS,
     C_NAME_START,
-    C_PARENT,
-    C_RAW,
     F_ALIAS,
-    F_TRANSIENT,
 )
-from ingest.sparkplug.nodes import BirthMetric, NodeState, births_upserts, load_changed
-from ingest.sparkplug.topic import Topic, parse_topic
-from ingest.sparkplug.wire import DataReadings, Decoded, decode_data, decode_payload, metric_path
+from ingest.sparkplug.nodes import (
+    NodeState,
+    dbirth,
+    ddeath,
+    load,
+    nbirth,
+    ndeath,
+    state_upserts,
+)
+from ingest.sparkplug.readings import (
+    ANY_TIME,
+    NUMERIC,
+    Columns,
+    Item,
+    UnknownAliasError,
+    bd_seq,
+    birth_readings,
+    data_readings,
+    empty,
+    sensor_name,
+    stale_readings,
+)
+from ingest.sparkplug.seq import Seen, merge_flush
+from ingest.sparkplug.topic import parse_topic
+from ingest.sparkplug.wire import (
+    decode_data,
+    decode_payload,
+    metric_path,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,63 +80,42 @@ SKIPPED = Counter(
     "Sparkplug metric values not stored, by why: null, nonnumeric, novalue, transient.",
     ["why"],
 )
-SEQ_GAPS = Counter("ingest_sparkplug_seq_gaps_total", "Gaps in an edge node's seq (0-255).")
+SEQ_GAPS = Counter(
+    "ingest_sparkplug_seq_gaps_total",
+    "Gaps in an edge node's seq (0-255) merged from every ingester: runs of seq numbers that "
+    "did not come within the reorder timeout.",
+)
 DEATHS_IGNORED = Counter(
-    "ingest_sparkplug_deaths_ignored_total", "NDEATHs whose bdSeq did not match the last NBIRTH."
+    "ingest_sparkplug_deaths_ignored_total",
+    "Sparkplug deaths that changed nothing: an NDEATH whose bdSeq is not the last NBIRTH's, "
+    "or the death of an edge node or device already offline.",
+)
+HELD = Gauge(
+    "ingest_sparkplug_messages_held",
+    "Sparkplug DATA naming an alias no birth has defined yet, held for a later flush.",
 )
 
-_NUMERIC: Final = frozenset(range(1, 12))
-_NAN: Final = float("nan")
+MAX_HELD: Final = 10_000
+"""At most this many messages are held; beyond, the oldest become dead letters at once."""
+
 _NO_TABLE: Final = AliasTable.empty()
 _NO_TIMES: Final = np.empty(0, np.int64)
-_ANY_TIME: Final = (-(2**63), 2**63 - 1)
-
-
-@dataclass(frozen=True, slots=True)
-class Item:
-    """One accepted Sparkplug message of a flush."""
-
-    index: int  # the message's place in the flush, for dead letters
-    topic: Topic
-    decoded: Decoded
-    times: npt.NDArray[np.int64]  # of every metric; empty with `data`
-    received_us: int
-    data: DataReadings | None = None  # DATA read at intake with the node's table of then
-
-
-@dataclass(frozen=True, slots=True)
-class Columns:
-    """Readings in arrival order (not sorted, may repeat a (sensor, time))."""
-
-    time: npt.NDArray[np.int64]
-    sensor: npt.NDArray[np.int32]
-    value: npt.NDArray[np.float64]
-    quality: npt.NDArray[np.uint8]
 
 
 @dataclass(slots=True)
 class Prepared:
-    """A flush's Sparkplug part: its readings, dead letters (message index, reason) and the
-    alias-table writes for the same transaction."""
+    """A flush's Sparkplug part: its readings, dead letters (message index, reason), the
+    messages held for a later flush (index), the node-state writes for the same transaction,
+    and what to count once it committed (`SparkplugStage.committed`)."""
 
     columns: Columns
     dead_letters: list[tuple[int, str]] = field(default_factory=list)
+    held: list[int] = field(default_factory=list)
     upserts: list[Upsert] = field(default_factory=list)
     stale_rows: int = 0
-
-
-def _empty() -> Columns:
-    return Columns(
-        np.empty(0, np.int64), np.empty(0, np.int32), np.empty(0, np.float64), np.empty(0, np.uint8)
-    )
-
-
-def _bd_seq(decoded: Decoded) -> int | None:
-    """The value of a top-level metric named `bdSeq`, if any."""
-    for row in np.flatnonzero(decoded.rows[:, C_PARENT] < 0).tolist():
-        if decoded.rows[row, C_FIELD] in (10, 11) and decoded.name(row) == "bdSeq":
-            return int(decoded.rows[row, C_RAW])
-    return None
+    skipped: Counts[str] = field(default_factory=Counts)
+    deaths_ignored: int = 0
+    seen: dict[str, list[Seen]] = field(default_factory=dict)  # seq numbers, by node
 
 
 def compile_kernels() -> None:
@@ -120,7 +127,7 @@ def compile_kernels() -> None:
     sv.metric_times(decoded.rows, payload_ms=decoded.timestamp, received_us=0)
     sv.metric_columns(decoded.rows, table=AliasTable.empty())
     decode_data(
-        data, _NO_TABLE, max_metrics=10, received_us=0, window=_ANY_TIME, store_transient=False
+        data, _NO_TABLE, max_metrics=10, received_us=0, window=ANY_TIME, store_transient=False
     )
 
 
@@ -133,13 +140,18 @@ class SparkplugStage:
         *,
         store_transient: bool = False,
         on_unknown_alias: Callable[[str, str], None] | None = None,
+        unknown_alias_wait_s: float = 0.0,
+        max_held: int = MAX_HELD,
+        reorder_timeout_s: float = 0.0,
     ) -> None:
-        """`on_unknown_alias(group, edge node)`: called (never awaited) for DATA naming an
-        alias no birth defined, e.g. to ask for a rebirth."""
+        """`on_unknown_alias(group, edge node)`: called (never awaited) for DATA that becomes a
+        dead letter because it names an alias no birth defined, e.g. to ask for a rebirth."""
         self._store_transient = store_transient
         self._on_unknown_alias = on_unknown_alias
+        self._wait_us = round(unknown_alias_wait_s * 1_000_000)
+        self._max_held = max_held
+        self._reorder_s = reorder_timeout_s
         self._nodes: dict[str, NodeState] = {}
-        self._seq: dict[str, int] = {}
 
     # ------------------------------------------------------------------ intake
 
@@ -169,7 +181,6 @@ class SparkplugStage:
                 store_transient=self._store_transient,
             )
             if data is not None:  # no name, no error: the common case, in one kernel call
-                self._check_seq(parsed, data.decoded.seq)
                 return Item(index, parsed, data.decoded, _NO_TIMES, received_us, data)
         decoded = decode_payload(payload, max_metrics=max_metrics)
         times = sv.metric_times(decoded.rows, payload_ms=decoded.timestamp, received_us=received_us)
@@ -182,7 +193,6 @@ class SparkplugStage:
                 which = metric_path(decoded.rows, int(bad[0]))
                 raise PayloadError(f"{which}.timestamp: outside the accepted window")
         if parsed.kind != "NDEATH":
-            self._check_seq(parsed, decoded.seq)
             for row in np.flatnonzero(decoded.rows[:, C_NAME_START] >= 0).tolist():
                 name = decoded.name(row)  # every name must be UTF-8: raises PayloadError here
                 if name is not None and "\x00" in name:  # PostgreSQL text cannot hold NUL
@@ -193,41 +203,53 @@ class SparkplugStage:
         state = self._nodes.get(node)
         return state.table if state is not None else _NO_TABLE
 
-    def _check_seq(self, topic: Topic, seq: int | None) -> None:
-        if seq is None:
-            return
-        node = topic.node
-        last = self._seq.get(node)
-        self._seq[node] = seq
-        if topic.kind == "NBIRTH" or last is None or seq == last:  # seq == last: a redelivery
-            return
-        if seq != (last + 1) % 256:
-            SEQ_GAPS.inc()
-            log.info("sparkplug node %s: seq %d after %d (a gap)", node, seq, last)
-
     # ------------------------------------------------------------------ flush
 
     async def prepare(
-        self, conn: asyncpg.Connection, *, items: Sequence[Item], registry: Registry
+        self,
+        conn: asyncpg.Connection,
+        *,
+        items: Sequence[Item],
+        registry: Registry,
+        now_us: int,
     ) -> Prepared:
-        """The readings, dead letters and alias-table writes of a flush's Sparkplug messages."""
+        """The readings, dead letters, held messages and node-state writes of a flush's
+        Sparkplug messages. Counts nothing: call `committed` once the flush committed (a flush
+        whose transaction failed before any part of it committed is prepared again)."""
+        out = Prepared(empty())
         if not items:
-            return Prepared(_empty())
-        await self._refresh(conn, sorted({it.topic.node for it in items}), registry)
+            return out
+        read = await self._refresh(conn, sorted({it.topic.node for it in items}), registry)
         names = self._births_and_names(items)
         if names:
             await registry.resolve(conn, sensors=dict.fromkeys(names))
-        out = Prepared(_empty())
         parts: list[Columns] = []
-        born: set[str] = set()
+        changed: set[str] = set()
+        waiting: list[tuple[Item, str]] = []
         for item in items:
             try:
-                part = self._item(item, registry, born, out)
+                part = self._item(item, registry, changed, out)
+            except UnknownAliasError as exc:
+                if now_us < item.received_us + self._wait_us:
+                    waiting.append((item, exc.reason))
+                else:
+                    self._give_up(item, exc.reason, out)
+                continue
             except PayloadError as exc:
                 out.dead_letters.append((item.index, exc.reason))
                 continue
             if part is not None:
                 parts.append(part)
+        waiting.sort(key=lambda w: w[0].received_us, reverse=True)
+        for item, reason in waiting[self._max_held :]:  # the oldest, beyond the cap
+            self._give_up(item, reason, out)
+        out.held = sorted(item.index for item, _ in waiting[: self._max_held])
+        for item in items:  # held ones too: they came (and merging one twice changes nothing)
+            seq, kind = item.decoded.seq, item.topic.kind
+            if seq is not None and kind != "NDEATH":
+                ms = item.decoded.timestamp
+                seen = Seen(seq, item.received_us // 1000 if ms is None else ms, kind == "NBIRTH")
+                out.seen.setdefault(item.topic.node, []).append(seen)
         if parts:
             out.columns = Columns(
                 np.concatenate([p.time for p in parts]),
@@ -235,203 +257,120 @@ class SparkplugStage:
                 np.concatenate([p.value for p in parts]),
                 np.concatenate([p.quality for p in parts]),
             )
-        if born:
-            out.upserts = births_upserts({n: self._nodes[n] for n in born})
+        if changed:
+            out.upserts = state_upserts({n: self._nodes[n] for n in changed}, read)
         return out
+
+    def committed(self, prepared: Prepared) -> None:
+        """Count what a committed flush did."""
+        for why, count in prepared.skipped.items():
+            SKIPPED.labels(why).inc(count)
+        if prepared.deaths_ignored:
+            DEATHS_IGNORED.inc(prepared.deaths_ignored)
+        HELD.set(len(prepared.held))
+
+    async def merge_seq(self, conn: asyncpg.Connection, prepared: Prepared) -> None:
+        """Merge the seq numbers of a committed flush into the database and count the gaps
+        this settles (its own transaction; merging a flush again changes nothing)."""
+        if not prepared.seen:
+            return
+        gaps = await merge_flush(conn, prepared.seen, reorder_s=self._reorder_s)
+        for node, count in gaps.items():
+            if count:
+                SEQ_GAPS.inc(count)
+                log.info("sparkplug node %s: %d gap(s) in seq", node, count)
+
+    def _give_up(self, item: Item, reason: str, out: Prepared) -> None:
+        out.dead_letters.append((item.index, reason))
+        if self._on_unknown_alias is not None:
+            self._on_unknown_alias(item.topic.group, item.topic.edge)
 
     async def _refresh(
         self, conn: asyncpg.Connection, nodes: list[str], registry: Registry
-    ) -> None:
-        """Reload the nodes another instance re-birthed, and make their sensors known to the
-        registry (that instance registered them)."""
-        changed = await load_changed(conn, nodes, self._nodes)
-        if not changed:
-            return
+    ) -> dict[str, int]:
+        """The database's version of each of `nodes` (absent: none there). Reloads the nodes
+        another instance changed and makes their sensors known to the registry; forgets the
+        ones the database does not have (what a flush that did not commit left here)."""
+        versions, changed = await load(conn, nodes, self._nodes)
+        for node in nodes:
+            if node not in versions:
+                self._nodes.pop(node, None)
         self._nodes.update(changed)
         keys: list[SensorKey] = []
         for node, state in changed.items():
             for device, metrics in state.devices.items():
                 levels = (*node.split("/", 1), device) if device else tuple(node.split("/", 1))
                 keys += [SensorKey(levels, m.name) for m in metrics if m.sensor is not None]
-        await registry.resolve(conn, sensors=dict.fromkeys(keys))
-
-    def _name(self, item: Item, row: int) -> str | None:
-        """The sensor name of a metric row: its name, else (in DATA) its alias's, with the
-        names of the template instances it is a member of in front (`instance/member`)."""
-        decoded = item.decoded
-        rows = decoded.rows
-        own = decoded.name(row)
-        if own is None and rows[row, C_FLAGS] & F_ALIAS:
-            state = self._nodes.get(item.topic.node)
-            own = state.names.get(int(rows[row, C_ALIAS])) if state is not None else None
-        parent = int(rows[row, C_PARENT])
-        if own is None or parent < 0:
-            return own
-        above = self._name(item, parent)
-        return None if above is None else f"{above}/{own}"
+        if keys:
+            await registry.resolve(conn, sensors=dict.fromkeys(keys))
+        return versions
 
     def _births_and_names(self, items: Sequence[Item]) -> list[SensorKey]:
         """Sensors named in the flush: the births' numeric metrics and data sent by name."""
         keys: list[SensorKey] = []
         for item in items:
             kind, rows = item.topic.kind, item.decoded.rows
+            if item.data is not None:  # read at intake: aliases only, no name
+                continue
             if kind in ("NBIRTH", "DBIRTH"):
-                wanted = np.isin(rows[:, C_DATATYPE], list(_NUMERIC))
+                wanted = np.isin(rows[:, C_DATATYPE], list(NUMERIC))
             elif kind in ("NDATA", "DDATA"):
                 wanted = (rows[:, C_FLAGS] & F_ALIAS) == 0
             else:
                 continue
+            state = self._nodes.get(item.topic.node)
             for row in np.flatnonzero(wanted).tolist():
-                name = self._name(item, row)
+                name = sensor_name(item, state, row)
                 if name:
                     keys.append(SensorKey(item.topic.levels, name))
         return keys
 
     def _item(
-        self, item: Item, registry: Registry, born: set[str], out: Prepared
+        self, item: Item, registry: Registry, changed: set[str], out: Prepared
     ) -> Columns | None:
         kind, node = item.topic.kind, item.topic.node
         if kind in ("NBIRTH", "DBIRTH"):
-            return self._birth(item, registry, born)
+            return self._birth(item, registry, changed, out)
         if kind in ("NDATA", "DDATA"):
-            return self._data(item, registry)
+            state = self._nodes.get(node)
+            return data_readings(
+                item, state, registry, store_transient=self._store_transient, skipped=out.skipped
+            )
         state = self._nodes.get(node)
-        if state is None:
-            return None
         if kind == "NDEATH":
-            bd_seq = _bd_seq(item.decoded)
-            if bd_seq is None or bd_seq != state.bd_seq:
-                DEATHS_IGNORED.inc()
-                log.info("sparkplug node %s: NDEATH bdSeq %s is not %s", node, bd_seq, state.bd_seq)
-                return None
-            metrics = [m for ms in state.devices.values() for m in ms]
+            bd = bd_seq(item.decoded)
+            death = ndeath(state, bd) if state is not None else None
             at = item.received_us
+            what = f"NDEATH bdSeq {bd}"
         else:  # DDEATH
-            metrics = list(state.devices.get(item.topic.device or "", ()))
-            ts = item.decoded.timestamp
-            at = item.received_us if ts is None else ts * 1000
-        sensors = np.array(sorted({m.sensor for m in metrics if m.sensor is not None}), np.int32)
-        out.stale_rows += len(sensors)
-        n = len(sensors)
-        return Columns(
-            np.full(n, at, np.int64), sensors, np.full(n, _NAN), np.full(n, sv.STALE, np.uint8)
+            device, ms = item.topic.device or "", item.decoded.timestamp
+            death = ddeath(state, device, ms=ms) if state is not None else None
+            at = item.received_us if ms is None else ms * 1000
+            what = f"DDEATH of {device!r}"
+        if death is None:
+            out.deaths_ignored += 1
+            log.info(
+                "sparkplug node %s: %s changes nothing (offline, or another birth)", node, what
+            )
+            return None
+        self._nodes[node], stale = death
+        changed.add(node)
+        out.stale_rows += len(stale)
+        return stale_readings(at, stale)
+
+    def _birth(self, item: Item, registry: Registry, changed: set[str], out: Prepared) -> Columns:
+        topic, ms = item.topic, item.decoded.timestamp
+        columns, metrics = birth_readings(
+            item, registry, store_transient=self._store_transient, skipped=out.skipped
         )
-
-    def _birth(self, item: Item, registry: Registry, born: set[str]) -> Columns:
-        decoded, topic = item.decoded, item.topic
-        rows = decoded.rows
-        metrics: list[BirthMetric] = []
-        sensors = np.full(len(decoded), -1, np.int32)
-        for row in range(len(decoded)):
-            name = decoded.full_name(row)
-            if not name:
-                continue
-            datatype = min(int(rows[row, C_DATATYPE]), 32767)  # a smallint; >34 is unknown
-            sensor = registry.get(SensorKey(topic.levels, name)) if datatype in _NUMERIC else None
-            if sensor is not None:
-                sensors[row] = sensor
-            alias = int(rows[row, C_ALIAS]) if rows[row, C_FLAGS] & F_ALIAS else None
-            metrics.append(BirthMetric(name, alias, sensor, datatype))
-        node = topic.node
-        old = self._nodes.get(node)
+        old = self._nodes.get(topic.node)
         if topic.kind == "NBIRTH":
-            devices = {"": tuple(metrics)}
-            bd_seq = _bd_seq(decoded)
+            state = nbirth(old, metrics, bd_seq=bd_seq(item.decoded), ms=ms)
         else:
-            devices = dict(old.devices) if old is not None else {}
-            devices[topic.device or ""] = tuple(metrics)
-            bd_seq = old.bd_seq if old is not None else None
-        self._nodes[node] = NodeState.of(secrets.randbits(63), bd_seq, devices)
-        born.add(node)
-        value, status, _, _, quality = sv.metric_columns(rows)
-        return self._columns(item, sensors, value, status, quality)
-
-    def _data(self, item: Item, registry: Registry) -> Columns:
-        if item.data is not None:
-            return self._fast_data(item, item.data)
-        decoded, topic = item.decoded, item.topic
-        rows = decoded.rows
-        aliased = (rows[:, C_FLAGS] & F_ALIAS) != 0
-        state = self._nodes.get(topic.node)
-        table = state.table if state is not None else AliasTable.empty()
-        value, status, sensors, known, quality = sv.metric_columns(rows, table=table)
-        missing = np.flatnonzero(aliased & ~known)
-        if len(missing):
-            if self._on_unknown_alias is not None:
-                self._on_unknown_alias(topic.group, topic.edge)
-            row = int(missing[0])
-            alias = int(rows[row, C_ALIAS]) % 2**64
-            raise PayloadError(
-                f"{metric_path(rows, row)}.alias: {alias} is not defined by a birth of edge node "
-                f"{topic.node!r}"
-            )
-        if not aliased.all():
-            for row in np.flatnonzero(~aliased).tolist():  # data sent by name
-                name = self._name(item, row)
-                sensor = registry.get(SensorKey(topic.levels, name)) if name else None
-                sensors[row] = -1 if sensor is None else sensor
-        return self._columns(item, sensors, value, status, quality)
-
-    def _fast_data(self, item: Item, data: DataReadings) -> Columns:
-        """DATA that `accept` read already: read again only if the node's table changed since
-        (a birth earlier in the flush, or one another instance wrote)."""
-        topic = item.topic
-        table = self._table(topic.node)
-        if data.table is not table:
-            again = decode_data(
-                data.decoded.payload,
-                table,
-                max_metrics=len(data.decoded) + 1,
-                received_us=item.received_us,
-                window=_ANY_TIME,
-                store_transient=self._store_transient,
-            )
-            if again is None:  # not expected: the same payload was read at intake
-                raise PayloadError("payload: could not be read again with the new aliases")
-            data = again
-        info = data.info
-        unknown = int(info[sv.I_UNKNOWN])
-        if unknown >= 0:
-            if self._on_unknown_alias is not None:
-                self._on_unknown_alias(topic.group, topic.edge)
-            rows = data.decoded.rows
-            alias = int(rows[unknown, C_ALIAS]) % 2**64
-            raise PayloadError(
-                f"{metric_path(rows, unknown)}.alias: {alias} is not defined by a birth of edge "
-                f"node {topic.node!r}"
-            )
-        for slot, why in (
-            (sv.I_NULL, "null"),
-            (sv.I_NONNUMERIC, "nonnumeric"),
-            (sv.I_NOVALUE, "novalue"),
-            (sv.I_TRANSIENT, "transient"),
-        ):
-            count = int(info[slot])
-            if count:
-                SKIPPED.labels(why).inc(count)
-        return Columns(data.time, data.sensor, data.value, data.quality)
-
-    def _columns(
-        self,
-        item: Item,
-        sensors: npt.NDArray[np.int32],
-        value: npt.NDArray[np.float64],
-        status: npt.NDArray[np.uint8],
-        quality: npt.NDArray[np.uint8],
-    ) -> Columns:
-        rows = item.decoded.rows
-        keep = (status == sv.OK) & (sensors >= 0)
-        for code, why in (
-            (sv.NULL, "null"),
-            (sv.NONNUMERIC, "nonnumeric"),
-            (sv.NOVALUE, "novalue"),
-        ):
-            count = int(np.count_nonzero(status == code))
-            if count:
-                SKIPPED.labels(why).inc(count)
-        if not self._store_transient:
-            transient = keep & ((rows[:, C_FLAGS] & F_TRANSIENT) != 0)
-            if transient.any():
-                SKIPPED.labels("transient").inc(int(transient.sum()))
-                keep &= ~transient
-        return Columns(item.times[keep], sensors[keep], value[keep], quality[keep])
+            state = dbirth(old, topic.device or "", metrics, ms=ms)
+        if state is not None:
+            self._nodes[topic.node] = state
+            changed.add(topic.node)
+        else:
+            log.info("sparkplug node %s: %s older than the last birth", topic.node, topic.kind)
+        return columns

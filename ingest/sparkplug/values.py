@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import sys
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
+from numba import njit
 
 from ingest.jit import kernel
-from ingest.sparkplug.aliases import AliasTable
+from ingest.sparkplug.aliases import ALIAS, DATATYPE, SENSOR, AliasTable
 from ingest.sparkplug.kernel import (
     C_ALIAS,
     C_DATATYPE,
@@ -19,6 +20,7 @@ from ingest.sparkplug.kernel import (
     C_QUALITY,
     C_RAW,
     C_TIMESTAMP,
+    COLUMNS,
     F_ALIAS,
     F_NULL,
     F_TIMESTAMP,
@@ -57,15 +59,70 @@ STALE: Final = 2
 UNCERTAIN: Final = 3  # any other Quality value
 
 
+@njit(inline="always")
+def _quality_code(q: Any) -> Any:
+    """Our quality code for a Quality property (-1: none)."""
+    return GOOD if q < 0 or q == 192 else (BAD if q == 0 else (STALE if q == 500 else UNCERTAIN))
+
+
+@njit(inline="always")
+def _value(flags: Any, f: Any, raw: Any, x: Any, dt: Any) -> Any:
+    """(status, value) of a metric read as datatype `dt` (0: as its value field says), from
+    its flags, its value field `f`, the value's bits `raw` and those bits as a float `x`
+    (a float's or a double's, as `f` says). Inlined, and given no array: an array argument
+    costs a reference count at every call."""
+    if flags & F_NULL:
+        return NULL, 0.0
+    if f == 0:
+        return NOVALUE, 0.0
+    if f >= 15:
+        return NONNUMERIC, 0.0
+    if dt == 0:  # no datatype anywhere: the value field says what it is
+        dt = 7 if f == 10 else (8 if f == 11 else (9 if f == 12 else (10 if f == 13 else 11)))
+    if f == 12 or f == 13:  # float or double bits
+        if 1 <= dt <= 10:
+            return OK, x
+        if dt == 11:
+            return OK, 1.0 if x != 0.0 else 0.0
+        return NONNUMERIC, 0.0
+    if dt == 1 or dt == 5:
+        u = raw & 0xFF
+        return OK, float(u - 256 if dt == 1 and u >= 128 else u)
+    if dt == 2 or dt == 6:
+        u = raw & 0xFFFF
+        return OK, float(u - 65536 if dt == 2 and u >= 32768 else u)
+    if dt == 3 or dt == 7:
+        u = raw & 0xFFFFFFFF
+        return OK, float(u - 4294967296 if dt == 3 and u >= 2147483648 else u)
+    if dt == 4:
+        return OK, float(raw)
+    if dt == 8 or dt == 9 or dt == 10:
+        return OK, np.float64(np.uint64(raw))
+    if dt == 11:
+        return OK, 1.0 if raw != 0 else 0.0
+    return NONNUMERIC, 0.0
+
+
+@kernel
+def _find(aliases: npt.NDArray[np.int64], alias: Any) -> Any:
+    """The place of `alias` in the sorted `aliases`, or -1."""
+    lo, hi = 0, len(aliases)
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if aliases[mid] < alias:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo if lo < len(aliases) and aliases[lo] == alias else -1
+
+
 @kernel
 def _columns(
     rows: npt.NDArray[np.int64],
     f32: npt.NDArray[np.float32],
     f64: npt.NDArray[np.float64],
     datatype: npt.NDArray[np.int64],
-    t_alias: npt.NDArray[np.int64],
-    t_sensor: npt.NDArray[np.int32],
-    t_datatype: npt.NDArray[np.int64],
+    table: npt.NDArray[np.int64],
 ) -> tuple[
     npt.NDArray[np.float64],
     npt.NDArray[np.uint8],
@@ -75,74 +132,26 @@ def _columns(
 ]:
     """(value, status, sensor, known, quality) of every metric; see metric_columns."""
     n = rows.shape[0]
-    quality = np.empty(n, np.uint8)
-    for i in range(n):
-        q = rows[i, C_QUALITY]
-        quality[i] = (
-            GOOD if q < 0 or q == 192 else (BAD if q == 0 else (STALE if q == 500 else UNCERTAIN))
-        )
     value = np.zeros(n, np.float64)
     status = np.zeros(n, np.uint8)
     sensor = np.full(n, -1, np.int32)
     known = np.zeros(n, np.bool_)
-    m = len(t_alias)
+    quality = np.empty(n, np.uint8)
+    aliases = table[ALIAS]
     for i in range(n):
+        quality[i] = _quality_code(rows[i, C_QUALITY])
         dt = datatype[i] if len(datatype) else rows[i, C_DATATYPE]
-        flags = rows[i, C_FLAGS]
-        if flags & F_ALIAS and m:
-            lo, hi = 0, m  # binary search of the sorted alias column
-            a = rows[i, C_ALIAS]
-            while lo < hi:
-                mid = (lo + hi) >> 1
-                if t_alias[mid] < a:
-                    lo = mid + 1
-                else:
-                    hi = mid
-            if lo < m and t_alias[lo] == a:
+        flags, f = rows[i, C_FLAGS], rows[i, C_FIELD]
+        if flags & F_ALIAS:
+            j = _find(aliases, rows[i, C_ALIAS])
+            if j >= 0:
                 known[i] = True
-                sensor[i] = t_sensor[lo]
+                sensor[i] = table[SENSOR, j]
                 if dt == 0:
-                    dt = t_datatype[lo]
-        f = rows[i, C_FIELD]
-        if flags & F_NULL:
-            status[i] = NULL
-            continue
-        if f == 0:
-            status[i] = NOVALUE
-            continue
-        if f >= 15:
-            status[i] = NONNUMERIC
-            continue
-        if dt == 0:  # no datatype anywhere: the value field says what it is
-            dt = 7 if f == 10 else (8 if f == 11 else (9 if f == 12 else (10 if f == 13 else 11)))
-        if f == 12 or f == 13:  # float or double bits
-            # the float's bits are the low half of the little-endian int64
-            x = np.float64(f32[i, 2 * C_RAW]) if f == 12 else f64[i, C_RAW]
-            if 1 <= dt <= 10:
-                value[i] = x
-            elif dt == 11:
-                value[i] = 1.0 if x != 0.0 else 0.0
-            else:
-                status[i] = NONNUMERIC
-            continue
-        r = rows[i, C_RAW]
-        if dt == 1 or dt == 5:
-            v = r & 0xFF
-            value[i] = v - 256 if dt == 1 and v >= 128 else v
-        elif dt == 2 or dt == 6:
-            v = r & 0xFFFF
-            value[i] = v - 65536 if dt == 2 and v >= 32768 else v
-        elif dt == 3 or dt == 7:
-            v = r & 0xFFFFFFFF
-            value[i] = v - 4294967296 if dt == 3 and v >= 2147483648 else v
-        elif dt == 4:
-            value[i] = r
-        elif dt == 8 or dt == 9 or dt == 10:
-            value[i] = np.float64(np.uint64(r))
-        elif dt == 11:
-            value[i] = 1.0 if r != 0 else 0.0
-        else:
-            status[i] = NONNUMERIC
+                    dt = table[DATATYPE, j]
+        # a float's bits are the low half of the little-endian int64
+        x = np.float64(f32[i, 2 * C_RAW]) if f == 12 else f64[i, C_RAW]
+        status[i], value[i] = _value(flags, f, rows[i, C_RAW], x, dt)
     return value, status, sensor, known, quality
 
 
@@ -174,9 +183,7 @@ def metric_columns(
         rows.view(np.float32),
         rows.view(np.float64),
         _NONE if datatype is None else np.ascontiguousarray(datatype, dtype=np.int64),
-        table.aliases,
-        table.sensors,
-        table.datatypes,
+        table.columns,
     )
 
 
@@ -213,45 +220,48 @@ def _times(rows: npt.NDArray[np.int64], fallback: int) -> npt.NDArray[np.int64]:
 
 
 # Slots of the `info` array `data_columns` fills.
-I_ROWS: Final = 0  # metric rows decoded
-I_READINGS: Final = 1  # readings returned
-I_SLOW: Final = 2  # 1: the caller must take the general path (see data_columns)
-I_UNKNOWN: Final = 3  # row of the first aliased metric the table does not know, -1 if none
-I_NULL: Final = 4  # skip counts, by why
-I_NONNUMERIC: Final = 5
-I_NOVALUE: Final = 6
-I_TRANSIENT: Final = 7
-I_TIMESTAMP: Final = 8  # the payload's timestamp (ms bits) and whether it has one
-I_HAS_TIMESTAMP: Final = 9
-I_SEQ: Final = 10
-I_HAS_SEQ: Final = 11
+I_TIMESTAMP: Final = 0  # the payload's timestamp (ms bits) and whether it has one
+I_HAS_TIMESTAMP: Final = 1
+I_SEQ: Final = 2  # the payload's seq and whether it has one
+I_HAS_SEQ: Final = 3
+I_ROWS: Final = 4  # metric rows decoded
+I_READINGS: Final = 5  # readings returned
+I_SLOW: Final = 6  # 1: the caller must take the general path (see data_columns)
+I_UNKNOWN: Final = 7  # row of the first aliased metric the table does not know, -1 if none
+I_NULL: Final = 8  # skip counts, by why
+I_NONNUMERIC: Final = 9
+I_NOVALUE: Final = 10
+I_TRANSIENT: Final = 11
 INFO: Final = 12
+
+# Columns of the readings that data_columns writes beside the metric rows.
+R_TIME: Final = COLUMNS
+R_SENSOR: Final = COLUMNS + 1
+R_VALUE: Final = COLUMNS + 2  # the float64's bits
+R_QUALITY: Final = COLUMNS + 3
+DATA_COLUMNS: Final = COLUMNS + 4
 
 
 @kernel
 def data_columns(
-    buf: npt.NDArray[np.uint8],
+    buf: bytes,
     max_rows: int,
     max_depth: int,
     rows: npt.NDArray[np.int64],
     info: npt.NDArray[np.int64],
-    time: npt.NDArray[np.int64],
-    sensor: npt.NDArray[np.int32],
-    value: npt.NDArray[np.float64],
-    quality: npt.NDArray[np.uint8],
-    t_alias: npt.NDArray[np.int64],
-    t_sensor: npt.NDArray[np.int32],
-    t_datatype: npt.NDArray[np.int64],
+    table: npt.NDArray[np.int64],
     received_us: int,
     lo: int,
     hi: int,
     store_transient: bool,
 ) -> int:
-    """A DATA payload decoded and turned into its readings in one call: the readings kept go to
-    the first places of `time`, `sensor`, `value` and `quality` (as long as `rows`), the metric
-    rows to `rows`, counts and the payload's timestamp and seq to `info` (INFO long, the I_*
-    slots); returns the number of readings. Arrays come from the caller and nothing is returned
-    but an int: boxing an array the kernel made costs more than decoding 20 metrics.
+    """A DATA payload decoded and turned into its readings in one call: `rows` (DATA_COLUMNS
+    wide) gets the metric rows in its first COLUMNS columns and the readings kept in the
+    first rows of the R_* columns (time, sensor, the value's bits, quality), `info` (INFO
+    long) the payload's timestamp and seq and the counts of the I_* slots; returns the number
+    of readings. `table` is an AliasTable's columns. Arrays come from the caller and nothing
+    is returned but an int: boxing an array the kernel made costs more than decoding 20
+    metrics, and every array argument costs its share of the call.
 
     Metrics are read as metric_columns, timed as metric_times and filtered as the stage filters
     DATA (status OK, a known sensor, transient ones unless `store_transient`), with the skip
@@ -281,7 +291,7 @@ def data_columns(
             return 0
     f32 = rows.view(np.float32)
     f64 = rows.view(np.float64)
-    m = len(t_alias)
+    aliases = table[ALIAS]
     k = 0
     for i in range(n):
         flags = rows[i, C_FLAGS]
@@ -299,80 +309,30 @@ def data_columns(
         dt = rows[i, C_DATATYPE]
         s = -1
         if flags & F_ALIAS:
-            found = False
-            if m:
-                a = rows[i, C_ALIAS]
-                lo_, hi_ = 0, m  # binary search of the sorted alias column
-                while lo_ < hi_:
-                    mid = (lo_ + hi_) >> 1
-                    if t_alias[mid] < a:
-                        lo_ = mid + 1
-                    else:
-                        hi_ = mid
-                if lo_ < m and t_alias[lo_] == a:
-                    found = True
-                    s = t_sensor[lo_]
-                    if dt == 0:
-                        dt = t_datatype[lo_]
-            if not found:
+            j = _find(aliases, rows[i, C_ALIAS])
+            if j < 0:
                 if info[I_UNKNOWN] < 0:
                     info[I_UNKNOWN] = i
                 continue
+            s = table[SENSOR, j]
+            if dt == 0:
+                dt = table[DATATYPE, j]
         f = rows[i, C_FIELD]
-        if flags & F_NULL:
-            info[I_NULL] += 1
+        x = np.float64(f32[i, 2 * C_RAW]) if f == 12 else f64[i, C_RAW]
+        status, v = _value(flags, f, rows[i, C_RAW], x, dt)
+        if status != OK:
+            info[I_NULL + status - NULL] += 1  # the I_* slots are in the status codes' order
             continue
-        if f == 0:
-            info[I_NOVALUE] += 1
-            continue
-        if f >= 15:
-            info[I_NONNUMERIC] += 1
-            continue
-        if dt == 0:  # no datatype anywhere: the value field says what it is
-            dt = 7 if f == 10 else (8 if f == 11 else (9 if f == 12 else (10 if f == 13 else 11)))
-        v = 0.0
-        if f == 12 or f == 13:  # float or double bits
-            # the float's bits are the low half of the little-endian int64
-            x = np.float64(f32[i, 2 * C_RAW]) if f == 12 else f64[i, C_RAW]
-            if 1 <= dt <= 10:
-                v = x
-            elif dt == 11:
-                v = 1.0 if x != 0.0 else 0.0
-            else:
-                info[I_NONNUMERIC] += 1
-                continue
-        else:
-            r = rows[i, C_RAW]
-            if dt == 1 or dt == 5:
-                u = r & 0xFF
-                v = u - 256 if dt == 1 and u >= 128 else u
-            elif dt == 2 or dt == 6:
-                u = r & 0xFFFF
-                v = u - 65536 if dt == 2 and u >= 32768 else u
-            elif dt == 3 or dt == 7:
-                u = r & 0xFFFFFFFF
-                v = u - 4294967296 if dt == 3 and u >= 2147483648 else u
-            elif dt == 4:
-                v = r
-            elif dt == 8 or dt == 9 or dt == 10:
-                v = np.float64(np.uint64(r))
-            elif dt == 11:
-                v = 1.0 if r != 0 else 0.0
-            else:
-                info[I_NONNUMERIC] += 1
-                continue
         if s < 0:
             continue
         if flags & F_TRANSIENT and not store_transient:
             info[I_TRANSIENT] += 1
             continue
-        q = rows[i, C_QUALITY]
-        time[k] = t
-        sensor[k] = s
-        value[k] = v
-        quality[k] = (
-            GOOD if q < 0 or q == 192 else (BAD if q == 0 else (STALE if q == 500 else UNCERTAIN))
-        )
+        # k <= i: row k's metric columns, read already, are not the ones written here
+        rows[k, R_TIME] = t
+        rows[k, R_SENSOR] = s
+        f64[k, R_VALUE] = v
+        rows[k, R_QUALITY] = _quality_code(rows[i, C_QUALITY])
         k += 1
     info[I_READINGS] = k
     return k

@@ -216,10 +216,12 @@ def ingester_env(db: Database, mqtt_url: str, prefix: str, **extra: str) -> dict
     }
 
 
-async def share_group(db: Database, mqtt_url: str, prefix: str, *, members: int) -> list[Ingester]:
+async def share_group(
+    db: Database, mqtt_url: str, prefix: str, *, members: int, **extra: str
+) -> list[Ingester]:
     """`members` ingesters started on one new share group, each with its own client id."""
     group = f"g{uuid.uuid4().hex[:6]}"
-    env = {"INGEST_MQTT_SHARE_GROUP": group}
+    env = {"INGEST_MQTT_SHARE_GROUP": group, **extra}
     return [
         await Ingester(ingester_env(db, mqtt_url, prefix, **env)).start() for _ in range(members)
     ]
