@@ -311,7 +311,9 @@ class Pipeline:
 
     async def _empty_session(self, stop: asyncio.Event) -> bool:
         """`ingest drain`: wait for the first connection, then empty the session it found."""
-        while self.source.session_present is None:
+        # session_present is known at the CONNACK; the connection is the source's only once it
+        # has unsubscribed, and leaving before that finds none.
+        while self.source.session_present is None or not self.source.connected:
             if stop.is_set():
                 return False
             await asyncio.sleep(0.05)
