@@ -630,7 +630,7 @@ def sql_check(source: str, filename: str) -> Iterator[str]:
 
 
 def test_no_sql_text_is_built_from_anything_but_constants() -> None:
-    modules = sorted((ROOT / "ingest").glob("*.py"))
+    modules = sorted((ROOT / "ingest").rglob("*.py"))
     findings = [
         finding
         for path in modules
