@@ -66,7 +66,11 @@ class Pipeline:
             on_unknown_alias=self.rebirths.want if self.rebirths is not None else None,
         )
         self.deriver = Deriver(
-            rules=cfg.anomaly.rules, rollups=cfg.rollups.enabled, registry=self.registry
+            rules=cfg.anomaly.rules,
+            rollups=cfg.rollups.enabled,
+            registry=self.registry,
+            replay_max_s=cfg.anomaly.replay_max_s,
+            floor_us=parse_rfc3339_us(cfg.limits.min_time),
         )
         self.writer = Writer(
             cfg,
