@@ -234,7 +234,11 @@ class Sink:
         await self.close()
         try:
             self._stages.clear()
-            self._conn = await asyncpg.connect(self._dsn, timeout=self._timeout)
+            # No JIT: the flush's statements are short, and a plan over many chunks costs
+            # enough to be compiled, which took seconds per statement (seen on 573 chunks).
+            self._conn = await asyncpg.connect(
+                self._dsn, timeout=self._timeout, server_settings={"jit": "off"}
+            )
         except (
             asyncpg.InvalidAuthorizationSpecificationError,
             asyncpg.InvalidCatalogNameError,
