@@ -109,6 +109,13 @@ class Anomaly(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """[anomaly]: filters per sensor; the first rule whose glob matches device/sensor applies."""
 
     rules: tuple[AnomalyRule, ...] = ()
+    replay_max_s: float = 3600.0
+    """A flush whose readings fall up to this long before its sensor's newest committed
+    reading is merged in time order; older readings are skipped by the filters."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.replay_max_s <= 30 * 86400:
+            raise ValueError("replay_max_s: must be 0 to 2592000 seconds (30 days)")
 
 
 class Retention(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

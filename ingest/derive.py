@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -11,8 +12,9 @@ import numpy as np
 import numpy.typing as npt
 
 from ingest import metrics
-from ingest.anomaly.detector import AnomalyDetector, Event, Pending, StateNeed
+from ingest.anomaly.detector import AnomalyDetector, Event, Pending
 from ingest.anomaly.rules import AnomalyRule, rule_for
+from ingest.anomaly.sync import Settled, StateSync
 from ingest.db.registry import Registry
 from ingest.db.sink import PG_EPOCH_US, Appended, Extra, Readings, Upsert, copy_data
 from ingest.kernels import MINUTE_US, Rollup, rollup
@@ -54,37 +56,6 @@ LAST_SEEN_SQL = f"""
 UPDATE telemetry.sensors s SET last_seen = {_TS.format("v.t")}
   FROM unnest($1::int[], $2::int8[]) AS v(id, t)
  WHERE s.id = v.id AND (s.last_seen IS NULL OR s.last_seen < {_TS.format("v.t")})
-"""
-
-_US = "(extract(epoch FROM {}) * 1000000)::int8"
-_FINITE = "value NOT IN ('NaN'::float8, 'Infinity'::float8, '-Infinity'::float8)"
-# The history a sensor's anomaly state is rebuilt from: its last n committed finite readings,
-# and every finite reading within span microseconds of its latest one. Readings of the coming
-# flush that are older than those are late for the detector, as they would have been for an
-# ingester that had run all along.
-_HISTORY_SQL = f"""
-SELECT k.sensor_id, {_US.format("h.time")} AS t, h.value
-  FROM unnest($1::int[], $2::int[], $3::int8[]) AS k(sensor_id, n, span)
- CROSS JOIN LATERAL (
-       SELECT time, value FROM telemetry.readings
-        WHERE sensor_id = k.sensor_id AND {_FINITE}
-        ORDER BY time DESC LIMIT k.n
- ) AS h
-UNION
-SELECT k.sensor_id, {_US.format("r.time")}, r.value
-  FROM unnest($1::int[], $2::int[], $3::int8[]) AS k(sensor_id, n, span)
- CROSS JOIN LATERAL (
-       SELECT max(time) AS latest FROM telemetry.readings
-        WHERE sensor_id = k.sensor_id AND {_FINITE}
- ) AS l
-  JOIN telemetry.readings r
-    ON r.sensor_id = k.sensor_id AND k.span > 0
-   AND r.time > l.latest - k.span * interval '1 microsecond' AND r.{_FINITE}
- ORDER BY 1, 2
-"""
-_OPEN_EVENTS_SQL = f"""
-SELECT sensor_id, kind, {_US.format("start_time")} AS start, value, score, detail
-  FROM telemetry.anomalies WHERE sensor_id = ANY($1::int[]) AND end_time IS NULL
 """
 
 
@@ -137,33 +108,58 @@ class Derived:
     """What `Deriver.derive` computed for some new rows: their extra writes, and what to apply
     to the deriver once those committed."""
 
-    upserts: list[Extra]
+    base: list[Extra]
+    """Writes that do not depend on the anomaly state: rollup partials (and a Sparkplug birth's
+    aliases, which `ingest.writer` puts first)."""
+    anomaly: list[Extra] = dataclasses.field(default_factory=list)
+    """The anomaly events, and from `Deriver.settle` on, the replaced spans and the new state
+    versions."""
+    tail: list[Extra] = dataclasses.field(default_factory=list)
     rollup_partials: int = 0
     """Rollup partials appended, for the metrics."""
     pending: Pending | None = None
+    settled: Settled | None = None
     last_seen: tuple[npt.NDArray[np.int32], npt.NDArray[np.int64]] | None = None
     """Sensors whose last-seen time this writes, and those times."""
+
+    @property
+    def upserts(self) -> list[Extra]:
+        return [*self.base, *self.anomaly, *self.tail]
 
 
 class Deriver:
     """Computes a flush's extra writes. Called from the writer task only.
 
-    `prepare` reads what it needs from the database before the flush's transactions. `derive`
-    never awaits and changes nothing: it may run in worker threads, for disjoint sets of
-    sensors at once, while the writer task awaits. `commit` applies a `Derived` once the
-    transaction that wrote it has committed; a `Derived` whose transaction failed is dropped.
+    `prepare` gives the flush's sensors their rules before its transactions. In each
+    transaction, `derive` runs while the readings are written: it never awaits and changes
+    nothing, so it may run in worker threads, for disjoint sets of sensors at once; then
+    `settle`, with the readings written, locks the anomaly state of the sensors with a rule,
+    brings it up to date (`ingest.anomaly.sync`) and completes the anomaly writes. `commit`
+    applies a `Derived` once the transaction that wrote it has committed; a `Derived` whose
+    transaction failed is dropped.
     """
 
-    def __init__(self, *, rules: Sequence[AnomalyRule], rollups: bool, registry: Registry) -> None:
+    def __init__(
+        self,
+        *,
+        rules: Sequence[AnomalyRule],
+        rollups: bool,
+        registry: Registry,
+        replay_max_s: float = 3600.0,
+        floor_us: int = 946_684_800_000_000,
+    ) -> None:
         self._rules = tuple(rules)
         self._rollups = rollups
         self._registry = registry
         self.detector = AnomalyDetector()
+        self.sync = StateSync(
+            self.detector, replay_max_us=round(replay_max_s * 1e6), floor_us=floor_us
+        )
         self._assigned: set[int] = set()
         self._open: set[tuple[int, str, int]] = set()  # open events, to count new ones
 
     async def prepare(self, conn: asyncpg.Connection, *, readings: Readings) -> None:
-        """Give new sensors their anomaly rule and rebuild the state of sensors seen first."""
+        """Give new sensors their anomaly rule, and those with a rule their state row."""
         if not self._rules or not len(readings):
             return
         sensor_ids = readings.sensor[segment_ends(readings.sensor)]
@@ -173,66 +169,51 @@ class Deriver:
                 rule = rule_for(rules=self._rules, path=f"{device}/{name}")
                 self.detector.assign(sensor_id=sensor_id, rule=rule)
                 self._assigned.add(sensor_id)
-        needs = self.detector.state_needed(sensor_ids=sensor_ids)
-        if needs:
-            await self._restore(conn, needs)
-
-    async def _restore(self, conn: asyncpg.Connection, needs: dict[int, StateNeed]) -> None:
-        ids = list(needs)
-        rows = await conn.fetch(
-            _HISTORY_SQL, ids, [needs[i].readings for i in ids], [needs[i].span_us for i in ids]
-        )
-        events = await conn.fetch(_OPEN_EVENTS_SQL, ids)
-        history: dict[int, tuple[list[int], list[float]]] = {i: ([], []) for i in ids}
-        for row in rows:
-            times, values = history[row["sensor_id"]]
-            times.append(row["t"])
-            values.append(row["value"])
-        open_events: dict[int, list[Event]] = {i: [] for i in ids}
-        for row in events:
-            open_events[row["sensor_id"]].append(
-                Event(
-                    sensor=row["sensor_id"],
-                    kind=row["kind"],
-                    start=row["start"],
-                    end=None,
-                    value=row["value"],
-                    score=row["score"],
-                    detail=row["detail"],
-                )
-            )
-            self._open.add((row["sensor_id"], row["kind"], row["start"]))
-        for sensor_id in ids:
-            times, values = history[sensor_id]
-            self.detector.restore(
-                sensor_id=sensor_id,
-                time=np.asarray(times, np.int64),
-                value=np.asarray(values, np.float64),
-                open_events=open_events[sensor_id],
-            )
+        await self.sync.ensure_rows(conn, sensor_ids[self.detector.with_rule(sensor_ids)])
 
     def derive(self, new: Readings) -> Derived:
-        """The extra writes for rows of a flush that were new. Never awaits, changes nothing."""
-        out: list[Extra] = []
+        """The extra writes for rows of a flush that were new. Never awaits, changes nothing.
+
+        The anomaly filters run here on the cached state where every sensor has one; `settle`
+        keeps that outcome if the cache proves current."""
+        base: list[Extra] = []
         if not len(new):
-            return Derived(out)
+            return Derived(base)
         partials = 0
         if self._rollups:
             minute = rollup(sensor=new.sensor, time=new.time, value=new.value, bucket_us=MINUTE_US)
-            out.append(_pending_append(minute))
+            base.append(_pending_append(minute))
             partials = len(minute.sensor)
         pending = None
-        if self._rules:
+        anomaly: list[Extra] = []
+        if self._rules and self.sync.cached(new.sensor):
             pending = self.detector.process(sensor=new.sensor, time=new.time, value=new.value)
             if pending.events:
-                out.append(_anomaly_upsert(pending.events))
+                anomaly.append(_anomaly_upsert(pending.events))
         ends = segment_ends(new.sensor)  # each sensor's latest new reading
         latest_sensor, latest_time = new.sensor[ends], new.time[ends]
         due = self._registry.last_seen_due(latest_sensor, latest_time)
         last_seen = (latest_sensor[due], latest_time[due])
+        tail: list[Extra] = []
         if len(last_seen[0]):
-            out.append(Upsert(LAST_SEEN_SQL, (last_seen[0].tolist(), last_seen[1].tolist())))
-        return Derived(out, partials, pending, last_seen)
+            tail.append(Upsert(LAST_SEEN_SQL, (last_seen[0].tolist(), last_seen[1].tolist())))
+        return Derived(base, anomaly, tail, partials, pending, None, last_seen)
+
+    async def settle(self, conn: asyncpg.Connection, new: Readings, derived: Derived) -> Derived:
+        """In the flush's transaction, its new rows written: lock the anomaly state of their
+        sensors with a rule, and settle the anomaly writes against it."""
+        if not self._rules or not len(new):
+            return derived
+        settled = await self.sync.settle(conn, new, derived.pending)
+        if settled is None:
+            return derived
+        anomaly: list[Extra] = list(settled.deletes)
+        if settled.pending.events:
+            anomaly.append(_anomaly_upsert(settled.pending.events))
+        anomaly.append(settled.update)
+        return dataclasses.replace(
+            derived, anomaly=anomaly, pending=settled.pending, settled=settled
+        )
 
     def commit(self, derived: Derived) -> None:
         """`derived` committed: advance the anomaly state and count what was written."""
@@ -248,6 +229,13 @@ class Deriver:
                     self._open.add(key)
                 else:
                     self._open.discard(key)
+        if derived.settled is not None:
+            self.sync.committed(derived.settled)
+            for how, count in derived.settled.counts.items():
+                if how == "rerun":
+                    metrics.ANOMALY_RERUN_READINGS.inc(count)
+                else:
+                    metrics.ANOMALY_STATE_SYNCS.labels(how).inc(count)
         if derived.last_seen is not None and len(derived.last_seen[0]):
             self._registry.last_seen_written(*derived.last_seen)
         metrics.ROLLUP_PARTIALS.inc(derived.rollup_partials)

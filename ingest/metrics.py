@@ -76,8 +76,19 @@ ROLLUP_MERGES = Counter(
 ANOMALIES = Counter("ingest_anomalies_total", "Anomaly events opened, by kind.", ["kind"])
 LATE_READINGS = Counter(
     "ingest_late_readings_total",
-    "Readings older than the newest already seen for their sensor: stored and rolled up, "
-    "but not run through the anomaly filters.",
+    "Readings older than anomaly.replay_max_s before the newest committed for their sensor: "
+    "stored and rolled up, but not run through the anomaly filters.",
+)
+ANOMALY_STATE_SYNCS = Counter(
+    "ingest_anomaly_state_syncs_total",
+    "Sensor anomaly states brought up to date in a flush's transaction: restored from stored "
+    "readings, caught up with readings other ingesters committed, or replayed to merge a late "
+    "flush.",
+    ["how"],
+)
+ANOMALY_RERUN_READINGS = Counter(
+    "ingest_anomaly_rerun_readings_total",
+    "Stored readings run through the anomaly filters again, to catch up or to merge a late flush.",
 )
 FLUSH_READINGS = Histogram(
     "ingest_flush_readings",

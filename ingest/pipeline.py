@@ -68,7 +68,11 @@ class Pipeline:
             reorder_timeout_s=cfg.sparkplug.reorder_timeout_s,
         )
         self.deriver = Deriver(
-            rules=cfg.anomaly.rules, rollups=cfg.rollups.enabled, registry=self.registry
+            rules=cfg.anomaly.rules,
+            rollups=cfg.rollups.enabled,
+            registry=self.registry,
+            replay_max_s=cfg.anomaly.replay_max_s,
+            floor_us=parse_rfc3339_us(cfg.limits.min_time),
         )
         self.writer = Writer(
             cfg,
@@ -330,7 +334,9 @@ class Pipeline:
 
     async def _empty_session(self, stop: asyncio.Event) -> bool:
         """`ingest drain`: wait for the first connection, then empty the session it found."""
-        while self.source.session_present is None:
+        # session_present is known at the CONNACK; the connection is the source's only once it
+        # has unsubscribed, and leaving before that finds none.
+        while self.source.session_present is None or not self.source.connected:
             if stop.is_set():
                 return False
             await asyncio.sleep(0.05)

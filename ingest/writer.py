@@ -40,7 +40,7 @@ def _derive_with(
 
     def derive(new: Readings) -> Derived:
         derived = deriver.derive(new.select(~np.isnan(new.value)) if skip_nan else new)
-        return dataclasses.replace(derived, upserts=[*upserts, *derived.upserts])
+        return dataclasses.replace(derived, base=[*upserts, *derived.base])
 
     return derive
 
@@ -187,6 +187,7 @@ class Writer:
                     readings=slabs[p],
                     dead_letters=dead_letters if p == 0 else (),
                     derive=derive0 if p == 0 else self._deriver.derive,
+                    settle=self._deriver.settle,
                 )
                 for p in todo
             ),

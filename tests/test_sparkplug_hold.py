@@ -12,10 +12,13 @@ import asyncpg
 import pytest
 
 from ingest.sparkplug.stage import Item
-from tests.conftest import Database
-from tests.helpers import Ingester, Publisher, acked_at_least, ingester_env, stored, wait_until
-from tests.sparkplug_helpers import Instance
-from tests.test_sparkplug_e2e import T, payload
+from tests.support.cluster import Database
+from tests.support.ingester import Ingester, acked_at_least, ingester_env
+from tests.support.mqtt import Publisher
+from tests.support.process import wait_until
+from tests.support.rows import stored
+from tests.support.sparkplug import T, payload
+from tests.support.sparkplug_stage import Instance
 
 WAIT_US = 500_000
 

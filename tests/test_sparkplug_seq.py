@@ -14,9 +14,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ingest.sparkplug.seq import Seen, SeqState, merge, merge_flush
-from tests.conftest import Database
-from tests.helpers import Publisher, share_group, wait_until
-from tests.test_sparkplug_e2e import T, payload
+from tests.support.cluster import Database
+from tests.support.ingester import share_group
+from tests.support.mqtt import Publisher
+from tests.support.process import wait_until
+from tests.support.sparkplug import T, payload
 
 R = 2.0  # the reorder timeout of these tests, s
 SHARED_R = 5.0  # and of the share group

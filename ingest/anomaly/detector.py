@@ -6,7 +6,6 @@ import operator
 from collections.abc import Iterable
 from typing import Any, Final
 
-import msgspec
 import numpy as np
 import numpy.typing as npt
 
@@ -14,8 +13,9 @@ from ingest.anomaly.drift import empty as empty_sums
 from ingest.anomaly.filters import commit_flush, fill_drift, process_flush
 from ingest.anomaly.layout import (
     DRIFT,
+    E_OPEN,
+    E_START,
     FLAT,
-    I64,
     KINDS,
     NEF,
     NEI,
@@ -39,57 +39,22 @@ from ingest.anomaly.layout import (
 )
 from ingest.anomaly.locking import SharedLock, reads, writes
 from ingest.anomaly.params import Compiled, StateNeed, compile_rule, describe
+from ingest.anomaly.pending import Base, Event, Outcome, Pending
 from ingest.anomaly.rules import AnomalyRule
 from ingest.kernels import check_sorted
 
-__all__ = ["KINDS", "AnomalyDetector", "Event", "Pending", "StateNeed", "compile_kernels"]
+__all__ = [
+    "KINDS",
+    "AnomalyDetector",
+    "Base",
+    "Event",
+    "Outcome",
+    "Pending",
+    "StateNeed",
+    "compile_kernels",
+]
 
 _KIND_INDEX: Final = {kind: i for i, kind in enumerate(KINDS)}
-
-
-class Event(msgspec.Struct, frozen=True, kw_only=True):
-    """One anomaly event, upserted by the key (sensor, kind, start).
-
-    `start` is the time of the first offending reading (flatline: of the first reading of the
-    unchanged run), `end` that of the last offending reading, None while the condition goes on.
-    `score` is the maximum over the event and `value` the value at which it was reached (drift:
-    the rolling mean); `detail` describes that worst reading.
-    """
-
-    sensor: int
-    kind: str
-    start: int
-    end: int | None
-    value: float
-    score: float
-    detail: str
-
-
-class Pending:
-    """The outcome of one `AnomalyDetector.process` call, not yet applied to the detector.
-
-    `events` are the upserts for the database (one per event touched by the flush), `late`
-    counts the finite readings ignored as late (time not after the sensor's last one).
-    """
-
-    __slots__ = ("_owner", "_seg", "_state", "_versions", "events", "late")
-
-    def __init__(
-        self,
-        *,
-        owner: AnomalyDetector,
-        seg: I64,
-        versions: I64,
-        state: tuple[Any, ...],
-        events: tuple[Event, ...],
-        late: int,
-    ) -> None:
-        self._owner = owner
-        self._seg = seg
-        self._versions = versions
-        self._state = state
-        self.events = events
-        self.late = late
 
 
 class AnomalyDetector:
@@ -126,6 +91,7 @@ class AnomalyDetector:
         self._ef = np.zeros((0, 5, NEF), np.float64)
         self._version = np.zeros(0, np.int64)
         self._restored = np.zeros(0, np.bool_)
+        self._need = np.zeros((0, 2), np.int64)  # per slot: StateNeed's readings, span_us
         self._pool = np.zeros(0, np.float64)
         self._pool_used = 0
         self.guard = SharedLock()
@@ -159,6 +125,7 @@ class AnomalyDetector:
         self._pi[slot] = compiled.ints
         self._pi[slot, P_OFF] = offset
         self._pf[slot] = compiled.floats
+        self._need[slot] = (compiled.need.readings, compiled.need.span_us)
         self._reset(slot)
 
     def rule(self, *, sensor_id: int) -> AnomalyRule | None:
@@ -252,6 +219,30 @@ class AnomalyDetector:
                 self._ef[slot, k] = (ev.value, ev.score)
         self._restored[slot] = True
 
+    def with_rule(self, sensor: npt.NDArray[np.int32]) -> npt.NDArray[np.bool_]:
+        """Which of these sensor ids have a rule."""
+        slot_of = self._slot_of  # one reference: `assign` may replace the array meanwhile
+        if not slot_of.shape[0]:
+            return np.zeros(sensor.shape[0], np.bool_)
+        inside = (sensor >= 0) & (sensor < slot_of.shape[0])
+        return inside & (slot_of[np.where(inside, sensor, 0)] >= 0)
+
+    @reads
+    def base(self, *, sensor_ids: npt.NDArray[np.int32]) -> Base:
+        """The committed state of sensors with a rule, as far as a restore or replay needs."""
+        slots = self._slot_of[sensor_ids]
+        si, ei = self._si[slots], self._ei[slots]
+        is_open = ei[:, :, E_OPEN] == 1
+        starts = np.where(is_open, ei[:, :, E_START], np.iinfo(np.int64).max).min(axis=1)
+        ran = (si[:, S_RUN_COUNT] > 0) & ((self._pi[slots, P_MASK] & (1 << FLAT)) != 0)
+        return Base(
+            last=si[:, S_LAST].copy(),
+            open_since=np.where(is_open.any(axis=1), starts, NO_TIME),
+            run_start=np.where(ran, si[:, S_RUN_START], NO_TIME),
+            need_readings=self._need[slots, 0].copy(),
+            need_span_us=self._need[slots, 1].copy(),
+        )
+
     @writes
     def forget(self, *, sensor_ids: Iterable[int]) -> None:
         """Drop the state of these sensors (keeping their rules): `state_needed` lists them again.
@@ -317,6 +308,9 @@ class AnomalyDetector:
             seg=seg,
             versions=self._version[seg],
             state=(xsi, xsf, xei, xef, xpool, xoff, ext, seg_lo),
+            sensors=s[seg_lo],
+            before=self._si[seg, S_SEEN],
+            need=self._need[seg],
             events=tuple(events),
             late=int(late),
         )
@@ -379,7 +373,8 @@ class AnomalyDetector:
         slot = self._used
         if slot == self._pi.shape[0]:
             cap = max(64, 2 * slot)
-            for name in ("_pi", "_pf", "_si", "_sf", "_ei", "_ef", "_version", "_restored"):
+            names = ("_pi", "_pf", "_si", "_sf", "_ei", "_ef", "_version", "_restored", "_need")
+            for name in names:
                 old = getattr(self, name)
                 new = np.zeros((cap, *old.shape[1:]), old.dtype)
                 new[:slot] = old

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TypeVar, cast
@@ -57,10 +57,11 @@ class DeadLetter:
 
 @dataclass(frozen=True, slots=True)
 class Upsert:
-    """Extra rows to write in the same transaction: `sql` takes one array parameter per column."""
+    """Extra rows to write in the same transaction: `sql` takes one array parameter per column,
+    then any scalar parameters (such as the bounds of a time range)."""
 
     sql: str
-    columns: tuple[Sequence[Any], ...]
+    columns: tuple[Any, ...]
 
     def __len__(self) -> int:
         return len(self.columns[0]) if self.columns else 0
@@ -118,6 +119,10 @@ class Extras(Protocol):
 
 
 D = TypeVar("D", bound=Extras)
+
+Settle = Callable[[asyncpg.Connection, "Readings", D], Awaitable[D]]
+"""A flush's second derive step, in its transaction once its new rows are written: takes the
+connection, those rows and what `derive` returned; returns what to write."""
 
 
 @dataclass(slots=True)
@@ -229,7 +234,11 @@ class Sink:
         await self.close()
         try:
             self._stages.clear()
-            self._conn = await asyncpg.connect(self._dsn, timeout=self._timeout)
+            # No JIT: the flush's statements are short, and a plan over many chunks costs
+            # enough to be compiled, which took seconds per statement (seen on 573 chunks).
+            self._conn = await asyncpg.connect(
+                self._dsn, timeout=self._timeout, server_settings={"jit": "off"}
+            )
         except (
             asyncpg.InvalidAuthorizationSpecificationError,
             asyncpg.InvalidCatalogNameError,
@@ -258,6 +267,7 @@ class Sink:
         readings: Readings,
         dead_letters: Sequence[DeadLetter],
         derive: Callable[[Readings], D],
+        settle: Settle[D] | None = None,
     ) -> tuple[WriteResult, D]:
         """Write one flush in one transaction and commit.
 
@@ -268,14 +278,19 @@ class Sink:
         commit in the same transaction; the one used is returned. On the COPY path it runs in a
         worker thread while the COPY is in flight, on the assumption that every row is new; on
         the staging path it is given exactly the new rows. It must not await, and must not
-        change what another concurrent `write` uses.
+        change what another concurrent `write` uses. `settle`, if given, then runs in the
+        transaction with the new rows written, and may read and lock before the extras go in.
         """
         conn = self.connection
         try:
             try:
-                return await self._transaction(conn, readings, dead_letters, derive, staged=False)
+                return await self._transaction(
+                    conn, readings, dead_letters, derive, settle, staged=False
+                )
             except asyncpg.UniqueViolationError:
-                return await self._transaction(conn, readings, dead_letters, derive, staged=True)
+                return await self._transaction(
+                    conn, readings, dead_letters, derive, settle, staged=True
+                )
         except (asyncpg.PostgresError, *CLIENT_ERRORS) as exc:
             if not isinstance(exc, asyncpg.PostgresError):
                 self.discard()
@@ -287,6 +302,7 @@ class Sink:
         readings: Readings,
         dead_letters: Sequence[DeadLetter],
         derive: Callable[[Readings], D],
+        settle: Settle[D] | None,
         *,
         staged: bool,
     ) -> tuple[WriteResult, D]:
@@ -294,13 +310,17 @@ class Sink:
         created: list[str] = []
         async with conn.transaction():
             if staged:
-                extras = derive(await self._stage_readings(conn, readings, result))
+                new = await self._stage_readings(conn, readings, result)
+                extras = derive(new)
             else:
+                new = readings
                 speculative = asyncio.ensure_future(asyncio.to_thread(derive, readings))
                 try:
                     await self._copy_readings(conn, readings, result)
                 finally:
                     extras = await speculative  # never leave it running on failure
+            if settle is not None:
+                extras = await settle(conn, new, extras)
             for upsert in extras.upserts:
                 if isinstance(upsert, Appended):
                     if upsert.rows:

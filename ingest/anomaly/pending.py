@@ -1,0 +1,122 @@
+"""What one pass of the anomaly filters produced: its events, and the state it leaves each
+sensor in, waiting for the flush's transaction to commit."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import msgspec
+import numpy as np
+import numpy.typing as npt
+
+from ingest.anomaly.layout import E_OPEN, E_START, I64, NO_TIME, S_LAST, S_SEEN
+
+if TYPE_CHECKING:
+    from ingest.anomaly.detector import AnomalyDetector
+
+__all__ = ["Base", "Event", "Outcome", "Pending"]
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True):
+    """One anomaly event, upserted by the key (sensor, kind, start).
+
+    `start` is the time of the first offending reading (flatline: of the first reading of the
+    unchanged run), `end` that of the last offending reading, None while the condition goes on.
+    `score` is the maximum over the event and `value` the value at which it was reached (drift:
+    the rolling mean); `detail` describes that worst reading.
+    """
+
+    sensor: int
+    kind: str
+    start: int
+    end: int | None
+    value: float
+    score: float
+    detail: str
+
+
+class Outcome(NamedTuple):
+    """Per sensor of a processed flush (ids ascending), the state it leaves: the newest reading
+    taken in (`NO_TIME`: none yet), the earliest start of its open events (`NO_TIME`: none),
+    how many readings it took in, and the history its state is rebuilt from (the last
+    `need_readings` readings, and those within `need_span_us` of the newest)."""
+
+    sensor: npt.NDArray[np.int32]
+    last: I64
+    open_since: I64
+    accepted: I64
+    need_readings: I64
+    need_span_us: I64
+
+
+class Base(NamedTuple):
+    """Per sensor, its committed state as far as a restore or a replay needs: the newest reading
+    taken in, the earliest start of its open events, the start of its unchanged run (each
+    `NO_TIME` if none; an event the next readings touch starts at one of those or later), and
+    the history a restore reads (as in `Outcome`)."""
+
+    last: I64
+    open_since: I64
+    run_start: I64
+    need_readings: I64
+    need_span_us: I64
+
+
+class Pending:
+    """The outcome of one `AnomalyDetector.process` call, not yet applied to the detector.
+
+    `events` are the upserts for the database (one per event touched by the flush), `late`
+    counts the finite readings ignored as late (time not after the sensor's last one).
+    """
+
+    __slots__ = (
+        "_before",
+        "_need",
+        "_owner",
+        "_seg",
+        "_state",
+        "_versions",
+        "events",
+        "late",
+        "sensors",
+    )
+
+    def __init__(
+        self,
+        *,
+        owner: AnomalyDetector,
+        seg: I64,
+        versions: I64,
+        state: tuple[Any, ...],
+        sensors: npt.NDArray[np.int32],
+        before: I64,
+        need: I64,
+        events: tuple[Event, ...],
+        late: int,
+    ) -> None:
+        self._owner = owner
+        self._seg = seg
+        self._versions = versions
+        self._state = state
+        self._before = before
+        self._need = need
+        self.sensors = sensors
+        """The sensors processed (those with a rule), one per state slot in `_seg`."""
+        self.events = events
+        self.late = late
+
+    def outcome(self) -> Outcome:
+        """The state each processed sensor is left in once this is committed."""
+        xsi, xei = self._state[0], self._state[2]
+        is_open = xei[:, :, E_OPEN] == 1
+        starts = np.where(is_open, xei[:, :, E_START], np.iinfo(np.int64).max)
+        since = starts.min(axis=1) if len(starts) else np.empty(0, np.int64)
+        since = np.where(is_open.any(axis=1), since, NO_TIME)
+        return Outcome(
+            sensor=self.sensors,
+            last=xsi[:, S_LAST].copy(),
+            open_since=since,
+            accepted=xsi[:, S_SEEN] - self._before,
+            need_readings=self._need[:, 0].copy(),
+            need_span_us=self._need[:, 1].copy(),
+        )
