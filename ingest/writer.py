@@ -69,7 +69,7 @@ class Writer:
         self._sparkplug = sparkplug
         self._health = health
         self.sinks = [
-            Sink(dsn=cfg.db.url, connect_timeout_s=cfg.db.connect_timeout_s)
+            Sink(dsn=cfg.db.url, connect_timeout_s=cfg.db.connect_timeout_s, jit=False)
             for _ in range(cfg.db.writers)
         ]
         self.deadline: float | None = None

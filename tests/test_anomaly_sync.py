@@ -51,7 +51,7 @@ class Instance:
         self.deriver = Deriver(
             rules=rules, rollups=True, registry=self.registry, replay_max_s=replay_max_s
         )
-        self.sink = Sink(dsn=db.ingest_url)
+        self.sink = Sink(dsn=db.ingest_url, jit=False)  # as ingest.writer's
 
     async def __aenter__(self) -> Instance:
         await self.sink.connect()

@@ -213,9 +213,12 @@ class Sink:
     unreachable, so the caller can retry); `close` or `discard` ends the connection.
     """
 
-    def __init__(self, *, dsn: str, connect_timeout_s: float = 10.0) -> None:
+    def __init__(self, *, dsn: str, connect_timeout_s: float = 10.0, jit: bool = True) -> None:
         self._dsn = dsn
         self._timeout = connect_timeout_s
+        # `jit=False` for flushes: their statements are short, and a plan over many chunks
+        # costs enough to be compiled, which took seconds per statement (seen on 573 chunks).
+        self._settings = {} if jit else {"jit": "off"}
         self._conn: asyncpg.Connection | None = None
         self._stages: set[str] = set()  # temporary tables the connection has
 
@@ -234,10 +237,8 @@ class Sink:
         await self.close()
         try:
             self._stages.clear()
-            # No JIT: the flush's statements are short, and a plan over many chunks costs
-            # enough to be compiled, which took seconds per statement (seen on 573 chunks).
             self._conn = await asyncpg.connect(
-                self._dsn, timeout=self._timeout, server_settings={"jit": "off"}
+                self._dsn, timeout=self._timeout, server_settings=self._settings
             )
         except (
             asyncpg.InvalidAuthorizationSpecificationError,
