@@ -20,12 +20,12 @@ import asyncpg
 import msgspec
 import numpy as np
 import pytest
-from benchmarks.harness import http_get
 
 from ingest.anomaly.rules import AnomalyRule
 from tests.support.cluster import Database
 from tests.support.ingester import Ingester, ingester_env
 from tests.support.mqtt import Publisher, purge_session
+from tests.support.net import http_get
 from tests.support.process import wait_until
 from tests.support.streams import T0
 from tests.test_anomaly_sync import one_pass_events
@@ -257,6 +257,15 @@ def check(got: Snapshot, want: Snapshot) -> None:
     assert len(got["readings"]) == READINGS
 
 
+async def stored_and_stopped_equal(
+    db: Database, stream: Stream, reference: Snapshot, members: Sequence[Ingester]
+) -> None:
+    """Once the whole stream is stored and every member stopped, the tables equal `reference`."""
+    await all_stored(db, stream.site)
+    await stop_all(members)
+    check(await snapshot(db, stream.site), reference)
+
+
 async def test_paced_rounds_over_three_ingesters(
     database: Database,
     mqtt_url: str,
@@ -278,9 +287,7 @@ async def test_paced_rounds_over_three_ingesters(
                 return await stored(database, stream.site) >= want
 
             await wait_until(round_stored, timeout=60, every=0.05)
-    await all_stored(database, stream.site)
-    await stop_all(cleanup)
-    check(await snapshot(database, stream.site), reference)
+    await stored_and_stopped_equal(database, stream, reference, cleanup)
 
 
 async def test_a_burst_over_three_ingesters(
@@ -293,9 +300,7 @@ async def test_a_burst_over_three_ingesters(
 ) -> None:
     cleanup += await group(database, mqtt_url, prefix, members=3)
     await asyncio.to_thread(publish, mqtt_url, prefix, stream.messages)
-    await all_stored(database, stream.site)
-    await stop_all(cleanup)
-    check(await snapshot(database, stream.site), reference)
+    await stored_and_stopped_equal(database, stream, reference, cleanup)
 
 
 async def test_kill_9_and_restart_of_a_member(
@@ -321,9 +326,7 @@ async def test_kill_9_and_restart_of_a_member(
     await asyncio.to_thread(publish, mqtt_url, prefix, stream.messages[half:])
     # The same client id (its session, with what it had not acknowledged); a port of its own.
     cleanup.append(await Ingester(without(victim.env, "INGEST_METRICS_PORT")).start())
-    await all_stored(database, stream.site)
-    await stop_all(cleanup)
-    check(await snapshot(database, stream.site), reference)
+    await stored_and_stopped_equal(database, stream, reference, cleanup)
 
 
 async def test_scale_down_by_sigterm(
@@ -346,9 +349,7 @@ async def test_scale_down_by_sigterm(
     assert await leaving.stop() == 0, leaving.log.decode()
     assert b"ended" in leaving.log, leaving.log.decode()
     await asyncio.to_thread(publish, mqtt_url, prefix, stream.messages[half:])
-    await all_stored(database, stream.site)
-    await stop_all(cleanup)
-    check(await snapshot(database, stream.site), reference)
+    await stored_and_stopped_equal(database, stream, reference, cleanup)
 
 
 async def test_scale_up_mid_stream(
@@ -365,9 +366,7 @@ async def test_scale_up_mid_stream(
     await asyncio.to_thread(publish, mqtt_url, prefix, stream.messages[:third])
     cleanup += await group(database, mqtt_url, prefix, members=2, name=share)
     await asyncio.to_thread(publish, mqtt_url, prefix, stream.messages[third:])
-    await all_stored(database, stream.site)
-    await stop_all(cleanup)
-    check(await snapshot(database, stream.site), reference)
+    await stored_and_stopped_equal(database, stream, reference, cleanup)
 
 
 async def test_drain_of_an_orphaned_session(
