@@ -159,7 +159,9 @@ def _simulate(args: argparse.Namespace) -> int:
     import time
 
     from ingest.config import parse_rfc3339_us
-    from ingest.sim.simulate import Anomaly, SimSettings, load_plant, simulate
+    from ingest.sim.plant import load_plant
+    from ingest.sim.signals import Anomaly
+    from ingest.sim.simulate import SimSettings, simulate
 
     devices = load_plant(args.plant)
     if args.devices:

@@ -19,7 +19,7 @@ from benchmarks.e2e.options import Options
 from benchmarks.e2e.processes import Children
 from ingest.db.sink import Readings
 from ingest.decode import DecodeLimits, decode_batch
-from ingest.sim.simulate import read_record
+from ingest.sim.record import read_record
 from tests.support.process import Child
 
 HOUR_US = 3_600_000_000

@@ -46,7 +46,7 @@ from benchmarks.e2e.processes import (
 )
 from benchmarks.e2e.report import Results, add_notes, ms
 from ingest import config as ingest_config
-from ingest.sim.simulate import load_plant
+from ingest.sim.plant import load_plant
 from tests.support.cluster import Database, execute
 from tests.support.ingester import Ingester
 from tests.support.net import free_port

@@ -11,10 +11,7 @@ import signal
 import sys
 import threading
 import time
-import tomllib
-from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
@@ -23,87 +20,10 @@ import numpy.typing as npt
 
 from ingest.errors import ConfigError, IngestError
 from ingest.mqtt.packets import publish_properties
+from ingest.sim.plant import UNITS, Device
 from ingest.sim.publisher import Publisher
-
-Kind = Literal["temperature", "vibration", "current", "pressure", "counter", "energy"]
-KINDS: tuple[str, ...] = ("temperature", "vibration", "current", "pressure", "counter", "energy")
-_UNITS = {
-    "temperature": "degC",
-    "vibration": "mm/s",
-    "current": "A",
-    "pressure": "bar",
-    "counter": "parts",
-    "energy": "kWh",
-}
-
-
-class LineSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """One production line: its asset path, its devices and each device's sensors."""
-
-    path: str
-    devices: int | list[str] = 5
-    device_prefix: str = "machine"
-    sensors: dict[str, Kind] = msgspec.field(
-        default_factory=lambda: {
-            "spindle.temp": "temperature",
-            "vib.rms": "vibration",
-            "motor.current": "current",
-            "hydraulic.pressure": "pressure",
-            "parts": "counter",
-            "energy": "energy",
-        }
-    )
-
-    def device_names(self) -> list[str]:
-        if isinstance(self.devices, list):
-            return list(self.devices)
-        return [f"{self.device_prefix}-{i:02d}" for i in range(1, self.devices + 1)]
-
-
-class PlantSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """A plant: lines of devices. The built-in default has 2 sites, 40 devices, 240 sensors."""
-
-    line: list[LineSpec] = msgspec.field(
-        default_factory=lambda: [
-            LineSpec(path=f"{site}/{area}/line{n}", device_prefix=prefix)
-            for site in ("plant1", "plant2")
-            for area, prefix in (("press-shop", "press"), ("assembly", "robot"))
-            for n in (1, 2)
-        ]
-    )
-
-
-@dataclass(frozen=True, slots=True)
-class Anomaly:
-    """An injected condition: `kind` on sensors matching `pattern` from `at_s` simulated seconds."""
-
-    kind: Literal["spike", "drift", "flatline", "overheat"]
-    pattern: str  # glob on device-path/sensor
-    at_s: float
-    duration_s: float = 60.0
-
-    @staticmethod
-    def parse(text: str) -> Anomaly:
-        """`spike:plant1/*/press-01/spindle.temp@30` or `flatline:...@60+120` (start+duration)."""
-        try:
-            kind, rest = text.split(":", 1)
-            pattern, when = rest.rsplit("@", 1)
-            at, _, duration = when.partition("+")
-            if kind not in ("spike", "drift", "flatline", "overheat"):
-                raise ValueError
-            return Anomaly(kind, pattern, float(at), float(duration) if duration else 60.0)  # type: ignore[arg-type]
-        except ValueError:
-            raise ConfigError(
-                f"--anomaly {text!r}: expected KIND:DEVICE/SENSOR-GLOB@SECONDS[+DURATION] "
-                "with KIND spike, drift, flatline or overheat"
-            ) from None
-
-
-@dataclass(frozen=True, slots=True)
-class Device:
-    path: str  # topic levels after the prefix
-    sensors: tuple[tuple[str, str], ...]  # (name, kind)
-    seed: int
+from ingest.sim.record import Recorder
+from ingest.sim.signals import Anomaly, Signal, inject
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,139 +43,6 @@ class SimSettings:
     client_prefix: str = "sim"
     ca_file: str | None = None  # for mqtts://; None: the system's CAs
     answer_rebirth: bool = False  # sparkplug: answer NCMD Node Control/Rebirth
-
-
-def load_plant(path: str | None) -> list[Device]:
-    """The devices of a plant TOML file (see PlantSpec), or of the built-in plant."""
-    spec = PlantSpec()
-    if path:
-        try:
-            spec = msgspec.convert(tomllib.loads(Path(path).read_text()), type=PlantSpec)
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"plant file {path}: {exc}") from exc
-        except msgspec.ValidationError as exc:
-            raise ConfigError(f"plant file {path}: {exc}") from exc
-    devices = []
-    for line in spec.line:
-        for name in line.device_names():
-            dev_path = f"{line.path}/{name}"
-            devices.append(
-                Device(dev_path, tuple(line.sensors.items()), seed=_stable_seed(dev_path))
-            )
-    return devices
-
-
-def _stable_seed(text: str) -> int:
-    return int.from_bytes(text.encode()[:8].ljust(8, b"\0"), "little") ^ len(text) * 7919
-
-
-class _Signal:
-    """Values of one sensor over simulated time, generated a batch at a time."""
-
-    def __init__(self, kind: str, seed: int) -> None:
-        self.kind = kind
-        self.rng = np.random.default_rng(seed)
-        self.base = {
-            "temperature": 55.0,
-            "vibration": 2.0,
-            "current": 12.0,
-            "pressure": 160.0,
-            "counter": 0.0,
-            "energy": 1000.0,
-        }[kind] * (0.8 + 0.4 * self.rng.random())
-        self.total = self.base
-
-    def values(self, t_s: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-        n = len(t_s)
-        noise = self.rng.standard_normal(n)
-        if self.kind == "temperature":
-            return self.base + 3.0 * np.sin(2 * math.pi * t_s / 900.0) + 0.2 * noise
-        if self.kind == "vibration":
-            return np.abs(self.base + 0.3 * np.sin(2 * math.pi * t_s / 7.0) + 0.1 * noise)
-        if self.kind == "current":
-            cycle = (np.floor(t_s / 20.0) % 2 == 0).astype(np.float64)
-            out: npt.NDArray[np.float64] = self.base * (0.6 + 0.4 * cycle) + 0.3 * noise
-            return out
-        if self.kind == "pressure":
-            return self.base + 2.0 * np.sin(2 * math.pi * t_s / 60.0) + 0.5 * noise
-        if self.kind == "counter":
-            steps = (self.rng.random(n) < 0.1).astype(np.float64)
-            out = self.total + np.cumsum(steps)
-            self.total = float(out[-1])
-            return out
-        steps = np.abs(0.001 + 0.0002 * noise)  # energy meter: kWh, always rising
-        out = self.total + np.cumsum(steps)
-        self.total = float(out[-1])
-        return out
-
-
-def _inject(
-    values: npt.NDArray[np.float64],
-    t_s: npt.NDArray[np.float64],
-    anomaly: Anomaly,
-    *,
-    scale: float,
-    period_s: float,
-    held: dict[Anomaly, float],
-) -> None:
-    """Apply an injected anomaly in place to the samples at simulated seconds `t_s`.
-
-    A flatline holds the first value it covers (rounded to 3 decimals) across batches; that
-    value is kept in `held`, one mapping per sensor.
-    """
-    if anomaly.kind == "spike":
-        # One sample: the first at or after the start time.
-        values[(t_s >= anomaly.at_s) & (t_s < anomaly.at_s + period_s)] += 50.0 * max(scale, 1.0)
-    elif anomaly.kind == "overheat":
-        # A step up for the whole duration: 10x a tenth of the sensor's normal level (a
-        # spindle at 44-66 degC then reads 84-132 degC).
-        inside = (t_s >= anomaly.at_s) & (t_s < anomaly.at_s + anomaly.duration_s)
-        values[inside] += 10.0 * max(scale, 1.0)
-    elif anomaly.kind == "drift":
-        inside = (t_s >= anomaly.at_s) & (t_s < anomaly.at_s + anomaly.duration_s)
-        ramp = np.clip((t_s - anomaly.at_s) / max(anomaly.duration_s, 1e-9), 0, 1)
-        values[inside] += 10.0 * max(scale, 1.0) * ramp[inside]
-    else:
-        inside = (t_s >= anomaly.at_s) & (t_s < anomaly.at_s + anomaly.duration_s)
-        if inside.any():
-            values[inside] = held.setdefault(anomaly, round(float(values[inside][0]), 3))
-
-
-class Recorder:
-    """Writes exactly what was published: per message the topic and each channel's columns."""
-
-    def __init__(self, path: str) -> None:
-        self._file = open(path, "wb")  # noqa: SIM115 - closed in close()
-        self._enc = msgspec.msgpack.Encoder()
-
-    def write(
-        self, topic: str, channels: list[tuple[str, npt.NDArray[np.int64], npt.NDArray[np.float64]]]
-    ) -> None:
-        frame = self._enc.encode(
-            [
-                topic,
-                [
-                    [name, t.astype("<i8").tobytes(), v.astype("<f8").tobytes()]
-                    for name, t, v in channels
-                ],
-            ]
-        )
-        self._file.write(len(frame).to_bytes(4, "little") + frame)
-
-    def close(self) -> None:
-        self._file.close()
-
-
-def read_record(
-    path: str,
-) -> Iterator[tuple[str, str, npt.NDArray[np.int64], npt.NDArray[np.float64]]]:
-    """(device path with prefix, sensor, times µs, values) for every channel a recording holds."""
-    dec = msgspec.msgpack.Decoder()
-    with open(path, "rb") as f:
-        while header := f.read(4):
-            topic, channels = dec.decode(f.read(int.from_bytes(header, "little")))
-            for name, t, v in channels:
-                yield topic, name, np.frombuffer(t, "<i8"), np.frombuffer(v, "<f8")
 
 
 def _encode(
@@ -298,7 +85,7 @@ def run_worker(settings: SimSettings, devices: list[Device], index: int, counter
         sys.exit(1)
     recorder = Recorder(f"{settings.record}.{index}") if settings.record else None
     signals = {
-        (d.path, s): _Signal(k, d.seed + i) for d in devices for i, (s, k) in enumerate(d.sensors)
+        (d.path, s): Signal(k, d.seed + i) for d in devices for i, (s, k) in enumerate(d.sensors)
     }
     matches = {
         (d.path, s): [
@@ -327,7 +114,7 @@ def run_worker(settings: SimSettings, devices: list[Device], index: int, counter
                 for name, kind in dev.sensors:
                     values = signals[(dev.path, name)].values(t_s)
                     for anomaly in matches[(dev.path, name)]:
-                        _inject(
+                        inject(
                             values,
                             t_s,
                             anomaly,
@@ -335,7 +122,7 @@ def run_worker(settings: SimSettings, devices: list[Device], index: int, counter
                             period_s=1 / settings.hz,
                             held=held[(dev.path, name)],
                         )
-                    channels.append((name, _UNITS[kind], values))
+                    channels.append((name, UNITS[kind], values))
                 payload, ctype = _encode(settings.fmt, int(t0), dt_us, channels, step)
                 topic = f"{settings.prefix}/{dev.path}"
                 props = publish_properties(ctype, [("ts", str(time.time_ns() // 1000))])

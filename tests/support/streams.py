@@ -9,7 +9,7 @@ from collections.abc import Iterable
 import msgspec
 import numpy as np
 
-from ingest.sim.simulate import read_record
+from ingest.sim.record import read_record
 
 T0 = 1_767_225_600_000_000  # 2026-01-01T00:00:00Z in µs
 Row = tuple[int, str, str, float, int]  # (time µs, device, sensor, value, quality)
