@@ -15,9 +15,8 @@ import asyncpg
 import pytest
 
 from ingest.anomaly.rules import AnomalyRule
-from tests.support.cluster import Database
-from tests.test_anomaly import T0
-from tests.test_anomaly_sync import (
+from tests.support.anomaly_reference import T0
+from tests.support.anomaly_sync import (
     Instance,
     events_of,
     new_device,
@@ -25,6 +24,7 @@ from tests.test_anomaly_sync import (
     plant_signal,
     syncs,
 )
+from tests.support.cluster import Database
 
 MINUTE = 60_000_000
 HOURS = 400

@@ -22,13 +22,13 @@ import numpy as np
 import pytest
 
 from ingest.anomaly.rules import AnomalyRule
+from tests.support.anomaly_sync import one_pass_events
 from tests.support.cluster import Database
 from tests.support.ingester import Ingester, ingester_env
 from tests.support.mqtt import Publisher, purge_session
 from tests.support.net import http_get
 from tests.support.process import wait_until
 from tests.support.streams import T0
-from tests.test_anomaly_sync import one_pass_events
 
 pytestmark = pytest.mark.slow
 
