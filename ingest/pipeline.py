@@ -85,6 +85,7 @@ class Pipeline:
             dsn=cfg.db.url,
             connect_timeout_s=cfg.db.connect_timeout_s,
             interval_s=cfg.rollups.merge_interval_s,
+            journal=self.deriver.journal,
         )
         self.source = MqttSource(
             settings=cfg.mqtt,
