@@ -129,7 +129,7 @@ class Deriver:
     ) -> None:
         self._rules = tuple(rules)
         self._rollups = rollups
-        self.journal = journal or PartialsJournal()
+        self.journal = journal if journal is not None else PartialsJournal()
         self._registry = registry
         self.detector = AnomalyDetector()
         self.sync = StateSync(
