@@ -16,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ingest.decode import Batch, DecodeLimits, decode_batch, parse_topic
-from ingest.jit import kernel
+from ingest.jit import small_kernel
 from ingest.wire import I64_MAX
 
 __all__ = ["Shapes", "compile_kernels"]
@@ -78,7 +78,7 @@ class Shapes:
         return levels, batch
 
 
-@kernel
+@small_kernel
 def _values_like(
     buf: npt.NDArray[np.uint8],
     payload: npt.NDArray[np.uint8],
@@ -137,7 +137,7 @@ def _int(payload: bytes, span: Span) -> int | None:
     return int.from_bytes(payload[start + 1 : end], "big", signed=first >= 0xD0)
 
 
-@kernel
+@small_kernel
 def _length(
     buf: npt.NDArray[np.uint8], at: int, fix: int, mask: int, c1: int, c2: int, c4: int
 ) -> tuple[int, int]:
@@ -158,7 +158,7 @@ def _length(
     return n, at + 1 + size
 
 
-@kernel
+@small_kernel
 def _int_end(buf: npt.NDArray[np.uint8], at: int) -> int:
     """End of the MessagePack integer at `at`, or -1."""
     if at >= buf.shape[0]:
@@ -180,7 +180,7 @@ def _int_end(buf: npt.NDArray[np.uint8], at: int) -> int:
     return at + size
 
 
-@kernel
+@small_kernel
 def _is(buf: npt.NDArray[np.uint8], at: int, n: int, a: int, b: int, c: int) -> bool:
     """Whether the n-byte string at `at` is the key of bytes a, b, c (b, c 0: shorter)."""
     size = 1 + (b != 0) + (c != 0)
@@ -191,7 +191,7 @@ def _is(buf: npt.NDArray[np.uint8], at: int, n: int, a: int, b: int, c: int) -> 
     return not (size == 3 and buf[at + 2] != c)
 
 
-@kernel
+@small_kernel
 def _walk(buf: npt.NDArray[np.uint8]) -> npt.NDArray[np.int64]:
     """Spans of t0, seq (-1, -1 without) and every channel's value bytes, flat, if the payload
     has the compact form (a map of v, t0, seq, ch; channels of s, u, dt, vt "f8" and binary
@@ -324,5 +324,6 @@ def _learn(
 def compile_kernels() -> None:
     """Compile, or load from the on-disk cache, this module's kernel (see `ingest.warmup`)."""
     buf = np.zeros(16, np.uint8)
-    _values_like(buf, buf, buf, np.arange(8, dtype=np.intp))
-    _walk(buf)
+    received = np.frombuffer(bytes(16), np.uint8)  # read-only, as a payload's bytes are
+    _values_like(received, buf, buf, np.arange(8, dtype=np.intp))
+    _walk(received)
