@@ -37,6 +37,7 @@ class _Shape:
     first: int  # least and greatest offset
     last: int
     batch: Batch  # names, units and counts are shared by every batch of the shape
+    quality: npt.NDArray[np.uint8]  # zeros, read-only, shared too
 
 
 class Shapes:
@@ -84,25 +85,29 @@ def _values_like(
     payload: npt.NDArray[np.uint8],
     fixed: npt.NDArray[np.uint8],
     values: npt.NDArray[np.intp],
-) -> npt.NDArray[np.float64] | None:
-    """The little-endian float64 values at `values` (8 bytes each) of `buf`, if every byte
-    `fixed` marks equals `payload`'s; else None."""
+    offsets: npt.NDArray[np.int64],
+    t0: int,
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]:
+    """The little-endian float64 values at `values` (8 bytes each) of `buf` and the times
+    t0 + `offsets`, if every byte `fixed` marks equals `payload`'s; else two empty arrays."""
     n = buf.shape[0]
     if n != payload.shape[0]:
-        return None
+        return np.empty(0, np.float64), np.empty(0, np.int64)
     for i in range(n):
         if (buf[i] ^ payload[i]) & fixed[i]:
-            return None
+            return np.empty(0, np.float64), np.empty(0, np.int64)
     raw = np.empty(values.shape[0], np.uint8)
     for k in range(values.shape[0]):
         raw[k] = buf[values[k]]
-    return raw.view(np.float64).copy()
+    time = np.empty(offsets.shape[0], np.int64)
+    for k in range(offsets.shape[0]):
+        time[k] = offsets[k] + t0
+    return raw.view(np.float64).copy(), time
 
 
 def _decode_like(shape: _Shape, payload: bytes, limits: DecodeLimits, now_us: int) -> Batch | None:
     """`payload` decoded by its shape, or None if it does not have that shape exactly."""
-    value = _values_like(np.frombuffer(payload, np.uint8), shape.payload, shape.fixed, shape.values)
-    if value is None:
+    if len(payload) != len(shape.payload):
         return None
     t0 = _int(payload, shape.t0)
     if t0 is None:
@@ -115,10 +120,12 @@ def _decode_like(shape: _Shape, payload: bytes, limits: DecodeLimits, now_us: in
     hi = min(now_us + limits.max_future_us, I64_MAX)
     if t0 + shape.first < limits.min_time_us or t0 + shape.last > hi or t0 > hi:
         return None  # decode_batch names the field
+    buf = np.frombuffer(payload, np.uint8)
+    value, time = _values_like(buf, shape.payload, shape.fixed, shape.values, shape.offsets, t0)
+    if not len(value):
+        return None
     b = shape.batch
-    time = shape.offsets + t0
-    quality = np.zeros(b.readings, np.uint8)
-    return Batch(seq, b.names, b.units, b.counts, b.readings, time, value, quality)
+    return Batch(seq, b.names, b.units, b.counts, b.readings, time, value, shape.quality)
 
 
 _INT_SIZES = {0xCC: 2, 0xCD: 3, 0xCE: 5, 0xCF: 9, 0xD0: 2, 0xD1: 3, 0xD2: 5, 0xD3: 9}
@@ -297,6 +304,8 @@ def _learn(
         fixed[start:end] = 0
     values = np.concatenate([np.arange(start, end) for start, end in spans]).astype(np.intp)
     offsets = batch.time - t0
+    quality = np.zeros(batch.readings, np.uint8)
+    quality.flags.writeable = False
     shape = _Shape(
         levels=levels,
         payload=buf,
@@ -308,6 +317,7 @@ def _learn(
         first=int(offsets.min()),
         last=int(offsets.max()),
         batch=batch,
+        quality=quality,
     )
     # What the shape reads back from its own payload must be what was decoded.
     again = _decode_like(shape, payload, limits, now_us)
@@ -325,5 +335,5 @@ def compile_kernels() -> None:
     """Compile, or load from the on-disk cache, this module's kernel (see `ingest.warmup`)."""
     buf = np.zeros(16, np.uint8)
     received = np.frombuffer(bytes(16), np.uint8)  # read-only, as a payload's bytes are
-    _values_like(received, buf, buf, np.arange(8, dtype=np.intp))
+    _values_like(received, buf, buf, np.arange(8, dtype=np.intp), np.zeros(1, np.int64), 0)
     _walk(received)
