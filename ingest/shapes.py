@@ -1,7 +1,8 @@
 """Message shapes: a device that sends the same channels every second sends MessagePack
-payloads that differ only in `t0`, `seq` and the bytes of their values. The first payload of
-a topic is decoded in full (`ingest.decode`); the next ones of the same shape are checked
-byte for byte against it and decoded from their bytes, without a Python object per channel.
+payloads that differ only in `t0`, `seq` and the bytes of their values. The first two
+payloads of a topic are decoded in full (`ingest.decode`), the second one becoming the
+topic's shape; the next ones of the same shape are checked byte for byte against it and
+decoded from their bytes, without a Python object per channel.
 
 Anything else (another length, another byte outside those fields, JSON, arrays of numbers,
 explicit times or quality) is decoded in full, as always, and becomes the topic's shape if it
@@ -73,9 +74,14 @@ class Shapes:
         else:
             levels = known
         batch = decode_batch(payload, content_type=content_type, limits=limits, now_us=now_us)
-        if len(self._topics) >= _MAX_TOPICS:
-            self._topics.clear()
-        self._topics[topic] = _learn(levels, payload, batch, limits, now_us) or levels
+        if known is None:
+            # A topic's shape is learnt from its second payload: the first sight of a plant
+            # (every sensor registered at once) does not pay for it as well.
+            if len(self._topics) >= _MAX_TOPICS:
+                self._topics.clear()
+            self._topics[topic] = levels
+        else:
+            self._topics[topic] = _learn(levels, payload, batch, limits, now_us) or levels
         return levels, batch
 
 
