@@ -145,6 +145,7 @@ async def merge_held(conn: asyncpg.Connection, held: Held, *, staged: set[str]) 
     tables the connection has (updated)."""
     async with conn.transaction():
         await conn.execute(_MERGE_WAIT)
+        await conn.execute(_MERGE_MEMORY)  # the upserts sort the staged rows in memory
         try:
             async with conn.transaction():  # a savepoint: undone if rows are missing
                 rows = await conn.fetch(_DELETE_HELD, held.epoch, held.flushes)
