@@ -29,15 +29,17 @@ Span = tuple[int, int]
 @dataclass(frozen=True, slots=True)
 class _Shape:
     levels: tuple[str, ...]
-    payload: npt.NDArray[np.uint8]  # the payload it was learnt from
+    payload: npt.NDArray[np.uint8]  # the payload it was learnt from (read-only, its bytes)
     fixed: npt.NDArray[np.uint8]  # 0xff where a byte must equal it, 0 in t0, seq and values
     t0: Span
     seq: Span | None
-    values: npt.NDArray[np.intp]  # the value bytes, 8 per reading, in order
+    values: npt.NDArray[np.int32]  # the value bytes, 8 per reading, in order
     offsets: npt.NDArray[np.int64]  # each reading's time minus t0
     first: int  # least and greatest offset
     last: int
-    batch: Batch  # names, units and counts are shared by every batch of the shape
+    names: tuple[str, ...]  # shared by every batch of the shape, as are units, counts
+    units: tuple[str | None, ...]
+    counts: tuple[int, ...]
     quality: npt.NDArray[np.uint8]  # zeros, read-only, shared too
 
 
@@ -90,7 +92,7 @@ def _values_like(
     buf: npt.NDArray[np.uint8],
     payload: npt.NDArray[np.uint8],
     fixed: npt.NDArray[np.uint8],
-    values: npt.NDArray[np.intp],
+    values: npt.NDArray[np.int32],
     offsets: npt.NDArray[np.int64],
     t0: int,
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]:
@@ -130,8 +132,7 @@ def _decode_like(shape: _Shape, payload: bytes, limits: DecodeLimits, now_us: in
     value, time = _values_like(buf, shape.payload, shape.fixed, shape.values, shape.offsets, t0)
     if not len(value):
         return None
-    b = shape.batch
-    return Batch(seq, b.names, b.units, b.counts, b.readings, time, value, shape.quality)
+    return Batch(seq, shape.names, shape.units, shape.counts, len(time), time, value, shape.quality)
 
 
 _INT_SIZES = {0xCC: 2, 0xCD: 3, 0xCE: 5, 0xCF: 9, 0xD0: 2, 0xD1: 3, 0xD2: 5, 0xD3: 9}
@@ -304,11 +305,11 @@ def _learn(
     t0 = _int(payload, t0_span)
     if t0 is None:
         return None
-    buf = np.frombuffer(payload, np.uint8).copy()
+    buf = np.frombuffer(payload, np.uint8)
     fixed = np.full(len(buf), 0xFF, np.uint8)
     for start, end in [t0_span, *([seq_span] if seq_span else []), *spans]:
         fixed[start:end] = 0
-    values = np.concatenate([np.arange(start, end) for start, end in spans]).astype(np.intp)
+    values = np.concatenate([np.arange(start, end, dtype=np.int32) for start, end in spans])
     offsets = batch.time - t0
     quality = np.zeros(batch.readings, np.uint8)
     quality.flags.writeable = False
@@ -322,7 +323,10 @@ def _learn(
         offsets=offsets,
         first=int(offsets.min()),
         last=int(offsets.max()),
-        batch=batch,
+        # Interned: the devices of a plant share their sensor names and units.
+        names=tuple([sys.intern(n) for n in batch.names]),
+        units=tuple([None if u is None else sys.intern(u) for u in batch.units]),
+        counts=batch.counts,
         quality=quality,
     )
     # What the shape reads back from its own payload must be what was decoded.
@@ -341,5 +345,6 @@ def compile_kernels() -> None:
     """Compile, or load from the on-disk cache, this module's kernel (see `ingest.warmup`)."""
     buf = np.zeros(16, np.uint8)
     received = np.frombuffer(bytes(16), np.uint8)  # read-only, as a payload's bytes are
-    _values_like(received, buf, buf, np.arange(8, dtype=np.intp), np.zeros(1, np.int64), 0)
+    values = np.arange(8, dtype=np.int32)
+    _values_like(received, received, buf, values, np.zeros(1, np.int64), 0)
     _walk(received)
