@@ -86,6 +86,33 @@ def test_journal_keeps_partials_merged_and_puts_a_failed_merge_back() -> None:
     _equal(again.minute, held.minute)
 
 
+def test_held_partials_of_late_and_repeated_buckets_equal_one_merge_of_everything() -> None:
+    rng = np.random.default_rng(8)
+    journal = PartialsJournal()
+    journal.epoch = 1
+    parts: list[Rollup] = []
+    for flush in range(60):
+        n = int(rng.integers(1, 400))
+        # Times anywhere in ten minutes: later, earlier (late data) and repeated buckets.
+        key = np.unique(rng.integers(0, 2_000, n) * 10_000 + rng.integers(0, 600, n))
+        sensor, time = (key // 10_000).astype(np.int32), T0 + (key % 10_000) * SECOND
+        part = rollup(
+            sensor=sensor, time=time, value=rng.normal(0, 1, len(key)), bucket_us=MINUTE_US
+        )
+        parts.append(part)
+        journal.add(flush, part)
+        if flush == 30:
+            held = journal.take()
+            assert held is not None
+            journal.put_back(held)  # a merge that did not commit
+    held = journal.take()
+    assert held is not None
+    assert held.flushes == list(range(60))
+    _equal(held.minute, merge_partials(parts, bucket_us=MINUTE_US))
+    _equal(held.hour, merge_partials(parts, bucket_us=HOUR_US))
+    assert journal.take() is None
+
+
 class _Instance:
     """One ingester's writing side with its journal, and its merger."""
 
