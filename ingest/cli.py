@@ -128,6 +128,33 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("file", metavar="FILE", help="a .yaml/.yml or .csv file")
     imp.add_argument("--config", metavar="FILE", help="TOML configuration file (INGEST_CONFIG)")
 
+    base = sub.add_parser(
+        "baseline", help="fit devices' asset-health models from a healthy period's readings"
+    )
+    base.add_argument("--device", required=True, metavar="GLOB", help="device paths to fit")
+    base.add_argument("--from", dest="start", metavar="RFC3339", help="start of the period")
+    base.add_argument("--to", dest="end", metavar="RFC3339", help="end of the period (excluded)")
+    base.add_argument(
+        "--last",
+        type=_positive_float,
+        metavar="SECONDS",
+        help="instead of --from/--to: this long up to each device's newest reading",
+    )
+    base.add_argument("--sensors", default="*", metavar="GLOB", help="sensor names to use (*)")
+    base.add_argument(
+        "--variance", type=_fraction, default=0.9, help="variance the components keep (0.9)"
+    )
+    base.add_argument(
+        "--quantile",
+        type=_fraction,
+        default=0.999,
+        help="score quantile (0.999)",
+    )
+    base.add_argument(
+        "--margin", type=_positive_float, default=1.25, help="limits = quantile x margin (1.25)"
+    )
+    base.add_argument("--config", metavar="FILE", help="TOML configuration file (INGEST_CONFIG)")
+
     chk = sub.add_parser("check-config", help="validate the configuration and print it")
     chk.add_argument("--config", metavar="FILE", help="TOML configuration file (INGEST_CONFIG)")
     return parser
@@ -144,6 +171,13 @@ def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a number between 0 and 1")
     return value
 
 
@@ -250,6 +284,50 @@ def _assets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _baseline(args: argparse.Namespace) -> int:
+    from ingest import config as config_mod
+    from ingest.asset.baseline import Request, baseline
+    from ingest.config import parse_rfc3339_us
+
+    if (args.last is None) == (args.start is None or args.end is None):
+        raise ConfigError("baseline: give either --from and --to, or --last")
+    times = {}
+    for flag, text in (("--from", args.start), ("--to", args.end)):
+        if text is not None:
+            try:
+                times[flag] = parse_rfc3339_us(text)
+            except ValueError as exc:
+                raise ConfigError(f"{flag}: {exc}") from None
+    if args.last is None and times["--from"] >= times["--to"]:
+        raise ConfigError("baseline: --from must be before --to")
+    cfg = config_mod.load(path=args.config, for_migrate=True)
+    request = Request(
+        device=args.device,
+        start_us=times.get("--from"),
+        end_us=times.get("--to"),
+        last_us=None if args.last is None else round(args.last * 1e6),
+        sensors=args.sensors,
+        variance=args.variance,
+        quantile=args.quantile,
+        margin=args.margin,
+    )
+    dsn = cfg.db.migrate_url or cfg.db.url
+    failed = 0
+    for f in asyncio.run(baseline(dsn, request, rules=cfg.anomaly.assets)):
+        left = f"; left out: {', '.join(f.skipped)}" if f.skipped else ""
+        if f.model is None:
+            failed += 1
+            print(f"ingest: baseline {f.device}: not fitted: {f.problem}{left}")
+            continue
+        m = f.model
+        print(
+            f"ingest: baseline {f.device}: model version {f.version}, {len(m.sensors)} sensors "
+            f"({', '.join(m.sensors)}), {m.components} components, {m.samples} timestamps, "
+            f"T² limit {m.t2_limit:.4g}, Q limit {m.q_limit:.4g}{left}"
+        )
+    return 1 if failed else 0
+
+
 def _run(args: argparse.Namespace) -> int:
     from ingest import config as config_mod
     from ingest import memory
@@ -312,6 +390,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "retain": _retain,
         "check-config": _check_config,
         "assets": _assets,
+        "baseline": _baseline,
     }
     try:
         return handlers[args.command](args)
