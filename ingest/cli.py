@@ -107,6 +107,24 @@ def _parser() -> argparse.ArgumentParser:
         help="inject spike, drift, flatline or overheat on DEVICE/SENSOR matching GLOB at S "
         "simulated seconds (for D seconds); repeatable",
     )
+    sim.add_argument(
+        "--pumps",
+        type=_positive_int,
+        metavar="N",
+        help="instead of the plant: N pumps of eight correlated sensors (temperatures at a "
+        "fifth of the rate); --batch a multiple of 5",
+    )
+    sim.add_argument(
+        "--fault",
+        action="append",
+        default=[],
+        metavar="KIND:GLOB@S[+D]",
+        help="pumps: inject cavitation, valve or bearing on the pumps matching GLOB at S "
+        "simulated seconds, for D seconds (300); repeatable",
+    )
+    sim.add_argument(
+        "--labels", metavar="PATH", help="pumps: write the fault windows to PATH (JSON)"
+    )
     sim.add_argument("--record", metavar="PATH", help="record what was published to PATH.<n>")
     sim.add_argument(
         "--ca-file",
@@ -142,7 +160,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     base.add_argument("--sensors", default="*", metavar="GLOB", help="sensor names to use (*)")
     base.add_argument(
-        "--variance", type=_fraction, default=0.9, help="variance the components keep (0.9)"
+        "--variance", type=_fraction, default=0.99, help="variance the components keep (0.99)"
     )
     base.add_argument(
         "--quantile",
@@ -151,7 +169,7 @@ def _parser() -> argparse.ArgumentParser:
         help="score quantile (0.999)",
     )
     base.add_argument(
-        "--margin", type=_positive_float, default=1.25, help="limits = quantile x margin (1.25)"
+        "--margin", type=_positive_float, default=1.1, help="limits = quantile x margin (1.1)"
     )
     base.add_argument("--config", metavar="FILE", help="TOML configuration file (INGEST_CONFIG)")
 
@@ -193,11 +211,18 @@ def _simulate(args: argparse.Namespace) -> int:
     import time
 
     from ingest.config import parse_rfc3339_us
-    from ingest.sim.plant import load_plant
+    from ingest.sim.plant import load_plant, pump_devices
+    from ingest.sim.pumps import SLOW, Fault
     from ingest.sim.signals import Anomaly
     from ingest.sim.simulate import SimSettings, simulate
 
-    devices = load_plant(args.plant)
+    if args.pumps and (args.plant or args.format == "sparkplug" or args.batch % SLOW):
+        raise ConfigError(
+            f"--pumps: takes no --plant, no sparkplug format, and a --batch multiple of {SLOW}"
+        )
+    if (args.fault or args.labels) and not args.pumps:
+        raise ConfigError("--fault and --labels need --pumps")
+    devices = pump_devices(args.pumps) if args.pumps else load_plant(args.plant)
     if args.devices:
         devices = devices[: args.devices]
     if args.start:
@@ -225,7 +250,13 @@ def _simulate(args: argparse.Namespace) -> int:
         record=args.record,
         ca_file=ca_file,
         answer_rebirth=args.answer_rebirth,
+        faults=tuple(Fault.parse(f, start_us=start_us) for f in args.fault),
     )
+    if args.labels:
+        import msgspec
+
+        with open(args.labels, "wb") as f:
+            f.write(msgspec.json.encode(settings.faults))
     simulate(settings, devices, processes=args.processes, progress=not args.quiet)
     return 0
 

@@ -44,9 +44,9 @@ class Request:
     end_us: int | None
     last_us: int | None = None
     sensors: str = "*"
-    variance: float = 0.9
-    quantile: float = 0.999
-    margin: float = 1.25
+    variance: float = 0.99
+    quantile: float = 0.995
+    margin: float = 1.1
 
 
 @dataclass(frozen=True, slots=True)

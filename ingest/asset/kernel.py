@@ -64,8 +64,10 @@ F64 = npt.NDArray[np.float64]
 def _contributions(
     z: F64, loadings: F64, inv_eig: F64, t2_limit: float, q_limit: float, out: F64
 ) -> None:
-    """Each sensor's part of T²/t2_limit + Q/q_limit at the standardized vector z: z_j (M z)_j
-    with M = P diag(1/lambda) P' / t2_limit + (I - P P') / q_limit (they add up to the sum)."""
+    """Each sensor's part of the score at the standardized vector z: its squared residual
+    r_j² / q_limit (r = z - P P'z) plus, where positive, its part of T², z_j (P diag(1/lambda)
+    P'z)_j / t2_limit. Never negative: a sensor pulled below the others' pattern counts as much
+    as one pushed above it."""
     d, k = loadings.shape
     a = np.zeros(k)
     for c in range(k):
@@ -79,7 +81,8 @@ def _contributions(
         for c in range(k):
             proj += loadings[j, c] * a[c]
             t2 += loadings[j, c] * a[c] * inv_eig[c]
-        out[j] = z[j] * (t2 / t2_limit + (z[j] - proj) / q_limit)
+        r = z[j] - proj
+        out[j] = r * r / q_limit + max(z[j] * t2, 0.0) / t2_limit
 
 
 @kernel
@@ -105,9 +108,10 @@ def advance(
     At each distinct time the readings there replace their sensors' carried values; the
     timestamp is scored when every sensor has a value at most `hold_us` old: z = (x - mean) *
     inv_scale, T² = sum (P'z)_c² / lambda_c, Q = |z|² - |P'z|², score = max(T² / t2_limit,
-    Q / q_limit); it offends when score > 1. Offending timestamps at most `gap_us` apart form a
-    run; a run that has lasted `min_us` (last minus first offending time) is an event, which
-    closes at the first scored timestamp more than `gap_us` after its last offending one.
+    Q / q_limit); it offends when score > 1. Offending timestamps form a run until a scored
+    timestamp that does not offend lies more than `gap_us` after the run's last offending one:
+    that closes it. A run that has lasted `min_us` (last minus first offending time) is an
+    event.
 
     Returns (times, scores): every distinct time taken in, with its score (NaN: not scored);
     and (ev_i, ev_f): per event touched, [start, end (NO_TIME: open), worst time, top sensors]
@@ -161,24 +165,24 @@ def advance(
         q = max(zz - pp, 0.0)
         score = max(t2 / t2_limit, q / q_limit)
         scores[n_ts - 1] = score
-        # A run whose last offending timestamp is more than the gap behind is over.
-        if ints[I_FIRST] != NO_TIME and t - ints[I_OFF] > gap_us:
-            if ints[I_QUAL] == 1:
-                ev_i[n_ev, 0] = ints[I_FIRST]
-                ev_i[n_ev, 1] = ints[I_OFF]
-                ev_i[n_ev, 2] = ints[I_WORST_T]
-                ev_f[n_ev, 0] = floats[F_WORST]
-                ev_f[n_ev, 1] = floats[F_T2]
-                ev_f[n_ev, 2] = floats[F_Q]
-                for c in range(TOP):
-                    ev_i[n_ev, 3 + c] = ints[I_TOP + c]
-                    ev_f[n_ev, 3 + c] = floats[F_SHARE + c]
-                n_ev += 1
-            ints[I_FIRST] = NO_TIME
-            ints[I_OFF] = NO_TIME
-            ints[I_QUAL] = 0
-            touched = False
         if score <= 1.0:
+            # A run whose last offending timestamp is more than the gap behind is over.
+            if ints[I_FIRST] != NO_TIME and t - ints[I_OFF] > gap_us:
+                if ints[I_QUAL] == 1:
+                    ev_i[n_ev, 0] = ints[I_FIRST]
+                    ev_i[n_ev, 1] = ints[I_OFF]
+                    ev_i[n_ev, 2] = ints[I_WORST_T]
+                    ev_f[n_ev, 0] = floats[F_WORST]
+                    ev_f[n_ev, 1] = floats[F_T2]
+                    ev_f[n_ev, 2] = floats[F_Q]
+                    for c in range(TOP):
+                        ev_i[n_ev, 3 + c] = ints[I_TOP + c]
+                        ev_f[n_ev, 3 + c] = floats[F_SHARE + c]
+                    n_ev += 1
+                ints[I_FIRST] = NO_TIME
+                ints[I_OFF] = NO_TIME
+                ints[I_QUAL] = 0
+                touched = False
             continue
         if ints[I_FIRST] == NO_TIME:
             ints[I_FIRST] = t
@@ -192,8 +196,7 @@ def advance(
             _contributions(z, loadings, inv_eig, t2_limit, q_limit, contrib)
             positive = 0.0
             for j in range(d):
-                if contrib[j] > 0:
-                    positive += contrib[j]
+                positive += contrib[j]
             for c in range(TOP):
                 best = -1
                 for j in range(d):

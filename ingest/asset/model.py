@@ -139,10 +139,10 @@ def fit(
     sensors: Sequence[str],
     x: npt.NDArray[np.float64],
     *,
-    variance: float = 0.9,
+    variance: float = 0.99,
     max_components: int | None = None,
-    quantile: float = 0.999,
-    margin: float = 1.25,
+    quantile: float = 0.995,
+    margin: float = 1.1,
 ) -> AssetModel:
     """Fit a model to baseline vectors `x` (one row per device timestamp, one column per sensor).
 
