@@ -165,8 +165,8 @@ def _parser() -> argparse.ArgumentParser:
     base.add_argument(
         "--quantile",
         type=_fraction,
-        default=0.999,
-        help="score quantile (0.999)",
+        default=0.995,
+        help="score quantile (0.995)",
     )
     base.add_argument(
         "--margin", type=_positive_float, default=1.1, help="limits = quantile x margin (1.1)"
