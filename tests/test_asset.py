@@ -13,8 +13,10 @@ import math
 import numpy as np
 import pytest
 
+from ingest import config
 from ingest.asset.kernel import NO_TIME, fresh_state
 from ingest.asset.model import AssetModel, carry_forward, fit
+from ingest.errors import ConfigError
 
 S = 1_000_000
 MODEL = AssetModel(
@@ -191,3 +193,51 @@ def test_fit_limits_are_the_baselines_own_score_quantile_times_the_margin() -> N
     assert model.q_limit == pytest.approx(2.0 * float(np.quantile(q, 0.9)), rel=1e-9)
     with pytest.raises(ValueError, match="at least 40 timestamps, got 39"):
         fit(("a", "b", "c", "d"), x[:39])
+
+
+@pytest.mark.parametrize(
+    ("rules", "message"),
+    [
+        (
+            '[{"match": "plant1/pumps/*", "gap_s": -1}]',
+            "anomaly.assets[0] (INGEST_ANOMALY_ASSETS): asset rule 'plant1/pumps/*': gap_s must be "
+            "from 0 to 86400 seconds, got -1.0",
+        ),
+        (
+            '[{"match": ""}]',
+            "anomaly.assets[0] (INGEST_ANOMALY_ASSETS): asset rule: match must be a non-empty glob, "
+            "got ''",
+        ),
+        (
+            '[{"match": "*", "hold": 5}]',
+            "anomaly.assets[0].hold: unknown key (see the configuration table in the README)",
+        ),
+        (
+            '[{"match": "*", "alert": {"condition": "pump", "kinds": ["range"]}}]',
+            "anomaly.assets[0] (INGEST_ANOMALY_ASSETS): asset rule '*': alert: kinds: an asset "
+            "rule's alert takes its asset events; leave kinds out",
+        ),
+    ],
+)
+def test_bad_asset_rules_are_refused_naming_the_key(rules: str, message: str) -> None:
+    env = {"INGEST_DB_URL": "postgresql://x@h/db", "INGEST_ANOMALY_ASSETS": rules}
+    with pytest.raises(ConfigError) as err:
+        config.load(env=env)
+    assert str(err.value) == message
+
+
+def test_asset_rules_load_from_the_environment() -> None:
+    env = {
+        "INGEST_DB_URL": "postgresql://x@h/db",
+        "INGEST_ANOMALY_ASSETS": '[{"match": "*/pumps/*", "hold_s": 10, '
+        '"alert": {"condition": "pump-health", "severity": "major"}}]',
+    }
+    (rule,) = config.load(env=env).anomaly.assets
+    assert (rule.match, rule.hold_us, rule.gap_us, rule.min_us) == (
+        "*/pumps/*",
+        10 * S,
+        30 * S,
+        10 * S,
+    )
+    assert rule.alert is not None
+    assert (rule.alert.condition, rule.alert.severity) == ("pump-health", "major")

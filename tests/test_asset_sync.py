@@ -7,9 +7,13 @@ from __future__ import annotations
 import uuid
 
 import asyncpg
+import msgspec
 import pytest
 from prometheus_client import REGISTRY
 
+from ingest.alerts.evaluator import Evaluator
+from ingest.alerts.rules import AlertRule, Alerts, CloudEventsSink
+from ingest.alerts.store import rfc3339
 from ingest.asset.rules import AssetRule
 from ingest.sim.pumps import SENSORS
 from ingest.warmup import warm_up
@@ -159,3 +163,40 @@ async def test_several_ingesters_in_any_order_store_the_one_pass_events(
     assert await asset_events(db, device) == expected
     replayed = (REGISTRY.get_sample_value("ingest_asset_replays_total") or 0.0) - replays
     assert replayed == (len(parts) // 2 if order == "pairs swapped" else 0)
+
+
+async def test_an_asset_rules_alert_opens_and_resolves_with_the_asset_events(db: Database) -> None:
+    device = new_pump()
+    later, _ = await fitted(db, device)
+    await write_all(db, device, chunks(later, 60))
+    expected = sorted(one_pass(await stored_model(db, device), RULE, later).items())
+    rule = msgspec.structs.replace(RULE, alert=AlertRule(condition="pump-health", severity="major"))
+    hook = CloudEventsSink(name="hook", url="http://127.0.0.1:9/hook")
+    settings = Alerts(sinks=(hook,), lookback_s=400 * 86400.0)
+    evaluator = Evaluator(rules=[], settings=settings, assets=[rule])
+    conn = await asyncpg.connect(db.ingest_url)
+    try:
+        await evaluator.evaluate(conn)
+    finally:
+        await conn.close()
+    conn = await asyncpg.connect(db.owner_url)
+    try:
+        alert = await conn.fetchrow(
+            "SELECT key, state, severity, sensors FROM telemetry.alerts_v WHERE device = $1",
+            device,
+        )
+        sent = await conn.fetch(
+            "SELECT event, payload->>'at' AS at FROM telemetry.alert_outbox"
+            " WHERE alert_key = $1 ORDER BY id",
+            f"{device}:pump-health",
+        )
+    finally:
+        await conn.close()
+    assert (alert["key"], alert["state"], alert["severity"]) == (
+        f"{device}:pump-health",
+        "resolved",
+        "major",
+    )
+    opened = [r["at"] for r in sent if r["event"] == "opened"]
+    assert opened == [rfc3339(start) for start, _ in expected]
+    assert [r["event"] for r in sent].count("resolved") == len(expected)

@@ -10,6 +10,8 @@ from typing import Final
 
 import msgspec
 
+from ingest.alerts.rules import AlertRule
+
 __all__ = ["ANCHOR", "AssetRule", "asset_rule_for"]
 
 ANCHOR: Final = "(asset)"
@@ -28,6 +30,8 @@ class AssetRule(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
       long (last minus first offending time).
     - `gap_s`: offending timestamps at most this far apart are one run; an event ends at the
       first scored timestamp more than `gap_s` after its last offending one.
+    - `alert`: the alert its events feed (`condition`, `severity`, delays as for an anomaly
+      rule's alert).
     - `replay_s`: a flush holding readings at or before a device's newest scored timestamp
       (a late batch, or a device's sensors in separate messages) re-scores the device from a
       quiet timestamp (no run in progress) found at most this far before those readings.
@@ -38,10 +42,17 @@ class AssetRule(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
     min_duration_s: float = 10.0
     gap_s: float = 30.0
     replay_s: float = 600.0
+    alert: AlertRule | None = None
+    """The alert the device's asset events feed: one condition per device (ingest/alerts)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.match, str) or not self.match:
             raise ValueError(f"asset rule: match must be a non-empty glob, got {self.match!r}")
+        if self.alert is not None and self.alert.kinds:
+            raise ValueError(
+                f"asset rule {self.match!r}: alert: kinds: an asset rule's alert takes its asset "
+                "events; leave kinds out"
+            )
         limits = {
             "hold_s": (1e-6, 86400.0),
             "min_duration_s": (0.0, 86400.0),

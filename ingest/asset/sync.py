@@ -36,6 +36,7 @@ from ingest.anomaly.pending import Event
 from ingest.asset import kernel as k
 from ingest.asset.rules import AssetRule, asset_rule_for
 from ingest.db import asset_state as db
+from ingest.db.asset_state import DELETE_EVENTS_SQL, UPDATE_SQL
 from ingest.db.registry import Registry
 from ingest.db.sink import Readings, Upsert
 
@@ -152,7 +153,7 @@ class AssetScorer:
                 updates.append(update)
         if not updates:
             return None
-        out.update = Upsert(db.UPDATE_SQL, (msgspec.json.encode(updates).decode(),))
+        out.update = Upsert(UPDATE_SQL, (msgspec.json.encode(updates).decode(),))
         return out
 
     async def _device(
@@ -257,7 +258,7 @@ class AssetScorer:
         out.timestamps += int((ts > quiet).sum())
         later = ev_i[:, 0] > quiet
         out.deletes.append(
-            Upsert(db.DELETE_EVENTS_SQL, ([model.anchor_id], [quiet], db.to_datetime(quiet)))
+            Upsert(DELETE_EVENTS_SQL, ([model.anchor_id], [quiet], db.to_datetime(quiet)))
         )
         return ints, floats, ev_i[later], ev_f[later]
 
