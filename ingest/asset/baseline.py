@@ -3,6 +3,8 @@ period the user knows was healthy, and store it (a new version) for every ingest
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import fnmatch
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,7 +17,7 @@ from ingest.asset.rules import ANCHOR, AssetRule, asset_rule_for
 from ingest.db import asset_state as db
 from ingest.errors import ConfigError, TransientSinkError
 
-__all__ = ["Fitted", "Request", "baseline"]
+__all__ = ["Fitted", "Request", "baseline", "command"]
 
 _DEVICES = "SELECT id, path FROM telemetry.devices ORDER BY id"
 _SENSORS = """
@@ -147,3 +149,46 @@ async def _one(
         fitted_to=end,
     )
     return Fitted(path, model, version, tuple(skipped))
+
+
+def command(args: argparse.Namespace) -> int:
+    """`ingest baseline`: one line per device fitted (or not); exit status 1 if one was not."""
+    from ingest import config as config_mod
+
+    if (args.last is None) == (args.start is None or args.end is None):
+        raise ConfigError("baseline: give either --from and --to, or --last")
+    times = {}
+    for flag, text in (("--from", args.start), ("--to", args.end)):
+        if text is not None:
+            try:
+                times[flag] = config_mod.parse_rfc3339_us(text)
+            except ValueError as exc:
+                raise ConfigError(f"{flag}: {exc}") from None
+    if args.last is None and times["--from"] >= times["--to"]:
+        raise ConfigError("baseline: --from must be before --to")
+    cfg = config_mod.load(path=args.config, for_migrate=True)
+    request = Request(
+        device=args.device,
+        start_us=times.get("--from"),
+        end_us=times.get("--to"),
+        last_us=None if args.last is None else round(args.last * 1e6),
+        sensors=args.sensors,
+        variance=args.variance,
+        quantile=args.quantile,
+        margin=args.margin,
+    )
+    dsn = cfg.db.migrate_url or cfg.db.url
+    failed = 0
+    for f in asyncio.run(baseline(dsn, request, rules=cfg.anomaly.assets)):
+        left = f"; left out: {', '.join(f.skipped)}" if f.skipped else ""
+        if f.model is None:
+            failed += 1
+            print(f"ingest: baseline {f.device}: not fitted: {f.problem}{left}")
+            continue
+        m = f.model
+        print(
+            f"ingest: baseline {f.device}: model version {f.version}, {len(m.sensors)} sensors "
+            f"({', '.join(m.sensors)}), {m.components} components, {m.samples} timestamps, "
+            f"T² limit {m.t2_limit:.4g}, Q limit {m.q_limit:.4g}{left}"
+        )
+    return 1 if failed else 0

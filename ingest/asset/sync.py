@@ -94,6 +94,8 @@ class AssetScorer:
         self._registry = registry
         self._rule_of: dict[int, AssetRule | None] = {}  # by sensor id
         self._models: dict[int, db.Model] = {}  # by device id: a cache, checked by version
+        self._keys = np.full(1024, -1, np.int64)  # by sensor id: its part key, -1 unknown
+        self._scored = np.zeros(1024, np.bool_)  # by sensor id: its device has a rule
 
     @property
     def enabled(self) -> bool:
@@ -110,13 +112,29 @@ class AssetScorer:
         """A key per reading that keeps a scored device's sensors in one part of a split flush
         (its device path's CRC), and other sensors spread by id."""
         keys = sensor.astype(np.int64)
-        if not self._rules:
+        if not self._rules or not len(sensor):
             return keys
-        for s in np.unique(sensor).tolist():
-            if self._rule(s) is not None:
-                device, _ = self._registry.name_of(s)
-                keys[sensor == s] = zlib.crc32(device.encode())
-        return keys
+        top = int(sensor.max())
+        if top >= len(self._keys):
+            grown = np.full(max(top + 1, 2 * len(self._keys)), -1, np.int64)
+            grown[: len(self._keys)] = self._keys
+            self._keys = grown
+            scored = np.zeros(len(grown), np.bool_)
+            scored[: len(self._scored)] = self._scored
+            self._scored = scored
+        ids = np.unique(sensor)
+        for s in ids[self._keys[ids] < 0].tolist():
+            device, _ = self._registry.name_of(s)
+            self._scored[s] = self._rule(s) is not None
+            self._keys[s] = zlib.crc32(device.encode()) if self._scored[s] else s
+        out: npt.NDArray[np.int64] = self._keys[sensor]
+        return out
+
+    def scored(self, sensor: npt.NDArray[np.int32]) -> npt.NDArray[np.bool_]:
+        """Which of these sensors belong to a device an asset rule matches."""
+        self.part_keys(sensor)  # classifies the ones not seen yet
+        out: npt.NDArray[np.bool_] = self._scored[sensor]
+        return out
 
     async def settle(self, conn: asyncpg.Connection, new: Readings) -> AssetSettled | None:
         """In the flush's transaction, its new rows written: score their devices."""
@@ -124,7 +142,7 @@ class AssetScorer:
             return None
         finite = np.isfinite(new.value)
         ids = np.unique(new.sensor[finite])
-        ids = np.array([s for s in ids.tolist() if self._rule(s) is not None], np.int32)
+        ids = ids[self.scored(ids)]
         if not len(ids):
             return None
         locked = await db.lock(conn, ids)
