@@ -20,7 +20,7 @@ from tests.support.asset import (
     stored_model,
 )
 from tests.support.cluster import Database
-from tests.support.ingester import Ingester, ingest_cli, ingester_env
+from tests.support.ingester import Ingester, ingest_cli, ingester_env, share_group
 from tests.support.mqtt import publish
 from tests.support.process import wait_until
 
@@ -106,3 +106,33 @@ def msgspec_rule(rule: AssetRule) -> dict[str, object]:
         "min_duration_s": rule.min_duration_s,
         "gap_s": rule.gap_s,
     }
+
+
+async def test_three_ingesters_on_a_share_group_store_the_one_pass_events(
+    db: Database, mqtt_url: str, prefix: str
+) -> None:
+    pump = faulty_pump(DEVICE, at_s=4200, length_s=240)
+    env = ingester_env(db, mqtt_url, prefix, INGEST_MIGRATE_DB_URL=db.owner_url)
+    one = await Ingester(env).start()
+    try:
+        await send(db, mqtt_url, prefix, pump_stream(pump, first=0, count=3600))
+    finally:
+        assert await one.stop() == 0
+    status, out, err = await ingest_cli(
+        "baseline", "--device", DEVICE, "--from", "2026-01-01T00:00:00Z",
+        "--to", "2026-01-01T01:00:00Z", env=env,
+    )  # fmt: skip
+    assert (status, err) == (0, ""), out
+    members = await share_group(
+        db, mqtt_url, prefix, members=3, INGEST_ANOMALY_ASSETS=json.dumps([msgspec_rule(RULE)])
+    )
+    try:
+        later = pump_stream(pump, first=3600, count=1800)
+        await send(db, mqtt_url, prefix, later)
+        scored = [await m.metric("ingest_asset_timestamps_total") for m in members]
+    finally:
+        for m in members:
+            assert await m.stop() == 0
+    assert sum(1 for n in scored if n > 0) >= 2, scored  # the messages went round
+    expected = one_pass(await stored_model(db, DEVICE), RULE, later)
+    assert await asset_events(db, DEVICE) == expected
