@@ -237,7 +237,7 @@ def test_asset_rules_load_from_the_environment() -> None:
         "*/pumps/*",
         10 * S,
         30 * S,
-        10 * S,
+        30 * S,
     )
     assert rule.alert is not None
     assert (rule.alert.condition, rule.alert.severity) == ("pump-health", "major")

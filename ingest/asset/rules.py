@@ -39,7 +39,7 @@ class AssetRule(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
 
     match: str
     hold_s: float = 60.0
-    min_duration_s: float = 10.0
+    min_duration_s: float = 30.0
     gap_s: float = 30.0
     replay_s: float = 600.0
     alert: AlertRule | None = None
