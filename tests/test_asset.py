@@ -16,6 +16,7 @@ import pytest
 from ingest import config
 from ingest.asset.kernel import NO_TIME, fresh_state
 from ingest.asset.model import AssetModel, carry_forward, fit
+from ingest.asset.sync import quiet_point
 from ingest.errors import ConfigError
 
 S = 1_000_000
@@ -241,3 +242,17 @@ def test_asset_rules_load_from_the_environment() -> None:
     )
     assert rule.alert is not None
     assert (rule.alert.condition, rule.alert.severity) == ("pump-health", "major")
+
+
+def test_a_replay_starts_at_the_latest_quiet_timestamp_before_the_late_readings() -> None:
+    ts = np.array([1, 2, 3, 4, 5, 6, 7, 8, 9], np.int64) * S
+    nan = float("nan")
+    scores = np.array([0.5, 2.0, 0.5, 0.5, nan, 0.5, 3.0, 0.5, 0.5])
+    # Before 9 s with gap 2 s: 8 follows an offending 7; 6 has nothing offending in [4, 6).
+    # Before 6 s: 5 was not scored, 4 and 3 are at most 2 s after the offending 2 (its run is
+    # not over there), 1 is quiet.
+    assert quiet_point(ts, scores, lo=1 * S, before=9 * S, gap_us=2 * S) == 6 * S
+    assert quiet_point(ts, scores, lo=1 * S, before=6 * S, gap_us=2 * S) == 1 * S
+    assert quiet_point(ts, scores, lo=1 * S, before=4 * S, gap_us=2 * S) == 1 * S
+    assert quiet_point(ts, scores, lo=2 * S, before=4 * S, gap_us=2 * S) is None
+    assert quiet_point(ts, scores, lo=1 * S, before=9 * S, gap_us=0) == 8 * S
