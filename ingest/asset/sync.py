@@ -158,14 +158,27 @@ class AssetScorer:
                 self._models[model.device_id] = model
         out = AssetSettled([], [], Upsert("", ()))
         updates = []
-        for row in locked:
-            model = self._models[row.device_id]
-            keep = finite & np.isin(new.sensor, model.sensor_ids)
-            if not keep.any():
+        models = [self._models[row.device_id] for row in locked]
+        # Each reading of a model sensor to its device (j, in `locked`), in one pass: the
+        # readings grouped by device, in time order within each.
+        ids = np.concatenate([m.sensor_ids for m in models])
+        owner = np.concatenate([np.full(len(m.sensor_ids), j) for j, m in enumerate(models)])
+        by_id = np.argsort(ids)
+        ids, owner = ids[by_id], owner[by_id]
+        at = np.minimum(np.searchsorted(ids, new.sensor), len(ids) - 1)
+        keep = finite & (ids[at] == new.sensor)
+        device = owner[at[keep]]
+        sensor, time, value = new.sensor[keep], new.time[keep], new.value[keep]
+        order = np.lexsort((time, device))
+        device, sensor, time, value = device[order], sensor[order], time[order], value[order]
+        bounds = np.searchsorted(device, np.arange(len(models) + 1))
+        for j, (row, model) in enumerate(zip(locked, models, strict=True)):
+            lo, hi = int(bounds[j]), int(bounds[j + 1])
+            if lo == hi:
                 continue
-            rule = self._rule(int(new.sensor[keep][0]))
+            rule = self._rule(int(sensor[lo]))
             assert rule is not None
-            s, t, v = new.sensor[keep], new.time[keep], new.value[keep]
+            s, t, v = sensor[lo:hi], time[lo:hi], value[lo:hi]
             update = await self._device(conn, row, model, rule, s, t, v, out)
             if update is not None:
                 updates.append(update)
@@ -200,13 +213,12 @@ class AssetScorer:
                 after = time > row.last
                 out.late += int((~after).sum())
                 sensor, time, value = sensor[after], time[after], value[after]
-        if run and len(time):
-            order = np.argsort(time, kind="stable")
-            index = np.searchsorted(model.sensor_ids, sensor[order]).astype(np.int32)
+        if run and len(time):  # in time order (see `settle`)
+            index = np.searchsorted(model.sensor_ids, sensor).astype(np.int32)
             times, _, ev_i, ev_f = model.model.run(
                 index,
-                time[order],
-                value[order],
+                time,
+                value,
                 hold_us=rule.hold_us,
                 gap_us=rule.gap_us,
                 min_us=rule.min_us,
