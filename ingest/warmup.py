@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ingest import kernels
 from ingest.anomaly import detector
+from ingest.asset import model
 from ingest.sparkplug import stage
 
 __all__ = ["warm_up"]
@@ -21,5 +22,6 @@ def warm_up(*, sparkplug: bool = True) -> None:
     """
     kernels.compile_kernels()
     detector.compile_kernels()
+    model.compile_kernels()
     if sparkplug:
         stage.compile_kernels()

@@ -180,7 +180,7 @@ class Writer:
             parts = 1  # a birth's aliases commit in the transaction of its readings
         slabs = [readings]
         if parts > 1:
-            part_of = readings.sensor % parts
+            part_of = self._deriver.part_keys(readings.sensor) % parts
             slabs = [readings.select(part_of == p) for p in range(parts)]
         todo = [
             p

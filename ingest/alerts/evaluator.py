@@ -27,6 +27,7 @@ from ingest.alerts.lifecycle import AlertState, Change, Event, Timing, advance
 from ingest.alerts.rules import KINDS, SEVERITIES, AlertRule, Alerts
 from ingest.alerts.store import EPOCH, state_of, to_us, write_changes
 from ingest.anomaly.rules import AnomalyRule, rule_for
+from ingest.asset.rules import ANCHOR, AssetRule, asset_rule_for
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,13 @@ _EVENTS = """
 SELECT sensor_id, kind, start_time, end_time
   FROM telemetry.anomalies
  WHERE sensor_id = ANY($1::int[]) AND start_time >= $2 AND (end_time IS NULL OR end_time > $3)
+"""
+ASSET_KINDS: tuple[str, ...] = ("asset",)
+# The horizon of a device's asset events: the newest timestamp its scoring took in.
+_SCORED = """
+SELECT m.anchor_id AS id, s.last_time AS t
+  FROM telemetry.asset_models m JOIN telemetry.asset_state s ON s.device_id = m.device_id
+ WHERE m.anchor_id = ANY($1::int[])
 """
 _META = """
 SELECT asset, criticality, asset_type, team, ci_id FROM telemetry.device_meta_v WHERE device_id = $1
@@ -132,10 +140,18 @@ class _Condition:
 class Evaluator:
     """Evaluates alerts on its own connection. Called from one task only."""
 
-    def __init__(self, *, rules: Sequence[AnomalyRule], settings: Alerts) -> None:
+    def __init__(
+        self,
+        *,
+        rules: Sequence[AnomalyRule],
+        settings: Alerts,
+        assets: Sequence[AssetRule] = (),
+    ) -> None:
         self.rules = tuple(rules)
+        self.assets = tuple(assets)
         self.settings = settings
-        self._has_rules = any(r.alert is not None for r in self.rules)
+        alerts = [r.alert for r in self.rules] + [r.alert for r in self.assets]
+        self._has_rules = any(a is not None for a in alerts)
 
     # ------------------------------------------------------------------ one pass
 
@@ -168,12 +184,18 @@ class Evaluator:
     def _conditions(self, sensors: list[asyncpg.Record]) -> dict[str, _Condition]:
         out: dict[str, _Condition] = {}
         for row in sensors:
-            rule = rule_for(rules=self.rules, path=f"{row['path']}/{row['name']}")
-            if rule is None or rule.alert is None:
-                continue
-            alert = rule.alert
+            if row["name"] == ANCHOR:  # the device's asset events (ingest/asset)
+                asset = asset_rule_for(rules=self.assets, device=row["path"])
+                if asset is None or asset.alert is None:
+                    continue
+                alert, kinds = asset.alert, ASSET_KINDS
+            else:
+                rule = rule_for(rules=self.rules, path=f"{row['path']}/{row['name']}")
+                if rule is None or rule.alert is None:
+                    continue
+                alert, kinds = rule.alert, rule_kinds(rule)
             cond = out.setdefault(alert.condition, _Condition(alert.condition, alert, {}))
-            cond.sensors[row["id"]] = (row["name"], alert.severity, rule_kinds(rule))
+            cond.sensors[row["id"]] = (row["name"], alert.severity, kinds)
         return out
 
     async def _device(
@@ -192,6 +214,9 @@ class Evaluator:
             is_silent = silent is not None and silent["state"] in ("open", "flapping")
             sensor_ids = sorted({s for c in conditions.values() for s in c.sensors})
             latest = {k: to_us(t) for k, t in (await newest_readings(conn, sensor_ids)).items()}
+            if self.assets:
+                for r in await conn.fetch(_SCORED, sensor_ids):
+                    latest[r["id"]] = to_us(r["t"])
             if not latest:
                 return 0
             floor = min(
