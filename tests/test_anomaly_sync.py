@@ -151,6 +151,10 @@ async def test_round_robin_over_three_ingesters_catches_up_and_gives_the_in_orde
         drift_baseline=40,
         drift_sigma=4.0,
         flatline_count=10,
+        detector="auto",
+        auto_window=16,
+        auto_min_readings=3,
+        auto_gap=6,
     )
     device = new_device()
     stream = {

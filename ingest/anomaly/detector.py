@@ -9,9 +9,11 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
+from ingest.anomaly.auto import auto_restore
 from ingest.anomaly.drift import empty as empty_sums
 from ingest.anomaly.filters import commit_flush, fill_drift, process_flush
 from ingest.anomaly.layout import (
+    AUTO,
     DRIFT,
     E_OPEN,
     E_START,
@@ -19,17 +21,21 @@ from ingest.anomaly.layout import (
     KINDS,
     NEF,
     NEI,
+    NK,
     NO_TIME,
     NPF,
     NPI,
     NSF,
     NSI,
+    P_AUTO_G,
     P_FLAT_N,
     P_HIST,
     P_MASK,
     P_OFF,
     P_SIZE,
     P_SPIKE_W,
+    S_AUTO_RUN,
+    S_AUTO_START,
     S_DRIFT,
     S_LAST,
     S_PREV,
@@ -87,8 +93,8 @@ class AnomalyDetector:
         self._pf = np.zeros((0, NPF), np.float64)
         self._si = np.zeros((0, NSI), np.int64)
         self._sf = np.zeros((0, NSF), np.float64)
-        self._ei = np.zeros((0, 5, NEI), np.int64)
-        self._ef = np.zeros((0, 5, NEF), np.float64)
+        self._ei = np.zeros((0, NK, NEI), np.int64)
+        self._ef = np.zeros((0, NK, NEF), np.float64)
         self._version = np.zeros(0, np.int64)
         self._restored = np.zeros(0, np.bool_)
         self._need = np.zeros((0, 2), np.int64)  # per slot: StateNeed's readings, span_us
@@ -217,6 +223,9 @@ class AnomalyDetector:
             if mask & (1 << k):
                 self._ei[slot, k] = (1, ev.start, t[-1] if n else ev.start)
                 self._ef[slot, k] = (ev.value, ev.score)
+        if mask & (1 << AUTO):
+            slots = (self._pi[slot], self._pf[slot], self._si[slot], self._sf[slot])
+            auto_restore(self._pool, *slots, self._ei[slot, AUTO], self._ef[slot, AUTO], t, v)
         self._restored[slot] = True
 
     def with_rule(self, sensor: npt.NDArray[np.int32]) -> npt.NDArray[np.bool_]:
@@ -234,11 +243,22 @@ class AnomalyDetector:
         si, ei = self._si[slots], self._ei[slots]
         is_open = ei[:, :, E_OPEN] == 1
         starts = np.where(is_open, ei[:, :, E_START], np.iinfo(np.int64).max).min(axis=1)
-        ran = (si[:, S_RUN_COUNT] > 0) & ((self._pi[slots, P_MASK] & (1 << FLAT)) != 0)
+        mask = self._pi[slots, P_MASK]
+        ran = (si[:, S_RUN_COUNT] > 0) & ((mask & (1 << FLAT)) != 0)
+        run_start = np.where(ran, si[:, S_RUN_START], NO_TIME)
+        # auto: the offending run that is not yet an event
+        pending = (si[:, S_AUTO_RUN] > 0) & ((mask & (1 << AUTO)) != 0) & ~is_open[:, AUTO]
+        pending_start = np.where(pending, si[:, S_AUTO_START], NO_TIME)
+        run_start = np.where(
+            (run_start == NO_TIME) | (pending & (pending_start < run_start)),
+            pending_start,
+            run_start,
+        )
         return Base(
             last=si[:, S_LAST].copy(),
             open_since=np.where(is_open.any(axis=1), starts, NO_TIME),
-            run_start=np.where(ran, si[:, S_RUN_START], NO_TIME),
+            run_start=run_start,
+            gap=np.maximum(self._pi[slots, P_AUTO_G], 1),
             need_readings=self._need[slots, 0].copy(),
             need_span_us=self._need[slots, 1].copy(),
         )
@@ -414,6 +434,9 @@ def compile_kernels() -> None:
         drift_window=1,
         drift_baseline=2,
         flatline_count=2,
+        detector="auto",
+        auto_window=8,
+        auto_recent=2,
     )
     detector = AnomalyDetector()
     detector.assign(sensor_id=0, rule=rule)
