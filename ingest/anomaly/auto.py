@@ -34,26 +34,80 @@ from ingest.anomaly.layout import (
     Q_AUTO_FLOOR,
     Q_AUTO_K,
     Q_AUTO_KR,
+    S_AUTO_Q,
+    S_AUTO_QN,
     S_AUTO_QUIET,
     S_AUTO_RUN,
     S_AUTO_SCORE,
     S_AUTO_START,
     S_AUTO_VALUE,
 )
-from ingest.anomaly.window import mad, median, ring_at, sorted_replace
+from ingest.anomaly.window import _bisect, mad, median
 from ingest.jit import kernel
 
 
 @kernel
-def smallest_gap(buf: F64, lo: int, w: int) -> float:
-    """The smallest non-zero difference between neighbours of the sorted buf[lo : lo + w], 0.0
-    if they are all equal: the resolution the window shows."""
+def rescan(buf: F64, lo: int, w: int) -> Any:
+    """The resolution of the sorted buf[lo : lo + w] afresh: its smallest non-zero gap between
+    neighbours (inf if none) and how many neighbours are that far apart."""
     q = math.inf
+    count = 0
     for p in range(lo + 1, lo + w):
         g = buf[p] - buf[p - 1]
         if 0.0 < g < q:
             q = g
-    return 0.0 if q == math.inf else float(q)
+            count = 1
+        elif g == q:
+            count += 1
+    return q, count
+
+
+@kernel
+def _gap(g: float, q: float, count: int, sign: int) -> Any:
+    """A gap between neighbours leaves (sign -1) or joins (+1) the resolution (q, count)."""
+    if g <= 0.0:
+        return q, count
+    if sign < 0:
+        return q, count - 1 if g == q else count
+    if g < q:
+        return g, 1
+    return q, count + 1 if g == q else count
+
+
+@kernel
+def replace(buf: F64, lo: int, n: int, old: float, new: float, remove: bool, res: Any) -> Any:
+    """`sorted_replace` (the same walk), keeping the window's resolution `res` (q, count):
+    only the gaps around the leaving and the arriving value change; the window is scanned
+    again only when the last of its smallest gaps has left. Returns the new resolution."""
+    q, count = res
+    at = lo + n
+    if remove:
+        at = _bisect(buf, lo, lo + n, old, False)
+        if at > lo:
+            q, count = _gap(old - buf[at - 1], q, count, -1)
+        if at + 1 < lo + n:
+            q, count = _gap(buf[at + 1] - old, q, count, -1)
+            if at > lo:
+                q, count = _gap(buf[at + 1] - buf[at - 1], q, count, 1)
+    if remove and new > old:
+        while at + 1 < lo + n and buf[at + 1] < new:
+            buf[at] = buf[at + 1]
+            at += 1
+    else:
+        while at > lo and buf[at - 1] > new:
+            buf[at] = buf[at - 1]
+            at -= 1
+    buf[at] = new
+    m = n if remove else n + 1
+    if at > lo and at + 1 < lo + m:
+        q, count = _gap(buf[at + 1] - buf[at - 1], q, count, -1)
+    if at > lo:
+        q, count = _gap(new - buf[at - 1], q, count, 1)
+    if at + 1 < lo + m:
+        q, count = _gap(buf[at + 1] - new, q, count, 1)
+    if count == 0 and q != math.inf:
+        return rescan(buf, lo, m)
+    return q, count
 
 
 @kernel
@@ -65,27 +119,24 @@ def _over(d: float, limit: float) -> float:
 
 
 @kernel
-def judge(buf: F64, lo: int, w: int, x: float, r: float, k: float, kr: float, floor: float) -> Any:
-    """(offends, score) of reading x with recent mean r against the sorted window buf[lo:lo+w].
+def judge(
+    buf: F64, lo: int, w: int, x: float, r: float, k: float, kr: float, floor: float, q: float
+) -> Any:
+    """(offends, score) of reading x with recent mean r against the sorted window buf[lo:lo+w]
+    whose resolution (smallest non-zero gap) is q.
 
-    m = median, s = max(1.4826 MAD, floor, smallest gap); score = max(|x - m| / (k s),
-    |r - m| / (kr s)), a term inf where its threshold rounds to 0 and its deviation is not 0;
-    offends if score > 1. The MAD and the gap are looked at only when a deviation exceeds its
-    threshold over the floor.
+    m = median, s = max(1.4826 MAD, floor, q); score = max(|x - m| / (k s), |r - m| / (kr s)),
+    a term inf where its threshold rounds to 0 and its deviation is not 0; offends if
+    score > 1. The MAD is looked at only when a deviation exceeds its threshold over
+    max(floor, q).
     """
     med = median(buf, lo, w)
     dev = abs(x - med)
     dr = abs(r - med)
-    if dev <= k * floor and dr <= kr * floor:  # s >= floor
+    least = max(floor, q)
+    if dev <= k * least and dr <= kr * least:  # s >= least
         return False, 0.0
-    sigma = MAD_SCALE * mad(buf, lo, w, med)
-    if sigma < floor:
-        sigma = floor
-    if dev <= k * sigma and dr <= kr * sigma:
-        return False, 0.0
-    q = smallest_gap(buf, lo, w)
-    if sigma < q:
-        sigma = q
+    sigma = max(MAD_SCALE * mad(buf, lo, w, med), least)
     score = max(_over(dev, k * sigma), _over(dr, kr * sigma))
     return score > 1.0, score
 
@@ -105,10 +156,13 @@ def auto_verdicts(
     when: I64,
     pi: I64,
     pf: F64,
+    si: I64,
+    sf: F64,
     verdicts: Any,
 ) -> None:
     """Verdicts on a sensor's na accepted readings ext[e0:] (readings seen.. of its history),
-    its sorted window at xpool[ao:] advanced past them. `pi`/`pf` are its parameter rows."""
+    its sorted window at xpool[ao:] (and its resolution in `si`/`sf`, its state rows) advanced
+    past them. `pi`/`pf` are its parameter rows."""
     off, score, val, start = verdicts
     w = pi[P_AUTO_W]
     nr = pi[P_AUTO_R]
@@ -116,6 +170,7 @@ def auto_verdicts(
     k = pf[Q_AUTO_K]
     kr = pf[Q_AUTO_KR]
     floor = pf[Q_AUTO_FLOOR]
+    res = (sf[S_AUTO_Q], si[S_AUTO_QN])
     for i in range(na):
         a = seen + i
         x = ext[e0 + i]
@@ -124,13 +179,27 @@ def auto_verdicts(
         val[i] = x
         start[i] = when[i]
         full = a >= w
+        old = 0.0
         if full:
+            # readings b < seen from the ring (as `ring_at` reads them, inline: a call per
+            # reading that passes arrays costs more than the reading)
             total = 0.0
             for b in range(a - nr + 1, a + 1):
-                total += ring_at(pool, po, r0, h, hcap, seen, ext, e0, b)
-            off[i], score[i] = judge(xpool, ao, w, x, total / nr, k, kr, floor)
-        old = ring_at(pool, po, r0, h, hcap, seen, ext, e0, a - w) if full else 0.0
-        sorted_replace(xpool, ao, min(a, w), old, x, full)
+                if b >= seen:
+                    total += ext[e0 + b - seen]
+                else:
+                    slot = r0 + b - seen + h
+                    total += pool[po + slot - hcap if slot >= hcap else po + slot]
+            q = res[0] if res[0] != math.inf else 0.0
+            off[i], score[i] = judge(xpool, ao, w, x, total / nr, k, kr, floor, q)
+            b = a - w
+            if b >= seen:
+                old = ext[e0 + b - seen]
+            else:
+                slot = r0 + b - seen + h
+                old = pool[po + slot - hcap if slot >= hcap else po + slot]
+        res = replace(xpool, ao, min(a, w), old, x, full, res)
+    sf[S_AUTO_Q], si[S_AUTO_QN] = res
 
 
 @kernel
@@ -159,6 +228,7 @@ def auto_restore(
     first = max(0, n - max(pi[P_AUTO_M] - 1, pi[P_AUTO_G]))
     c = min(first, w)
     pool[lo : lo + c] = np.sort(v[first - c : first])
+    res = rescan(pool, lo, c)
     run = 0
     run_start = 0
     run_value = 0.0
@@ -174,10 +244,9 @@ def auto_restore(
             total = 0.0
             for b in range(a - nr + 1, a + 1):
                 total += v[b]
-            bad, sc = judge(pool, lo, w, x, total / nr, k, kr, floor)
-            sorted_replace(pool, lo, w, v[a - w], x, True)
-        else:
-            sorted_replace(pool, lo, a, 0.0, x, False)
+            q = res[0] if res[0] != math.inf else 0.0
+            bad, sc = judge(pool, lo, w, x, total / nr, k, kr, floor, q)
+        res = replace(pool, lo, min(a, w), v[a - w] if full else 0.0, x, full, res)
         if bad:
             if run == 0 or sc > run_score:
                 run_value = x
@@ -190,6 +259,7 @@ def auto_restore(
         else:
             run = 0
             quiet += 1
+    sf[S_AUTO_Q], si[S_AUTO_QN] = res
     si[S_AUTO_RUN] = run
     si[S_AUTO_START] = run_start
     sf[S_AUTO_VALUE] = run_value

@@ -34,6 +34,7 @@ from ingest.anomaly.layout import (
     P_OFF,
     P_SIZE,
     P_SPIKE_W,
+    S_AUTO_Q,
     S_AUTO_RUN,
     S_AUTO_START,
     S_DRIFT,
@@ -374,6 +375,7 @@ class AnomalyDetector:
         self._si[slot, S_LAST] = NO_TIME
         empty_sums(self._si[slot], S_DRIFT)
         self._sf[slot] = 0.0
+        self._sf[slot, S_AUTO_Q] = np.inf  # an empty window: no resolution yet
         self._ei[slot] = 0
         self._ef[slot] = 0.0
         self._version[slot] += 1

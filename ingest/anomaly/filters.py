@@ -335,7 +335,22 @@ def process_flush(
             pa = po + hcap + pi[s, P_AUTO_AT]
             xpool[ao : ao + pi[s, P_AUTO_W]] = pool[pa : pa + pi[s, P_AUTO_W]]
             auto_verdicts(
-                xpool, ao, pool, po, r0, h, seen, ext, e0, na, when, pi[s], pf[s], verdicts
+                xpool,
+                ao,
+                pool,
+                po,
+                r0,
+                h,
+                seen,
+                ext,
+                e0,
+                na,
+                when,
+                pi[s],
+                pf[s],
+                xsi[j],
+                xsf[j],
+                verdicts,
             )
             gate = (pi[s, P_AUTO_M], pi[s, P_AUTO_G], S_AUTO_RUN, S_AUTO_VALUE)
             ev_i, ev_f, m = gated_events(

@@ -36,13 +36,14 @@ NPF: Final = 10
 # slot's pool area holds its last `hist` finite values as a ring (reading a at a % hist), then
 # the spike window sorted, then drift's sums (DRIFT_SIZE int64 limbs, if it has drift), then
 # the auto window sorted. The auto detector's run of offending readings not yet an event (its
-# length, first reading's time, worst value and score) and the readings since its open event
-# last offended.
+# length, first reading's time, worst value and score), the readings since its open event
+# last offended, and its window's resolution: the smallest non-zero gap between neighbours of
+# the sorted window (inf: none) and how many neighbours are that far apart.
 S_LAST, S_RUN_START, S_RUN_COUNT, S_SEEN, S_DRIFT = range(5)
-S_AUTO_RUN, S_AUTO_START, S_AUTO_QUIET = range(S_DRIFT + NC, S_DRIFT + NC + 3)
-NSI: Final = S_DRIFT + NC + 3
-S_PREV, S_AUTO_VALUE, S_AUTO_SCORE = range(3)
-NSF: Final = 3
+S_AUTO_RUN, S_AUTO_START, S_AUTO_QUIET, S_AUTO_QN = range(S_DRIFT + NC, S_DRIFT + NC + 4)
+NSI: Final = S_DRIFT + NC + 4
+S_PREV, S_AUTO_VALUE, S_AUTO_SCORE, S_AUTO_Q = range(4)
+NSF: Final = 4
 # Open-event state per slot and kind.
 E_OPEN, E_START, E_LAST = range(3)
 NEI: Final = 3
