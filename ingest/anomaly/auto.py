@@ -144,26 +144,26 @@ def judge(
 @kernel
 def auto_verdicts(
     xpool: F64,
-    ao: int,
     pool: F64,
-    po: int,
-    r0: int,
-    h: int,
-    seen: int,
     ext: F64,
-    e0: int,
-    na: int,
     when: I64,
+    where: Any,
     pi: I64,
     pf: F64,
     si: I64,
     sf: F64,
     verdicts: Any,
 ) -> None:
-    """Verdicts on a sensor's na accepted readings ext[e0:] (readings seen.. of its history),
-    its sorted window at xpool[ao:] (and its resolution in `si`/`sf`, its state rows) advanced
-    past them. `pi`/`pf` are its parameter rows."""
+    """Verdicts on a sensor's na accepted readings ext[e0:] (readings seen.. of its history;
+    `where` is (o, r0, h, seen, e0, na) as `process_flush` has them): its sorted window is
+    copied to its scratch area at xpool[o:] and advanced past them, with its resolution in
+    `si`/`sf`, its scratch state rows. `pi`/`pf` are its parameter rows."""
+    o, r0, h, seen, e0, na = where
     off, score, val, start = verdicts
+    po = pi[P_OFF]
+    ao = o + pi[P_AUTO_AT]
+    pa = po + pi[P_HIST] + pi[P_AUTO_AT]
+    xpool[ao : ao + pi[P_AUTO_W]] = pool[pa : pa + pi[P_AUTO_W]]
     w = pi[P_AUTO_W]
     nr = pi[P_AUTO_R]
     hcap = pi[P_HIST]

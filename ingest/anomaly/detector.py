@@ -9,12 +9,10 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
-from ingest.anomaly.auto import auto_restore
 from ingest.anomaly.drift import empty as empty_sums
-from ingest.anomaly.filters import commit_flush, fill_drift, process_flush
+from ingest.anomaly.filters import commit_flush, process_flush
 from ingest.anomaly.layout import (
     AUTO,
-    DRIFT,
     E_OPEN,
     E_START,
     FLAT,
@@ -28,18 +26,14 @@ from ingest.anomaly.layout import (
     NSF,
     NSI,
     P_AUTO_G,
-    P_FLAT_N,
-    P_HIST,
     P_MASK,
     P_OFF,
     P_SIZE,
-    P_SPIKE_W,
     S_AUTO_Q,
     S_AUTO_RUN,
     S_AUTO_START,
     S_DRIFT,
     S_LAST,
-    S_PREV,
     S_RUN_COUNT,
     S_RUN_START,
     S_SEEN,
@@ -47,6 +41,7 @@ from ingest.anomaly.layout import (
 from ingest.anomaly.locking import SharedLock, reads, writes
 from ingest.anomaly.params import Compiled, StateNeed, compile_rule, describe
 from ingest.anomaly.pending import Base, Event, Outcome, Pending
+from ingest.anomaly.rebuild import rebuild
 from ingest.anomaly.rules import AnomalyRule
 from ingest.kernels import check_sorted
 
@@ -195,38 +190,8 @@ class AnomalyDetector:
                 raise ValueError(f"restore: not an open event of sensor {sensor_id}: {ev!r}")
             events[_KIND_INDEX[ev.kind]] = ev
         self._reset(slot)
-        pi = self._pi[slot]
-        mask, spike_w, hcap, off = (int(pi[c]) for c in (P_MASK, P_SPIKE_W, P_HIST, P_OFF))
-        n = int(t.shape[0])
-        if n:
-            si = self._si[slot]
-            si[S_LAST] = t[-1]
-            si[S_SEEN] = n
-            self._sf[slot, S_PREV] = v[-1]
-            if hcap:
-                h = min(n, hcap)
-                ring = np.arange(n - h, n) % hcap  # reading a at a % hcap
-                self._pool[off + ring] = v[n - h :]
-            if spike_w:
-                w = min(n, spike_w)
-                self._pool[off + hcap : off + hcap + w] = np.sort(v[n - w :])
-            if mask & (1 << DRIFT):
-                fill_drift(self._pool, self._si, self._pi, slot, v)
-            if mask & (1 << FLAT):
-                differs = np.flatnonzero(v != v[-1])
-                run = n - int(differs[-1]) - 1 if differs.shape[0] else n
-                si[S_RUN_START] = t[n - run]
-                si[S_RUN_COUNT] = run
-                if FLAT in events:
-                    si[S_RUN_START] = events[FLAT].start
-                    si[S_RUN_COUNT] = max(run, int(pi[P_FLAT_N]))
-        for k, ev in events.items():
-            if mask & (1 << k):
-                self._ei[slot, k] = (1, ev.start, t[-1] if n else ev.start)
-                self._ef[slot, k] = (ev.value, ev.score)
-        if mask & (1 << AUTO):
-            slots = (self._pi[slot], self._pf[slot], self._si[slot], self._sf[slot])
-            auto_restore(self._pool, *slots, self._ei[slot, AUTO], self._ef[slot, AUTO], t, v)
+        arrays = (self._pool, self._pi, self._pf, self._si, self._sf, self._ei, self._ef)
+        rebuild(arrays, slot, t, v, events)
         self._restored[slot] = True
 
     def with_rule(self, sensor: npt.NDArray[np.int32]) -> npt.NDArray[np.bool_]:

@@ -331,27 +331,8 @@ def process_flush(
                 FLAT, sid, na, verdicts, when, xei[j, FLAT], xef[j, FLAT], ev_i, ev_f, m
             )
         if mask & (1 << AUTO):
-            ao = o + pi[s, P_AUTO_AT]
-            pa = po + hcap + pi[s, P_AUTO_AT]
-            xpool[ao : ao + pi[s, P_AUTO_W]] = pool[pa : pa + pi[s, P_AUTO_W]]
-            auto_verdicts(
-                xpool,
-                ao,
-                pool,
-                po,
-                r0,
-                h,
-                seen,
-                ext,
-                e0,
-                na,
-                when,
-                pi[s],
-                pf[s],
-                xsi[j],
-                xsf[j],
-                verdicts,
-            )
+            where = (o, r0, h, seen, e0, na)
+            auto_verdicts(xpool, pool, ext, when, where, pi[s], pf[s], xsi[j], xsf[j], verdicts)
             gate = (pi[s, P_AUTO_M], pi[s, P_AUTO_G], S_AUTO_RUN, S_AUTO_VALUE)
             ev_i, ev_f, m = gated_events(
                 AUTO,
