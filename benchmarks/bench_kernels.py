@@ -312,6 +312,9 @@ WINDOW_RULES: dict[str, AnomalyRule] = {
         if w <= MAX_SPIKE_WINDOW
     },
     "all, drift 60 over 3600": HOUR_RULE,
+    "range (the cheapest, a baseline)": AnomalyRule(match="*", min=-40.0, max=40.0),
+    "auto, defaults": AnomalyRule(match="*", detector="auto"),
+    "auto, window 64": AnomalyRule(match="*", detector="auto", auto_window=64),
 }
 
 

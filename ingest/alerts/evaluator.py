@@ -120,6 +120,7 @@ def rule_kinds(rule: AnomalyRule) -> tuple[str, ...]:
         "spike": rule.spike_window is not None,
         "drift": rule.drift_window is not None,
         "flatline": rule.flatline_count is not None or rule.flatline_seconds is not None,
+        "auto": rule.detector is not None,
     }
     return tuple(k for k in KINDS if has[k])
 

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from ingest.anomaly.auto import auto_verdicts
 from ingest.anomaly.drift import (
     C_XB,
     C_XR,
@@ -29,10 +30,9 @@ from ingest.anomaly.drift import (
     tidy,
     track,
 )
-from ingest.anomaly.events import (
-    events,
-)
+from ingest.anomaly.events import events, gated_events
 from ingest.anomaly.layout import (
+    AUTO,
     DRIFT,
     F64,
     FLAT,
@@ -40,9 +40,14 @@ from ingest.anomaly.layout import (
     MAD_SCALE,
     NEF,
     NEI,
+    NK,
     NO_TIME,
     NSF,
     NSI,
+    P_AUTO_AT,
+    P_AUTO_G,
+    P_AUTO_M,
+    P_AUTO_W,
     P_DRIFT_B,
     P_DRIFT_W,
     P_FLAT_N,
@@ -61,6 +66,8 @@ from ingest.anomaly.layout import (
     Q_SPIKE_K,
     RANGE,
     RATE,
+    S_AUTO_RUN,
+    S_AUTO_VALUE,
     S_DRIFT,
     S_LAST,
     S_PREV,
@@ -143,8 +150,8 @@ def process_flush(
         longest = max(longest, seg_hi[j] - seg_lo[j])
     xsi = np.empty((nseg, NSI), np.int64)
     xsf = np.empty((nseg, NSF), np.float64)
-    xei = np.empty((nseg, 5, NEI), np.int64)
-    xef = np.empty((nseg, 5, NEF), np.float64)
+    xei = np.empty((nseg, NK, NEI), np.int64)
+    xef = np.empty((nseg, NK, NEF), np.float64)
     xpool = np.empty(size, np.float64)
     ext = np.empty(n, np.float64)  # each sensor's accepted values, from its first row
     ev_i = np.empty((16 + nseg, 4), np.int64)
@@ -323,6 +330,25 @@ def process_flush(
             ev_i, ev_f, m = events(
                 FLAT, sid, na, verdicts, when, xei[j, FLAT], xef[j, FLAT], ev_i, ev_f, m
             )
+        if mask & (1 << AUTO):
+            where = (o, r0, h, seen, e0, na)
+            auto_verdicts(xpool, pool, ext, when, where, pi[s], pf[s], xsi[j], xsf[j], verdicts)
+            gate = (pi[s, P_AUTO_M], pi[s, P_AUTO_G], S_AUTO_RUN, S_AUTO_VALUE)
+            ev_i, ev_f, m = gated_events(
+                AUTO,
+                sid,
+                na,
+                verdicts,
+                when,
+                xei[j, AUTO],
+                xef[j, AUTO],
+                xsi[j],
+                xsf[j],
+                gate,
+                ev_i,
+                ev_f,
+                m,
+            )
         xsi[j, S_LAST] = when[na - 1]
         xsi[j, S_RUN_START] = run_start
         xsi[j, S_RUN_COUNT] = run_count
@@ -374,6 +400,10 @@ def commit_flush(
             limbs = pool.view(np.int64)
             xlimbs = xpool.view(np.int64)
             copy_sums(limbs, po + hcap + spike_w, xlimbs, o + spike_w, xsi[j], S_DRIFT)
+        if pi[s, P_MASK] & (1 << AUTO):
+            at = pi[s, P_AUTO_AT]
+            w = pi[s, P_AUTO_W]
+            pool[po + hcap + at : po + hcap + at + w] = xpool[o + at : o + at + w]
         si[s] = xsi[j]
         sf[s] = xsf[j]
         ei[s] = xei[j]
