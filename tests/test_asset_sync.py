@@ -207,3 +207,21 @@ async def test_an_asset_rules_alert_opens_and_resolves_with_the_asset_events(db:
     opened = [r["at"] for r in sent if r["event"] == "opened"]
     assert opened == [rfc3339(start) for start, _ in expected]
     assert [r["event"] for r in sent].count("resolved") == len(expected)
+
+
+async def test_readings_further_back_than_replay_s_are_stored_but_not_scored(
+    db: Database,
+) -> None:
+    device = new_pump()
+    later, _ = await fitted(db, device)
+    parts = chunks(later, 60)
+    before = REGISTRY.get_sample_value("ingest_asset_late_readings_total") or 0.0
+    short = msgspec.structs.replace(RULE, replay_s=120.0)
+    async with Instance(db, [], assets=[short]) as one:
+        for part in parts[5:]:
+            await one.write(device, part)
+        await one.write(device, parts[0])  # 25 to 30 minutes behind
+    late = (REGISTRY.get_sample_value("ingest_asset_late_readings_total") or 0.0) - before
+    assert late == sum(len(r) for r in parts[0].values())
+    rest = {n: [x for part in parts[5:] for x in part.get(n, [])] for n in later}
+    assert await asset_events(db, device) == one_pass(await stored_model(db, device), short, rest)

@@ -14,8 +14,9 @@ of its devices are locked (`ingest.db.asset_state.lock`) and:
   state, the latest quiet timestamp before that reading is found (scored, not offending, and
   no offending timestamp within `gap_s` before it: no run is in progress after it, in that run
   as in the original one), and the events starting after it are replaced by the run's. With no
-  quiet timestamp in reach, the late readings are not scored (`ingest_asset_late_readings_total`)
-  and the readings after the newest scored timestamp are advanced as usual.
+  quiet timestamp in reach, or readings more than `replay_s` before the newest scored timestamp,
+  the late readings are not scored (`ingest_asset_late_readings_total`) and the readings after
+  the newest scored timestamp are advanced as usual.
 
 The model is read from the database in the flush that uses it (its version is checked under the
 lock), so a refit takes effect for every ingester at the same flush.
@@ -204,7 +205,9 @@ class AssetScorer:
         ev_f = np.empty((0, 3 + k.TOP), np.float64)
         run = True
         if row.last is not None and oldest <= row.last:
-            replayed = await self._replay(conn, row, model, rule, oldest, time, out)
+            replayed = None
+            if row.last - oldest <= rule.replay_us:  # else too far back: its reads unbounded
+                replayed = await self._replay(conn, row, model, rule, oldest, time, out)
             if replayed is not None:  # it ran the flush's readings too: they are stored
                 ints, floats, ev_i, ev_f = replayed
                 out.replays += 1
