@@ -225,3 +225,21 @@ async def test_readings_further_back_than_replay_s_are_stored_but_not_scored(
     assert late == sum(len(r) for r in parts[0].values())
     rest = {n: [x for part in parts[5:] for x in part.get(n, [])] for n in later}
     assert await asset_events(db, device) == one_pass(await stored_model(db, device), short, rest)
+
+
+async def test_a_refit_leaves_out_the_spans_of_the_devices_asset_events(db: Database) -> None:
+    device = new_pump()
+    later, _ = await fitted(db, device)
+    await write_all(db, device, chunks(later, 60))
+    events = await asset_events(db, device)
+    assert events
+    env = {"INGEST_DB_URL": db.ingest_url, "INGEST_MIGRATE_DB_URL": db.owner_url}
+    status, out, err = await ingest_cli(
+        "baseline", "--device", device, "--from", "2026-01-01T01:00:00Z",
+        "--to", "2026-01-01T01:30:00Z", env=env,
+    )  # fmt: skip
+    assert (status, err) == (0, ""), out
+    # One vector a second from 01:00:00 (the temperatures reported then), less the seconds
+    # from each event's start to its end, both included.
+    inside = sum((end - start) // 1_000_000 + 1 for start, (end, *_) in events.items() if end)
+    assert (await stored_model(db, device)).model.samples == 1800 - inside
