@@ -322,12 +322,11 @@ def _state(
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
     """The locked state in the model's layout: a refit with other sensors keeps the open run
     and the carried values of the sensors it kept."""
-    d = len(model.sensor_ids)
-    ints, floats = k.fresh_state(d)
+    if len(row.ints) and np.array_equal(row.sensors, model.sensor_ids):
+        return row.ints, row.floats  # the locked row's own arrays: this flush's to advance
+    ints, floats = k.fresh_state(len(model.sensor_ids))
     if not len(row.ints):
         return ints, floats
-    if np.array_equal(row.sensors, model.sensor_ids):
-        return row.ints.copy(), row.floats.copy()
     ints[: k.I_X] = row.ints[: k.I_X]
     floats[: k.F_X] = row.floats[: k.F_X]
     ints[k.I_TOP : k.I_TOP + k.TOP] = -1  # indices into the old sensors
