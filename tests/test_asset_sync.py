@@ -209,15 +209,15 @@ async def test_an_asset_rules_alert_opens_and_resolves_with_the_asset_events(db:
     assert [r["event"] for r in sent].count("resolved") == len(expected)
 
 
-async def test_readings_further_back_than_replay_s_are_stored_but_not_scored(
+async def test_readings_further_back_than_replay_max_s_are_stored_but_not_scored(
     db: Database,
 ) -> None:
     device = new_pump()
     later, _ = await fitted(db, device)
     parts = chunks(later, 60)
     before = REGISTRY.get_sample_value("ingest_asset_late_readings_total") or 0.0
-    short = msgspec.structs.replace(RULE, replay_s=120.0)
-    async with Instance(db, [], assets=[short]) as one:
+    short = RULE
+    async with Instance(db, [], assets=[short], replay_max_s=1200.0) as one:
         for part in parts[5:]:
             await one.write(device, part)
         await one.write(device, parts[0])  # 25 to 30 minutes behind
