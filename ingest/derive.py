@@ -156,7 +156,9 @@ class Deriver:
         self._rollups = rollups
         self._registry = registry
         self.detector = AnomalyDetector()
-        self.assets = AssetScorer(rules=assets, registry=registry)
+        self.assets = AssetScorer(
+            rules=assets, registry=registry, replay_max_us=round(replay_max_s * 1e6)
+        )
         self.sync = StateSync(
             self.detector, replay_max_us=round(replay_max_s * 1e6), floor_us=floor_us
         )

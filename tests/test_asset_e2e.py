@@ -130,9 +130,11 @@ async def test_three_ingesters_on_a_share_group_store_the_one_pass_events(
         later = pump_stream(pump, first=3600, count=1800)
         await send(db, mqtt_url, prefix, later)
         scored = [await m.metric("ingest_asset_timestamps_total") for m in members]
+        late = [await m.metric("ingest_asset_late_readings_total") for m in members]
+        replays = [await m.metric("ingest_asset_replays_total") for m in members]
     finally:
         for m in members:
             assert await m.stop() == 0
     assert sum(1 for n in scored if n > 0) >= 2, scored  # the messages went round
     expected = one_pass(await stored_model(db, DEVICE), RULE, later)
-    assert await asset_events(db, DEVICE) == expected
+    assert await asset_events(db, DEVICE) == expected, (scored, late, replays)

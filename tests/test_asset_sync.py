@@ -207,3 +207,76 @@ async def test_an_asset_rules_alert_opens_and_resolves_with_the_asset_events(db:
     opened = [r["at"] for r in sent if r["event"] == "opened"]
     assert opened == [rfc3339(start) for start, _ in expected]
     assert [r["event"] for r in sent].count("resolved") == len(expected)
+
+
+async def test_readings_further_back_than_replay_max_s_are_stored_but_not_scored(
+    db: Database,
+) -> None:
+    device = new_pump()
+    later, _ = await fitted(db, device)
+    parts = chunks(later, 60)
+    before = REGISTRY.get_sample_value("ingest_asset_late_readings_total") or 0.0
+    short = RULE
+    async with Instance(db, [], assets=[short], replay_max_s=1200.0) as one:
+        for part in parts[5:]:
+            await one.write(device, part)
+        await one.write(device, parts[0])  # 25 to 30 minutes behind
+    late = (REGISTRY.get_sample_value("ingest_asset_late_readings_total") or 0.0) - before
+    assert late == sum(len(r) for r in parts[0].values())
+    rest = {n: [x for part in parts[5:] for x in part.get(n, [])] for n in later}
+    assert await asset_events(db, device) == one_pass(await stored_model(db, device), short, rest)
+
+
+async def test_a_refit_leaves_out_the_spans_of_the_devices_asset_events(db: Database) -> None:
+    device = new_pump()
+    later, _ = await fitted(db, device)
+    await write_all(db, device, chunks(later, 60))
+    events = await asset_events(db, device)
+    assert events
+    env = {"INGEST_DB_URL": db.ingest_url, "INGEST_MIGRATE_DB_URL": db.owner_url}
+    status, out, err = await ingest_cli(
+        "baseline", "--device", device, "--from", "2026-01-01T01:00:00Z",
+        "--to", "2026-01-01T01:30:00Z", env=env,
+    )  # fmt: skip
+    assert (status, err) == (0, ""), out
+    # One vector a second from 01:00:00 (the temperatures reported then), less the seconds
+    # from each event's start to its end, both included.
+    inside = sum((end - start) // 1_000_000 + 1 for start, (end, *_) in events.items() if end)
+    assert (await stored_model(db, device)).model.samples == 1800 - inside
+
+
+async def test_a_refit_between_flushes_is_taken_up_at_the_next_flush(db: Database) -> None:
+    device = new_pump()
+    later, _ = await fitted(db, device)
+    parts = chunks(later, 60)
+    env = {"INGEST_DB_URL": db.ingest_url, "INGEST_MIGRATE_DB_URL": db.owner_url}
+    async with Instance(db, [], assets=[RULE]) as one:
+        for part in parts[:5]:
+            await one.write(device, part)
+        status, out, err = await ingest_cli(
+            "baseline", "--device", device, "--sensors", "[!v]*", "--from",
+            "2026-01-01T00:00:00Z", "--to", "2026-01-01T01:00:00Z", env=env,
+        )  # fmt: skip
+        assert (status, err) == (0, ""), out
+        assert "model version 2, 6 sensors" in out  # without vibration and voltage
+        for part in parts[5:]:
+            await one.write(device, part)
+    model = await stored_model(db, device)
+    conn = await asyncpg.connect(db.owner_url)
+    try:
+        row = await conn.fetchrow(
+            "SELECT s.model_version, s.sensor_ids, m.sensor_ids AS model_ids"
+            "  FROM telemetry.asset_state s JOIN telemetry.asset_models m USING (device_id)"
+            "  JOIN telemetry.devices d ON d.id = s.device_id WHERE d.path = $1",
+            device,
+        )
+    finally:
+        await conn.close()
+    assert (row["model_version"], row["sensor_ids"]) == (2, row["model_ids"])
+    assert model.model.sensors == tuple(n for n in sorted(SENSORS) if not n.startswith("v"))
+    # The fault (10 minutes in, after the refit) is one event, named in the new model's terms.
+    events = await asset_events(db, device)
+    fault = T0 + FAULT_AT * 1_000_000
+    (start,) = [s for s in events if fault <= s < fault + FAULT_S * 1_000_000]
+    names = {m.rsplit(" ", 1)[0] for m in events[start][3].split("most: ")[1].split(", ")}
+    assert names <= set(model.model.sensors)

@@ -4,7 +4,7 @@ limits for Hotelling's T² and the residual Q taken from the baseline's own scor
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
@@ -32,6 +32,17 @@ class AssetModel:
     samples: int
     quantile: float
     margin: float
+    _args: tuple[npt.NDArray[np.float64], ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # What the kernel takes, made once: mean, 1 / scale, loadings (C order), 1 / eigenvalues.
+        args = (
+            np.ascontiguousarray(self.mean, np.float64),
+            1.0 / np.ascontiguousarray(self.scale, np.float64),
+            np.ascontiguousarray(self.loadings, np.float64),
+            1.0 / np.ascontiguousarray(self.eigenvalues, np.float64),
+        )
+        object.__setattr__(self, "_args", args)
 
     @property
     def components(self) -> int:
@@ -56,14 +67,15 @@ class AssetModel:
     ]:
         """`ingest.asset.kernel.advance` with this model: readings sorted by time, `sensor` the
         model index of each; the state (`ints`, `floats`) advances in place."""
+        mean, inv_scale, loadings, inv_eig = self._args
         return advance(
             np.ascontiguousarray(sensor, np.int32),
             np.ascontiguousarray(time, np.int64),
             np.ascontiguousarray(value, np.float64),
-            np.ascontiguousarray(self.mean, np.float64),
-            1.0 / np.ascontiguousarray(self.scale, np.float64),
-            np.ascontiguousarray(self.loadings, np.float64),
-            1.0 / np.ascontiguousarray(self.eigenvalues, np.float64),
+            mean,
+            inv_scale,
+            loadings,
+            inv_eig,
             float(self.t2_limit),
             float(self.q_limit),
             int(hold_us),

@@ -35,6 +35,8 @@ class AssetRule(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
     - `replay_s`: a flush holding readings at or before a device's newest scored timestamp
       (a late batch, or a device's sensors in separate messages) re-scores the device from a
       quiet timestamp (no run in progress) found at most this far before those readings.
+      Readings more than `anomaly.replay_max_s` before the newest scored timestamp are stored
+      but not scored.
     """
 
     match: str

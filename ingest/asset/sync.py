@@ -14,8 +14,9 @@ of its devices are locked (`ingest.db.asset_state.lock`) and:
   state, the latest quiet timestamp before that reading is found (scored, not offending, and
   no offending timestamp within `gap_s` before it: no run is in progress after it, in that run
   as in the original one), and the events starting after it are replaced by the run's. With no
-  quiet timestamp in reach, the late readings are not scored (`ingest_asset_late_readings_total`)
-  and the readings after the newest scored timestamp are advanced as usual.
+  quiet timestamp in reach, or readings more than `anomaly.replay_max_s` before the newest scored
+  timestamp, the late readings are not scored (`ingest_asset_late_readings_total`) and the
+  readings after the newest scored timestamp are advanced as usual.
 
 The model is read from the database in the flush that uses it (its version is checked under the
 lock), so a refit takes effect for every ingester at the same flush.
@@ -89,8 +90,11 @@ class AssetScorer:
     """Scores a flush's devices. Called from the writer task; `settle` calls for disjoint sets of
     devices may interleave (the writer connections' parts of one flush)."""
 
-    def __init__(self, *, rules: Sequence[AssetRule], registry: Registry) -> None:
+    def __init__(
+        self, *, rules: Sequence[AssetRule], registry: Registry, replay_max_us: int
+    ) -> None:
         self._rules = tuple(rules)
+        self._max = replay_max_us  # anomaly.replay_max_s: how late a reading may be scored
         self._registry = registry
         self._rule_of: dict[int, AssetRule | None] = {}  # by sensor id
         self._models: dict[int, db.Model] = {}  # by device id: a cache, checked by version
@@ -204,7 +208,9 @@ class AssetScorer:
         ev_f = np.empty((0, 3 + k.TOP), np.float64)
         run = True
         if row.last is not None and oldest <= row.last:
-            replayed = await self._replay(conn, row, model, rule, oldest, time, out)
+            replayed = None
+            if row.last - oldest <= self._max:  # else too far back: its reads unbounded
+                replayed = await self._replay(conn, row, model, rule, oldest, time, out)
             if replayed is not None:  # it ran the flush's readings too: they are stored
                 ints, floats, ev_i, ev_f = replayed
                 out.replays += 1
@@ -319,12 +325,11 @@ def _state(
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
     """The locked state in the model's layout: a refit with other sensors keeps the open run
     and the carried values of the sensors it kept."""
-    d = len(model.sensor_ids)
-    ints, floats = k.fresh_state(d)
+    if len(row.ints) and np.array_equal(row.sensors, model.sensor_ids):
+        return row.ints, row.floats  # the locked row's own arrays: this flush's to advance
+    ints, floats = k.fresh_state(len(model.sensor_ids))
     if not len(row.ints):
         return ints, floats
-    if np.array_equal(row.sensors, model.sensor_ids):
-        return row.ints.copy(), row.floats.copy()
     ints[: k.I_X] = row.ints[: k.I_X]
     floats[: k.F_X] = row.floats[: k.F_X]
     ints[k.I_TOP : k.I_TOP + k.TOP] = -1  # indices into the old sensors
