@@ -40,6 +40,7 @@ from ingest.anomaly.layout import (
 from ingest.anomaly.locking import SharedLock, reads, writes
 from ingest.anomaly.params import Compiled, StateNeed, compile_rule, describe
 from ingest.anomaly.pending import Base, Event, Outcome, Pending
+from ingest.anomaly.ranked import clear as clear_ranks
 from ingest.anomaly.rules import AnomalyRule
 from ingest.kernels import check_sorted
 
@@ -202,7 +203,7 @@ class AnomalyDetector:
                 self._pool[off + ring] = v[n - h :]
             if spike_w:
                 w = min(n, spike_w)
-                self._pool[off + hcap : off + hcap + w] = np.sort(v[n - w :])
+                self._pool[off + hcap : off + hcap + w] = np.sort(v[n - w :])  # ranks in order
             if mask & (1 << DRIFT):
                 fill_drift(self._pool, self._si, self._pi, slot, v)
             if mask & (1 << FLAT):
@@ -213,6 +214,8 @@ class AnomalyDetector:
                 if FLAT in events:
                     si[S_RUN_START] = events[FLAT].start
                     si[S_RUN_COUNT] = max(run, int(pi[P_FLAT_N]))
+        if spike_w:
+            clear_ranks(self._pool, off + hcap, spike_w)
         for k, ev in events.items():
             if mask & (1 << k):
                 self._ei[slot, k] = (1, ev.start, t[-1] if n else ev.start)

@@ -9,6 +9,7 @@ import msgspec
 
 from ingest.anomaly.drift import DRIFT_SIZE
 from ingest.anomaly.layout import DRIFT, FLAT, RANGE, RATE, SPIKE
+from ingest.anomaly.ranked import size as spike_size
 from ingest.anomaly.rules import AnomalyRule
 
 __all__ = ["Compiled", "StateNeed", "compile_rule", "describe"]
@@ -53,7 +54,7 @@ def compile_rule(rule: AnomalyRule) -> Compiled:
     if flat_n or flat_us:
         mask |= 1 << FLAT
     hist = max(spike_w, drift_w + drift_b)  # drift: the reading leaving the baseline too
-    size = hist + spike_w + (DRIFT_SIZE if drift_w else 0)
+    size = hist + spike_size(spike_w) + (DRIFT_SIZE if drift_w else 0)
     ints = (mask, spike_w, drift_w, drift_b, flat_n, flat_us, hist, 0, size)
     floats = (
         -inf if rule.min is None else float(rule.min),

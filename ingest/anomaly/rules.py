@@ -17,7 +17,9 @@ from ingest.alerts.rules import AlertRule
 
 __all__ = ["MAX_DRIFT_SPAN", "MAX_SPIKE_WINDOW", "AnomalyRule", "rule_for"]
 
-MAX_SPIKE_WINDOW: Final = 1024
+MAX_SPIKE_WINDOW: Final = 36_000
+"""Upper bound of spike_window (an hour at 10 Hz): each sensor keeps the window twice, as
+readings and in rank order, and restores it at a start."""
 MAX_DRIFT_SPAN: Final = 100_000
 """Upper bound of drift_window + drift_baseline (a day at 1 Hz; an hour at 10 Hz is 36,000):
 each sensor keeps that many readings, 8 bytes each, and restores them at a start."""
