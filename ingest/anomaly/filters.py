@@ -202,9 +202,10 @@ def process_flush(
             for i in range(na):
                 x = ext[e0 + i]
                 off[i] = x > hi_limit or x < lo_limit
-                score[i] = x - hi_limit if x > hi_limit else lo_limit - x
-                val[i] = x
-                start[i] = when[i]
+                if off[i]:  # score, value and start are read only where a reading offends
+                    score[i] = x - hi_limit if x > hi_limit else lo_limit - x
+                    val[i] = x
+                    start[i] = when[i]
             ev_i, ev_f, m = events(
                 RANGE, sid, na, verdicts, when, xei[j, RANGE], xef[j, RANGE], ev_i, ev_f, m
             )
@@ -219,8 +220,8 @@ def process_flush(
                     rate = abs(x - px) / (float(when[i] - pt) / 1e6)
                     off[i] = rate > max_rate
                     score[i] = rate / max_rate
-                val[i] = x
-                start[i] = when[i]
+                    val[i] = x
+                    start[i] = when[i]
             ev_i, ev_f, m = events(
                 RATE, sid, na, verdicts, when, xei[j, RATE], xef[j, RATE], ev_i, ev_f, m
             )
@@ -232,8 +233,6 @@ def process_flush(
                 a = seen + i
                 x = ext[e0 + i]
                 off[i] = False
-                val[i] = x
-                start[i] = when[i]
                 if a < spike_w:
                     insert(xpool, o, so, lb, a, x)
                     continue
@@ -251,6 +250,8 @@ def process_flush(
                             sigma = spike_floor
                         off[i] = dev > spike_k * sigma
                         score[i] = dev / sigma if sigma > 0.0 else math.inf
+                        val[i] = x
+                        start[i] = when[i]
                 old = ring_at(pool, po, r0, h, hcap, seen, ext, e0, a - spike_w)
                 replace(xpool, o, so, lb, spike_w, old, x)
             ev_i, ev_f, m = events(
@@ -278,7 +279,6 @@ def process_flush(
                 slide(xlimbs, plo, cnt, S_DRIFT, x, moved, gone, a, wd, wb)
                 track(approx, x, moved, gone, a, wd, wb)
                 off[i] = False
-                start[i] = when[i]
                 if a < wd - 1 + wb:
                     continue
                 if cnt[S_DRIFT + C_XR] == 0 and cnt[S_DRIFT + C_XB] == 0:
@@ -303,6 +303,7 @@ def process_flush(
                     off[i] = dist > drift_k * sd
                     score[i] = dist / sd if sd > 0.0 else math.inf
                 val[i] = mean_r
+                start[i] = when[i]
             tidy(xlimbs, plo, cnt, S_DRIFT)
             ev_i, ev_f, m = events(
                 DRIFT, sid, na, verdicts, when, xei[j, DRIFT], xef[j, DRIFT], ev_i, ev_f, m
@@ -321,9 +322,10 @@ def process_flush(
                     run_count = 1
                 dur = when[i] - run_start
                 off[i] = (flat_n > 0 and run_count >= flat_n) or (flat_us > 0 and dur >= flat_us)
-                score[i] = dur / 1e6
-                val[i] = x
-                start[i] = run_start
+                if off[i]:
+                    score[i] = dur / 1e6
+                    val[i] = x
+                    start[i] = run_start
             ev_i, ev_f, m = events(
                 FLAT, sid, na, verdicts, when, xei[j, FLAT], xef[j, FLAT], ev_i, ev_f, m
             )
