@@ -1,23 +1,27 @@
 """The spike filter's window, kept in rank order: the value of any rank is read in constant
 time, and a reading replaces another in O(sqrt(W)) moves.
 
-The W values are cut, in rank order, into blocks of B = 2**lb slots (B about sqrt(W)): block
-k holds ranks kB .. kB + B - 1 (the last block the rest). Each block is a ring: its first rank
-is at slot `start[k]`, so one value leaves a block's front or back, or enters it, without
-moving the others. A value replacing another moves at most B values inside each of the two
-blocks involved, and one value across each block between them.
+The W values are cut, in rank order, into blocks of B = 2**lb slots (B about 2 sqrt(W); one
+block up to `SMALL` values): block k holds ranks kB .. kB + B - 1, the last block the rest.
+Each block is a ring: its first rank is at slot `start[k]`, so one value leaves a block's
+front or back, or enters it, without moving the others. A value replacing another moves at
+most B values inside each of the two blocks involved, and one value across each block between
+them.
 
-An area of a sensor's pool, from `lo`: nb * B values (float64), then nb ring starts from
-`so` = lo + nb * B (small integers, held as floats). `shape(w)` gives lb,
-nb and the area's length in pool elements.
+An area of a sensor's pool, from `lo`: nb * B values, then nb ring starts from `so` = lo +
+nb * B (small integers, held as floats). `shape(w)` gives lb, nb and the area's length.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 from ingest.anomaly.layout import F64
 from ingest.jit import kernel
+
+SMALL: Final = 256
+"""Windows up to this many values are one block whose ring never turns (its start stays 0): a
+plain sorted array, where walking the values costs less than finding and crossing blocks."""
 
 
 @kernel
@@ -26,6 +30,9 @@ def shape(w: int) -> Any:
     if w <= 0:
         return 0, 0, 0
     lb = 2
+    if w <= SMALL:
+        while (1 << lb) < w:
+            lb += 1
     while (1 << (2 * lb)) < 4 * w:  # B >= 2 sqrt(w)
         lb += 1
     nb = (w + (1 << lb) - 1) >> lb
@@ -52,6 +59,18 @@ def bisect(buf: F64, lo: int, so: int, lb: int, a: int, b: int, x: float, right:
         mid = (a + b) // 2
         v = at(buf, lo, so, lb, mid)
         if v < x or (right and v == x):
+            a = mid + 1
+        else:
+            b = mid
+    return a
+
+
+@kernel
+def _plain_bisect(buf: F64, lo: int, a: int, b: int, x: float, right: bool) -> int:
+    """`bisect` in a window of one block (ranks are slots from lo)."""
+    while a < b:
+        mid = (a + b) // 2
+        if buf[lo + mid] < x or (right and buf[lo + mid] == x):
             a = mid + 1
         else:
             b = mid
@@ -140,6 +159,12 @@ def _length(lb: int, k: int, n: int) -> int:
 @kernel
 def insert(buf: F64, lo: int, so: int, lb: int, n: int, x: float) -> None:
     """Add x to a window holding n < w values."""
+    if so - lo == 1 << lb:  # one block
+        q = _plain_bisect(buf, lo, 0, n, x, True)
+        for r in range(lo + n, lo + q, -1):
+            buf[r] = buf[r - 1]
+        buf[lo + q] = x
+        return
     m = (1 << lb) - 1
     q = bisect(buf, lo, so, lb, 0, n, x, True)
     b = q >> lb
@@ -178,6 +203,18 @@ def replace(buf: F64, lo: int, so: int, lb: int, w: int, old: float, new: float)
     """
     m = (1 << lb) - 1
     nb = (w + m) >> lb
+    if nb == 1:
+        q = lo + _plain_bisect(buf, lo, 0, w, old, False)
+        if new > old:
+            while q + 1 < lo + w and buf[q + 1] < new:
+                buf[q] = buf[q + 1]
+                q += 1
+        else:
+            while q > lo and buf[q - 1] > new:
+                buf[q] = buf[q - 1]
+                q -= 1
+        buf[q] = new
+        return
     p = _lower_bound(buf, lo, so, lb, w, old)  # the value of rank p is `old`
     c = p >> lb
     g = p & m
