@@ -284,7 +284,8 @@ _ASSET_MODEL = _asset_model()
 
 
 WINDOWS = (16, 64, 256, 1024, 3600)
-"""Window sizes of the per-window cases (spike windows stop at MAX_SPIKE_WINDOW)."""
+"""Window sizes of the per-window cases (spike windows stop at MAX_SPIKE_WINDOW); range, rate
+and flatline keep no window and are listed once, with the hour rule's other parameters."""
 HOUR_RULE = AnomalyRule(
     match="*",
     min=-40.0,
@@ -300,6 +301,9 @@ HOUR_RULE = AnomalyRule(
 )
 """All five filters, drift over an hour's baseline at one reading a second."""
 WINDOW_RULES: dict[str, AnomalyRule] = {
+    "range (no window)": AnomalyRule(match="*", min=-40.0, max=40.0),
+    "rate (no window)": AnomalyRule(match="*", max_rate=5.0),
+    "flatline (no window)": AnomalyRule(match="*", flatline_count=10, flatline_seconds=30.0),
     **{
         f"drift 16 over {w}": AnomalyRule(
             match="*", drift_window=16, drift_baseline=w, drift_sigma=3.0
@@ -316,6 +320,7 @@ WINDOW_RULES: dict[str, AnomalyRule] = {
     "auto, defaults": AnomalyRule(match="*", detector="auto"),
     "auto, window 64": AnomalyRule(match="*", detector="auto", auto_window=64),
 }
+SPIKE_NOT_ALLOWED = [w for w in WINDOWS if w > MAX_SPIKE_WINDOW]
 
 
 CASES: dict[
@@ -365,6 +370,10 @@ class _Summary:
             o_text = f"{other / 1e6:10.2f} M/s" if other else f"{'-':>14}"
             ns = f"{1e9 / kernel:10.1f}" if kernel else f"{'-':>10}"
             terminalreporter.write_line(f"{case:<34} {k_text} {ns} {o_text}  {ratio}  {name}")
+        for w in SPIKE_NOT_ALLOWED:
+            terminalreporter.write_line(
+                f"{f'window spike {w}':<34} not allowed: spike_window <= {MAX_SPIKE_WINDOW}"
+            )
 
 
 @pytest.fixture(scope="session")

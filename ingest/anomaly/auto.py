@@ -42,7 +42,7 @@ from ingest.anomaly.layout import (
     S_AUTO_START,
     S_AUTO_VALUE,
 )
-from ingest.anomaly.window import _bisect, mad, median
+from ingest.anomaly.sorted_window import bisect, mad, median
 from ingest.jit import kernel
 
 
@@ -76,13 +76,15 @@ def _gap(g: float, q: float, count: int, sign: int) -> Any:
 
 @kernel
 def replace(buf: F64, lo: int, n: int, old: float, new: float, remove: bool, res: Any) -> Any:
-    """`sorted_replace` (the same walk), keeping the window's resolution `res` (q, count):
-    only the gaps around the leaving and the arriving value change; the window is scanned
+    """In the sorted buf[lo : lo + n], replace one `old` by `new` if `remove`, else insert: the
+    gap left by `old` (or the end) walks towards `new`'s place, readings close in time being
+    usually close in value. Keeps the window's resolution `res` (q, count): only the gaps
+    around the leaving and the arriving value change; the window is scanned
     again only when the last of its smallest gaps has left. Returns the new resolution."""
     q, count = res
     at = lo + n
     if remove:
-        at = _bisect(buf, lo, lo + n, old, False)
+        at = bisect(buf, lo, lo + n, old, False)
         if at > lo:
             q, count = _gap(old - buf[at - 1], q, count, -1)
         if at + 1 < lo + n:

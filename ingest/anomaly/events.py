@@ -107,7 +107,17 @@ def events(
     ev_f: F64,
     m: int,
 ) -> Any:
-    """`_track` over all n readings, growing the event arrays as needed: (ev_i, ev_f, m)."""
+    """`_track` over all n readings, growing the event arrays as needed: (ev_i, ev_f, m).
+    With no event open and no offending reading, nothing changes."""
+    off = verdicts[0]
+    if oi[E_OPEN] == 0:
+        quiet = True
+        for q in range(n):
+            if off[q]:
+                quiet = False
+                break
+        if quiet:
+            return ev_i, ev_f, m
     i = 0
     touched = False
     while True:

@@ -9,6 +9,7 @@ import msgspec
 
 from ingest.anomaly.drift import DRIFT_SIZE
 from ingest.anomaly.layout import AUTO, DRIFT, FLAT, RANGE, RATE, SPIKE
+from ingest.anomaly.ranked import size as spike_size
 from ingest.anomaly.rules import AUTO_DEFAULTS, AnomalyRule
 
 __all__ = ["Compiled", "StateNeed", "compile_rule", "describe"]
@@ -61,7 +62,7 @@ def compile_rule(rule: AnomalyRule) -> Compiled:
     if auto:
         mask |= 1 << AUTO
     hist = max(spike_w, drift_w + drift_b, auto_w)  # drift: the reading leaving the baseline too
-    auto_at = spike_w + (DRIFT_SIZE if drift_w else 0)
+    auto_at = spike_size(spike_w) + (DRIFT_SIZE if drift_w else 0)
     size = hist + auto_at + auto_w
     ints = (
         *(mask, spike_w, drift_w, drift_b, flat_n, flat_us, hist, 0, size),

@@ -26,6 +26,7 @@ from ingest.anomaly.layout import (
     S_RUN_START,
     S_SEEN,
 )
+from ingest.anomaly.ranked import clear as clear_ranks
 
 if TYPE_CHECKING:
     from ingest.anomaly.pending import Event
@@ -69,6 +70,8 @@ def rebuild(
             if FLAT in events:
                 si[S_RUN_START] = events[FLAT].start
                 si[S_RUN_COUNT] = max(run, int(pi[P_FLAT_N]))
+    if spike_w:
+        clear_ranks(pool, off + hcap, spike_w)
     for k, ev in events.items():
         if mask & (1 << k):
             eis[slot, k] = (1, ev.start, t[-1] if n else ev.start)

@@ -24,7 +24,9 @@ __all__ = [
     "rule_for",
 ]
 
-MAX_SPIKE_WINDOW: Final = 1024
+MAX_SPIKE_WINDOW: Final = 36_000
+"""Upper bound of spike_window (an hour at 10 Hz): each sensor keeps the window twice, as
+readings and in rank order, and restores it at a start."""
 
 
 class AutoDefaults(msgspec.Struct, frozen=True, kw_only=True):
