@@ -8,7 +8,6 @@ import math
 from collections.abc import Sequence
 
 import asyncpg
-import msgspec
 import numpy as np
 import pytest
 
@@ -21,6 +20,7 @@ from tests.support.cluster import Database
 from tests.support.ingester import Ingester, ingester_env
 from tests.support.mqtt import Publisher
 from tests.support.process import wait_until
+from tests.support.streams import publish_series
 
 SMALL = {"detector": "auto", "auto_window": 8, "auto_recent": 1, "auto_gap": 1}
 ALTERNATING = [float(i % 2) for i in range(24)]  # median 0.5, resolution 1: s = 1
@@ -221,27 +221,6 @@ HZ_US = 100_000
 N = 900
 
 
-def publish(
-    pub: Publisher, topic: str, values: dict[str, np.ndarray], lo: int, hi: int, step: int
-) -> int:
-    sent = 0
-    for start in range(lo, hi, step):
-        end = min(start + step, hi)
-        payload = msgspec.msgpack.encode(
-            {
-                "v": 1,
-                "t0": T0 + start * HZ_US,
-                "ch": [
-                    {"s": name, "dt": HZ_US, "v": v[start:end].astype("<f8").tobytes()}
-                    for name, v in values.items()
-                ],
-            }
-        )
-        pub.publish(topic, payload)
-        sent += 1
-    return sent
-
-
 async def test_the_service_stores_the_auto_events_of_its_readings(
     database: Database, mqtt_url: str, prefix: str
 ) -> None:
@@ -260,12 +239,12 @@ async def test_the_service_stores_the_auto_events_of_its_readings(
 
     first = await Ingester(env).start()
     with Publisher(mqtt_url) as pub:
-        sent = publish(pub, f"{prefix}/{device}", values, 0, 500, 37)
+        sent = publish_series(pub, f"{prefix}/{device}", values, 0, 500, 37, dt_us=HZ_US)
     await acked(first, sent)
     assert await first.stop() == 0
     second = await Ingester(env).start()  # a new process: state rebuilt from the database
     with Publisher(mqtt_url) as pub:
-        sent = publish(pub, f"{prefix}/{device}", values, 500, N, 23)
+        sent = publish_series(pub, f"{prefix}/{device}", values, 500, N, 23, dt_us=HZ_US)
     await acked(second, sent)
     assert await second.stop() == 0
 
