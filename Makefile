@@ -76,7 +76,7 @@ bench-quality: $(VENV)/.installed
 	$(BIN)/python -m benchmarks.anomaly_quality --per-file
 
 bench: $(VENV)/.installed stack-up
-	@$(WITH_STACK_ENV) $(BIN)/pytest benchmarks --benchmark-enable -p no:cacheprovider
+	@$(WITH_STACK_ENV) $(BIN)/pytest benchmarks --benchmark-enable --benchmark-timer time.process_time -p no:cacheprovider
 
 clean: stack-down
 	rm -rf $(VENV) .stack

@@ -107,6 +107,24 @@ def _parser() -> argparse.ArgumentParser:
         help="inject spike, drift, flatline or overheat on DEVICE/SENSOR matching GLOB at S "
         "simulated seconds (for D seconds); repeatable",
     )
+    sim.add_argument(
+        "--pumps",
+        type=_positive_int,
+        metavar="N",
+        help="instead of the plant: N pumps of eight correlated sensors (temperatures at a "
+        "fifth of the rate); --batch a multiple of 5",
+    )
+    sim.add_argument(
+        "--fault",
+        action="append",
+        default=[],
+        metavar="KIND:GLOB@S[+D]",
+        help="pumps: inject cavitation, valve or bearing on the pumps matching GLOB at S "
+        "simulated seconds, for D seconds (300); repeatable",
+    )
+    sim.add_argument(
+        "--labels", metavar="PATH", help="pumps: write the fault windows to PATH (JSON)"
+    )
     sim.add_argument("--record", metavar="PATH", help="record what was published to PATH.<n>")
     sim.add_argument(
         "--ca-file",
@@ -128,6 +146,33 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("file", metavar="FILE", help="a .yaml/.yml or .csv file")
     imp.add_argument("--config", metavar="FILE", help="TOML configuration file (INGEST_CONFIG)")
 
+    base = sub.add_parser(
+        "baseline", help="fit devices' asset-health models from a healthy period's readings"
+    )
+    base.add_argument("--device", required=True, metavar="GLOB", help="device paths to fit")
+    base.add_argument("--from", dest="start", metavar="RFC3339", help="start of the period")
+    base.add_argument("--to", dest="end", metavar="RFC3339", help="end of the period (excluded)")
+    base.add_argument(
+        "--last",
+        type=_positive_float,
+        metavar="SECONDS",
+        help="instead of --from/--to: this long up to each device's newest reading",
+    )
+    base.add_argument("--sensors", default="*", metavar="GLOB", help="sensor names to use (*)")
+    base.add_argument(
+        "--variance", type=_fraction, default=0.99, help="variance the components keep (0.99)"
+    )
+    base.add_argument(
+        "--quantile",
+        type=_fraction,
+        default=0.995,
+        help="score quantile (0.995)",
+    )
+    base.add_argument(
+        "--margin", type=_positive_float, default=1.1, help="limits = quantile x margin (1.1)"
+    )
+    base.add_argument("--config", metavar="FILE", help="TOML configuration file (INGEST_CONFIG)")
+
     chk = sub.add_parser("check-config", help="validate the configuration and print it")
     chk.add_argument("--config", metavar="FILE", help="TOML configuration file (INGEST_CONFIG)")
     return parser
@@ -147,6 +192,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a number between 0 and 1")
+    return value
+
+
 def _non_negative_float(text: str) -> float:
     value = float(text)
     if not value >= 0:
@@ -159,11 +211,18 @@ def _simulate(args: argparse.Namespace) -> int:
     import time
 
     from ingest.config import parse_rfc3339_us
-    from ingest.sim.plant import load_plant
+    from ingest.sim.plant import load_plant, pump_devices
+    from ingest.sim.pumps import SLOW, Fault
     from ingest.sim.signals import Anomaly
     from ingest.sim.simulate import SimSettings, simulate
 
-    devices = load_plant(args.plant)
+    if args.pumps and (args.plant or args.format == "sparkplug" or args.batch % SLOW):
+        raise ConfigError(
+            f"--pumps: takes no --plant, no sparkplug format, and a --batch multiple of {SLOW}"
+        )
+    if (args.fault or args.labels) and not args.pumps:
+        raise ConfigError("--fault and --labels need --pumps")
+    devices = pump_devices(args.pumps) if args.pumps else load_plant(args.plant)
     if args.devices:
         devices = devices[: args.devices]
     if args.start:
@@ -191,7 +250,13 @@ def _simulate(args: argparse.Namespace) -> int:
         record=args.record,
         ca_file=ca_file,
         answer_rebirth=args.answer_rebirth,
+        faults=tuple(Fault.parse(f, start_us=start_us) for f in args.fault),
     )
+    if args.labels:
+        import msgspec
+
+        with open(args.labels, "wb") as f:
+            f.write(msgspec.json.encode(settings.faults))
     simulate(settings, devices, processes=args.processes, progress=not args.quiet)
     return 0
 
@@ -248,6 +313,12 @@ def _assets(args: argparse.Namespace) -> int:
     rows, changed = asyncio.run(import_file(dsn=dsn, path=args.file))
     print(f"ingest: assets import {args.file}: {rows} row(s), {changed} changed")
     return 0
+
+
+def _baseline(args: argparse.Namespace) -> int:
+    from ingest.asset.baseline import command
+
+    return command(args)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -312,6 +383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "retain": _retain,
         "check-config": _check_config,
         "assets": _assets,
+        "baseline": _baseline,
     }
     try:
         return handlers[args.command](args)

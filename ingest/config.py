@@ -14,6 +14,7 @@ import msgspec
 
 from ingest.alerts.rules import Alerts
 from ingest.anomaly.rules import AnomalyRule
+from ingest.asset.rules import AssetRule
 from ingest.errors import ConfigError
 from ingest.mqtt.settings import Settings as Mqtt
 
@@ -109,6 +110,9 @@ class Anomaly(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """[anomaly]: filters per sensor; the first rule whose glob matches device/sensor applies."""
 
     rules: tuple[AnomalyRule, ...] = ()
+    assets: tuple[AssetRule, ...] = ()
+    """Asset health per device (`ingest.asset`): the first rule whose glob matches the device
+    path applies, to a device with a model fitted by `ingest baseline`."""
     replay_max_s: float = 3600.0
     """A flush whose readings fall up to this long before its sensor's newest committed
     reading is merged in time order; older readings are skipped by the filters."""

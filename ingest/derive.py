@@ -14,6 +14,8 @@ from ingest import metrics
 from ingest.anomaly.detector import AnomalyDetector, Event, Pending
 from ingest.anomaly.rules import AnomalyRule, rule_for
 from ingest.anomaly.sync import Settled, StateSync
+from ingest.asset.rules import AssetRule
+from ingest.asset.sync import AssetScorer, AssetSettled
 from ingest.db.registry import Registry
 from ingest.db.sink import Appended, Extra, Readings, Upsert
 from ingest.kernels import MINUTE_US, Rollup, rollup
@@ -95,6 +97,7 @@ class Derived:
     """Rollup partials computed, for the metrics."""
     pending: Pending | None = None
     settled: Settled | None = None
+    asset: AssetSettled | None = None
     last_seen: tuple[npt.NDArray[np.int32], npt.NDArray[np.int64]] | None = None
     """Sensors whose last-seen time this writes, and those times."""
     held: tuple[int, Rollup] | None = None
@@ -121,6 +124,7 @@ class Deriver:
         self,
         *,
         rules: Sequence[AnomalyRule],
+        assets: Sequence[AssetRule] = (),
         rollups: bool,
         registry: Registry,
         replay_max_s: float = 3600.0,
@@ -132,6 +136,9 @@ class Deriver:
         self.journal = journal if journal is not None else PartialsJournal()
         self._registry = registry
         self.detector = AnomalyDetector()
+        self.assets = AssetScorer(
+            rules=assets, registry=registry, replay_max_us=round(replay_max_s * 1e6)
+        )
         self.sync = StateSync(
             self.detector, replay_max_us=round(replay_max_s * 1e6), floor_us=floor_us
         )
@@ -183,23 +190,40 @@ class Deriver:
         tail: list[Extra] = []
         if len(last_seen[0]):
             tail.append(Upsert(LAST_SEEN_SQL, (last_seen[0].tolist(), last_seen[1].tolist())))
-        return Derived(base, anomaly, tail, partials, pending, None, last_seen, held)
+        return Derived(base, anomaly, tail, partials, pending, None, None, last_seen, held)
 
     async def settle(self, conn: asyncpg.Connection, new: Readings, derived: Derived) -> Derived:
         """In the flush's transaction, its new rows written: lock the anomaly state of their
-        sensors with a rule, and settle the anomaly writes against it."""
-        if not self._rules or not len(new):
+        sensors with a rule, and settle the anomaly writes against it; then score their
+        devices' asset health (`ingest.asset.sync`), whose state rows are locked after."""
+        if not len(new):
             return derived
-        settled = await self.sync.settle(conn, new, derived.pending)
-        if settled is None:
-            return derived
-        anomaly: list[Extra] = list(settled.deletes)
-        if settled.pending.events:
-            anomaly.append(_anomaly_upsert(settled.pending.events))
-        anomaly.append(settled.update)
-        return dataclasses.replace(
-            derived, anomaly=anomaly, pending=settled.pending, settled=settled
-        )
+        if self._rules:
+            settled = await self.sync.settle(conn, new, derived.pending)
+            if settled is not None:
+                anomaly: list[Extra] = list(settled.deletes)
+                if settled.pending.events:
+                    anomaly.append(_anomaly_upsert(settled.pending.events))
+                anomaly.append(settled.update)
+                derived = dataclasses.replace(
+                    derived, anomaly=anomaly, pending=settled.pending, settled=settled
+                )
+        if self.assets.enabled:
+            asset = await self.assets.settle(conn, new)
+            if asset is not None:
+                extra: list[Extra] = list(asset.deletes)
+                if asset.events:
+                    extra.append(_anomaly_upsert(asset.events))
+                extra.append(asset.update)
+                derived = dataclasses.replace(
+                    derived, anomaly=[*derived.anomaly, *extra], asset=asset
+                )
+        return derived
+
+    def part_keys(self, sensor: npt.NDArray[np.int32]) -> npt.NDArray[np.int64]:
+        """A key per reading by which a flush is split over the writer connections: the sensor
+        id, or for a device scored for asset health, one key for all its sensors."""
+        return self.assets.part_keys(sensor)
 
     def commit(self, derived: Derived) -> None:
         """`derived` committed: advance the anomaly state and count what was written."""
@@ -222,6 +246,18 @@ class Deriver:
                     metrics.ANOMALY_RERUN_READINGS.inc(count)
                 else:
                     metrics.ANOMALY_STATE_SYNCS.labels(how).inc(count)
+        if derived.asset is not None:
+            for event in derived.asset.events:
+                key = (event.sensor, event.kind, event.start)
+                if key not in self._open:
+                    metrics.ANOMALIES.labels(event.kind).inc()
+                if event.end is None:
+                    self._open.add(key)
+                else:
+                    self._open.discard(key)
+            metrics.ASSET_TIMESTAMPS.inc(derived.asset.timestamps)
+            metrics.ASSET_REPLAYS.inc(derived.asset.replays)
+            metrics.ASSET_LATE_READINGS.inc(derived.asset.late)
         if derived.last_seen is not None and len(derived.last_seen[0]):
             self._registry.last_seen_written(*derived.last_seen)
         if derived.held is not None:

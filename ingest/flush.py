@@ -11,8 +11,9 @@ import numpy as np
 import numpy.typing as npt
 
 from ingest import metrics
+from ingest.db.dead_letters import DeadLetter
 from ingest.db.registry import SensorKey
-from ingest.db.sink import DeadLetter, Readings
+from ingest.db.sink import Readings
 from ingest.decode import Batch
 from ingest.kernels import check_sorted, gather
 from ingest.mqtt import Received

@@ -95,6 +95,20 @@ ANOMALY_RERUN_READINGS = Counter(
     "ingest_anomaly_rerun_readings_total",
     "Stored readings run through the anomaly filters again, to catch up or to merge a late flush.",
 )
+ASSET_TIMESTAMPS = Counter(
+    "ingest_asset_timestamps_total",
+    "Device timestamps scored against an asset-health model (T² and Q).",
+)
+ASSET_REPLAYS = Counter(
+    "ingest_asset_replays_total",
+    "Devices re-scored from a quiet timestamp to merge readings at or before their newest "
+    "scored timestamp.",
+)
+ASSET_LATE_READINGS = Counter(
+    "ingest_asset_late_readings_total",
+    "Readings of a scored device that came too late to be re-scored (no quiet timestamp within "
+    "the asset rule's replay_s): stored, but not scored.",
+)
 FLUSH_READINGS = Histogram(
     "ingest_flush_readings",
     "Readings per flush.",

@@ -70,6 +70,7 @@ class Pipeline:
         )
         self.deriver = Deriver(
             rules=cfg.anomaly.rules,
+            assets=cfg.anomaly.assets,
             rollups=cfg.rollups.enabled,
             registry=self.registry,
             replay_max_s=cfg.anomaly.replay_max_s,

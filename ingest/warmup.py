@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ingest import kernels, partials, shapes
 from ingest.anomaly import detector
+from ingest.asset import model
 from ingest.sparkplug import stage
 
 __all__ = ["warm_up"]
@@ -24,5 +25,6 @@ def warm_up(*, sparkplug: bool = True) -> None:
     shapes.compile_kernels()
     partials.compile_kernels()
     detector.compile_kernels()
+    model.compile_kernels()
     if sparkplug:
         stage.compile_kernels()

@@ -70,7 +70,13 @@ class Writer:
         self._sparkplug = sparkplug
         self._health = health
         self.sinks = [
-            Sink(dsn=cfg.db.url, connect_timeout_s=cfg.db.connect_timeout_s, jit=False)
+            Sink(
+                dsn=cfg.db.url,
+                connect_timeout_s=cfg.db.connect_timeout_s,
+                jit=False,
+                # A redelivery comes within the session's expiry of the connection's loss.
+                dead_letter_window_s=cfg.mqtt.session_expiry_s + 3600.0,
+            )
             for _ in range(cfg.db.writers)
         ]
         self.deadline: float | None = None
@@ -175,7 +181,7 @@ class Writer:
             parts = 1  # a birth's aliases commit in the transaction of its readings
         slabs = [readings]
         if parts > 1:
-            part_of = readings.sensor % parts
+            part_of = self._deriver.part_keys(readings.sensor) % parts
             slabs = [readings.select(part_of == p) for p in range(parts)]
         todo = [
             p

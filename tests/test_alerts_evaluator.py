@@ -9,7 +9,7 @@ from datetime import timedelta
 
 import asyncpg
 
-from ingest.alerts.evaluator import Evaluator
+from ingest.alerts.evaluator import Evaluator, newest_readings
 from ingest.alerts.rules import AlertRule, Alerts, CloudEventsSink
 from ingest.anomaly.rules import AnomalyRule
 from tests.support.alerts import anomaly, at, now_base, readings_until, seed_device
@@ -220,3 +220,23 @@ async def test_a_flatline_without_an_alert_of_its_own_still_holds_back_the_other
         "SELECT state FROM telemetry.alerts_v WHERE key = $1", f"{dev}:overheating"
     )
     assert state == "inactive"  # pending while flatlined, gone before the flatline ended
+
+
+async def test_newest_readings_start_at_last_seen_and_fall_back_where_it_is_ahead(
+    owner_conn: asyncpg.Connection, service: asyncpg.Connection
+) -> None:
+    base = now_base().replace(second=0)
+    ids = await seed_device(owner_conn, "plant1/newest/line1/dev", ["a", "b", "c", "d"])
+    await readings_until(owner_conn, ids["a"], at(base, -3600), at(base, 30))
+    await readings_until(owner_conn, ids["b"], at(base, -7200), at(base, -7100))
+    await readings_until(owner_conn, ids["d"], at(base, 0), at(base, 5))
+    await owner_conn.executemany(
+        "UPDATE telemetry.sensors SET last_seen = $2 WHERE id = $1",
+        [
+            (ids["a"], at(base, 10)),  # behind the newest reading, as the ingester keeps it
+            (ids["b"], at(base, 0)),  # ahead of everything stored: found without the bound
+            (ids["c"], at(base, 0)),  # no reading at all
+        ],
+    )
+    got = await newest_readings(service, [ids[s] for s in "abcd"])
+    assert got == {ids["a"]: at(base, 30), ids["b"]: at(base, -7100), ids["d"]: at(base, 5)}

@@ -618,7 +618,7 @@ def test_restore_checks_its_input() -> None:
         ({"min": 2.0, "max": 1.0}, "min 2.0 is above max 1.0"),
         ({"max": math.nan}, "max must be a finite number"),
         ({"max_rate": 0.0}, "max_rate must be a finite number > 0"),
-        ({"spike_window": 2}, "spike_window must be an integer from 3 to 1024"),
+        ({"spike_window": 2}, "spike_window must be an integer from 3 to 36000"),
         ({"spike_window": 4.0}, "spike_window must be an integer"),
         ({"spike_threshold": 2.0, "max": 1.0}, "spike_threshold is set but spike_window is not"),
         ({"spike_window": 5, "spike_threshold": -1.0}, "spike_threshold must be"),

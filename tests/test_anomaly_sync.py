@@ -120,6 +120,36 @@ async def test_a_late_flush_that_breaks_an_open_event_splits_it(database: Databa
     assert await events_of(database, device) == expected_events({"temp": rule}, {"temp": readings})
 
 
+async def test_a_late_flush_within_the_gap_after_an_auto_event_merges_into_it(
+    database: Database,
+) -> None:
+    """B commits 26-31, which end the auto event A opened at 20 (4 quiet readings), then 22-25,
+    whose spike at 23 lies within the gap: in order, 20 and 23 are one event.
+    The replay must start before 20, not at 22 (the event is open until its 4th reading after
+    its end), or it writes two."""
+    rule = AnomalyRule(
+        match="*/temp",
+        detector="auto",
+        auto_window=8,
+        auto_recent=1,
+        auto_min_readings=1,
+        auto_gap=4,
+    )
+    device = new_device()
+    values = [float(i % 2) for i in range(32)]
+    values[20] = values[23] = 10.0
+    readings = [(T0 + i * S, v) for i, v in enumerate(values)]
+    async with Instance(database, [rule]) as a, Instance(database, [rule]) as b:
+        await a.write(device, {"temp": readings[:22]})
+        await b.write(device, {"temp": readings[26:32]})
+        before = syncs()
+        await b.write(device, {"temp": readings[22:26]})  # late, and no cache before them
+        assert syncs()["replayed"] == before["replayed"] + 1
+    expected = expected_events({"temp": rule}, {"temp": readings})
+    assert [(k[1], k[2], v[0]) for k, v in expected.items()] == [("auto", T0 + 20 * S, T0 + 23 * S)]
+    assert await events_of(database, device) == expected
+
+
 async def test_a_flush_older_than_the_replay_limit_is_skipped_and_counted(
     database: Database,
 ) -> None:
@@ -151,6 +181,10 @@ async def test_round_robin_over_three_ingesters_catches_up_and_gives_the_in_orde
         drift_baseline=40,
         drift_sigma=4.0,
         flatline_count=10,
+        detector="auto",
+        auto_window=16,
+        auto_min_readings=3,
+        auto_gap=6,
     )
     device = new_device()
     stream = {

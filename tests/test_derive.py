@@ -6,14 +6,13 @@ import json
 import math
 
 import asyncpg
-import msgspec
 import numpy as np
 
 from tests.support.cluster import Database
 from tests.support.ingester import Ingester, ingester_env
 from tests.support.mqtt import Publisher
 from tests.support.process import wait_until
-from tests.support.streams import T0
+from tests.support.streams import T0, publish_series
 
 HZ_US = 100_000  # 10 readings per second
 N = 600
@@ -46,28 +45,6 @@ def signals() -> dict[str, np.ndarray]:
     return {name: np.round(v, 6) for name, v in base.items()}
 
 
-def publish(
-    pub: Publisher, topic: str, values: dict[str, np.ndarray], lo: int, hi: int, step: int
-) -> int:
-    """Publish readings [lo, hi) of every sensor in messages of `step` readings; returns count."""
-    sent = 0
-    for start in range(lo, hi, step):
-        end = min(start + step, hi)
-        payload = msgspec.msgpack.encode(
-            {
-                "v": 1,
-                "t0": T0 + start * HZ_US,
-                "ch": [
-                    {"s": name, "dt": HZ_US, "v": v[start:end].astype("<f8").tobytes()}
-                    for name, v in values.items()
-                ],
-            }
-        )
-        pub.publish(topic, payload)
-        sent += 1
-    return sent
-
-
 async def test_anomalies_and_rollups_survive_flush_splits_and_a_restart(
     database: Database, mqtt_url: str, prefix: str
 ) -> None:
@@ -84,14 +61,14 @@ async def test_anomalies_and_rollups_survive_flush_splits_and_a_restart(
 
     first = await Ingester(env).start()
     with Publisher(mqtt_url) as pub:
-        sent = publish(pub, f"{prefix}/{device}", values, 0, 350, 37)
+        sent = publish_series(pub, f"{prefix}/{device}", values, 0, 350, 37, dt_us=HZ_US)
     await acked(first, sent)
     assert await first.stop() == 0
     second = await Ingester(env).start()  # a new process: state rebuilt from the database
     with Publisher(mqtt_url) as pub:
-        sent = publish(pub, f"{prefix}/{device}", values, 350, N, 23)
+        sent = publish_series(pub, f"{prefix}/{device}", values, 350, N, 23, dt_us=HZ_US)
         # A device resending its first half: stored once, rolled up once, detected once.
-        sent += publish(pub, f"{prefix}/{device}", values, 0, 350, 50)
+        sent += publish_series(pub, f"{prefix}/{device}", values, 0, 350, 50, dt_us=HZ_US)
     await acked(second, sent)
     assert await second.metric("ingest_readings_duplicate_total") == 4 * 350
     assert await second.stop() == 0

@@ -330,6 +330,12 @@ INGEST_FORBIDDEN = [
     "SET ROLE telemetry_owner",
     "ALTER ROLE ingest CREATEROLE",
     "COMMENT ON TABLE telemetry.readings IS 'mine'",
+    # Asset models are written by `ingest baseline` as the owner, never by the service.
+    "UPDATE telemetry.asset_models SET t2_limit = 1e9",
+    "INSERT INTO telemetry.asset_models (device_id) VALUES (1)",
+    "DELETE FROM telemetry.asset_models",
+    "DELETE FROM telemetry.asset_state",
+    "UPDATE telemetry.asset_state SET device_id = 0",
 ]
 
 

@@ -11,8 +11,11 @@ import uuid
 from pathlib import Path
 
 import asyncpg
+import numpy as np
 import pytest
 
+from ingest.sim.plant import stable_seed
+from ingest.sim.pumps import Fault, Pump
 from tests.support.cluster import Database
 from tests.support.ingester import Ingester, ingest_cli, ingester_env
 from tests.support.process import wait_until
@@ -93,6 +96,56 @@ async def test_what_simulate_records_is_exactly_what_is_stored(
         assert await ingester.stop() == 0
 
 
+async def test_pumps_publish_correlated_sensors_with_labelled_faults(
+    database: Database, mqtt_url: str, prefix: str, tmp_path: Path
+) -> None:
+    env = ingester_env(database, mqtt_url, prefix)
+    ingester = await Ingester(env).start()
+    labels = tmp_path / "faults.json"
+    try:
+        code, err = await simulate(
+            *("--url", mqtt_url, "--prefix", prefix, "--pumps", "2", "--hz", "1"),
+            *("--start", START, "--batch", "10", "--duration", "20", "--quiet"),
+            *("--record", str(tmp_path / "load"), "--labels", str(labels)),
+            *("--fault", "valve:*/pump-02@5+10"),
+        )
+        assert code == 0, err
+        # Per pump: five sensors at 1 Hz for 20 s, three temperatures every 5 s.
+        assert err.startswith("simulate: done, 224 readings in "), err
+        expected = recorded(str(tmp_path / "load.*"), prefix)
+        assert len(expected) == 224
+
+        async def all_stored() -> bool:
+            return len(await stored(database, "plant9")) >= len(expected)
+
+        await wait_until(all_stored, timeout=60)
+        assert set(await stored(database, "plant9")) == expected
+    finally:
+        assert await ingester.stop() == 0
+    pump2 = "plant9/pumps/line1/pump-02"
+    assert json.loads(labels.read_text()) == [
+        {"kind": "valve", "device": "*/pump-02", "start_us": T0 + 5 * S, "end_us": T0 + 15 * S}
+    ]
+    # The recording is the pumps' own signals, the fault shifting pump-02's pressure by three
+    # times its noise (0.05 bar) from 5 s to 15 s and nothing else.
+    fault = Fault("valve", "*/pump-02", T0 + 5 * S, T0 + 15 * S)
+    idx = np.arange(20, dtype=np.int64)
+
+    def signals(pump: Pump) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """As the simulator draws them: a batch of 10 samples at a time."""
+        a, b = (pump.values(idx[k : k + 10], hz=1.0, start_us=T0) for k in (0, 10))
+        return {n: (np.r_[a[n][0], b[n][0]], np.r_[a[n][1], b[n][1]]) for n in a}
+
+    clean = signals(Pump(pump2, stable_seed(pump2)))
+    shifted = signals(Pump(pump2, stable_seed(pump2), (fault,)))
+    got = {(t, n): v for t, d, n, v, _ in expected if d == pump2}
+    for name, (t, v) in shifted.items():
+        assert [got[(x, name)] for x in t.tolist()] == v.tolist()
+    delta = shifted["pressure"][1] - clean["pressure"][1]
+    assert np.allclose(delta, np.where((idx >= 5) & (idx < 15), 0.15, 0.0), atol=1e-9)
+    assert np.array_equal(shifted["temp.motor"][1], clean["temp.motor"][1])
+
+
 async def test_progress_lines_show_rate_and_total(mqtt_url: str, prefix: str) -> None:
     code, err = await simulate(
         *("--url", mqtt_url, "--prefix", prefix, "--devices", "2", "--batch", "10"),
@@ -128,6 +181,19 @@ async def test_progress_lines_show_rate_and_total(mqtt_url: str, prefix: str) ->
             "ingest: cannot connect to the broker at 127.0.0.1:1: [Errno 111] Connection refused",
         ),
         (["--processes", "0"], 2, "ingest simulate: argument --processes: "),
+        (
+            ["--pumps", "2", "--batch", "7"],
+            2,
+            "ingest: config: --pumps: takes no --plant, no sparkplug format, and a --batch "
+            "multiple of 5",
+        ),
+        (["--fault", "valve:*@1"], 2, "ingest: config: --fault and --labels need --pumps"),
+        (
+            ["--pumps", "1", "--fault", "leak:*@1"],
+            2,
+            "ingest: config: --fault 'leak:*@1': expected KIND:DEVICE-GLOB@SECONDS[+DURATION] "
+            "with KIND cavitation, valve, bearing",
+        ),
         (
             ["--url", "mqtts://127.0.0.1:1", "--ca-file", "/nonexistent/ca.pem"],
             2,

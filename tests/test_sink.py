@@ -13,10 +13,10 @@ import asyncpg
 import numpy as np
 import pytest
 
+from ingest.db.dead_letters import DeadLetter
 from ingest.db.sink import (
     PG_EPOCH_US,
     Appended,
-    DeadLetter,
     Extra,
     Readings,
     Sink,
@@ -232,6 +232,33 @@ async def test_dead_letters_are_stored_with_their_raw_bytes(db: Database, own_si
         (d.received_us, d.topic, d.payload, d.reason, d.content_type) for d in [*letters, late]
     ]
     assert await _fetch(db, _ROWS) == [(T0, 1, 1.0, 0)]
+
+
+async def test_a_message_delivered_again_is_one_dead_letter(db: Database, own_sink: Sink) -> None:
+    bad = DeadLetter(T0, "p/site/dev-1", b"\xc1", "payload: malformed", "application/msgpack")
+    # Redelivered after a crash between commit and acknowledgement, and twice in one flush.
+    again = DeadLetter(T0 + 5_000_000, bad.topic, bad.payload, bad.reason, bad.content_type)
+    other_topic = DeadLetter(T0 + 1, "p/site/dev-2", bad.payload, bad.reason, bad.content_type)
+    other_type = DeadLetter(T0 + 2, bad.topic, bad.payload, bad.reason, None)
+    await own_sink.write(readings=_slab([]), dead_letters=[bad], derive=_derive)
+    await own_sink.write(
+        readings=_slab([]), dead_letters=[again, other_topic, again], derive=_derive
+    )
+    await own_sink.write(readings=_slab([]), dead_letters=[other_type, bad], derive=_derive)
+    # Outside the window (a day here) the same message is stored again.
+    later = DeadLetter(T0 + 90_000_000_000, bad.topic, bad.payload, bad.reason, bad.content_type)
+    await own_sink.write(readings=_slab([]), dead_letters=[later], derive=_derive)
+    stored = await _fetch(
+        db,
+        "SELECT (extract(epoch FROM received_at) * 1000000)::bigint, topic, content_type"
+        "  FROM telemetry.dead_letters ORDER BY received_at",
+    )
+    assert stored == [
+        (T0, bad.topic, "application/msgpack"),
+        (T0 + 1, other_topic.topic, "application/msgpack"),
+        (T0 + 2, bad.topic, None),
+        (later.received_us, bad.topic, "application/msgpack"),
+    ]
 
 
 _PENDING = (

@@ -27,6 +27,7 @@ from ingest.alerts.lifecycle import AlertState, Change, Event, Timing, advance
 from ingest.alerts.rules import KINDS, SEVERITIES, AlertRule, Alerts
 from ingest.alerts.store import EPOCH, state_of, to_us, write_changes
 from ingest.anomaly.rules import AnomalyRule, rule_for
+from ingest.asset.rules import ANCHOR, AssetRule, asset_rule_for
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,20 @@ SELECT id, key, condition, severity, state, phase, flapping, since, clear_since,
        resolved_at, opens, flap_since, sensors, cursor, version
   FROM telemetry.alerts WHERE device_id = $1 FOR UPDATE
 """
+# The newest reading of each sensor. A sensor's last_seen never passes its newest reading, so
+# the read starts there, and at the oldest last_seen as a plain parameter, so that TimescaleDB
+# plans only the chunks from there on, however many the table holds. A sensor it misses (no
+# last_seen yet, or one ahead of what is stored) is looked up without the bound.
+_FLOOR = "SELECT min(last_seen) FROM telemetry.sensors WHERE id = ANY($1::int[])"
 _LATEST = """
+SELECT s.id, x.t
+  FROM telemetry.sensors s
+  CROSS JOIN LATERAL (SELECT r.time AS t FROM telemetry.readings r
+                       WHERE r.sensor_id = s.id AND r.time >= s.last_seen AND r.time >= $2
+                       ORDER BY r.time DESC LIMIT 1) AS x
+ WHERE s.id = ANY($1::int[])
+"""
+_LATEST_UNBOUNDED = """
 SELECT s.id, x.t
   FROM unnest($1::int[]) AS s(id)
   CROSS JOIN LATERAL (SELECT r.time AS t FROM telemetry.readings r
@@ -60,6 +74,13 @@ _EVENTS = """
 SELECT sensor_id, kind, start_time, end_time
   FROM telemetry.anomalies
  WHERE sensor_id = ANY($1::int[]) AND start_time >= $2 AND (end_time IS NULL OR end_time > $3)
+"""
+ASSET_KINDS: tuple[str, ...] = ("asset",)
+# The horizon of a device's asset events: the newest timestamp its scoring took in.
+_SCORED = """
+SELECT m.anchor_id AS id, s.last_time AS t
+  FROM telemetry.asset_models m JOIN telemetry.asset_state s ON s.device_id = m.device_id
+ WHERE m.anchor_id = ANY($1::int[])
 """
 _META = """
 SELECT asset, criticality, asset_type, team, ci_id FROM telemetry.device_meta_v WHERE device_id = $1
@@ -74,6 +95,20 @@ SELECT severity, count(*) FROM telemetry.alerts WHERE state IN ('open', 'flappin
 """
 
 
+async def newest_readings(
+    conn: asyncpg.Connection, sensor_ids: Sequence[int]
+) -> dict[int, datetime]:
+    """The time of each sensor's newest stored reading; sensors without one are left out."""
+    out: dict[int, datetime] = {}
+    floor = await conn.fetchval(_FLOOR, sensor_ids)
+    if floor is not None:
+        out = {r["id"]: r["t"] for r in await conn.fetch(_LATEST, sensor_ids, floor)}
+    missed = [s for s in sensor_ids if s not in out]
+    if missed:
+        out.update({r["id"]: r["t"] for r in await conn.fetch(_LATEST_UNBOUNDED, missed)})
+    return out
+
+
 def rule_kinds(rule: AnomalyRule) -> tuple[str, ...]:
     """The anomaly kinds an anomaly rule's alert covers: its own list, else the rule's filters."""
     assert rule.alert is not None
@@ -85,6 +120,7 @@ def rule_kinds(rule: AnomalyRule) -> tuple[str, ...]:
         "spike": rule.spike_window is not None,
         "drift": rule.drift_window is not None,
         "flatline": rule.flatline_count is not None or rule.flatline_seconds is not None,
+        "auto": rule.detector is not None,
     }
     return tuple(k for k in KINDS if has[k])
 
@@ -105,10 +141,18 @@ class _Condition:
 class Evaluator:
     """Evaluates alerts on its own connection. Called from one task only."""
 
-    def __init__(self, *, rules: Sequence[AnomalyRule], settings: Alerts) -> None:
+    def __init__(
+        self,
+        *,
+        rules: Sequence[AnomalyRule],
+        settings: Alerts,
+        assets: Sequence[AssetRule] = (),
+    ) -> None:
         self.rules = tuple(rules)
+        self.assets = tuple(assets)
         self.settings = settings
-        self._has_rules = any(r.alert is not None for r in self.rules)
+        alerts = [r.alert for r in self.rules] + [r.alert for r in self.assets]
+        self._has_rules = any(a is not None for a in alerts)
 
     # ------------------------------------------------------------------ one pass
 
@@ -141,12 +185,18 @@ class Evaluator:
     def _conditions(self, sensors: list[asyncpg.Record]) -> dict[str, _Condition]:
         out: dict[str, _Condition] = {}
         for row in sensors:
-            rule = rule_for(rules=self.rules, path=f"{row['path']}/{row['name']}")
-            if rule is None or rule.alert is None:
-                continue
-            alert = rule.alert
+            if row["name"] == ANCHOR:  # the device's asset events (ingest/asset)
+                asset = asset_rule_for(rules=self.assets, device=row["path"])
+                if asset is None or asset.alert is None:
+                    continue
+                alert, kinds = asset.alert, ASSET_KINDS
+            else:
+                rule = rule_for(rules=self.rules, path=f"{row['path']}/{row['name']}")
+                if rule is None or rule.alert is None:
+                    continue
+                alert, kinds = rule.alert, rule_kinds(rule)
             cond = out.setdefault(alert.condition, _Condition(alert.condition, alert, {}))
-            cond.sensors[row["id"]] = (row["name"], alert.severity, rule_kinds(rule))
+            cond.sensors[row["id"]] = (row["name"], alert.severity, kinds)
         return out
 
     async def _device(
@@ -164,7 +214,10 @@ class Evaluator:
             silent = rows.get(self.settings.silence_condition)
             is_silent = silent is not None and silent["state"] in ("open", "flapping")
             sensor_ids = sorted({s for c in conditions.values() for s in c.sensors})
-            latest = {r["id"]: to_us(r["t"]) for r in await conn.fetch(_LATEST, sensor_ids)}
+            latest = {k: to_us(t) for k, t in (await newest_readings(conn, sensor_ids)).items()}
+            if self.assets:
+                for r in await conn.fetch(_SCORED, sensor_ids):
+                    latest[r["id"]] = to_us(r["t"])
             if not latest:
                 return 0
             floor = min(
@@ -297,7 +350,7 @@ class Evaluator:
                 )
             ]
             last = max(
-                (r["t"] for r in await conn.fetch(_LATEST, ids) if r["t"] is not None),
+                (await newest_readings(conn, ids)).values(),
                 default=None,
             )
             now = await conn.fetchval("SELECT now()")

@@ -27,7 +27,7 @@ __all__ = [
 SEVERITIES: Final = ("info", "warning", "minor", "major", "critical")
 """Severity names, least to most severe; priority = rank (1-5) x the asset's criticality (1-5)."""
 
-KINDS: Final = ("range", "rate", "spike", "drift", "flatline")
+KINDS: Final = ("range", "rate", "spike", "drift", "flatline", "auto")
 _NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 Severity = Literal["info", "warning", "minor", "major", "critical"]

@@ -14,8 +14,11 @@ def start(tg: asyncio.TaskGroup, *, cfg: Config, stop: asyncio.Event) -> None:
 
     Their errors are retried inside; nothing they do holds up intake or flushes.
     """
-    if cfg.alerts.silence_s > 0 or any(r.alert is not None for r in cfg.anomaly.rules):
-        evaluator = Evaluator(rules=cfg.anomaly.rules, settings=cfg.alerts)
+    alerting = [r.alert for r in cfg.anomaly.rules] + [r.alert for r in cfg.anomaly.assets]
+    if cfg.alerts.silence_s > 0 or any(a is not None for a in alerting):
+        evaluator = Evaluator(
+            rules=cfg.anomaly.rules, settings=cfg.alerts, assets=cfg.anomaly.assets
+        )
         tg.create_task(evaluator.run(dsn=cfg.db.url, stop=stop), name="alert-evaluator")
     if cfg.alerts.sinks:
         dispatcher = Dispatcher(settings=cfg.alerts)

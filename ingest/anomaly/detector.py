@@ -10,29 +10,30 @@ import numpy as np
 import numpy.typing as npt
 
 from ingest.anomaly.drift import empty as empty_sums
-from ingest.anomaly.filters import commit_flush, fill_drift, process_flush
+from ingest.anomaly.filters import commit_flush, process_flush
 from ingest.anomaly.layout import (
-    DRIFT,
+    AUTO,
     E_OPEN,
     E_START,
     FLAT,
     KINDS,
     NEF,
     NEI,
+    NK,
     NO_TIME,
     NPF,
     NPI,
     NSF,
     NSI,
-    P_FLAT_N,
-    P_HIST,
+    P_AUTO_G,
     P_MASK,
     P_OFF,
     P_SIZE,
-    P_SPIKE_W,
+    S_AUTO_Q,
+    S_AUTO_RUN,
+    S_AUTO_START,
     S_DRIFT,
     S_LAST,
-    S_PREV,
     S_RUN_COUNT,
     S_RUN_START,
     S_SEEN,
@@ -40,6 +41,7 @@ from ingest.anomaly.layout import (
 from ingest.anomaly.locking import SharedLock, reads, writes
 from ingest.anomaly.params import Compiled, StateNeed, compile_rule, describe
 from ingest.anomaly.pending import Base, Event, Outcome, Pending
+from ingest.anomaly.rebuild import rebuild
 from ingest.anomaly.rules import AnomalyRule
 from ingest.kernels import check_sorted
 
@@ -87,8 +89,8 @@ class AnomalyDetector:
         self._pf = np.zeros((0, NPF), np.float64)
         self._si = np.zeros((0, NSI), np.int64)
         self._sf = np.zeros((0, NSF), np.float64)
-        self._ei = np.zeros((0, 5, NEI), np.int64)
-        self._ef = np.zeros((0, 5, NEF), np.float64)
+        self._ei = np.zeros((0, NK, NEI), np.int64)
+        self._ef = np.zeros((0, NK, NEF), np.float64)
         self._version = np.zeros(0, np.int64)
         self._restored = np.zeros(0, np.bool_)
         self._need = np.zeros((0, 2), np.int64)  # per slot: StateNeed's readings, span_us
@@ -188,35 +190,8 @@ class AnomalyDetector:
                 raise ValueError(f"restore: not an open event of sensor {sensor_id}: {ev!r}")
             events[_KIND_INDEX[ev.kind]] = ev
         self._reset(slot)
-        pi = self._pi[slot]
-        mask, spike_w, hcap, off = (int(pi[c]) for c in (P_MASK, P_SPIKE_W, P_HIST, P_OFF))
-        n = int(t.shape[0])
-        if n:
-            si = self._si[slot]
-            si[S_LAST] = t[-1]
-            si[S_SEEN] = n
-            self._sf[slot, S_PREV] = v[-1]
-            if hcap:
-                h = min(n, hcap)
-                ring = np.arange(n - h, n) % hcap  # reading a at a % hcap
-                self._pool[off + ring] = v[n - h :]
-            if spike_w:
-                w = min(n, spike_w)
-                self._pool[off + hcap : off + hcap + w] = np.sort(v[n - w :])
-            if mask & (1 << DRIFT):
-                fill_drift(self._pool, self._si, self._pi, slot, v)
-            if mask & (1 << FLAT):
-                differs = np.flatnonzero(v != v[-1])
-                run = n - int(differs[-1]) - 1 if differs.shape[0] else n
-                si[S_RUN_START] = t[n - run]
-                si[S_RUN_COUNT] = run
-                if FLAT in events:
-                    si[S_RUN_START] = events[FLAT].start
-                    si[S_RUN_COUNT] = max(run, int(pi[P_FLAT_N]))
-        for k, ev in events.items():
-            if mask & (1 << k):
-                self._ei[slot, k] = (1, ev.start, t[-1] if n else ev.start)
-                self._ef[slot, k] = (ev.value, ev.score)
+        arrays = (self._pool, self._pi, self._pf, self._si, self._sf, self._ei, self._ef)
+        rebuild(arrays, slot, t, v, events)
         self._restored[slot] = True
 
     def with_rule(self, sensor: npt.NDArray[np.int32]) -> npt.NDArray[np.bool_]:
@@ -234,11 +209,22 @@ class AnomalyDetector:
         si, ei = self._si[slots], self._ei[slots]
         is_open = ei[:, :, E_OPEN] == 1
         starts = np.where(is_open, ei[:, :, E_START], np.iinfo(np.int64).max).min(axis=1)
-        ran = (si[:, S_RUN_COUNT] > 0) & ((self._pi[slots, P_MASK] & (1 << FLAT)) != 0)
+        mask = self._pi[slots, P_MASK]
+        ran = (si[:, S_RUN_COUNT] > 0) & ((mask & (1 << FLAT)) != 0)
+        run_start = np.where(ran, si[:, S_RUN_START], NO_TIME)
+        # auto: the offending run that is not yet an event
+        pending = (si[:, S_AUTO_RUN] > 0) & ((mask & (1 << AUTO)) != 0) & ~is_open[:, AUTO]
+        pending_start = np.where(pending, si[:, S_AUTO_START], NO_TIME)
+        run_start = np.where(
+            (run_start == NO_TIME) | (pending & (pending_start < run_start)),
+            pending_start,
+            run_start,
+        )
         return Base(
             last=si[:, S_LAST].copy(),
             open_since=np.where(is_open.any(axis=1), starts, NO_TIME),
-            run_start=np.where(ran, si[:, S_RUN_START], NO_TIME),
+            run_start=run_start,
+            gap=np.maximum(self._pi[slots, P_AUTO_G], 1),
             need_readings=self._need[slots, 0].copy(),
             need_span_us=self._need[slots, 1].copy(),
         )
@@ -354,6 +340,7 @@ class AnomalyDetector:
         self._si[slot, S_LAST] = NO_TIME
         empty_sums(self._si[slot], S_DRIFT)
         self._sf[slot] = 0.0
+        self._sf[slot, S_AUTO_Q] = np.inf  # an empty window: no resolution yet
         self._ei[slot] = 0
         self._ef[slot] = 0.0
         self._version[slot] += 1
@@ -414,6 +401,9 @@ def compile_kernels() -> None:
         drift_window=1,
         drift_baseline=2,
         flatline_count=2,
+        detector="auto",
+        auto_window=8,
+        auto_recent=2,
     )
     detector = AnomalyDetector()
     detector.assign(sensor_id=0, rule=rule)

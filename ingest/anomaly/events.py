@@ -107,7 +107,17 @@ def events(
     ev_f: F64,
     m: int,
 ) -> Any:
-    """`_track` over all n readings, growing the event arrays as needed: (ev_i, ev_f, m)."""
+    """`_track` over all n readings, growing the event arrays as needed: (ev_i, ev_f, m).
+    With no event open and no offending reading, nothing changes."""
+    off = verdicts[0]
+    if oi[E_OPEN] == 0:
+        quiet = True
+        for q in range(n):
+            if off[q]:
+                quiet = False
+                break
+        if quiet:
+            return ev_i, ev_f, m
     i = 0
     touched = False
     while True:
@@ -116,3 +126,83 @@ def events(
         i, m, touched = _track(kind, sid, i, n, verdicts, when, oi, of, ev_i, ev_f, m, touched)
         if i == n:
             return ev_i, ev_f, m
+
+
+@kernel
+def gated_events(
+    kind: int,
+    sid: int,
+    n: int,
+    verdicts: Any,
+    when: I64,
+    oi: I64,
+    of: F64,
+    run: I64,
+    worst: F64,
+    gate: Any,
+    ev_i: I64,
+    ev_f: F64,
+    m: int,
+) -> Any:
+    """Events from verdicts on readings 0..n-1 that must last and may pause: `gate` is (M, G).
+
+    An event opens once M consecutive readings offend and starts at the first of them; it ends
+    at its last offending reading once G consecutive readings have not. `run` holds the
+    offending run's length, its first reading's time and the quiet readings since the open
+    event last offended (at `ri`, `ri + 1`, `ri + 2` of `gate`'s third item); `worst` the
+    run's worst value and score (at `gate`'s fourth item). Returns (ev_i, ev_f, m).
+    """
+    off, score, value, _ = verdicts
+    min_run, gap, ri, wi = gate
+    need = m + n // gap + 2
+    if need > ev_i.shape[0]:
+        new_i = np.empty((max(need, 2 * ev_i.shape[0]), 4), np.int64)
+        new_f = np.empty((new_i.shape[0], 2), np.float64)
+        new_i[:m] = ev_i[:m]
+        new_f[:m] = ev_f[:m]
+        ev_i, ev_f = new_i, new_f
+    is_open = oi[E_OPEN] == 1
+    touched = False
+    count = run[ri]
+    quiet = run[ri + 2]
+    for i in range(n):
+        if off[i]:
+            if count == 0 or score[i] > worst[wi + 1]:
+                worst[wi] = value[i]
+                worst[wi + 1] = score[i]
+            if count == 0:
+                run[ri + 1] = when[i]
+            count += 1
+            quiet = 0
+            if is_open:
+                if score[i] > of[E_SCORE]:
+                    of[E_VALUE] = value[i]
+                    of[E_SCORE] = score[i]
+                oi[E_LAST] = when[i]
+                touched = True
+            elif count >= min_run:
+                is_open = True
+                oi[E_START] = run[ri + 1]
+                oi[E_LAST] = when[i]
+                of[E_VALUE] = worst[wi]
+                of[E_SCORE] = worst[wi + 1]
+                touched = True
+        else:
+            count = 0
+            if is_open:
+                quiet += 1
+                if quiet >= gap:
+                    _emit(
+                        ev_i, ev_f, m, sid, kind, oi[E_START], oi[E_LAST], of[E_VALUE], of[E_SCORE]
+                    )
+                    m += 1
+                    is_open = False
+                    touched = False
+                    quiet = 0
+    if touched and is_open:
+        _emit(ev_i, ev_f, m, sid, kind, oi[E_START], NO_TIME, of[E_VALUE], of[E_SCORE])
+        m += 1
+    oi[E_OPEN] = 1 if is_open else 0
+    run[ri] = count
+    run[ri + 2] = quiet
+    return ev_i, ev_f, m

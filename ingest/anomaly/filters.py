@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from ingest.anomaly.auto import auto_verdicts
 from ingest.anomaly.drift import (
     C_XB,
     C_XR,
@@ -29,10 +30,9 @@ from ingest.anomaly.drift import (
     tidy,
     track,
 )
-from ingest.anomaly.events import (
-    events,
-)
+from ingest.anomaly.events import events, gated_events
 from ingest.anomaly.layout import (
+    AUTO,
     DRIFT,
     F64,
     FLAT,
@@ -40,9 +40,14 @@ from ingest.anomaly.layout import (
     MAD_SCALE,
     NEF,
     NEI,
+    NK,
     NO_TIME,
     NSF,
     NSI,
+    P_AUTO_AT,
+    P_AUTO_G,
+    P_AUTO_M,
+    P_AUTO_W,
     P_DRIFT_B,
     P_DRIFT_W,
     P_FLAT_N,
@@ -61,6 +66,8 @@ from ingest.anomaly.layout import (
     Q_SPIKE_K,
     RANGE,
     RATE,
+    S_AUTO_RUN,
+    S_AUTO_VALUE,
     S_DRIFT,
     S_LAST,
     S_PREV,
@@ -69,20 +76,16 @@ from ingest.anomaly.layout import (
     S_SEEN,
     SPIKE,
 )
-from ingest.anomaly.window import (
-    mad,
-    median,
-    ring_at,
-    ring_window,
-    sorted_replace,
-)
+from ingest.anomaly.ranked import insert, mad, mad_floor, median, replace, shape
+from ingest.anomaly.ranked import size as spike_size
+from ingest.anomaly.window import ring_at, ring_window
 from ingest.jit import kernel
 
 
 @kernel
 def fill_drift(pool: F64, si: I64, pi: I64, slot: int, v: F64) -> None:
     """Drift's sums of a restored slot, as of the last of its finite readings v."""
-    plo = pi[slot, P_OFF] + pi[slot, P_HIST] + pi[slot, P_SPIKE_W]
+    plo = pi[slot, P_OFF] + pi[slot, P_HIST] + spike_size(pi[slot, P_SPIKE_W])
     limbs = pool.view(np.int64)
     limbs[plo : plo + DRIFT_SIZE] = 0
     fill(limbs, plo, si[slot], S_DRIFT, v, pi[slot, P_DRIFT_W], pi[slot, P_DRIFT_B])
@@ -143,8 +146,8 @@ def process_flush(
         longest = max(longest, seg_hi[j] - seg_lo[j])
     xsi = np.empty((nseg, NSI), np.int64)
     xsf = np.empty((nseg, NSF), np.float64)
-    xei = np.empty((nseg, 5, NEI), np.int64)
-    xef = np.empty((nseg, 5, NEF), np.float64)
+    xei = np.empty((nseg, NK, NEI), np.int64)
+    xef = np.empty((nseg, NK, NEF), np.float64)
     xpool = np.empty(size, np.float64)
     ext = np.empty(n, np.float64)  # each sensor's accepted values, from its first row
     ev_i = np.empty((16 + nseg, 4), np.int64)
@@ -174,7 +177,9 @@ def process_flush(
         mask = pi[s, P_MASK]
         hcap = pi[s, P_HIST]
         spike_w = pi[s, P_SPIKE_W]
+        lb, nb, spike_n = shape(spike_w)
         o = xoff[j]
+        so = o + (nb << lb)
         po = pi[s, P_OFF]
         last = xsi[j, S_LAST]
         has_prev = last != NO_TIME
@@ -204,9 +209,10 @@ def process_flush(
             for i in range(na):
                 x = ext[e0 + i]
                 off[i] = x > hi_limit or x < lo_limit
-                score[i] = x - hi_limit if x > hi_limit else lo_limit - x
-                val[i] = x
-                start[i] = when[i]
+                if off[i]:  # score, value and start are read only where a reading offends
+                    score[i] = x - hi_limit if x > hi_limit else lo_limit - x
+                    val[i] = x
+                    start[i] = when[i]
             ev_i, ev_f, m = events(
                 RANGE, sid, na, verdicts, when, xei[j, RANGE], xef[j, RANGE], ev_i, ev_f, m
             )
@@ -221,34 +227,40 @@ def process_flush(
                     rate = abs(x - px) / (float(when[i] - pt) / 1e6)
                     off[i] = rate > max_rate
                     score[i] = rate / max_rate
-                val[i] = x
-                start[i] = when[i]
+                    val[i] = x
+                    start[i] = when[i]
             ev_i, ev_f, m = events(
                 RATE, sid, na, verdicts, when, xei[j, RATE], xef[j, RATE], ev_i, ev_f, m
             )
         if mask & (1 << SPIKE):
             spike_k = pf[s, Q_SPIKE_K]
             spike_floor = pf[s, Q_SPIKE_FLOOR]
-            xpool[o : o + spike_w] = pool[po + hcap : po + hcap + spike_w]
+            xpool[o : o + spike_n] = pool[po + hcap : po + hcap + spike_n]
             for i in range(na):
                 a = seen + i
                 x = ext[e0 + i]
                 off[i] = False
-                full = a >= spike_w
-                if full:
-                    med = median(xpool, o, spike_w)
-                    dev = abs(x - med)
-                    # sigma >= the floor: within k floors of the median needs no MAD.
-                    if dev > spike_k * spike_floor:
-                        sigma = MAD_SCALE * mad(xpool, o, spike_w, med)
+                if a < spike_w:
+                    insert(xpool, o, so, lb, a, x)
+                    continue
+                med = median(xpool, o, so, lb, spike_w)
+                dev = abs(x - med)
+                # sigma >= the floor, and >= what two ranks bound the MAD by: a reading within
+                # k of those of the median needs no MAD (the same verdict, by monotonicity).
+                if dev > spike_k * spike_floor:
+                    low = MAD_SCALE * mad_floor(xpool, o, so, lb, spike_w, med)
+                    if low < spike_floor:
+                        low = spike_floor
+                    if dev > spike_k * low:
+                        sigma = MAD_SCALE * mad(xpool, o, so, lb, spike_w, med)
                         if sigma < spike_floor:
                             sigma = spike_floor
                         off[i] = dev > spike_k * sigma
                         score[i] = dev / sigma if sigma > 0.0 else math.inf
-                val[i] = x
-                start[i] = when[i]
-                old = ring_at(pool, po, r0, h, hcap, seen, ext, e0, a - spike_w) if full else 0.0
-                sorted_replace(xpool, o, min(a, spike_w), old, x, full)
+                        val[i] = x
+                        start[i] = when[i]
+                old = ring_at(pool, po, r0, h, hcap, seen, ext, e0, a - spike_w)
+                replace(xpool, o, so, lb, spike_w, old, x)
             ev_i, ev_f, m = events(
                 SPIKE, sid, na, verdicts, when, xei[j, SPIKE], xef[j, SPIKE], ev_i, ev_f, m
             )
@@ -257,9 +269,9 @@ def process_flush(
             wb = pi[s, P_DRIFT_B]
             drift_k = pf[s, Q_DRIFT_K]
             drift_floor = pf[s, Q_DRIFT_FLOOR]
-            plo = o + spike_w
+            plo = o + spike_n
             cnt = xsi[j]
-            copy_sums(xlimbs, plo, limbs, po + hcap + spike_w, cnt, S_DRIFT)
+            copy_sums(xlimbs, plo, limbs, po + hcap + spike_n, cnt, S_DRIFT)
             since = RESYNC
             approx[6] = 1.0 / wd
             approx[7] = 1.0 / wb
@@ -274,7 +286,6 @@ def process_flush(
                 slide(xlimbs, plo, cnt, S_DRIFT, x, moved, gone, a, wd, wb)
                 track(approx, x, moved, gone, a, wd, wb)
                 off[i] = False
-                start[i] = when[i]
                 if a < wd - 1 + wb:
                     continue
                 if cnt[S_DRIFT + C_XR] == 0 and cnt[S_DRIFT + C_XB] == 0:
@@ -299,6 +310,7 @@ def process_flush(
                     off[i] = dist > drift_k * sd
                     score[i] = dist / sd if sd > 0.0 else math.inf
                 val[i] = mean_r
+                start[i] = when[i]
             tidy(xlimbs, plo, cnt, S_DRIFT)
             ev_i, ev_f, m = events(
                 DRIFT, sid, na, verdicts, when, xei[j, DRIFT], xef[j, DRIFT], ev_i, ev_f, m
@@ -317,11 +329,31 @@ def process_flush(
                     run_count = 1
                 dur = when[i] - run_start
                 off[i] = (flat_n > 0 and run_count >= flat_n) or (flat_us > 0 and dur >= flat_us)
-                score[i] = dur / 1e6
-                val[i] = x
-                start[i] = run_start
+                if off[i]:
+                    score[i] = dur / 1e6
+                    val[i] = x
+                    start[i] = run_start
             ev_i, ev_f, m = events(
                 FLAT, sid, na, verdicts, when, xei[j, FLAT], xef[j, FLAT], ev_i, ev_f, m
+            )
+        if mask & (1 << AUTO):
+            where = (o, r0, h, seen, e0, na)
+            auto_verdicts(xpool, pool, ext, when, where, pi[s], pf[s], xsi[j], xsf[j], verdicts)
+            gate = (pi[s, P_AUTO_M], pi[s, P_AUTO_G], S_AUTO_RUN, S_AUTO_VALUE)
+            ev_i, ev_f, m = gated_events(
+                AUTO,
+                sid,
+                na,
+                verdicts,
+                when,
+                xei[j, AUTO],
+                xef[j, AUTO],
+                xsi[j],
+                xsf[j],
+                gate,
+                ev_i,
+                ev_f,
+                m,
             )
         xsi[j, S_LAST] = when[na - 1]
         xsi[j, S_RUN_START] = run_start
@@ -354,7 +386,7 @@ def commit_flush(
     for j in range(seg.shape[0]):
         s = seg[j]
         hcap = pi[s, P_HIST]
-        spike_w = pi[s, P_SPIKE_W]
+        spike_n = spike_size(pi[s, P_SPIKE_W])
         po = pi[s, P_OFF]
         seen = si[s, S_SEEN]
         total = xsi[j, S_SEEN]
@@ -369,11 +401,15 @@ def commit_flush(
                 if q == hcap:
                     q = 0
         o = xoff[j]
-        pool[po + hcap : po + hcap + spike_w] = xpool[o : o + spike_w]
+        pool[po + hcap : po + hcap + spike_n] = xpool[o : o + spike_n]
         if pi[s, P_MASK] & (1 << DRIFT):
             limbs = pool.view(np.int64)
             xlimbs = xpool.view(np.int64)
-            copy_sums(limbs, po + hcap + spike_w, xlimbs, o + spike_w, xsi[j], S_DRIFT)
+            copy_sums(limbs, po + hcap + spike_n, xlimbs, o + spike_n, xsi[j], S_DRIFT)
+        if pi[s, P_MASK] & (1 << AUTO):
+            at = pi[s, P_AUTO_AT]
+            w = pi[s, P_AUTO_W]
+            pool[po + hcap + at : po + hcap + at + w] = xpool[o + at : o + at + w]
         si[s] = xsi[j]
         sf[s] = xsf[j]
         ei[s] = xei[j]

@@ -73,14 +73,16 @@ async def replay_starts(
     sensor_ids: Sequence[int],
     earliest: Sequence[int],
     oldest: Sequence[int],
+    gaps: Sequence[int],
 ) -> list[int | None]:
     """For each sensor, where the replay of a flush whose oldest reading is `oldest` starts: the
     latest x at or before it such that none of the sensor's events is open just before x, or
     None if that lies before `earliest`.
 
     An event is open just before x if it started before x and the first reading after its end
-    (if it has ended) is at x or later: the state there holds its running worst score, which
-    the stored event (its worst over its whole length) does not tell, so the replay must start
+    (if it has ended; of kind auto, the sensor's `gaps`-th) is at x or later: the state there
+    holds its running worst score, which the stored event (its worst over its whole length)
+    does not tell, so the replay must start
     before it. Readings before `earliest` are not looked at: an event that ended before then
     with no reading after it counts as open (its sensor is then not replayed)."""
     if not sensor_ids:
@@ -93,6 +95,7 @@ async def replay_starts(
         sensor_ids=[found[k].sensor for k in ended],
         after=[max(found[k].end or 0, earliest[index[found[k].sensor]] - 1) for k in ended],
         before=[oldest[index[found[k].sensor]] for k in ended],
+        nth=[gaps[index[found[k].sensor]] if found[k].kind == "auto" else 1 for k in ended],
     )
     follows: list[int | None] = [None] * len(found)
     for k, n in zip(ended, nexts, strict=True):

@@ -8,8 +8,9 @@ import math
 import msgspec
 
 from ingest.anomaly.drift import DRIFT_SIZE
-from ingest.anomaly.layout import DRIFT, FLAT, RANGE, RATE, SPIKE
-from ingest.anomaly.rules import AnomalyRule
+from ingest.anomaly.layout import AUTO, DRIFT, FLAT, RANGE, RATE, SPIKE
+from ingest.anomaly.ranked import size as spike_size
+from ingest.anomaly.rules import AUTO_DEFAULTS, AnomalyRule
 
 __all__ = ["Compiled", "StateNeed", "compile_rule", "describe"]
 
@@ -52,9 +53,21 @@ def compile_rule(rule: AnomalyRule) -> Compiled:
     flat_us = max(1, round(rule.flatline_seconds * 1e6)) if rule.flatline_seconds else 0
     if flat_n or flat_us:
         mask |= 1 << FLAT
-    hist = max(spike_w, drift_w + drift_b)  # drift: the reading leaving the baseline too
-    size = hist + spike_w + (DRIFT_SIZE if drift_w else 0)
-    ints = (mask, spike_w, drift_w, drift_b, flat_n, flat_us, hist, 0, size)
+    auto = rule.detector == "auto"
+    d = AUTO_DEFAULTS
+    auto_w = (rule.auto_window or d.auto_window) if auto else 0
+    auto_r = (rule.auto_recent or d.auto_recent) if auto else 0
+    auto_m = (rule.auto_min_readings or d.auto_min_readings) if auto else 0
+    auto_g = (rule.auto_gap or d.auto_gap) if auto else 0
+    if auto:
+        mask |= 1 << AUTO
+    hist = max(spike_w, drift_w + drift_b, auto_w)  # drift: the reading leaving the baseline too
+    auto_at = spike_size(spike_w) + (DRIFT_SIZE if drift_w else 0)
+    size = hist + auto_at + auto_w
+    ints = (
+        *(mask, spike_w, drift_w, drift_b, flat_n, flat_us, hist, 0, size),
+        *(auto_w, auto_r, auto_m, auto_g, auto_at),
+    )
     floats = (
         -inf if rule.min is None else float(rule.min),
         inf if rule.max is None else float(rule.max),
@@ -63,8 +76,12 @@ def compile_rule(rule: AnomalyRule) -> Compiled:
         float(rule.spike_min_sigma or 0.0),
         3.0 if rule.drift_sigma is None else float(rule.drift_sigma),
         float(rule.drift_min_sigma or 0.0),
+        float(rule.auto_threshold or d.auto_threshold),
+        float(rule.auto_shift_threshold or d.auto_shift_threshold),
+        float(rule.auto_min_sigma or d.auto_min_sigma),
     )
-    readings = max(1, hist, flat_n - 1)
+    # auto: its window as of each of the last readings whose verdicts its run and gap recall
+    readings = max(1, hist, flat_n - 1, auto_w + max(auto_m - 1, auto_g))
     need = StateNeed(readings=readings, span_us=flat_us if flat_us and not flat_n else 0)
     return Compiled(ints=ints, floats=floats, size=size, need=need)
 
@@ -83,5 +100,10 @@ def describe(kind: int, value: float, score: float, rule: AnomalyRule) -> str:
         return (
             f"mean of the last {rule.drift_window} is {score:.3g} sd from "
             f"the {rule.drift_baseline} before"
+        )
+    if kind == AUTO:
+        return (
+            f"{score:.3g} x the threshold from the median of the last "
+            f"{rule.auto_window or AUTO_DEFAULTS.auto_window}"
         )
     return f"unchanged for {score:g} s"

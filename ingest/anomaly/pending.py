@@ -52,12 +52,15 @@ class Outcome(NamedTuple):
 class Base(NamedTuple):
     """Per sensor, its committed state as far as a restore or a replay needs: the newest reading
     taken in, the earliest start of its open events, the start of its unchanged run (each
-    `NO_TIME` if none; an event the next readings touch starts at one of those or later), and
-    the history a restore reads (as in `Outcome`)."""
+    `NO_TIME` if none; an event the next readings touch starts at one of those or later; the
+    unchanged run is also the auto detector's offending run not yet an event), the history a
+    restore reads (as in `Outcome`), and `gap`: an ended event of kind auto is still open
+    until its `gap`-th reading after its end (1 for the other kinds)."""
 
     last: I64
     open_since: I64
     run_start: I64
+    gap: I64
     need_readings: I64
     need_span_us: I64
 

@@ -15,9 +15,33 @@ import msgspec
 
 from ingest.alerts.rules import AlertRule
 
-__all__ = ["MAX_DRIFT_SPAN", "MAX_SPIKE_WINDOW", "AnomalyRule", "rule_for"]
+__all__ = [
+    "AUTO_DEFAULTS",
+    "MAX_DRIFT_SPAN",
+    "MAX_SPIKE_WINDOW",
+    "AnomalyRule",
+    "AutoDefaults",
+    "rule_for",
+]
 
-MAX_SPIKE_WINDOW: Final = 1024
+MAX_SPIKE_WINDOW: Final = 36_000
+"""Upper bound of spike_window (an hour at 10 Hz): each sensor keeps the window twice, as
+readings and in rank order, and restores it at a start."""
+
+
+class AutoDefaults(msgspec.Struct, frozen=True, kw_only=True):
+    """The `detector = "auto"` preset: each `auto_*` key a rule leaves unset takes this value."""
+
+    auto_window: int = 256
+    auto_threshold: float = 4.0
+    auto_recent: int = 4
+    auto_shift_threshold: float = 2.0
+    auto_min_readings: int = 2
+    auto_gap: int = 64
+    auto_min_sigma: float = 0.0
+
+
+AUTO_DEFAULTS: Final = AutoDefaults()
 MAX_DRIFT_SPAN: Final = 100_000
 """Upper bound of drift_window + drift_baseline (a day at 1 Hz; an hour at 10 Hz is 36,000):
 each sensor keeps that many readings, 8 bytes each, and restores them at a start."""
@@ -45,6 +69,21 @@ class AnomalyRule(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
       equal to it (==) right before it; offends if the run holds >= N readings or lasts
       >= T (rounded to whole microseconds) from its first reading; either limit suffices. The
       event starts at the run's first reading; score is the run's duration in seconds.
+    - auto (`detector = "auto"`; `auto_window` B = 256, `auto_threshold` k = 4, `auto_recent`
+      R = 4, `auto_shift_threshold` kr = 2, `auto_min_readings` M = 2, `auto_gap` G = 64,
+      `auto_min_sigma` f = 0): over the B readings before x_i, m = median and
+      s = max(1.4826 * median |x_j - m|, q, f), where q is the smallest non-zero difference
+      between two of them (the sensor's resolution; 0 if they are all equal); r = mean of the
+      last R readings (x_i included), their sum taken in time order from 0.0. Score
+      max(|x_i - m| / (k s), |r - m| / (kr s)), a term inf where its divisor (as rounded)
+      is 0 and its deviation is not (0 where neither); x_i offends if the score is > 1. Judged
+      from reading B + 1 on (the learning period). An event opens once M consecutive
+      readings offend and starts at the first of them; it ends at its last offending reading
+      once G consecutive readings have not offended, so that offending runs less than G
+      readings apart are one event. Value x_i.
+
+    `detector = "auto"` may be combined with explicit filters: each filter judges the readings
+    on its own and its events have its own kind (`auto` for the preset's).
 
     A median of an even count is the mean of the middle two. A window's mean is its exact sum
     correctly rounded to a double (what `math.fsum` returns) over its length; the baseline's
@@ -71,6 +110,14 @@ class AnomalyRule(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     drift_min_sigma: float | None = None
     flatline_count: int | None = None
     flatline_seconds: float | None = None
+    detector: str | None = None
+    auto_window: int | None = None
+    auto_threshold: float | None = None
+    auto_recent: int | None = None
+    auto_shift_threshold: float | None = None
+    auto_min_readings: int | None = None
+    auto_gap: int | None = None
+    auto_min_sigma: float | None = None
     alert: AlertRule | None = None  # the alert these events feed (ingest/alerts)
 
     def __post_init__(self) -> None:
@@ -128,8 +175,22 @@ def _validate(rule: AnomalyRule) -> None:
     needs("drift_min_sigma", "drift_window")
     integer("flatline_count", 2, 2**62)
     number("flatline_seconds", "a number of seconds from 1e-6 to 1e9", lambda x: 1e-6 <= x <= 1e9)
+    if rule.detector is not None and rule.detector != "auto":
+        fail("detector", '"auto"')
+    integer("auto_window", 8, MAX_SPIKE_WINDOW)
+    number("auto_threshold", "a finite number > 0", lambda x: x > 0)
+    integer("auto_recent", 1, MAX_SPIKE_WINDOW)
+    number("auto_shift_threshold", "a finite number > 0", lambda x: x > 0)
+    integer("auto_min_readings", 1, MAX_SPIKE_WINDOW)
+    integer("auto_gap", 1, MAX_SPIKE_WINDOW)
+    number("auto_min_sigma", "a finite number >= 0", lambda x: x >= 0)
+    for field in AutoDefaults.__struct_fields__:
+        needs(field, "detector")
+    window = rule.auto_window or AUTO_DEFAULTS.auto_window
+    if rule.auto_recent is not None and rule.auto_recent > window:
+        fail("auto_recent", f"at most auto_window ({window})")
     filters = ("min", "max", "max_rate", "spike_window", "drift_window", "flatline_count")
-    if all(getattr(rule, f) is None for f in (*filters, "flatline_seconds")):
+    if all(getattr(rule, f) is None for f in (*filters, "flatline_seconds", "detector")):
         raise ValueError(f"anomaly rule {rule.match!r}: sets no filter")
 
 

@@ -201,11 +201,13 @@ class StateSync:
         """Where each late sensor's replay starts; one that would start too far back is not
         replayed, and its late readings are skipped."""
         todo, plan.search = plan.search, []
+        base = self.detector.base(sensor_ids=ids)
         starts = await replay_starts(
             conn,
             sensor_ids=[int(ids[j]) for j in todo],
             earliest=[int(rows.last[j] - self._max) for j in todo],
             oldest=[int(p[j]) for j in todo],
+            gaps=[int(base.gap[j]) for j in todo],
         )
         for j, start in zip(todo, starts, strict=True):
             if start is not None:

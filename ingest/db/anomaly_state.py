@@ -132,13 +132,15 @@ SELECT k.sensor_id, e.kind, {_US.format("e.start_time")}, {_US.format("e.end_tim
         ORDER BY a.start_time DESC LIMIT 1
  ) AS e
 """
-# Per (sensor, after, before): its first finite reading in (after, before), if any.
+# Per (sensor, after, before, nth): its nth finite reading in (after, before), if any.
 _NEXT = f"""
-SELECT k.i, (SELECT {_US.format("min(r.time)")} FROM telemetry.readings r
+SELECT k.i, (SELECT {_US.format("r.time")} FROM telemetry.readings r
               WHERE r.sensor_id = k.sensor_id
                 AND r.time > {_TS.format("k.after")} AND r.time < {_TS.format("k.before")}
-                AND r.time > $5 AND r.time < $6 AND r.{_FINITE}) AS next
-  FROM unnest($1::int[], $2::int[], $3::int8[], $4::int8[]) AS k(i, sensor_id, after, before)
+                AND r.time > $5 AND r.time < $6 AND r.{_FINITE}
+              ORDER BY r.time OFFSET k.nth - 1 LIMIT 1) AS next
+  FROM unnest($1::int[], $2::int[], $3::int8[], $4::int8[], $7::int[])
+       AS k(i, sensor_id, after, before, nth)
 """
 
 DELETE_SPAN_SQL = f"""
@@ -319,9 +321,10 @@ async def next_readings(
     sensor_ids: Sequence[int],
     after: Sequence[int],
     before: Sequence[int],
+    nth: Sequence[int],
 ) -> list[int | None]:
-    """For each (sensor, after, before): the time of its first finite reading strictly between
-    the two, None if there is none."""
+    """For each (sensor, after, before, nth): the time of its nth finite reading strictly
+    between the two (from 1), None if there are fewer."""
     if not sensor_ids:
         return []
     rows = await conn.fetch(
@@ -332,6 +335,7 @@ async def next_readings(
         list(before),
         to_datetime(min(after)),
         to_datetime(max(before)),
+        list(nth),
     )
     out: list[int | None] = [None] * len(sensor_ids)
     for r in rows:

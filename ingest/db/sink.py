@@ -6,13 +6,13 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TypeVar, cast
 
 import asyncpg
 import numpy as np
 import numpy.typing as npt
 
+from ingest.db.dead_letters import DeadLetter, write_dead_letters
 from ingest.errors import PermanentSinkError, TransientSinkError
 
 log = logging.getLogger(__name__)
@@ -42,17 +42,6 @@ class Readings:
 
     def select(self, mask: npt.NDArray[np.bool_]) -> Readings:
         return Readings(self.time[mask], self.sensor[mask], self.value[mask], self.quality[mask])
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    """A rejected message, stored with the reason it was rejected."""
-
-    received_us: int
-    topic: str
-    payload: bytes
-    reason: str
-    content_type: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,8 +202,17 @@ class Sink:
     unreachable, so the caller can retry); `close` or `discard` ends the connection.
     """
 
-    def __init__(self, *, dsn: str, connect_timeout_s: float = 10.0, jit: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        dsn: str,
+        connect_timeout_s: float = 10.0,
+        jit: bool = True,
+        dead_letter_window_s: float = 86400.0,
+    ) -> None:
         self._dsn = dsn
+        # How far back a redelivered message's dead letter is looked for (see dead_letters).
+        self._dead_letter_window_s = dead_letter_window_s
         self._timeout = connect_timeout_s
         # `jit=False` for flushes: their statements are short, and a plan over many chunks
         # costs enough to be compiled, which took seconds per statement (seen on 573 chunks).
@@ -337,16 +335,7 @@ class Sink:
                         await conn.execute(upsert.sql)
                 elif len(upsert):
                     await conn.execute(upsert.sql, *upsert.columns)
-            if dead_letters:
-                await conn.copy_records_to_table(
-                    "dead_letters",
-                    schema_name="telemetry",
-                    columns=["received_at", "topic", "payload", "reason", "content_type"],
-                    records=[
-                        (_to_datetime(d.received_us), d.topic, d.payload, d.reason, d.content_type)
-                        for d in dead_letters
-                    ],
-                )
+            await write_dead_letters(conn, dead_letters, window_s=self._dead_letter_window_s)
         self._stages.update(created)  # a rollback would have taken them away again
         return result, extras
 
@@ -403,10 +392,3 @@ class Sink:
         result.duplicates = len(readings) - result.inserted
         result.copy_seconds = loop.time() - started
         return readings.select(new)
-
-
-_UNIX_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def _to_datetime(us: int) -> datetime:
-    return _UNIX_EPOCH + timedelta(microseconds=us)

@@ -64,6 +64,7 @@ class Device:
     path: str  # topic levels after the prefix
     sensors: tuple[tuple[str, str], ...]  # (name, kind)
     seed: int
+    pump: bool = False  # correlated sensors from ingest.sim.pumps instead of one signal each
 
 
 def load_plant(path: str | None) -> list[Device]:
@@ -84,6 +85,16 @@ def load_plant(path: str | None) -> list[Device]:
                 Device(dev_path, tuple(line.sensors.items()), seed=stable_seed(dev_path))
             )
     return devices
+
+
+def pump_devices(n: int) -> list[Device]:
+    """`n` simulated pumps (`ingest.sim.pumps`), each with its eight correlated sensors."""
+    from ingest.sim.pumps import SENSORS, pump_paths
+
+    return [
+        Device(path, tuple((name, "pump") for name in SENSORS), stable_seed(path), pump=True)
+        for path in pump_paths(n)
+    ]
 
 
 def stable_seed(text: str) -> int:

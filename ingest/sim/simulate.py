@@ -22,8 +22,13 @@ from ingest.errors import ConfigError, IngestError
 from ingest.mqtt.packets import publish_properties
 from ingest.sim.plant import UNITS, Device
 from ingest.sim.publisher import Publisher
+from ingest.sim.pumps import SENSORS as PUMP_SENSORS
+from ingest.sim.pumps import SLOW, Fault, Pump
 from ingest.sim.record import Recorder
 from ingest.sim.signals import Anomaly, Signal, inject
+
+Channel = tuple[str, str | None, npt.NDArray[np.float64], int, npt.NDArray[np.int64]]
+"""A message's channel: sensor, unit, values, dt (µs) and the values' times."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,21 +48,16 @@ class SimSettings:
     client_prefix: str = "sim"
     ca_file: str | None = None  # for mqtts://; None: the system's CAs
     answer_rebirth: bool = False  # sparkplug: answer NCMD Node Control/Rebirth
+    faults: tuple[Fault, ...] = ()  # pumps: injected multi-sensor faults
 
 
-def _encode(
-    fmt: str,
-    t0: int,
-    dt_us: int,
-    channels: list[tuple[str, str, npt.NDArray[np.float64]]],
-    seq: int,
-) -> tuple[bytes, str]:
+def _encode(fmt: str, t0: int, channels: list[Channel], seq: int) -> tuple[bytes, str]:
     if fmt == "json":
         body = {
             "v": 1,
             "t0": t0,
             "seq": seq,
-            "ch": [{"s": s, "dt": dt_us, "v": v.tolist(), "u": u} for s, u, v in channels],
+            "ch": [{"s": s, "dt": dt, "v": v.tolist(), "u": u} for s, u, v, dt, _ in channels],
         }
         return msgspec.json.encode(body), "application/json"
     body = {
@@ -65,7 +65,8 @@ def _encode(
         "t0": t0,
         "seq": seq,
         "ch": [
-            {"s": s, "dt": dt_us, "v": v.astype("<f8").tobytes(), "u": u} for s, u, v in channels
+            {"s": s, "dt": dt, "v": v.astype("<f8").tobytes(), "u": u}
+            for s, u, v, dt, _ in channels
         ],
     }
     return msgspec.msgpack.encode(body), "application/msgpack"
@@ -84,14 +85,19 @@ def run_worker(settings: SimSettings, devices: list[Device], index: int, counter
         print(f"ingest: publisher {index}: {exc}", file=sys.stderr)
         sys.exit(1)
     recorder = Recorder(f"{settings.record}.{index}") if settings.record else None
+    pumps = {d.path: Pump(d.path, d.seed, settings.faults) for d in devices if d.pump}
     signals = {
-        (d.path, s): Signal(k, d.seed + i) for d in devices for i, (s, k) in enumerate(d.sensors)
+        (d.path, s): Signal(k, d.seed + i)
+        for d in devices
+        if not d.pump
+        for i, (s, k) in enumerate(d.sensors)
     }
     matches = {
         (d.path, s): [
             a for a in settings.anomalies if fnmatch.fnmatchcase(f"{d.path}/{s}", a.pattern)
         ]
         for d in devices
+        if not d.pump
         for s, _ in d.sensors
     }
     held: dict[tuple[str, str], dict[Anomaly, float]] = {key: {} for key in signals}
@@ -110,8 +116,13 @@ def run_worker(settings: SimSettings, devices: list[Device], index: int, counter
             t0 = settings.start_us + step * settings.batch * dt_us
             times = settings.start_us + idx * dt_us
             for dev in devices:
-                channels = []
-                for name, kind in dev.sensors:
+                channels: list[Channel] = []
+                if dev.pump:
+                    made = pumps[dev.path].values(idx, hz=settings.hz, start_us=settings.start_us)
+                    for name, (t, v) in made.items():
+                        unit, slow = PUMP_SENSORS[name][0], PUMP_SENSORS[name][4]
+                        channels.append((name, unit, v, dt_us * (SLOW if slow else 1), t))
+                for name, kind in () if dev.pump else dev.sensors:
                     values = signals[(dev.path, name)].values(t_s)
                     for anomaly in matches[(dev.path, name)]:
                         inject(
@@ -122,16 +133,17 @@ def run_worker(settings: SimSettings, devices: list[Device], index: int, counter
                             period_s=1 / settings.hz,
                             held=held[(dev.path, name)],
                         )
-                    channels.append((name, UNITS[kind], values))
-                payload, ctype = _encode(settings.fmt, int(t0), dt_us, channels, step)
+                    channels.append((name, UNITS[kind], values, dt_us, times))
+                payload, ctype = _encode(settings.fmt, int(t0), channels, step)
                 topic = f"{settings.prefix}/{dev.path}"
                 props = publish_properties(ctype, [("ts", str(time.time_ns() // 1000))])
                 client.publish(topic, payload, qos=settings.qos, properties=props)
                 if recorder:
-                    recorder.write(topic, [(n, times, v) for n, _, v in channels])
-                sent += len(dev.sensors) * settings.batch
+                    recorder.write(topic, [(n, t, v) for n, _, v, _, t in channels])
+                readings = sum(len(c[2]) for c in channels)
+                sent += readings
                 with counter.get_lock():
-                    counter.value += len(dev.sensors) * settings.batch
+                    counter.value += readings
                 if settings.rate > 0:
                     ahead = sent / settings.rate - (time.monotonic() - started)
                     if ahead > 0:

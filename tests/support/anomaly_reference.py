@@ -5,6 +5,7 @@ readings. The kernels must match it exactly (`tests/test_anomaly.py`)."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from fractions import Fraction
 from hypothesis import strategies as st
 
 from ingest.anomaly.layout import MAD_SCALE
-from ingest.anomaly.rules import AnomalyRule
+from ingest.anomaly.rules import AUTO_DEFAULTS, AnomalyRule
 
 T0 = 1_767_225_600_000_000  # 2026-01-01T00:00:00Z
 S = 1_000_000  # one second in microseconds
@@ -70,6 +71,77 @@ class _Open:
     last: int
     value: float
     score: float
+
+
+def _auto_verdicts(rule: AnomalyRule, vals: Sequence[float]) -> list[tuple[bool, float]]:
+    """The auto detector's (offending, score) of each reading, as `AnomalyRule` defines it."""
+    d = AUTO_DEFAULTS
+    w = rule.auto_window or d.auto_window
+    nr = rule.auto_recent or d.auto_recent
+    k = rule.auto_threshold or d.auto_threshold
+    kr = rule.auto_shift_threshold or d.auto_shift_threshold
+    floor = rule.auto_min_sigma or d.auto_min_sigma
+    out = []
+    for i, x in enumerate(vals):
+        if i < w:
+            out.append((False, 0.0))
+            continue
+        window = sorted(vals[i - w : i])
+        med = _median(window)
+        sigma = max(MAD_SCALE * _median(sorted(abs(v - med) for v in window)), floor)
+        steps = [b - a for a, b in itertools.pairwise(window) if b - a > 0.0]
+        sigma = max(sigma, min(steps, default=0.0))
+        total = 0.0
+        for v in vals[i - nr + 1 : i + 1]:
+            total += v
+        dev, dr = abs(x - med), abs(total / nr - med)
+        score = max(_over(dev, k * sigma), _over(dr, kr * sigma))
+        out.append((score > 1.0, score))
+    return out
+
+
+def _over(d: float, limit: float) -> float:
+    if limit > 0.0:
+        return d / limit
+    return math.inf if d > 0.0 else 0.0
+
+
+def _auto_events(
+    sensor: int, rule: AnomalyRule, times: Sequence[int], vals: Sequence[float]
+) -> dict[Key, Outcome]:
+    """Events of the auto detector: M consecutive offending readings open one (from the first
+    of them), G consecutive quiet ones end it (at its last offending reading)."""
+    need = rule.auto_min_readings or AUTO_DEFAULTS.auto_min_readings
+    gap = rule.auto_gap or AUTO_DEFAULTS.auto_gap
+    out: dict[Key, Outcome] = {}
+    run: list[int] = []  # the offending run not yet an event
+    ev: _Open | None = None
+    quiet = 0
+    verdicts = _auto_verdicts(rule, vals)
+    for i, (bad, score) in enumerate(verdicts):
+        if bad:
+            quiet = 0
+            run.append(i)
+            if ev is not None:
+                if score > ev.score:
+                    ev.score, ev.value = score, vals[i]
+                ev.last = times[i]
+            elif len(run) >= need:
+                worst = run[0]
+                for j in run:
+                    if verdicts[j][1] > verdicts[worst][1]:
+                        worst = j
+                ev = _Open(times[run[0]], times[i], vals[worst], verdicts[worst][1])
+        else:
+            run = []
+            if ev is not None:
+                quiet += 1
+                if quiet >= gap:
+                    out[(sensor, "auto", ev.start)] = (ev.last, ev.value, ev.score)
+                    ev, quiet = None, 0
+    if ev is not None:
+        out[(sensor, "auto", ev.start)] = (None, ev.value, ev.score)
+    return out
 
 
 def reference_events(
@@ -156,6 +228,8 @@ def reference_events(
                 del opened[kind]
     for kind, ev in opened.items():
         out[(sensor, kind, ev.start)] = (None, ev.value, ev.score)
+    if rule.detector == "auto":
+        out.update(_auto_events(sensor, rule, times, vals))
     return out
 
 
@@ -171,7 +245,7 @@ def reference_events(
 
 @st.composite
 def rules(draw: st.DrawFn) -> AnomalyRule:
-    kw: dict[str, float | int] = {}
+    kw: dict[str, float | int | str] = {}
     if draw(st.booleans()):
         kw["min"] = draw(st.sampled_from([-5.0, 0.0, 1.0]))
     if draw(st.booleans()):
@@ -195,6 +269,16 @@ def rules(draw: st.DrawFn) -> AnomalyRule:
         kw["flatline_count"] = draw(st.integers(2, 5))
     if draw(st.booleans()):
         kw["flatline_seconds"] = draw(st.sampled_from([0.5, 2.0, 3.5]))
+    if draw(st.booleans()):
+        kw["detector"] = "auto"
+        kw["auto_window"] = draw(st.integers(8, 10))
+        kw["auto_recent"] = draw(st.integers(1, 3))
+        kw["auto_min_readings"] = draw(st.integers(1, 3))
+        kw["auto_gap"] = draw(st.integers(1, 4))
+        kw["auto_threshold"] = draw(st.sampled_from([0.5, 2.0, 4.0]))
+        kw["auto_shift_threshold"] = draw(st.sampled_from([0.5, 2.0]))
+        if draw(st.booleans()):
+            kw["auto_min_sigma"] = draw(st.sampled_from([0.0, 0.3]))
     if not kw:
         kw["max"] = 4.0
     return AnomalyRule(match="*", **kw)  # type: ignore[arg-type]

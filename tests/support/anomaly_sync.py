@@ -18,6 +18,7 @@ from ingest.anomaly.detector import AnomalyDetector
 from ingest.anomaly.layout import KINDS
 from ingest.anomaly.params import describe
 from ingest.anomaly.rules import AnomalyRule
+from ingest.asset.rules import AssetRule
 from ingest.db.registry import Registry, SensorKey
 from ingest.db.sink import Readings, Sink
 from ingest.derive import Deriver
@@ -32,11 +33,20 @@ class Instance:
     """One ingester's writing side: registry, deriver and one connection."""
 
     def __init__(
-        self, db: Database, rules: Sequence[AnomalyRule], *, replay_max_s: float = 86400.0
+        self,
+        db: Database,
+        rules: Sequence[AnomalyRule],
+        *,
+        replay_max_s: float = 86400.0,
+        assets: Sequence[AssetRule] = (),
     ) -> None:
         self.registry = Registry()
         self.deriver = Deriver(
-            rules=rules, rollups=True, registry=self.registry, replay_max_s=replay_max_s
+            rules=rules,
+            assets=assets,
+            rollups=True,
+            registry=self.registry,
+            replay_max_s=replay_max_s,
         )
         self.sink = Sink(dsn=db.ingest_url, jit=False)  # as ingest.writer's
 

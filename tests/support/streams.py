@@ -5,11 +5,15 @@ from __future__ import annotations
 import glob
 import uuid
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import msgspec
 import numpy as np
 
 from ingest.sim.record import read_record
+
+if TYPE_CHECKING:
+    from tests.support.mqtt import Publisher
 
 T0 = 1_767_225_600_000_000  # 2026-01-01T00:00:00Z in µs
 Row = tuple[int, str, str, float, int]  # (time µs, device, sensor, value, quality)
@@ -72,3 +76,33 @@ def recorded(pattern: str, prefix: str) -> set[Row]:
                 for t, v in zip(times.tolist(), values.tolist(), strict=True)
             )
     return rows
+
+
+def publish_series(
+    pub: Publisher,
+    topic: str,
+    values: dict[str, np.ndarray],
+    lo: int,
+    hi: int,
+    step: int,
+    *,
+    dt_us: int,
+) -> int:
+    """Publish readings [lo, hi) of every series, reading i at T0 + i * dt_us, in compact
+    messages of `step` readings; returns how many messages."""
+    sent = 0
+    for start in range(lo, hi, step):
+        end = min(start + step, hi)
+        payload = msgspec.msgpack.encode(
+            {
+                "v": 1,
+                "t0": T0 + start * dt_us,
+                "ch": [
+                    {"s": name, "dt": dt_us, "v": v[start:end].astype("<f8").tobytes()}
+                    for name, v in values.items()
+                ],
+            }
+        )
+        pub.publish(topic, payload)
+        sent += 1
+    return sent

@@ -1,0 +1,341 @@
+"""Asset health in the flush: each device's readings scored against its model, from a state
+that the database holds, so that any number of ingesters give what one gives.
+
+A device is scored when an asset rule matches its path and `ingest baseline` stored a model
+for it. Its events are a function of its stored readings: its model sensors' readings taken in
+time order (`ingest.asset.kernel.advance`). Per flush, with its readings written, the state rows
+of its devices are locked (`ingest.db.asset_state.lock`) and:
+
+- a device whose new readings all lie after its newest scored timestamp is advanced from the
+  locked state (the carried values and the open run: the whole state, a few numbers);
+- a device with new readings at or before it (a late batch, another ingester's later batch
+  committed first, or the device's sensors in separate messages) is re-scored: its stored
+  readings from `replay_s` (plus `hold_s`) before its oldest new reading are run from an empty
+  state, the latest quiet timestamp before that reading is found (scored, not offending, and
+  no offending timestamp within `gap_s` before it: no run is in progress after it, in that run
+  as in the original one), and the events starting after it are replaced by the run's. With no
+  quiet timestamp in reach, or readings more than `anomaly.replay_max_s` before the newest scored
+  timestamp, the late readings are not scored (`ingest_asset_late_readings_total`) and the
+  readings after the newest scored timestamp are advanced as usual.
+
+The model is read from the database in the flush that uses it (its version is checked under the
+lock), so a refit takes effect for every ingester at the same flush.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import asyncpg
+import msgspec
+import numpy as np
+import numpy.typing as npt
+
+from ingest.anomaly.pending import Event
+from ingest.asset import kernel as k
+from ingest.asset.rules import AssetRule, asset_rule_for
+from ingest.db import asset_state as db
+from ingest.db.asset_state import DELETE_EVENTS_SQL, UPDATE_SQL
+from ingest.db.registry import Registry
+from ingest.db.sink import Readings, Upsert
+
+__all__ = ["AssetScorer", "AssetSettled", "describe", "event_of"]
+
+
+@dataclass(slots=True)
+class AssetSettled:
+    """A flush's asset outcome, written in its transaction: deletes of re-scored spans first,
+    then the events and the state rows."""
+
+    deletes: list[Upsert]
+    events: list[Event]
+    update: Upsert
+    timestamps: int = 0
+    replays: int = 0
+    late: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def describe(model: db.Model, ev_i: npt.NDArray[np.int64], ev_f: npt.NDArray[np.float64]) -> str:
+    """An event's detail: T² and Q against their limits at its worst, and the sensors that
+    contributed most there, with their shares."""
+    m = model.model
+    most = ", ".join(
+        f"{m.sensors[int(j)]} {100 * float(share):.0f}%"
+        for j, share in zip(ev_i[3 : 3 + k.TOP], ev_f[3 : 3 + k.TOP], strict=True)
+        if j >= 0
+    )
+    return (
+        f"T² {float(ev_f[1]):.4g} (limit {m.t2_limit:.4g}), Q {float(ev_f[2]):.4g} "
+        f"(limit {m.q_limit:.4g}); most: {most}"
+    )
+
+
+def event_of(model: db.Model, ev_i: npt.NDArray[np.int64], ev_f: npt.NDArray[np.float64]) -> Event:
+    end = int(ev_i[1])
+    return Event(
+        sensor=model.anchor_id,
+        kind="asset",
+        start=int(ev_i[0]),
+        end=None if end == k.NO_TIME else end,
+        value=float(ev_f[1]),
+        score=float(ev_f[0]),
+        detail=describe(model, ev_i, ev_f),
+    )
+
+
+class AssetScorer:
+    """Scores a flush's devices. Called from the writer task; `settle` calls for disjoint sets of
+    devices may interleave (the writer connections' parts of one flush)."""
+
+    def __init__(
+        self, *, rules: Sequence[AssetRule], registry: Registry, replay_max_us: int
+    ) -> None:
+        self._rules = tuple(rules)
+        self._max = replay_max_us  # anomaly.replay_max_s: how late a reading may be scored
+        self._registry = registry
+        self._rule_of: dict[int, AssetRule | None] = {}  # by sensor id
+        self._models: dict[int, db.Model] = {}  # by device id: a cache, checked by version
+        self._keys = np.full(1024, -1, np.int64)  # by sensor id: its part key, -1 unknown
+        self._scored = np.zeros(1024, np.bool_)  # by sensor id: its device has a rule
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._rules)
+
+    def _rule(self, sensor_id: int) -> AssetRule | None:
+        rule = self._rule_of.get(sensor_id, False)
+        if rule is False:
+            device, _ = self._registry.name_of(sensor_id)
+            rule = self._rule_of[sensor_id] = asset_rule_for(rules=self._rules, device=device)
+        return rule  # type: ignore[return-value]
+
+    def part_keys(self, sensor: npt.NDArray[np.int32]) -> npt.NDArray[np.int64]:
+        """A key per reading that keeps a scored device's sensors in one part of a split flush
+        (its device path's CRC), and other sensors spread by id."""
+        keys = sensor.astype(np.int64)
+        if not self._rules or not len(sensor):
+            return keys
+        top = int(sensor.max())
+        if top >= len(self._keys):
+            grown = np.full(max(top + 1, 2 * len(self._keys)), -1, np.int64)
+            grown[: len(self._keys)] = self._keys
+            self._keys = grown
+            scored = np.zeros(len(grown), np.bool_)
+            scored[: len(self._scored)] = self._scored
+            self._scored = scored
+        ids = np.unique(sensor)
+        for s in ids[self._keys[ids] < 0].tolist():
+            device, _ = self._registry.name_of(s)
+            self._scored[s] = self._rule(s) is not None
+            self._keys[s] = zlib.crc32(device.encode()) if self._scored[s] else s
+        out: npt.NDArray[np.int64] = self._keys[sensor]
+        return out
+
+    def scored(self, sensor: npt.NDArray[np.int32]) -> npt.NDArray[np.bool_]:
+        """Which of these sensors belong to a device an asset rule matches."""
+        self.part_keys(sensor)  # classifies the ones not seen yet
+        out: npt.NDArray[np.bool_] = self._scored[sensor]
+        return out
+
+    async def settle(self, conn: asyncpg.Connection, new: Readings) -> AssetSettled | None:
+        """In the flush's transaction, its new rows written: score their devices."""
+        if not self._rules or not len(new):
+            return None
+        finite = np.isfinite(new.value)
+        ids = np.unique(new.sensor[finite])
+        ids = ids[self.scored(ids)]
+        if not len(ids):
+            return None
+        locked = await db.lock(conn, ids)
+        if not locked:
+            return None
+        stale = [
+            r.device_id
+            for r in locked
+            if r.device_id not in self._models or self._models[r.device_id].version != r.model
+        ]
+        if stale:
+            for model in await db.models(conn, stale):
+                self._models[model.device_id] = model
+        out = AssetSettled([], [], Upsert("", ()))
+        updates = []
+        models = [self._models[row.device_id] for row in locked]
+        # Each reading of a model sensor to its device (j, in `locked`), in one pass: the
+        # readings grouped by device, in time order within each.
+        ids = np.concatenate([m.sensor_ids for m in models])
+        owner = np.concatenate([np.full(len(m.sensor_ids), j) for j, m in enumerate(models)])
+        by_id = np.argsort(ids)
+        ids, owner = ids[by_id], owner[by_id]
+        at = np.minimum(np.searchsorted(ids, new.sensor), len(ids) - 1)
+        keep = finite & (ids[at] == new.sensor)
+        device = owner[at[keep]]
+        sensor, time, value = new.sensor[keep], new.time[keep], new.value[keep]
+        order = np.lexsort((time, device))
+        device, sensor, time, value = device[order], sensor[order], time[order], value[order]
+        bounds = np.searchsorted(device, np.arange(len(models) + 1))
+        for j, (row, model) in enumerate(zip(locked, models, strict=True)):
+            lo, hi = int(bounds[j]), int(bounds[j + 1])
+            if lo == hi:
+                continue
+            rule = self._rule(int(sensor[lo]))
+            assert rule is not None
+            s, t, v = sensor[lo:hi], time[lo:hi], value[lo:hi]
+            update = await self._device(conn, row, model, rule, s, t, v, out)
+            if update is not None:
+                updates.append(update)
+        if not updates:
+            return None
+        out.update = Upsert(UPDATE_SQL, (msgspec.json.encode(updates).decode(),))
+        return out
+
+    async def _device(
+        self,
+        conn: asyncpg.Connection,
+        row: db.Locked,
+        model: db.Model,
+        rule: AssetRule,
+        sensor: npt.NDArray[np.int32],
+        time: npt.NDArray[np.int64],
+        value: npt.NDArray[np.float64],
+        out: AssetSettled,
+    ) -> dict[str, object] | None:
+        ints, floats = _state(row, model)
+        oldest = int(time.min())
+        ev_i = np.empty((0, 3 + k.TOP), np.int64)
+        ev_f = np.empty((0, 3 + k.TOP), np.float64)
+        run = True
+        if row.last is not None and oldest <= row.last:
+            replayed = None
+            if row.last - oldest <= self._max:  # else too far back: its reads unbounded
+                replayed = await self._replay(conn, row, model, rule, oldest, time, out)
+            if replayed is not None:  # it ran the flush's readings too: they are stored
+                ints, floats, ev_i, ev_f = replayed
+                out.replays += 1
+                run = False
+            else:
+                after = time > row.last
+                out.late += int((~after).sum())
+                sensor, time, value = sensor[after], time[after], value[after]
+        if run and len(time):  # in time order (see `settle`)
+            index = np.searchsorted(model.sensor_ids, sensor).astype(np.int32)
+            times, _, ev_i, ev_f = model.model.run(
+                index,
+                time,
+                value,
+                hold_us=rule.hold_us,
+                gap_us=rule.gap_us,
+                min_us=rule.min_us,
+                ints=ints,
+                floats=floats,
+            )
+            out.timestamps += len(times)
+        for i in range(len(ev_i)):
+            out.events.append(event_of(model, ev_i[i], ev_f[i]))
+        return {
+            "device_id": row.device_id,
+            "model": model.version,
+            "last": None if ints[k.I_LAST] == k.NO_TIME else int(ints[k.I_LAST]),
+            "sensors": model.sensor_ids.tolist(),
+            "ints": ints.tolist(),
+            "floats": floats.tolist(),
+        }
+
+    async def _replay(
+        self,
+        conn: asyncpg.Connection,
+        row: db.Locked,
+        model: db.Model,
+        rule: AssetRule,
+        oldest: int,
+        time: npt.NDArray[np.int64],
+        out: AssetSettled,
+    ) -> (
+        tuple[
+            npt.NDArray[np.int64],
+            npt.NDArray[np.float64],
+            npt.NDArray[np.int64],
+            npt.NDArray[np.float64],
+        ]
+        | None
+    ):
+        """Re-score the device from its latest quiet timestamp before `oldest`; None if there
+        is none within reach."""
+        assert row.last is not None
+        reach = oldest - rule.replay_us
+        upto = max(row.last, int(time.max()))
+        stored = await db.readings(
+            conn,
+            sensor_ids=model.sensor_ids.tolist(),
+            after=reach - rule.hold_us - 1,
+            upto=upto,
+        )
+        parts = [(np.full(len(t), j, np.int32), t, v) for j, (t, v) in enumerate(stored.values())]
+        index = np.concatenate([p[0] for p in parts])
+        times = np.concatenate([p[1] for p in parts])
+        values = np.concatenate([p[2] for p in parts])
+        order = np.argsort(times, kind="stable")
+        ints, floats = k.fresh_state(len(model.sensor_ids))
+        ts, scores, ev_i, ev_f = model.model.run(
+            index[order],
+            times[order],
+            values[order],
+            hold_us=rule.hold_us,
+            gap_us=rule.gap_us,
+            min_us=rule.min_us,
+            ints=ints,
+            floats=floats,
+        )
+        quiet = quiet_point(ts, scores, lo=reach + rule.gap_us, before=oldest, gap_us=rule.gap_us)
+        if quiet is None:
+            return None
+        out.timestamps += int((ts > quiet).sum())
+        later = ev_i[:, 0] > quiet
+        out.deletes.append(
+            Upsert(DELETE_EVENTS_SQL, ([model.anchor_id], [quiet], db.to_datetime(quiet)))
+        )
+        return ints, floats, ev_i[later], ev_f[later]
+
+
+def quiet_point(
+    ts: npt.NDArray[np.int64],
+    scores: npt.NDArray[np.float64],
+    *,
+    lo: int,
+    before: int,
+    gap_us: int,
+) -> int | None:
+    """The latest timestamp q in [lo, before) that was scored, did not offend, and has no
+    offending timestamp in [q - gap_us, q); None if there is none."""
+    offending = np.flatnonzero(scores > 1.0)
+    off_times = ts[offending]
+    candidates = np.flatnonzero((ts >= lo) & (ts < before) & (scores <= 1.0))
+    for i in candidates[::-1].tolist():
+        q = int(ts[i])
+        at = np.searchsorted(off_times, q - gap_us)
+        if at >= len(off_times) or off_times[at] >= q:
+            return q
+    return None
+
+
+def _state(
+    row: db.Locked, model: db.Model
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
+    """The locked state in the model's layout: a refit with other sensors keeps the open run
+    and the carried values of the sensors it kept."""
+    if len(row.ints) and np.array_equal(row.sensors, model.sensor_ids):
+        return row.ints, row.floats  # the locked row's own arrays: this flush's to advance
+    ints, floats = k.fresh_state(len(model.sensor_ids))
+    if not len(row.ints):
+        return ints, floats
+    ints[: k.I_X] = row.ints[: k.I_X]
+    floats[: k.F_X] = row.floats[: k.F_X]
+    ints[k.I_TOP : k.I_TOP + k.TOP] = -1  # indices into the old sensors
+    for j, sid in enumerate(model.sensor_ids.tolist()):
+        at = np.flatnonzero(row.sensors == sid)
+        if len(at):
+            ints[k.I_X + j] = row.ints[k.I_X + int(at[0])]
+            floats[k.F_X + j] = row.floats[k.F_X + int(at[0])]
+    return ints, floats
