@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import asyncpg
 import numpy as np
@@ -18,29 +17,18 @@ from ingest.anomaly.sync import Settled, StateSync
 from ingest.asset.rules import AssetRule
 from ingest.asset.sync import AssetScorer, AssetSettled
 from ingest.db.registry import Registry
-from ingest.db.sink import PG_EPOCH_US, Appended, Extra, Readings, Upsert, copy_data
+from ingest.db.sink import Appended, Extra, Readings, Upsert
 from ingest.kernels import MINUTE_US, Rollup, rollup
+from ingest.partials import PARTIAL_COLUMNS, PartialsJournal, partials_copy
 
 # Microseconds since the Unix epoch to timestamptz, exactly, inside the database.
 _TS = "(timestamptz 'epoch' + {} * interval '1 microsecond')"
 
 
-# A flush appends the 1-minute partials of its new readings to telemetry.rollup_pending with
-# one COPY; ingest.db.rollups moves them into both rollup tables in bulk (schema/003).
-_PENDING_COLUMNS = (
-    "bucket",
-    "sensor_id",
-    "min",
-    "max",
-    "sum",
-    "count",
-    "first",
-    "first_time",
-    "last",
-    "last_time",
-)
-_PENDING_WIRE = (">i8", ">i4", ">f8", ">f8", ">f8", ">i8", ">f8", ">i8", ">f8", ">i8")
-
+# A flush writes one journal row naming its new readings and its ingester holds their 1-minute
+# partials in memory until the next merge (schema/011, ingest.partials). Without a journal
+# epoch (a deriver used on its own), it appends the partials to telemetry.rollup_pending with
+# one COPY instead; ingest.db.rollups moves both into the rollup tables in bulk.
 ANOMALY_SQL = f"""
 INSERT INTO telemetry.anomalies AS a (start_time, sensor_id, kind, end_time, value, score, detail)
 SELECT {_TS.format("e.start_time")}, e.sensor_id, e.kind,
@@ -70,22 +58,10 @@ def segment_ends(sensor: npt.NDArray[np.int32]) -> npt.NDArray[np.intp]:
 
 def _pending_append(partials: Rollup) -> Appended:
     """The 1-minute rollup partials of a flush's new rows, as one COPY into rollup_pending."""
-    columns: list[npt.NDArray[Any]] = [
-        partials.bucket - PG_EPOCH_US,
-        partials.sensor,
-        partials.min,
-        partials.max,
-        partials.sum,
-        partials.count,
-        partials.first,
-        partials.first_time - PG_EPOCH_US,
-        partials.last,
-        partials.last_time - PG_EPOCH_US,
-    ]
     return Appended(
         table="rollup_pending",
-        columns=_PENDING_COLUMNS,
-        data=copy_data(list(zip(_PENDING_WIRE, columns, strict=True))),
+        columns=PARTIAL_COLUMNS,
+        data=partials_copy(partials),
         rows=len(partials.sensor),
     )
 
@@ -118,12 +94,14 @@ class Derived:
     versions."""
     tail: list[Extra] = dataclasses.field(default_factory=list)
     rollup_partials: int = 0
-    """Rollup partials appended, for the metrics."""
+    """Rollup partials computed, for the metrics."""
     pending: Pending | None = None
     settled: Settled | None = None
     asset: AssetSettled | None = None
     last_seen: tuple[npt.NDArray[np.int32], npt.NDArray[np.int64]] | None = None
     """Sensors whose last-seen time this writes, and those times."""
+    held: tuple[int, Rollup] | None = None
+    """The journal's flush part number and its partials, held in memory once committed."""
 
     @property
     def upserts(self) -> list[Extra]:
@@ -151,9 +129,11 @@ class Deriver:
         registry: Registry,
         replay_max_s: float = 3600.0,
         floor_us: int = 946_684_800_000_000,
+        journal: PartialsJournal | None = None,
     ) -> None:
         self._rules = tuple(rules)
         self._rollups = rollups
+        self.journal = journal if journal is not None else PartialsJournal()
         self._registry = registry
         self.detector = AnomalyDetector()
         self.assets = AssetScorer(
@@ -187,10 +167,16 @@ class Deriver:
         if not len(new):
             return Derived(base)
         partials = 0
+        held = None
         if self._rollups:
             minute = rollup(sensor=new.sensor, time=new.time, value=new.value, bucket_us=MINUTE_US)
-            base.append(_pending_append(minute))
             partials = len(minute.sensor)
+            if self.journal.epoch is None:
+                base.append(_pending_append(minute))
+            else:
+                flush, row = self.journal.entry(new.sensor, new.time)
+                base.append(row)
+                held = (flush, minute)
         pending = None
         anomaly: list[Extra] = []
         if self._rules and self.sync.cached(new.sensor):
@@ -204,7 +190,7 @@ class Deriver:
         tail: list[Extra] = []
         if len(last_seen[0]):
             tail.append(Upsert(LAST_SEEN_SQL, (last_seen[0].tolist(), last_seen[1].tolist())))
-        return Derived(base, anomaly, tail, partials, pending, None, None, last_seen)
+        return Derived(base, anomaly, tail, partials, pending, None, None, last_seen, held)
 
     async def settle(self, conn: asyncpg.Connection, new: Readings, derived: Derived) -> Derived:
         """In the flush's transaction, its new rows written: lock the anomaly state of their
@@ -274,4 +260,6 @@ class Deriver:
             metrics.ASSET_LATE_READINGS.inc(derived.asset.late)
         if derived.last_seen is not None and len(derived.last_seen[0]):
             self._registry.last_seen_written(*derived.last_seen)
+        if derived.held is not None:
+            self.journal.add(*derived.held)
         metrics.ROLLUP_PARTIALS.inc(derived.rollup_partials)

@@ -19,6 +19,7 @@ __all__ = [
     "check_sorted",
     "compile_kernels",
     "gather",
+    "merge_partials",
     "rollup",
 ]
 
@@ -233,6 +234,116 @@ def rollup(
     return out
 
 
+@kernel
+def _merge_count(
+    order: npt.NDArray[np.int64], sensor: npt.NDArray[np.int32], bucket: npt.NDArray[np.int64]
+) -> int:
+    """Number of distinct (sensor, bucket) keys, the rows taken in `order` (sorted by key)."""
+    groups = 0
+    for k in range(order.shape[0]):
+        i = order[k]
+        if k == 0:
+            groups += 1
+            continue
+        j = order[k - 1]
+        if sensor[i] != sensor[j] or bucket[i] != bucket[j]:
+            groups += 1
+    return groups
+
+
+@kernel
+def _merge_fill(
+    order: npt.NDArray[np.int64],
+    sensor: npt.NDArray[np.int32],
+    bucket: npt.NDArray[np.int64],
+    pmin: npt.NDArray[np.float64],
+    pmax: npt.NDArray[np.float64],
+    psum: npt.NDArray[np.float64],
+    pcount: npt.NDArray[np.int64],
+    pfirst: npt.NDArray[np.float64],
+    pfirst_time: npt.NDArray[np.int64],
+    plast: npt.NDArray[np.float64],
+    plast_time: npt.NDArray[np.int64],
+    out_sensor: npt.NDArray[np.int32],
+    out_bucket: npt.NDArray[np.int64],
+    out_min: npt.NDArray[np.float64],
+    out_max: npt.NDArray[np.float64],
+    out_sum: npt.NDArray[np.float64],
+    out_count: npt.NDArray[np.int64],
+    out_first: npt.NDArray[np.float64],
+    out_first_time: npt.NDArray[np.int64],
+    out_last: npt.NDArray[np.float64],
+    out_last_time: npt.NDArray[np.int64],
+) -> None:
+    """Merge the partials taken in `order` per (sensor, bucket), as the database upsert does."""
+    g = -1
+    for k in range(order.shape[0]):
+        i = order[k]
+        if g < 0 or sensor[i] != out_sensor[g] or bucket[i] != out_bucket[g]:
+            g += 1
+            out_sensor[g] = sensor[i]
+            out_bucket[g] = bucket[i]
+            out_min[g] = pmin[i]
+            out_max[g] = pmax[i]
+            out_sum[g] = psum[i]
+            out_count[g] = pcount[i]
+            out_first[g] = pfirst[i]
+            out_first_time[g] = pfirst_time[i]
+            out_last[g] = plast[i]
+            out_last_time[g] = plast_time[i]
+            continue
+        if pmin[i] < out_min[g]:
+            out_min[g] = pmin[i]
+        if pmax[i] > out_max[g]:
+            out_max[g] = pmax[i]
+        out_sum[g] += psum[i]
+        out_count[g] += pcount[i]
+        if pfirst_time[i] < out_first_time[g]:
+            out_first[g] = pfirst[i]
+            out_first_time[g] = pfirst_time[i]
+        if plast_time[i] > out_last_time[g]:
+            out_last[g] = plast[i]
+            out_last_time[g] = plast_time[i]
+
+
+def merge_partials(parts: list[Rollup], *, bucket_us: int = MINUTE_US) -> Rollup:
+    """Partials of several flushes merged into one row per (sensor, bucket of `bucket_us`),
+    sorted by (sensor, bucket): least of `min`, greatest of `max`, sums of `sum` and `count`,
+    `first` of the earliest `first_time`, `last` of the latest `last_time`. A coarser
+    `bucket_us` than the partials' (1 hour from 1-minute partials) rolls them up into it.
+    Partials of one key hold disjoint readings, so no two share a first or last time."""
+    if bucket_us <= 0 or DAY_US % bucket_us != 0:
+        raise ValueError(f"bucket_us must be a positive divisor of one day, got {bucket_us}")
+    cat = Rollup(*(np.concatenate([getattr(p, f) for p in parts]) for f in _ROLLUP_FIELDS))
+    bucket = cat.bucket - cat.bucket % bucket_us
+    # Each part is sorted by key: a stable sort of the concatenation merges sorted runs.
+    order = np.lexsort((bucket, cat.sensor)).astype(np.int64)
+    groups = int(_merge_count(order, cat.sensor, bucket))
+    out = Rollup(*(np.empty(groups, getattr(cat, f).dtype) for f in _ROLLUP_FIELDS))
+    _merge_fill(
+        order,
+        cat.sensor,
+        bucket,
+        *(getattr(cat, f) for f in _ROLLUP_FIELDS[2:]),
+        *(getattr(out, f) for f in _ROLLUP_FIELDS),
+    )
+    return out
+
+
+_ROLLUP_FIELDS = (
+    "sensor",
+    "bucket",
+    "min",
+    "max",
+    "sum",
+    "count",
+    "first",
+    "first_time",
+    "last",
+    "last_time",
+)
+
+
 def compile_kernels() -> None:
     """Compile, or load from the on-disk cache, this module's kernels (see `ingest.warmup`)."""
     sensor = np.array([1, 1, 2], np.int32)
@@ -243,3 +354,5 @@ def compile_kernels() -> None:
     starts, lengths = np.array([1, 0], np.int64), np.array([2, 1], np.int64)
     columns = gather(time, value, np.zeros(3, np.uint8), starts, lengths, sensor[:2])
     check_sorted(columns[1], columns[0])
+    part = rollup(sensor=sensor, time=time, value=value, bucket_us=MINUTE_US)
+    merge_partials([part, part], bucket_us=HOUR_US)

@@ -67,11 +67,16 @@ ROLLUP_ROWS = Counter(
 )
 ROLLUP_PARTIALS = Counter(
     "ingest_rollup_partials_total",
-    "1-minute rollup partials appended by flushes to telemetry.rollup_pending.",
+    "1-minute rollup partials computed by flushes (held in memory until the next merge).",
 )
 ROLLUP_MERGES = Counter(
     "ingest_rollup_merges_total",
-    "Merges of the pending rollup partials into the rollup tables by this ingester.",
+    "Merges of rollup partials into the rollup tables by this ingester.",
+)
+ROLLUP_RECOVERED = Counter(
+    "ingest_rollup_journal_recovered_total",
+    "Rollup journal rows of other ingester processes (killed, or their lock lost) whose "
+    "readings this ingester rolled up again.",
 )
 ANOMALIES = Counter("ingest_anomalies_total", "Anomaly events opened, by kind.", ["kind"])
 LATE_READINGS = Counter(

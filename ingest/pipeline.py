@@ -15,7 +15,7 @@ from ingest.alerts.service import start as start_alerts
 from ingest.config import Config, parse_rfc3339_us
 from ingest.db.registry import Registry
 from ingest.db.rollups import RollupMerger
-from ingest.decode import DecodeLimits, decode_batch, parse_topic
+from ingest.decode import DecodeLimits
 from ingest.derive import Deriver
 from ingest.errors import (
     ConfigError,
@@ -25,6 +25,7 @@ from ingest.errors import (
 from ingest.flush import Accepted, Carried, FlushJob, carry_held
 from ingest.memory import InflightBudget
 from ingest.mqtt import MqttSource, Received
+from ingest.shapes import Shapes
 from ingest.sparkplug.commands import HostApplication, RebirthRequester
 from ingest.sparkplug.stage import SparkplugStage
 from ingest.sparkplug.topic import is_sparkplug
@@ -86,6 +87,7 @@ class Pipeline:
             dsn=cfg.db.url,
             connect_timeout_s=cfg.db.connect_timeout_s,
             interval_s=cfg.rollups.merge_interval_s,
+            journal=self.deriver.journal,
         )
         self.source = MqttSource(
             settings=cfg.mqtt,
@@ -101,6 +103,9 @@ class Pipeline:
             min_time_us=parse_rfc3339_us(cfg.limits.min_time),
             max_future_us=int(cfg.limits.max_future_s * 1_000_000),
         )
+        self.shapes = Shapes(prefix=cfg.mqtt.topic_prefix)
+        self._received = 0  # messages and payload bytes not counted in the metrics yet
+        self._received_bytes = 0
         self._budget = InflightBudget(
             max_bytes=cfg.flush.max_inflight_bytes, max_readings=cfg.flush.max_inflight_readings
         )
@@ -123,14 +128,14 @@ class Pipeline:
             self._job_started = self._last_received
         job.received.append(msg)
         job.nbytes += len(msg.payload)
-        metrics.MESSAGES_RECEIVED.inc()
-        metrics.PAYLOAD_BYTES.inc(len(msg.payload))
+        self._received += 1
+        self._received_bytes += len(msg.payload)
         try:
             if self.cfg.sparkplug.enabled and is_sparkplug(msg.topic):
                 self._accept_sparkplug(msg, job)
                 return
-            levels = parse_topic(msg.topic, prefix=self.cfg.mqtt.topic_prefix)
-            batch = decode_batch(
+            levels, batch = self.shapes.decode(
+                msg.topic,
                 msg.payload,
                 content_type=msg.content_type,
                 limits=self.limits,
@@ -166,8 +171,17 @@ class Pipeline:
         job.readings += readings
         self._budget.take(nbytes=size, readings=readings)
 
+    def _count_received(self) -> None:
+        """The messages received since the last call, into the metrics (once per flush, not
+        per message)."""
+        if self._received:
+            metrics.MESSAGES_RECEIVED.inc(self._received)
+            metrics.PAYLOAD_BYTES.inc(self._received_bytes)
+            self._received = self._received_bytes = 0
+
     async def _dispatch(self) -> None:
         """Hand the current flush to the writer (waits while the writer is behind)."""
+        self._count_received()
         async with self._dispatch_lock:
             if not self._job:
                 return
@@ -188,6 +202,7 @@ class Pipeline:
         interval = self.cfg.flush.interval_s
         while True:
             await asyncio.sleep(interval / 4)
+            self._count_received()
             self.health.broker = self.source.connected
             if self._job and time.monotonic() - self._job_started >= interval:
                 await self._dispatch()

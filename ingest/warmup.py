@@ -1,12 +1,13 @@
 """Every numba kernel compiled, or loaded from the on-disk cache, before the first message.
 
-The one place that knows all the kernels: the flush's gather, order check and rollups, the
+The one place that knows all the kernels: message shapes, the flush's gather, order check and
+rollups, the
 anomaly filters, and (when Sparkplug is on) the Sparkplug decoder.
 """
 
 from __future__ import annotations
 
-from ingest import kernels
+from ingest import kernels, partials, shapes
 from ingest.anomaly import detector
 from ingest.asset import model
 from ingest.sparkplug import stage
@@ -21,6 +22,8 @@ def warm_up(*, sparkplug: bool = True) -> None:
     on a warm one.
     """
     kernels.compile_kernels()
+    shapes.compile_kernels()
+    partials.compile_kernels()
     detector.compile_kernels()
     model.compile_kernels()
     if sparkplug:

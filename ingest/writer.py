@@ -21,6 +21,7 @@ from ingest import metrics
 from ingest.config import Config
 from ingest.db.migrate import default_schema_dir, load_migrations, pending
 from ingest.db.registry import Registry, SensorKey
+from ingest.db.rollups import new_epoch
 from ingest.db.sink import CLIENT_ERRORS, Readings, Sink, Upsert, classify
 from ingest.derive import Derived, Deriver
 from ingest.errors import InternalError, PermanentSinkError, TransientSinkError
@@ -315,6 +316,9 @@ class Writer:
                     started = time.monotonic()
                     try:
                         await self._registry.load(conn)
+                        journal = self._deriver.journal
+                        if self._cfg.rollups.enabled and journal.epoch is None:
+                            journal.epoch = await new_epoch(conn)
                     except (asyncpg.PostgresError, *CLIENT_ERRORS) as exc:
                         raise classify(exc) from exc
                     log.info(

@@ -1,5 +1,6 @@
 """The wide shape, small: many devices, 20 sensors each, one sample per sensor per message,
-through a kill -9 and restarts; readings and rollups compared exactly with what was sent."""
+through a kill -9 and restarts, with one ingester and with two on a share group; readings and
+rollups compared exactly with what was sent."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import asyncpg
 import numpy as np
 
 from tests.support.cluster import Database
-from tests.support.ingester import Ingester, acked_at_least, ingester_env
+from tests.support.ingester import Ingester, acked_at_least, ingester_env, share_group
 from tests.support.mqtt import Publisher, purge_session
 from tests.support.rows import assert_exactly_once
 from tests.support.streams import T0, Row, batch_payload, f8, new_prefix, new_site
@@ -136,5 +137,50 @@ async def test_wide_shape_through_a_kill_9_keeps_readings_and_rollups_exact(
     finally:
         await conn.close()
     assert [r["t"] for r in last_seen] == [max(row[0] for row in expected)]
+    assert await rollup_mismatches(database, site, "rollup_1m") == []
+    assert await rollup_mismatches(database, site, "rollup_1h") == []
+
+
+async def test_wide_shape_over_two_ingesters_and_a_kill_9_keeps_rollups_exact(
+    database: Database, mqtt_url: str
+) -> None:
+    site, prefix = new_site(), new_prefix()
+    members = await share_group(
+        database,
+        mqtt_url,
+        prefix,
+        members=2,
+        INGEST_MQTT_RECEIVE_MAXIMUM="100",
+        INGEST_ROLLUPS_MERGE_INTERVAL_S="0.5",
+    )
+    rounds, expected = wide_stream(site)
+    pub = Publisher(mqtt_url)
+    try:
+        for messages in rounds[:3]:
+            for device, payload in messages:
+                pub.publish(f"{prefix}/{device}", payload)
+        for member in members:
+            await acked_at_least(member, DEVICES // 4)
+        # Each holds partials in memory and journal rows; one is killed with them.
+        await members[0].kill()
+        for messages in rounds[3:]:
+            for device, payload in messages:
+                pub.publish(f"{prefix}/{device}", payload)
+        pub.wait()
+    finally:
+        pub.close()
+    # The same client id (its session, with what it had not acknowledged); a port of its own.
+    env = {k: v for k, v in members[0].env.items() if k != "INGEST_METRICS_PORT"}
+    members[0] = await Ingester(env).start()
+    try:
+        await assert_exactly_once(database, site, expected, running=members)
+        assert await rollup_mismatches(database, site, "rollup_1m_all") == []
+        assert await rollup_mismatches(database, site, "rollup_1h_all") == []
+    finally:
+        for member in members:
+            assert await member.stop() == 0, member.log.decode()
+        for member in members:
+            await asyncio.to_thread(purge_session, mqtt_url, member.env["INGEST_MQTT_CLIENT_ID"])
+    assert await pending_partials(database, site) == 0
     assert await rollup_mismatches(database, site, "rollup_1m") == []
     assert await rollup_mismatches(database, site, "rollup_1h") == []

@@ -100,8 +100,9 @@ class Registry:
     ) -> None:
         self._sensors: dict[SensorKey, _Known] = {}
         self._devices: dict[str, int] = {}
+        self._device_ids: dict[tuple[str, ...], int] = {}  # the same, by topic levels
         self._assets: set[str] = set()
-        self._names: dict[int, tuple[str, str]] = {}
+        self._names: dict[int, SensorKey] = {}
         self._by_id: dict[int, _Known] = {}
         self._max_per_device = max_sensors_per_device
         self._last_seen_every_us = round(last_seen_every_s * 1e6)
@@ -125,7 +126,8 @@ class Registry:
 
     def name_of(self, sensor_id: int) -> tuple[str, str]:
         """(device path, sensor name) of a registered sensor id."""
-        return self._names[sensor_id]
+        key = self._names[sensor_id]
+        return key.device, key.name
 
     async def load(self, conn: asyncpg.Connection) -> None:
         """Read the whole registry (assets, devices, sensors, last-seen times) in bulk."""
@@ -135,6 +137,7 @@ class Registry:
             self._devices[row["path"]] = row["id"]
             paths[row["id"]] = row["path"]
         levels = {device_id: tuple(path.split("/")) for device_id, path in paths.items()}
+        self._device_ids.update((lv, device_id) for device_id, lv in levels.items())
         rows = await conn.fetch(_LOAD_SENSORS, _NEVER)
         ids = np.fromiter((r["id"] for r in rows), dtype=np.int64, count=len(rows))
         self._grow(int(ids.max()) if len(ids) else 0)
@@ -145,7 +148,7 @@ class Registry:
     def _add(self, key: SensorKey, sensor_id: int, unit: str | None) -> None:
         known = _Known(sensor_id, unit)
         self._sensors[key] = self._by_id[sensor_id] = known
-        self._names[sensor_id] = (key.device, key.name)
+        self._names[sensor_id] = key
 
     def _grow(self, max_id: int) -> None:
         if max_id >= len(self._last_seen):
@@ -216,7 +219,8 @@ class Registry:
         sensors: dict[SensorKey, str | None],
         latest: dict[SensorKey, int],
     ) -> set[SensorKey]:
-        devices = {k.device: k.levels for k in sensors if k.device not in self._devices}
+        new = {k.levels for k in sensors if k.levels not in self._device_ids}
+        devices = {"/".join(levels): levels for levels in new}
         if devices:
             await self._register_assets(conn, devices.values())
             paths = sorted(devices)  # every ingester inserts in one order: no deadlock
@@ -228,13 +232,15 @@ class Registry:
             )
             for row in await conn.fetch(_SELECT_DEVICES, paths):
                 self._devices[row["path"]] = row["id"]
+                self._device_ids[devices[row["path"]]] = row["id"]
         keys, refused = await self._within_cap(conn, list(sensors))
         if not keys:
             return refused
         # Rows inserted in one order by every ingester, so that two registering the same new
         # sensors wait for each other instead of deadlocking.
-        keys.sort(key=lambda k: (self._devices[k.device], k.name))
-        device_ids = [self._devices[k.device] for k in keys]
+        ids = self._device_ids
+        keys.sort(key=lambda k: (ids[k.levels], k.name))
+        device_ids = [ids[k.levels] for k in keys]
         names = [k.name for k in keys]
         by_pair = {(d, n): k for d, n, k in zip(device_ids, names, keys, strict=True)}
         times = [latest.get(k) for k in keys]
@@ -260,18 +266,20 @@ class Registry:
     ) -> tuple[list[SensorKey], set[SensorKey]]:
         """The new keys each device still has room for (first come, first registered), and
         the rest. Counts what the database holds, so every ingester sees the others' sensors."""
-        device_ids = sorted({self._devices[k.device] for k in keys})
+        ids = self._device_ids
+        device_ids = sorted({ids[k.levels] for k in keys})
         room = dict.fromkeys(device_ids, self._max_per_device)
         for row in await conn.fetch(_COUNT_SENSORS, device_ids):
             room[row["device_id"]] -= row["n"]
         wanted: dict[int, int] = {}
         for key in keys:
-            wanted[self._devices[key.device]] = wanted.get(self._devices[key.device], 0) + 1
+            d = ids[key.levels]
+            wanted[d] = wanted.get(d, 0) + 1
         if all(wanted[d] <= room[d] for d in wanted):
             return list(keys), set()
         # Some device is full: sensors it has already (another ingester registered them) take
         # no room; new ones are taken in arrival order while room lasts.
-        pairs = [(self._devices[k.device], k.name) for k in keys]
+        pairs = [(ids[k.levels], k.name) for k in keys]
         rows = await conn.fetch(_SELECT_SENSORS, [p[0] for p in pairs], [p[1] for p in pairs])
         existing = {(row["device_id"], row["name"]) for row in rows}
         allowed: list[SensorKey] = []

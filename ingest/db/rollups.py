@@ -1,5 +1,7 @@
-"""Rollup partials merged into the rollup tables: one statement, one ingester at a time, on a
-connection of its own, every `rollups.merge_interval_s`."""
+"""Rollup partials merged into the rollup tables, one ingester at a time, on a connection of
+its own, every `rollups.merge_interval_s`: the partials this ingester holds in memory (their
+journal rows deleted in the same transaction), the journal rows of ingesters that are gone
+(recovered from the readings they name), and telemetry.rollup_pending (schema/003, 011)."""
 
 from __future__ import annotations
 
@@ -7,14 +9,24 @@ import asyncio
 import contextlib
 import logging
 import time
+from typing import Any, cast
 
 import asyncpg
 
 from ingest import metrics
 from ingest.db.sink import CLIENT_ERRORS, Sink, classify
 from ingest.errors import PermanentSinkError, TransientSinkError
+from ingest.partials import PARTIAL_COLUMNS, Held, PartialsJournal, partials_copy
 
-__all__ = ["MERGE_SQL", "ROLLUP_WIDTHS", "RollupMerger", "merge_rollups"]
+__all__ = [
+    "MERGE_SQL",
+    "ROLLUP_WIDTHS",
+    "RollupMerger",
+    "merge_held",
+    "merge_rollups",
+    "new_epoch",
+    "recover_orphans",
+]
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +56,7 @@ ON CONFLICT (sensor_id, bucket) DO UPDATE SET
     first_time = least(r.first_time, EXCLUDED.first_time),
     last = CASE WHEN EXCLUDED.last_time > r.last_time THEN EXCLUDED.last ELSE r.last END,
     last_time = greatest(r.last_time, EXCLUDED.last_time)
-RETURNING 1"""
+"""
 
 
 # Every committed partial, moved in one statement: deleted from the pending table, aggregated
@@ -56,15 +68,130 @@ MERGE_SQL = f"""
 WITH moved AS (DELETE FROM telemetry.rollup_pending RETURNING *),
 minute AS ({_MERGE.format(bucket="bucket", source="moved")}),
 hour AS ({_MERGE.format(bucket="time_bucket(INTERVAL '1 hour', bucket)", source="minute")}),
-m AS ({_MERGE_1M}),
-h AS ({_MERGE_1H})
+m AS ({_MERGE_1M} RETURNING 1),
+h AS ({_MERGE_1H} RETURNING 1)
 SELECT (SELECT count(*) FROM moved) AS partials, (SELECT count(*) FROM m) AS minutes,
        (SELECT count(*) FROM h) AS hours
 """
+# The partials an ingester held, staged per width and upserted from there.
+_STAGE_DDL = """
+CREATE TEMPORARY TABLE IF NOT EXISTS rollup_stage_1m (LIKE telemetry.rollup_pending)
+    ON COMMIT DELETE ROWS;
+CREATE TEMPORARY TABLE IF NOT EXISTS rollup_stage_1h (LIKE telemetry.rollup_pending)
+    ON COMMIT DELETE ROWS
+"""
+_UPSERT_HELD = (
+    _merge_insert("rollup_1m", "rollup_stage_1m"),
+    _merge_insert("rollup_1h", "rollup_stage_1h"),
+)
+
+# Journal rows (schema/011): each ingester process writes under an epoch of its own and holds
+# a session advisory lock on it; rows whose epoch nobody holds are recovered by any ingester.
+_EPOCH_SQL = "SELECT nextval('telemetry.rollup_epochs')"
+# Advisory lock class 18011, epoch mod 2^31.
+_LOCK_EPOCH = "SELECT pg_advisory_lock(18011, ($1::int8 % 2147483648)::int4)"
+_TRY_EPOCH = "SELECT pg_try_advisory_xact_lock(18011, ($1::int8 % 2147483648)::int4)"
+_DELETE_HELD = """
+DELETE FROM telemetry.rollup_journal WHERE epoch = $1 AND flush = ANY($2::int8[]) RETURNING flush
+"""
+_OTHER_EPOCHS = "SELECT DISTINCT epoch FROM telemetry.rollup_journal WHERE epoch <> $1"
+# The readings journal rows name, rolled up into rollup_pending (NaN is not rolled up), the
+# rows deleted: $2 NULL takes every row of the epoch.
+_RECOVER = """
+WITH moved AS (
+    DELETE FROM telemetry.rollup_journal
+     WHERE epoch = $1 AND ($2::int8[] IS NULL OR flush = ANY($2::int8[]))
+ RETURNING sensors, times
+), recovered AS (
+    INSERT INTO telemetry.rollup_pending
+           (bucket, sensor_id, min, max, sum, count, first, first_time, last, last_time)
+    SELECT time_bucket(INTERVAL '1 minute', r.time), r.sensor_id, r.value, r.value, r.value, 1,
+           r.value, r.time, r.value, r.time
+      FROM moved CROSS JOIN LATERAL unnest(moved.sensors, moved.times) AS k(sensor_id, t)
+      JOIN telemetry.readings r
+        ON r.sensor_id = k.sensor_id
+       AND r.time = timestamptz 'epoch' + k.t * INTERVAL '1 microsecond'
+     WHERE r.value <> 'NaN'::double precision
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM moved) AS rows, (SELECT count(*) FROM recovered) AS partials
+"""
+
 # Room to sort a merge's partials in memory (this transaction only).
 _MERGE_MEMORY = "SET LOCAL work_mem = '128MB'"
 # One merger at a time, whatever the number of ingesters: the others skip their turn.
 _MERGE_LOCK = "SELECT pg_try_advisory_xact_lock(7301998173522371379)"
+_MERGE_WAIT = "SELECT pg_advisory_xact_lock(7301998173522371379)"
+
+
+class _MissingRowsError(Exception):
+    """Some journal rows of held partials are gone; `left`: the flush parts still there."""
+
+    def __init__(self, left: list[int]) -> None:
+        super().__init__(left)
+        self.left = left
+
+
+async def new_epoch(conn: asyncpg.Connection) -> int:
+    """A journal epoch for a new ingester process (telemetry.rollup_epochs)."""
+    return int(await conn.fetchval(_EPOCH_SQL))
+
+
+async def merge_held(conn: asyncpg.Connection, held: Held, *, staged: set[str]) -> bool:
+    """Upsert the partials an ingester held into the rollup tables and delete their journal
+    rows, in one transaction. True if done so; False if some of those rows had been recovered
+    by another ingester meanwhile (this one's epoch lock was lost): then the rows left are
+    recovered from their readings instead, and `held` must be dropped. `staged`: the stage
+    tables the connection has (updated)."""
+    async with conn.transaction():
+        await conn.execute(_MERGE_WAIT)
+        await conn.execute(_MERGE_MEMORY)  # the upserts sort the staged rows in memory
+        try:
+            async with conn.transaction():  # a savepoint: undone if rows are missing
+                rows = await conn.fetch(_DELETE_HELD, held.epoch, held.flushes)
+                if len(rows) != len(set(held.flushes)):
+                    raise _MissingRowsError([r["flush"] for r in rows])
+        except _MissingRowsError as missing:
+            found = await conn.fetchrow(_RECOVER, held.epoch, missing.left)
+            assert found is not None
+            metrics.ROLLUP_RECOVERED.inc(found["rows"])
+            return False
+        if not staged:
+            await conn.execute(_STAGE_DDL)
+        await conn.copy_to_table(
+            "rollup_stage_1m",
+            source=cast(Any, partials_copy(held.minute)),
+            columns=list(PARTIAL_COLUMNS),
+            format="binary",
+        )
+        await conn.copy_to_table(
+            "rollup_stage_1h",
+            source=cast(Any, partials_copy(held.hour)),
+            columns=list(PARTIAL_COLUMNS),
+            format="binary",
+        )
+        for upsert in _UPSERT_HELD:
+            await conn.execute(upsert)
+    staged.add("rollup_stage")
+    metrics.ROLLUP_MERGES.inc()
+    metrics.ROLLUP_ROWS.labels("1m").inc(len(held.minute))
+    metrics.ROLLUP_ROWS.labels("1h").inc(len(held.hour))
+    return True
+
+
+async def recover_orphans(conn: asyncpg.Connection, *, epoch: int) -> int:
+    """Move the journal rows of epochs no ingester holds into rollup_pending, rolled up from
+    the readings they name; returns how many rows."""
+    moved = 0
+    for row in await conn.fetch(_OTHER_EPOCHS, epoch):
+        async with conn.transaction():
+            if not await conn.fetchval(_TRY_EPOCH, row["epoch"]):
+                continue  # its ingester runs
+            found = await conn.fetchrow(_RECOVER, row["epoch"], None)
+            assert found is not None
+            moved += found["rows"]
+    metrics.ROLLUP_RECOVERED.inc(moved)
+    return moved
 
 
 async def merge_rollups(conn: asyncpg.Connection) -> int | None:
@@ -85,13 +212,23 @@ async def merge_rollups(conn: asyncpg.Connection) -> int | None:
 
 
 class RollupMerger:
-    """Merges the pending rollup partials every `interval_s` until `stop`, on its own
-    connection. Leaving the context closes it, within `wait_s`."""
+    """Merges rollup partials every `interval_s` until `stop`, on its own connection, which
+    holds the lock of the `journal`'s epoch while this ingester runs. Leaving the context
+    closes it, within `wait_s`."""
 
-    def __init__(self, *, dsn: str, connect_timeout_s: float, interval_s: float) -> None:
+    def __init__(
+        self,
+        *,
+        dsn: str,
+        connect_timeout_s: float,
+        interval_s: float,
+        journal: PartialsJournal | None = None,
+    ) -> None:
         self._sink = Sink(dsn=dsn, connect_timeout_s=connect_timeout_s)
         self._interval_s = interval_s
+        self._journal = journal
         self._stop = asyncio.Event()
+        self._staged: set[str] = set()
 
     def stop(self) -> None:
         """A merge in progress finishes; no new one starts."""
@@ -108,19 +245,43 @@ class RollupMerger:
             self._sink.discard()
 
     async def run(self) -> None:
+        with contextlib.suppress(TransientSinkError, PermanentSinkError, *CLIENT_ERRORS):
+            await self._connect()  # the epoch's lock from the start; else at the first merge
         while not self._stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), timeout=self._interval_s)
             if not self._stop.is_set():
                 await self.merge_once()
 
-    async def merge_once(self) -> None:
-        """One merge; a failure is logged and left to the next one."""
+    async def _connect(self) -> None:
         sink = self._sink
+        if sink.connected:
+            return
+        await sink.connect()
+        self._staged.clear()
+        epoch = self._journal.epoch if self._journal is not None else None
+        if epoch is not None:
+            try:
+                await sink.connection.fetchval(_LOCK_EPOCH, epoch)
+            except (asyncpg.PostgresError, *CLIENT_ERRORS) as exc:
+                sink.discard()  # a connection without the lock must not merge
+                raise classify(exc) from exc
+
+    async def merge_once(self) -> None:
+        """One merge: the partials held, the journals of ingesters gone, rollup_pending. A
+        failure is logged and left to the next one; held partials are kept for it."""
+        sink = self._sink
+        held = None
         try:
-            if not sink.connected:
-                await sink.connect()
+            await self._connect()
             started = time.monotonic()
+            journal = self._journal
+            if journal is not None and journal.epoch is not None:
+                held = journal.take()
+                if held is not None:
+                    await merge_held(sink.connection, held, staged=self._staged)
+                    held = None  # merged, or recovered from the readings instead
+                await recover_orphans(sink.connection, epoch=journal.epoch)
             merged = await merge_rollups(sink.connection)
             if merged:
                 log.debug("merged %d rollup partials in %.2fs", merged, time.monotonic() - started)
@@ -130,3 +291,6 @@ class RollupMerger:
             if not isinstance(exc, asyncpg.PostgresError):
                 sink.discard()
             log.warning("rollup merge skipped, the next one retries: %s", classify(exc))
+        finally:
+            if held is not None and self._journal is not None:
+                self._journal.put_back(held)

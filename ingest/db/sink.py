@@ -75,7 +75,7 @@ class StagedUpsert:
         return self.rows
 
 
-APPENDABLE = ("rollup_pending",)
+APPENDABLE = ("rollup_pending", "rollup_journal")
 """Tables of the telemetry schema that an `Appended` may COPY rows into."""
 
 

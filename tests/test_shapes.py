@@ -1,0 +1,129 @@
+"""Message shapes (ingest.shapes): every payload decodes exactly as `decode_batch` decodes it,
+whether it matches its topic's shape, differs from it in any way, or is invalid."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import numpy as np
+import pytest
+
+from ingest.decode import Batch, DecodeLimits, decode_batch, parse_topic
+from ingest.errors import PayloadError
+from ingest.shapes import Shapes
+from tests.support.streams import T0
+
+LIMITS = DecodeLimits()
+NOW = T0 + 3_600_000_000
+TOPIC = "telemetry/site/line/plc-1"
+MSGPACK = "application/msgpack"
+
+
+def payload(t0: int, seq: int | None, values: list[float], **channel: Any) -> bytes:
+    body: dict[str, Any] = {"v": 1, "t0": t0}
+    if seq is not None:
+        body["seq"] = seq
+    body["ch"] = [
+        {
+            "s": f"tag.{k}",
+            "dt": 1_000_000,
+            "v": np.array([v], "<f8").tobytes(),
+            "u": "bar",
+            **channel,
+        }
+        for k, v in enumerate(values)
+    ]
+    return msgspec.msgpack.encode(body)
+
+
+def outcome(
+    decode: Any, topic: str, data: bytes, content_type: str | None = MSGPACK
+) -> tuple[Any, ...]:
+    """What decoding gives: the levels and the batch's fields, or the error's reason."""
+    try:
+        levels, batch = decode(topic, data, content_type)
+    except PayloadError as exc:
+        return ("error", exc.reason)
+    assert isinstance(batch, Batch)
+    return (
+        levels,
+        batch.seq,
+        batch.names,
+        batch.units,
+        batch.counts,
+        batch.readings,
+        batch.time.tolist(),
+        batch.value.tobytes(),
+        batch.quality.tolist(),
+    )
+
+
+def reference(topic: str, data: bytes, content_type: str | None) -> tuple[Any, Batch]:
+    levels = parse_topic(topic, prefix="telemetry")
+    return levels, decode_batch(data, content_type=content_type, limits=LIMITS, now_us=NOW)
+
+
+def check(
+    shapes: Shapes, data: bytes, topic: str = TOPIC, content_type: str | None = MSGPACK
+) -> None:
+    def by_shape(topic: str, data: bytes, content_type: str | None) -> Any:
+        return shapes.decode(topic, data, content_type=content_type, limits=LIMITS, now_us=NOW)
+
+    assert outcome(by_shape, topic, data, content_type) == outcome(
+        reference, topic, data, content_type
+    )
+
+
+def test_payloads_of_one_shape_decode_as_decode_batch_does() -> None:
+    shapes = Shapes(prefix="telemetry")
+    rng = np.random.default_rng(5)
+    # seq crosses every MessagePack integer width, t0 moves a second a round.
+    for seq in [*range(0, 300), 65_535, 65_536, 2**32, 2**40]:
+        check(
+            shapes,
+            payload(T0 + seq * 1_000_000 % 3_600_000_000, seq, rng.normal(0, 1e6, 20).tolist()),
+        )
+    check(shapes, payload(T0, None, [1.0, float("nan"), float("inf"), -0.0]))
+    check(shapes, payload(T0 + 1, None, [2.0, 3.0, float("-inf"), 5e-324]))
+    # All but the first of each seq width and of the last shape, and the topic's first.
+    assert shapes.matched == 306 - 7
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        payload(T0 + 5_000_000, 6, [1.0, 2.0, 3.5], u="mbar"),  # another unit, same length
+        payload(T0 + 5_000_000, 6, [1.0, 2.0, 3.5], s="tag.9"),  # the same name three times
+        payload(T0 + 5_000_000, 6, [1.0, 2.0, 3.5], dt=2_000_000),  # another width of dt
+        payload(T0 + 5_000_000, 6, [1.0, 2.0, 3.5], vt="f8"),
+        payload(T0 + 5_000_000, 6, [1.0, 2.0]),
+        payload(T0 + 5_000_000, 6, [1.0, 2.0, 3.5], q=3),
+        payload(T0 + 5_000_000, 6, [1.0, 2.0, 3.5], t=[0]),  # t and dt: an error
+        payload(T0 + 5_000_000, 6, [1.0, 2.0, 3.5], vt="f4"),  # 8 bytes are two f4 values
+        payload(10, 6, [1.0, 2.0, 3.5]),  # before the window
+        payload(NOW + 2 * 86_400_000_000, 6, [1.0, 2.0, 3.5]),  # after it
+        payload(T0 + 5_000_000, -1, [1.0, 2.0, 3.5]),  # seq must not be negative
+        payload(T0 + 5_000_000, 2**64 - 1, [1.0, 2.0, 3.5]),
+        payload(T0 + 5_000_000, 6, [1.0, 2.0, 3.5])[:-3],  # truncated
+        msgspec.json.encode({"v": 1, "t0": T0, "ch": [{"s": "tag.0", "dt": 1, "v": [1.0]}]}),
+    ],
+)
+def test_a_payload_unlike_its_topics_shape_decodes_as_decode_batch_does(other: bytes) -> None:
+    shapes = Shapes(prefix="telemetry")
+    for seq in range(3):
+        check(shapes, payload(T0 + seq * 1_000_000, seq, [1.0, 2.0, 3.5]))
+    check(shapes, other)
+    check(shapes, other, content_type=None)
+    check(shapes, payload(T0 + 9_000_000, 9, [4.0, 5.0, 6.5]))  # and after it
+
+
+def test_a_shape_is_not_used_for_another_content_type_or_topic() -> None:
+    shapes = Shapes(prefix="telemetry")
+    data = payload(T0, 1, [1.0, 2.0])
+    check(shapes, data)
+    check(shapes, data, content_type="application/json")
+    check(shapes, data, content_type="text/plain")
+    check(shapes, data, topic="telemetry/site/line/plc-2")
+    check(shapes, data, topic="elsewhere/plc-1")
+    check(shapes, data, topic="telemetry/site/bad level/plc-1")
