@@ -133,6 +133,18 @@ def _parser() -> argparse.ArgumentParser:
         " else the system's)",
     )
     sim.add_argument(
+        "--cert-file",
+        metavar="PEM",
+        help="client certificate (chain) for an mqtts:// broker that asks for one (default: "
+        "INGEST_MQTT_TLS_CERT_FILE)",
+    )
+    sim.add_argument(
+        "--key-file",
+        metavar="PEM",
+        help="the client certificate's private key, if not in --cert-file (default: "
+        "INGEST_MQTT_TLS_KEY_FILE)",
+    )
+    sim.add_argument(
         "--answer-rebirth",
         action="store_true",
         help="sparkplug: edge nodes answer NCMD Node Control/Rebirth with new births",
@@ -212,6 +224,7 @@ def _simulate(args: argparse.Namespace) -> int:
 
     from ingest.config import parse_rfc3339_us
     from ingest.sim.plant import load_plant, pump_devices
+    from ingest.sim.publisher import TlsFiles
     from ingest.sim.pumps import SLOW, Fault
     from ingest.sim.signals import Anomaly
     from ingest.sim.simulate import SimSettings, simulate
@@ -233,9 +246,19 @@ def _simulate(args: argparse.Namespace) -> int:
     else:
         start_us = time.time_ns() // 1000
     url = args.url or os.environ.get("INGEST_MQTT_URL", "mqtt://127.0.0.1:1883")
-    ca_file = args.ca_file
-    if ca_file is None and url.lower().startswith("mqtts://"):
-        ca_file = os.environ.get("INGEST_MQTT_TLS_CA_FILE") or None
+    if url.lower().startswith("mqtts://"):  # unset options: from the ingester's environment
+        tls = TlsFiles(
+            *(
+                given or os.environ.get(f"INGEST_MQTT_TLS_{name.upper()}") or None
+                for name, given in (
+                    ("ca_file", args.ca_file),
+                    ("cert_file", args.cert_file),
+                    ("key_file", args.key_file),
+                )
+            )
+        )
+    else:
+        tls = TlsFiles(args.ca_file, args.cert_file, args.key_file)
     settings = SimSettings(
         url=url,
         prefix=args.prefix or os.environ.get("INGEST_MQTT_TOPIC_PREFIX", "telemetry"),
@@ -248,7 +271,7 @@ def _simulate(args: argparse.Namespace) -> int:
         duration_s=args.duration,
         anomalies=tuple(Anomaly.parse(a) for a in args.anomaly),
         record=args.record,
-        ca_file=ca_file,
+        tls=tls,
         answer_rebirth=args.answer_rebirth,
         faults=tuple(Fault.parse(f, start_us=start_us) for f in args.fault),
     )

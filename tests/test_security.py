@@ -19,7 +19,7 @@ import asyncpg
 import pytest
 
 from tests.support.broker import PrivateBroker
-from tests.support.certs import Certs, make_ca, make_certs
+from tests.support.certs import Certs, make_ca, make_certs, make_client_cert
 from tests.support.cluster import PG_ROLES, PrivateCluster, admin_dsn, private_cluster
 from tests.support.ingester import Ingester, ingest_cli, ingester_env
 from tests.support.mqtt import publish
@@ -123,6 +123,99 @@ async def test_tls_with_passwords_end_to_end(
     assert f"MQTT connected to mqtts://ingest:***@localhost:{tls_broker.broker.port}" in log
     for secret in (tls_broker.passwords["ingest"], cluster.passwords["ingest"]):
         assert secret not in log
+
+
+@dataclass
+class MtlsBroker:
+    broker: PrivateBroker
+    certs: Certs
+    clients: dict[str, tuple[Path, Path]]  # user -> (certificate, key)
+    passwords: dict[str, str]
+
+    def url(self, user: str) -> str:
+        return self.broker.url(user=user, password=self.passwords[user])
+
+
+@pytest.fixture(scope="module")
+async def mtls_broker() -> AsyncIterator[MtlsBroker]:
+    """Mosquitto whose TLS listener asks every client for a certificate signed by its CA, and a
+    password too."""
+    passwords = {"ingest": "in-gest-secret-3", "device": "dev-ice-secret-4"}
+    with service_dir() as base:
+        certs = make_certs(base / "pki")
+        clients = {user: make_client_cert(certs, base / "pki", user) for user in passwords}
+        broker = PrivateBroker(base, certs=certs, users=passwords, require_certificate=True)
+        await broker.start()
+        try:
+            yield MtlsBroker(broker, certs, clients, passwords)
+        finally:
+            await broker.stop()
+
+
+async def test_client_certificates_end_to_end(
+    mtls_broker: MtlsBroker, cluster: PrivateCluster, tmp_path: Path
+) -> None:
+    """`ingest run` and `ingest simulate` each show a client certificate, from their settings."""
+    site, prefix = new_site(), new_prefix()
+    cert, key = mtls_broker.clients["ingest"]
+    env = ingester_env(
+        cluster.as_database(),
+        mtls_broker.url("ingest"),
+        prefix,
+        INGEST_MQTT_TLS_CA_FILE=str(mtls_broker.certs.ca),
+        INGEST_MQTT_TLS_CERT_FILE=str(cert),
+        INGEST_MQTT_TLS_KEY_FILE=str(key),
+    )
+    ingester = await Ingester(env).start()
+    try:
+        plant = tmp_path / "plant.toml"
+        plant.write_text(f'[[line]]\npath = "{site}/line1"\ndevices = ["press-01"]\n')
+        dev_cert, dev_key = mtls_broker.clients["device"]
+        code, _, err = await ingest_cli(
+            *("simulate", "--url", mtls_broker.url("device"), "--prefix", prefix, "--quiet"),
+            *("--plant", str(plant), "--batch", "10", "--duration", "3"),
+            *("--start", "2026-01-01T00:00:00Z", "--record", str(tmp_path / "load")),
+            *("--ca-file", str(mtls_broker.certs.ca)),
+            *("--cert-file", str(dev_cert), "--key-file", str(dev_key)),
+        )
+        assert code == 0, err
+        expected = recorded(str(tmp_path / "load.*"), prefix)
+        assert len(expected) == 6 * 30
+        await assert_exactly_once(cluster.as_database(), site, expected, running=[ingester])
+    finally:
+        assert await ingester.stop() == 0, ingester.log.decode()
+    assert "ingest" in mtls_broker.broker.log()
+
+
+async def test_simulate_without_the_certificate_a_broker_asks_for_is_one_line(
+    mtls_broker: MtlsBroker,
+) -> None:
+    code, out, err = await ingest_cli(
+        *("simulate", "--url", mtls_broker.url("device"), "--prefix", new_prefix()),
+        *("--ca-file", str(mtls_broker.certs.ca), "--duration", "1", "--quiet"),
+    )
+    assert code != 0
+    assert out == ""
+    assert len(err.splitlines()) == 1, err
+    at = f"localhost:{mtls_broker.broker.port}"
+    # Refused in the handshake or right after it, depending on the TLS version.
+    assert err.startswith(
+        (
+            f"ingest: the connection to the broker at {at} failed: ",
+            f"ingest: cannot connect to the broker at {at}: ",
+        )
+    ), err
+    hint = "; if the broker asks for a client certificate, give one with --cert-file\n"
+    assert err.endswith(hint), err
+
+
+async def test_simulate_key_without_certificate_names_the_option(tmp_path: Path) -> None:
+    code, _, err = await ingest_cli(
+        *("simulate", "--url", "mqtts://localhost:1", "--prefix", new_prefix()),
+        *("--key-file", str(tmp_path / "client.key"), "--duration", "1", "--quiet"),
+    )
+    assert code != 0
+    assert err == "ingest: config: --key-file: set without --cert-file\n", err
 
 
 async def test_wrong_mqtt_password_stops_with_one_line_naming_mqtt_url(

@@ -18,6 +18,7 @@ import select
 import socket
 import ssl
 import time
+from dataclasses import dataclass
 from typing import Final
 from urllib.parse import unquote, urlsplit
 
@@ -51,6 +52,41 @@ def _reason(code: int) -> str:
     return _REASONS.get(code, f"reason code 0x{code:02x}")
 
 
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """What an mqtts:// connection verifies the broker with, and the client's own certificate
+    and key for a broker that asks for one (PEM files; None: the system's CAs, no certificate).
+    """
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+    def option_set(self) -> str:
+        return next(
+            f"--{name.replace('_', '-')}"
+            for name in ("ca_file", "cert_file", "key_file")
+            if getattr(self, name) is not None
+        )
+
+    def context(self) -> ssl.SSLContext:
+        if self.key_file is not None and self.cert_file is None:
+            raise ConfigError("--key-file: set without --cert-file")
+        try:
+            context = ssl.create_default_context(cafile=self.ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"--ca-file {self.ca_file!r}: cannot load it: {exc}") from None
+        if self.cert_file is not None:
+            try:
+                context.load_cert_chain(self.cert_file, self.key_file)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(
+                    f"--cert-file {self.cert_file!r} (--key-file {self.key_file!r}): "
+                    f"cannot load them: {exc}"
+                ) from None
+        return context
+
+
 class Publisher:
     """One connection to the broker at `url` (mqtt:// or mqtts://, credentials in the URL)."""
 
@@ -59,7 +95,7 @@ class Publisher:
         url: str,
         client_id: str,
         *,
-        ca_file: str | None = None,
+        tls: TlsFiles | None = None,
         window: int = 1000,
         keepalive: int = 60,
         will: tuple[str, bytes, int] | None = None,
@@ -68,17 +104,14 @@ class Publisher:
         parts = urlsplit(url)
         if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
             raise ConfigError(f"--url {url!r}: expected mqtt://host[:port] or mqtts://host[:port]")
-        tls = parts.scheme == "mqtts"
-        context = None
-        if tls:
-            try:
-                context = ssl.create_default_context(cafile=ca_file)
-            except (OSError, ssl.SSLError) as exc:
-                raise ConfigError(f"--ca-file {ca_file!r}: cannot load it: {exc}") from None
-        elif ca_file is not None:
-            raise ConfigError(f"--ca-file: set, but --url {url!r} is not mqtts://")
-        host, port = parts.hostname, parts.port or (8883 if tls else 1883)
+        files = tls or TlsFiles()
+        secure = parts.scheme == "mqtts"
+        context = files.context() if secure else None
+        if not secure and files != TlsFiles():
+            raise ConfigError(f"{files.option_set()}: set, but --url {url!r} is not mqtts://")
+        host, port = parts.hostname, parts.port or (8883 if secure else 1883)
         self.where = f"{host}:{port}"
+        self._certificate = files.cert_file is not None
         self._keepalive = keepalive
         try:
             sock = socket.create_connection((host, port), timeout=10.0)
@@ -86,7 +119,9 @@ class Publisher:
                 sock = context.wrap_socket(sock, server_hostname=host)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError as exc:
-            raise IngestError(f"cannot connect to the broker at {self.where}: {exc}") from None
+            raise IngestError(
+                f"cannot connect to the broker at {self.where}: {exc}{self._hint(exc)}"
+            ) from None
         self._sock = sock
         self._buf = b""
         self._pos = 0
@@ -207,16 +242,27 @@ class Publisher:
 
     # -- the socket --
 
+    def _hint(self, exc: OSError) -> str:
+        """What to try when TLS failed other than over the broker's certificate: a broker that
+        wants a client certificate ends the handshake, or the connection right after it."""
+        if (
+            isinstance(exc, ssl.SSLError)
+            and not isinstance(exc, ssl.SSLCertVerificationError)
+            and not self._certificate
+        ):
+            return "; if the broker asks for a client certificate, give one with --cert-file"
+        return ""
+
     def _failed(self, exc: OSError) -> IngestError:
-        return IngestError(f"the connection to the broker at {self.where} failed: {exc}")
+        return IngestError(
+            f"the connection to the broker at {self.where} failed: {exc}{self._hint(exc)}"
+        )
 
     def _send(self, data: bytes) -> None:
         try:
             self._sock.sendall(data)
         except OSError as exc:
-            raise IngestError(
-                f"the connection to the broker at {self.where} failed: {exc}"
-            ) from None
+            raise self._failed(exc) from None
         self._last_sent = time.monotonic()
 
     def _read(self, *, until: float, wait: bool = False) -> bool:
@@ -233,9 +279,7 @@ class Publisher:
         except (BlockingIOError, ssl.SSLWantReadError):
             return False
         except OSError as exc:
-            raise IngestError(
-                f"the connection to the broker at {self.where} failed: {exc}"
-            ) from None
+            raise self._failed(exc) from None
         if not data:
             raise IngestError(f"the broker at {self.where} closed the connection")
         self._buf = self._buf[self._pos :] + data

@@ -21,7 +21,7 @@ import numpy.typing as npt
 from ingest.errors import ConfigError, IngestError
 from ingest.mqtt.packets import publish_properties
 from ingest.sim.plant import UNITS, Device
-from ingest.sim.publisher import Publisher
+from ingest.sim.publisher import Publisher, TlsFiles
 from ingest.sim.pumps import SENSORS as PUMP_SENSORS
 from ingest.sim.pumps import SLOW, Fault, Pump
 from ingest.sim.record import Recorder
@@ -46,7 +46,7 @@ class SimSettings:
     record: str | None
     qos: int = 1
     client_prefix: str = "sim"
-    ca_file: str | None = None  # for mqtts://; None: the system's CAs
+    tls: TlsFiles | None = None  # for mqtts://; None: the system's CAs, no certificate
     answer_rebirth: bool = False  # sparkplug: answer NCMD Node Control/Rebirth
     faults: tuple[Fault, ...] = ()  # pumps: injected multi-sensor faults
 
@@ -79,7 +79,7 @@ def run_worker(settings: SimSettings, devices: list[Device], index: int, counter
         client = Publisher(
             settings.url,
             f"{settings.client_prefix}-{os.getpid()}-{index}",
-            ca_file=settings.ca_file,
+            tls=settings.tls,
         )
     except IngestError as exc:
         print(f"ingest: publisher {index}: {exc}", file=sys.stderr)
@@ -174,7 +174,7 @@ def _simulate_sparkplug(settings: SimSettings, devices: list[Device]) -> int:
         start_us=settings.start_us,
         duration_s=settings.duration_s,
         realtime=settings.realtime,
-        ca_file=settings.ca_file,
+        tls=settings.tls,
         client_prefix=f"{settings.client_prefix}-spb",
         answer_rebirth=settings.answer_rebirth,
     )
@@ -193,7 +193,7 @@ def simulate(
         return _simulate_sparkplug(settings, devices)
     processes = max(1, min(processes, len(devices)))
     client_id = f"{settings.client_prefix}-{os.getpid()}"
-    Publisher(settings.url, client_id, ca_file=settings.ca_file).close()  # fail early
+    Publisher(settings.url, client_id, tls=settings.tls).close()  # fail early
     ctx = mp.get_context("spawn")
     counter = ctx.Value("q", 0)
     # --rate is for the whole run: each process publishes its share.

@@ -20,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ingest.errors import IngestError, PayloadError
-from ingest.sim.publisher import Publisher
+from ingest.sim.publisher import Publisher, TlsFiles
 from ingest.sparkplug.encode import Metric, encode_payload
 from ingest.sparkplug.kernel import C_DATATYPE
 from ingest.sparkplug.values import OK, metric_values
@@ -85,7 +85,7 @@ class _Edge:
     """One edge node's MQTT session."""
 
     def __init__(
-        self, url: str, node: _Node, *, client_id: str, ca_file: str | None, rebirth: bool
+        self, url: str, node: _Node, *, client_id: str, tls: TlsFiles | None, rebirth: bool
     ) -> None:
         self.node = node
         self.rebirth = False  # set by a rebirth command, cleared by the births
@@ -98,7 +98,7 @@ class _Edge:
         self.client = Publisher(
             url,
             client_id,
-            ca_file=ca_file,
+            tls=tls,
             will=(f"{self.base}/NDEATH/{node.edge}", death, 1),
         )
         self.commands = f"{self.base}/NCMD/{node.edge}"
@@ -178,7 +178,7 @@ def simulate_sparkplug(
     start_us: int,
     duration_s: float,
     realtime: bool,
-    ca_file: str | None = None,
+    tls: TlsFiles | None = None,
     client_prefix: str = "sim-spb",
     answer_rebirth: bool = False,
 ) -> int:
@@ -197,7 +197,7 @@ def simulate_sparkplug(
             url,
             n,
             client_id=f"{client_prefix}-{i}-{time.time_ns() % 10**9}",
-            ca_file=ca_file,
+            tls=tls,
             rebirth=answer_rebirth,
         )
         for i, n in enumerate(nodes)

@@ -30,6 +30,7 @@ class PrivateBroker:
         persistence: bool = False,
         certs: Certs | None = None,
         users: dict[str, str] | None = None,
+        require_certificate: bool = False,
     ) -> None:
         self.dir = base / f"mqtt-{uuid.uuid4().hex[:6]}"
         self.dir.mkdir()
@@ -60,6 +61,8 @@ class PrivateBroker:
             ]
         if certs is not None:
             lines += [f"cafile {certs.ca}", f"certfile {certs.cert}", f"keyfile {certs.key}"]
+            if require_certificate:  # clients must show a certificate signed by certs.ca
+                lines.append("require_certificate true")
         if users is not None:
             passwd = self.dir / "passwd"
             passwd.touch()  # no user at all: nobody gets in

@@ -17,6 +17,7 @@ class Certs:
     ca: Path
     cert: Path
     key: Path
+    ca_key: Path
 
 
 def _openssl(*args: str) -> None:
@@ -61,4 +62,24 @@ def make_certs(directory: Path) -> Certs:
         "x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key),
         "-CAcreateserial", "-out", str(cert), "-days", "2", "-extfile", str(ext),
     )  # fmt: skip
-    return Certs(ca=ca, cert=cert, key=key)
+    return Certs(ca=ca, cert=cert, key=key, ca_key=ca_key)
+
+
+def make_client_cert(certs: Certs, directory: Path, name: str) -> tuple[Path, Path]:
+    """A client certificate for `name` signed by the test CA, and its key."""
+    key, csr, cert = directory / f"{name}.key", directory / f"{name}.csr", directory / f"{name}.crt"
+    ext = directory / f"{name}.ext"
+    ext.write_text(
+        "basicConstraints = critical, CA:FALSE\n"
+        "keyUsage = critical, digitalSignature\n"
+        "extendedKeyUsage = clientAuth\n"
+    )
+    _openssl(
+        "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+        "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={name}",
+    )  # fmt: skip
+    _openssl(
+        "x509", "-req", "-in", str(csr), "-CA", str(certs.ca), "-CAkey", str(certs.ca_key),
+        "-CAcreateserial", "-out", str(cert), "-days", "2", "-extfile", str(ext),
+    )  # fmt: skip
+    return cert, key
