@@ -80,7 +80,8 @@ def _runs(bad: npt.NDArray[np.bool_], boundary: npt.NDArray[np.bool_]) -> int:
 
 
 def _boundary(sensor: npt.NDArray[np.int32]) -> npt.NDArray[np.bool_]:
-    return np.r_[True, sensor[1:] != sensor[:-1]]
+    out: npt.NDArray[np.bool_] = np.r_[True, sensor[1:] != sensor[:-1]]
+    return out
 
 
 def pandas_rollup(bucket_us: int) -> Callable[[Columns], Any]:

@@ -25,6 +25,7 @@ import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import numpy as np
@@ -93,14 +94,12 @@ def messages(pump: Pump, *, first: int, count: int, hz: float, batch: int) -> li
     return out
 
 
-def _decoded(
-    payload: bytes, limits: DecodeLimits, now_us: int
-) -> tuple[npt.NDArray[np.int32], ...]:
+def _decoded(payload: bytes, limits: DecodeLimits, now_us: int) -> tuple[npt.NDArray[Any], ...]:
     b = decode_batch(payload, content_type="application/msgpack", limits=limits, now_us=now_us)
     index = np.repeat(
         np.array([NAMES.index(n) for n in b.names], np.int32), np.array(b.counts, np.int64)
     )
-    return index, b.time, b.value  # type: ignore[return-value]
+    return index, b.time, b.value
 
 
 def run_pump(
@@ -123,14 +122,14 @@ def run_pump(
         for p in messages(pump, first=0, count=n_base, hz=hz, batch=batch)
     ]
     index, time, value = (np.concatenate([p[i] for p in parts]) for i in range(3))
-    _, x = carry_forward(index, time, value, len(NAMES), hold_us=RULE.hold_us)  # type: ignore[arg-type]
+    _, x = carry_forward(index, time, value, len(NAMES), hold_us=RULE.hold_us)
     model = fit(NAMES, x)
     ints, floats = fresh_state(len(NAMES))
     generic = AnomalyDetector()
     for j in range(len(NAMES)):
         generic.assign(sensor_id=j, rule=GENERIC)
         t_b, v_b = time[index == j], value[index == j]
-        generic.restore(sensor_id=j, time=t_b, value=v_b, open_events=())  # type: ignore[arg-type]
+        generic.restore(sensor_id=j, time=t_b, value=v_b, open_events=())
     events: dict[int, tuple[int, int]] = {}
     sensor_events: dict[tuple[int, str, int], tuple[int, int]] = {}
     for payload in messages(pump, first=n_base, count=n_test, hz=hz, batch=batch):
@@ -145,7 +144,7 @@ def run_pump(
         by_sensor = np.lexsort((time, index))
         pending = generic.process(
             sensor=index[by_sensor], time=time[by_sensor], value=value[by_sensor]
-        )  # type: ignore[arg-type]
+        )
         generic.commit(pending)
         for ev in pending.events:
             sensor_events[(ev.sensor, ev.kind, ev.start)] = (

@@ -93,7 +93,7 @@ async def deliveries(conn: asyncpg.Connection) -> list[tuple[str, str, str, int,
     rows = await conn.fetch(
         "SELECT alert_key, event, status, attempts, last_error FROM telemetry.alert_deliveries_v ORDER BY id"
     )
-    return [tuple(r) for r in rows]  # type: ignore[misc]
+    return [tuple(r) for r in rows]
 
 
 def count(sink: str, outcome: str) -> float:

@@ -132,6 +132,7 @@ async def test_one_incident_is_one_alert_at_every_sink_closed_when_it_ends(
         row = await conn.fetchrow(
             "SELECT state, sensors FROM telemetry.alerts_v WHERE key = $1", key
         )
+        assert row is not None
     finally:
         await conn.close()
     assert (row["state"], row["sensors"]) == ("resolved", ["spindle.temp"])
@@ -260,7 +261,9 @@ async def test_an_unreachable_sink_never_blocks_ingestion(
         async def all_stored() -> bool:
             conn = await asyncpg.connect(db.analyst_url)
             try:
-                return await conn.fetchval("SELECT count(*) FROM telemetry.readings") == published
+                return bool(
+                    await conn.fetchval("SELECT count(*) FROM telemetry.readings") == published
+                )
             finally:
                 await conn.close()
 

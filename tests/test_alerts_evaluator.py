@@ -75,6 +75,7 @@ async def test_on_delay_and_off_delay_write_one_open_and_one_resolve(
         (key, "resolved", f"{at(base, 23):%H:%M:%S}", "resolved"),
     ]
     row = await owner_conn.fetchrow("SELECT * FROM telemetry.alerts_v WHERE key = $1", key)
+    assert row is not None
     assert row["asset"] == "plant1/press-shop/line1"
     assert (row["device"], row["condition"], row["severity"]) == (dev, "overheating", "major")
     assert (row["criticality"], row["priority"], row["ci_id"]) == (4, 16, "CI-PRESS-01")

@@ -19,7 +19,7 @@ def run(
 ) -> tuple[AlertState, list[tuple[str, float, str]]]:
     """Evaluate at each horizon in turn (as repeated passes would); every notification."""
     st = AlertState()
-    out = []
+    out: list[tuple[str, float, str]] = []
     for h in horizons:
         st, changes = advance(st, events, horizon=int(h * S), timing=timing, **kw)  # type: ignore[arg-type]
         out += [(c.kind, c.at / S, c.state.severity) for c in changes]

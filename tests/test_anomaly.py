@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import msgspec
 import numpy as np
@@ -13,6 +14,7 @@ from hypothesis import HealthCheck, currently_in_test_context, event, given, set
 from hypothesis import strategies as st
 
 from ingest.anomaly import detector as anomaly
+from ingest.anomaly import filters
 from ingest.anomaly.detector import KINDS, AnomalyDetector, Event, Pending, StateNeed
 from ingest.anomaly.layout import MAD_SCALE
 from ingest.anomaly.rules import AnomalyRule, rule_for
@@ -101,7 +103,7 @@ def outcomes(upserts: dict[Key, Event]) -> dict[Key, Outcome]:
 
 
 def split_in_order(
-    draw: st.DrawFn, stream: dict[int, list[Reading]], flushes: int
+    draw: Callable[..., Any], stream: dict[int, list[Reading]], flushes: int
 ) -> list[dict[int, list[Reading]]]:
     """Cut each sensor's stream at random points: flush k holds its k-th piece."""
     out: list[dict[int, list[Reading]]] = [{} for _ in range(flushes)]
@@ -390,7 +392,7 @@ def test_spike_with_wide_windows_and_ties(window: int) -> None:
     vals[rng.random(vals.shape[0]) < 0.05] += 8.0
     rule = AnomalyRule(match="*", spike_window=window, spike_threshold=2.0)
     stream = {3: [(at(i), float(v)) for i, v in enumerate(vals)]}
-    flushes = split_in_order(lambda _: [window + 1, 2 * window], stream, 3)  # type: ignore[arg-type, return-value]
+    flushes = split_in_order(lambda _: [window + 1, 2 * window], stream, 3)
     expected = reference_all({3: rule}, stream)
     assert expected
     assert outcomes(drive({3: rule}, flushes, restarts={2})) == expected
@@ -446,7 +448,7 @@ def test_drift_over_a_long_baseline_is_exact_however_the_stream_is_cut(offset: f
     rule = AnomalyRule(match="*", drift_window=20, drift_baseline=300, drift_sigma=3.0)
     stream = {3: [(at(i), float(v)) for i, v in enumerate(vals)]}
     cuts = [1, 319, 320, 333, 905, 1_000]
-    flushes = split_in_order(lambda _: cuts, stream, len(cuts) + 1)  # type: ignore[arg-type, return-value]
+    flushes = split_in_order(lambda _: cuts, stream, len(cuts) + 1)
     expected = reference_all({3: rule}, stream)
     assert len(expected) >= 2
     assert outcomes(drive({3: rule}, flushes, restarts={2, 4, 5})) == expected
@@ -535,7 +537,7 @@ def test_commit_refuses_a_pending_made_stale_by_restore_or_assign() -> None:
 
 def test_sensors_without_rule_are_skipped() -> None:
     detector = fresh({1: AnomalyRule(match="*", max=1.0), 2: None})
-    cols = {
+    cols: dict[str, Any] = {
         "sensor": np.array([0, 1, 2, 2, 5_000_000], np.int32),
         "time": np.array([T0, T0, T0, T0 + 1, T0], np.int64),
         "value": np.full(5, 9.0),
@@ -689,9 +691,9 @@ def test_state_changes_wait_for_a_process_running_in_another_thread(
     big = AnomalyRule(match="*", drift_window=5, drift_baseline=9_000)
     assigned = threading.Event()
     late: list[bool] = []
-    real = anomaly.process_flush
+    real = filters.process_flush
 
-    def assign_meanwhile(*args: object) -> object:
+    def assign_meanwhile(*args: Any) -> object:
         def assign() -> None:
             detector.assign(sensor_id=99, rule=big)  # the pool must grow: it compacts
             assigned.set()
@@ -718,11 +720,11 @@ def test_processes_in_several_threads_run_at_once(monkeypatch: pytest.MonkeyPatc
     """The second `process` runs while the first is inside its kernel: readers share."""
     detector, cols = _busy_detector()
     alone = detector.process(**cols)
-    real = anomaly.process_flush
+    real = filters.process_flush
     results: list[Pending] = []
     finished = threading.Event()
 
-    def process_meanwhile(*args: object) -> object:
+    def process_meanwhile(*args: Any) -> object:
         if threading.current_thread() is threading.main_thread():
 
             def other() -> None:

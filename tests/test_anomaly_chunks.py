@@ -9,6 +9,7 @@ chunks of the readings, never all of them.
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -53,7 +54,7 @@ def chunk_scans(plan: dict[str, Any], chunks: set[str]) -> tuple[int, int]:
 
 
 @pytest.fixture
-async def owner(db: Database) -> asyncpg.Connection:
+async def owner(db: Database) -> AsyncIterator[asyncpg.Connection]:
     conn = await asyncpg.connect(db.owner_url)
     await conn.execute("SELECT set_chunk_time_interval('telemetry.readings', interval '1 hour')")
     yield conn

@@ -33,7 +33,8 @@ def _stream(w: int, n: int, seed: int) -> npt.NDArray[np.float64]:
     vals = np.round(wave + rng.normal(0.0, 1.0, n), 1)
     vals[rng.random(n) < 0.03] += 9.0
     vals[n // 2 : n // 2 + w // 3] = vals[n // 2]
-    return vals
+    out: npt.NDArray[np.float64] = vals
+    return out
 
 
 def _ranks(buf: npt.NDArray[np.float64], lo: int, w: int, n: int) -> npt.NDArray[np.float64]:

@@ -90,6 +90,7 @@ async def test_baseline_fits_each_device_from_its_stored_readings(db: Database) 
             "  FROM telemetry.asset_models_v WHERE device = $1",
             device,
         )
+        assert row is not None
         anchor = await conn.fetchval(
             "SELECT count(*) FROM telemetry.sensors_v WHERE device = $1 AND sensor = '(asset)'",
             device,
@@ -192,6 +193,7 @@ async def test_an_asset_rules_alert_opens_and_resolves_with_the_asset_events(db:
             "SELECT key, state, severity, sensors FROM telemetry.alerts_v WHERE device = $1",
             device,
         )
+        assert alert is not None
         sent = await conn.fetch(
             "SELECT event, payload->>'at' AS at FROM telemetry.alert_outbox"
             " WHERE alert_key = $1 ORDER BY id",
@@ -270,6 +272,7 @@ async def test_a_refit_between_flushes_is_taken_up_at_the_next_flush(db: Databas
             "  JOIN telemetry.devices d ON d.id = s.device_id WHERE d.path = $1",
             device,
         )
+        assert row is not None
     finally:
         await conn.close()
     assert (row["model_version"], row["sensor_ids"]) == (2, row["model_ids"])

@@ -123,5 +123,5 @@ def test_paho_is_not_a_direct_dependency() -> None:
                 else []
             )
             assert not any(m.split(".")[0] == "paho" for m in modules), (
-                f"{path.relative_to(ROOT)}:{node.lineno}: the hot path speaks MQTT through ingest.mqtt"
+                f"{path.relative_to(ROOT)}:{getattr(node, 'lineno', 0)}: the hot path speaks MQTT through ingest.mqtt"
             )

@@ -60,7 +60,11 @@ def decode(
 def check_columns(b: Batch, payload: bytes) -> None:
     """The batch owns its three columns; the channels are consecutive views of them."""
     raw = np.frombuffer(payload, dtype=np.uint8)
-    columns = ((b.time, np.int64), (b.value, np.float64), (b.quality, np.uint8))
+    columns: tuple[tuple[np.ndarray, type], ...] = (
+        (b.time, np.int64),
+        (b.value, np.float64),
+        (b.quality, np.uint8),
+    )
     for column, dtype in columns:
         assert column.dtype == dtype
         assert column.shape == (b.readings,)
@@ -72,6 +76,7 @@ def check_columns(b: Batch, payload: bytes) -> None:
     for c in b.channels:
         n = len(c.time)
         for part, (column, _) in zip((c.time, c.value, c.quality), columns, strict=True):
+            assert isinstance(part, np.ndarray)
             assert part.base is column
             assert part.shape == (n,)
             assert np.shares_memory(part, column[at : at + n])

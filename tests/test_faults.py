@@ -9,6 +9,7 @@ reading exactly once, nothing missing. Servers that a scenario restarts are priv
 from __future__ import annotations
 
 import asyncio
+import functools
 import signal
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -389,7 +390,7 @@ async def test_sigterm_while_the_database_is_down_ends_within_the_grace(
         await cluster.stop()
         for n in range(1, 4):  # one flush each: the writer is never idle again
             await publish(mqtt_url, topics(prefix, messages[n - 1 : n]))
-            await wait_until(lambda n=n: _received_at_least(ingester, n), timeout=30)
+            await wait_until(functools.partial(_received_at_least, ingester, n), timeout=30)
         assert ingester.proc is not None
         ingester.proc.send_signal(signal.SIGTERM)
         # Without a bound, shutdown waits for the database, which stays down for this long.

@@ -189,7 +189,7 @@ def test_read_only_and_other_dtype_input() -> None:
     value = np.array([1.0, 2.0])
     for a in (time, value):
         a.flags.writeable = False
-    r = rollup(sensor=sensor, time=time, value=value, bucket_us=MINUTE_US)
+    r = rollup(sensor=sensor, time=time, value=value, bucket_us=MINUTE_US)  # type: ignore[arg-type]
     assert rows(r) == {(1, T0): (1.0, 2.0, 3.0, 2, 1.0, T0, 2.0, T0 + 1)}
 
 
@@ -218,12 +218,12 @@ def test_bad_input_is_refused() -> None:
         run([], 60e6)  # type: ignore[arg-type]
     assert len(run([(1, T0, 1.0)], np.int64(MINUTE_US))) == 1  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="equal length"):
-        rollup(sensor=np.zeros(2, np.int32), time=np.zeros(1), value=np.zeros(2), bucket_us=1)
+        rollup(sensor=np.zeros(2, np.int32), time=np.zeros(1), value=np.zeros(2), bucket_us=1)  # type: ignore[arg-type]
 
 
 def test_gather_takes_runs_in_the_order_given() -> None:
     time = np.arange(10, 20, dtype=np.int64)
-    value = time * 0.5
+    value = (time * 0.5).astype(np.float64)
     quality = np.arange(10, dtype=np.uint8)
     starts = np.array([6, 0, 3], np.int64)
     lengths = np.array([4, 2, 1], np.int64)
@@ -271,7 +271,7 @@ def test_after_warm_up_nothing_compiles_again() -> None:
             rule=AnomalyRule(match="*", max=1.0, spike_window=5, flatline_count=3),
         )
     for cols in ((sensor, time, value), (sensor.astype(np.int64), time, value.astype(np.float32))):
-        detector.commit(detector.process(sensor=cols[0], time=cols[1], value=cols[2]))
+        detector.commit(detector.process(sensor=cols[0], time=cols[1], value=cols[2]))  # type: ignore[arg-type]
     detector.commit(detector.process(sensor=sensor[:0], time=time[:0], value=value[:0]))
     for width in (MINUTE_US, HOUR_US):
         rollup(sensor=sensor, time=time, value=value, bucket_us=width)

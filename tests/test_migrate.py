@@ -13,7 +13,7 @@ from ingest.db.migrate import default_schema_dir, load_migrations, migrate
 from tests.support.cluster import Database
 from tests.support.ingester import ingest_cli
 
-SCHEMA_FILES = sorted(p.name for p in default_schema_dir().glob("*.sql"))
+SCHEMA_FILES = sorted(p.name for p in Path(str(default_schema_dir())).glob("*.sql"))
 
 
 def _migrate_env(db: Database) -> dict[str, str]:
@@ -44,7 +44,7 @@ async def test_concurrent_migrate_applies_each_file_once(empty_database: Databas
 
 async def test_changed_migration_is_refused(empty_database: Database, tmp_path: Path) -> None:
     schema = tmp_path / "schema"
-    shutil.copytree(default_schema_dir(), schema)
+    shutil.copytree(str(default_schema_dir()), schema)
     await migrate(dsn=empty_database.owner_url, schema_dir=schema)
     first = schema / SCHEMA_FILES[0]
     first.write_text(first.read_text() + "\n-- edited after it was applied\n")
@@ -65,7 +65,7 @@ async def test_missing_applied_migration_is_refused(
     empty_database: Database, tmp_path: Path
 ) -> None:
     schema = tmp_path / "schema"
-    shutil.copytree(default_schema_dir(), schema)
+    shutil.copytree(str(default_schema_dir()), schema)
     await migrate(dsn=empty_database.owner_url, schema_dir=schema)
     (schema / SCHEMA_FILES[-1]).unlink()
     code, _, err = await ingest_cli(

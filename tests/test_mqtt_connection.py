@@ -132,7 +132,7 @@ async def test_reading_stops_at_the_inbox_bounds_and_resumes_as_it_drains() -> N
     conn.data_received(stream)
     assert transport.paused
     assert len(conn.inbox) == 3  # 300 payload bytes: the byte bound stopped it
-    got = []
+    got: list[object] = []
     while len(got) < 6:
         await conn.wait()
         got.append(conn.take()[0].payload[0])

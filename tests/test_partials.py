@@ -158,7 +158,7 @@ def _expected(readings: Iterable[Reading], width: int) -> list[tuple[object, ...
     groups: dict[tuple[int, int], list[tuple[int, float]]] = {}
     for s, t, v in readings:
         groups.setdefault((s, t - t % width), []).append((t, v))
-    out = []
+    out: list[tuple[object, ...]] = []
     for (s, b), tv in sorted(groups.items()):
         tv.sort()
         vs = [v for _, v in tv]

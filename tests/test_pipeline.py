@@ -491,4 +491,4 @@ async def test_two_ingesters_on_one_share_group_split_the_stream(
         assert took_a + took_b == len(messages)
     finally:
         codes = await asyncio.gather(a.stop(), b.stop())
-        assert codes == [0, 0], (a.log.decode(), b.log.decode())
+        assert list(codes) == [0, 0], (a.log.decode(), b.log.decode())

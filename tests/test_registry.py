@@ -158,7 +158,8 @@ async def test_first_sight_registers_assets_devices_and_sensors_exactly(db: Data
         ("solo", "x", None, None),
     ]
     assert {
-        registry.get(SensorKey(tuple(p.split("/")), n)) for _, p, n, *_ in tables["sensors"]
+        registry.get(SensorKey(tuple(str(p).split("/")), str(n)))
+        for _, p, n, *_ in tables["sensors"]
     } == {s[0] for s in tables["sensors"]}
     assert registry.get(SensorKey(one, "torque")) is None
 
@@ -192,7 +193,7 @@ async def test_two_registries_registering_the_same_sensors_at_once_agree(db: Dat
     finally:
         await a_conn.close()
         await b_conn.close()
-    assert refused == [set(), set()]
+    assert list(refused) == [set(), set()]
     assert all(a.get(k) == b.get(k) is not None for k in wanted)
     tables = await _tables(db)
     assert len(tables["sensors"]) == len(wanted) == 60
@@ -238,7 +239,7 @@ async def test_registries_meeting_the_same_new_sensors_in_opposite_orders_do_not
                 a.resolve(conns[0], sensors=dict.fromkeys(forward)),
                 b.resolve(conns[1], sensors=dict.fromkeys(reversed(forward))),
             )
-            assert refused == [set(), set()]
+            assert list(refused) == [set(), set()]
             assert all(a.get(k) == b.get(k) is not None for k in forward)
             assert len({a.get(k) for k in forward}) == 2_000
     finally:

@@ -331,9 +331,12 @@ async def test_host_application_state_online_then_offline(
     heard: list[dict[str, Any]] = []
     parts = urlsplit(mqtt_url)
     listener = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    listener.on_message = lambda c, u, msg: (
-        msg.payload and heard.append(msgspec.json.decode(msg.payload))
-    )
+
+    def on_message(client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        if msg.payload:
+            heard.append(msgspec.json.decode(msg.payload))
+
+    listener.on_message = on_message
     if parts.username:
         listener.username_pw_set(parts.username, parts.password)
     listener.connect(parts.hostname or "127.0.0.1", parts.port or 1883)

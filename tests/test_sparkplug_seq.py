@@ -76,6 +76,7 @@ def test_a_dbirth_merged_before_its_nbirth_and_late_messages_of_the_last_session
     assert merge(state, [Seen(0, rebirth, nbirth=True)], now=0.6, reorder_s=R) == 0
     assert merge(state, [Seen(4, T + 4), Seen(2, rebirth + 2)], now=R + 5, reorder_s=R) == 0
     # The new sequence goes on from where its DBIRTH was placed (positions keep counting).
+    assert state.next is not None
     assert (state.next % 256, state.session_ms, state.pending) == (3, rebirth, {})
 
 
@@ -155,6 +156,7 @@ async def test_two_instances_merge_into_one_sequence_in_the_database(
         " WHERE node = $1",
         node,
     )
+    assert row is not None
     assert tuple(row) == (13, T, False, "[]")
 
 

@@ -82,7 +82,7 @@ def _value(m: Any, datatype: int) -> float:
     if datatype == 9:
         return float(m.float_value)
     if datatype == 10:
-        return m.double_value
+        return float(m.double_value)
     if datatype == 11:
         return float(m.boolean_value)
     if datatype == 3:

@@ -295,10 +295,10 @@ def test_mangled_payloads_are_payload_errors_or_agree_with_upb(data: st.DataObje
     if kind == "truncate":
         mangled = valid[:cut]
     elif kind == "flip":
-        mangled = bytearray(valid)
-        if mangled:
-            mangled[min(cut, len(mangled) - 1)] ^= data.draw(st.integers(1, 255))
-        mangled = bytes(mangled)
+        flipped = bytearray(valid)
+        if flipped:
+            flipped[min(cut, len(flipped) - 1)] ^= data.draw(st.integers(1, 255))
+        mangled = bytes(flipped)
     else:
         mangled = valid[:cut] + data.draw(st.binary(min_size=1, max_size=12)) + valid[cut:]
     try:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -189,8 +189,8 @@ class Registry:
         self,
         conn: asyncpg.Connection,
         *,
-        sensors: dict[SensorKey, str | None],
-        latest: dict[SensorKey, int] | None = None,
+        sensors: Mapping[SensorKey, str | None],
+        latest: Mapping[SensorKey, int] | None = None,
     ) -> set[SensorKey]:
         """Make every key of `sensors` (key -> unit) known, registering new ones and new units.
         `latest` holds the latest reading time (µs) of new keys: their first last_seen.
@@ -200,7 +200,7 @@ class Registry:
         missing = {k: u for k, u in sensors.items() if k not in self._sensors}
         refused: set[SensorKey] = set()
         if missing:
-            refused = await self._register(conn, missing, latest or {})
+            refused = await self._register(conn, missing, dict(latest or {}))
         changed = [
             (self._sensors[k].id, u)
             for k, u in sensors.items()

@@ -173,4 +173,4 @@ def plant_signal(n: int, seed: int) -> list[float]:
     v[2 * n // 5 : 2 * n // 5 + 30] += 12.0
     v[3 * n // 5 : 3 * n // 5 + 25] = v[3 * n // 5]
     v[4 * n // 5 : 4 * n // 5 + 4] = 120.0
-    return v.tolist()
+    return [float(x) for x in v]
