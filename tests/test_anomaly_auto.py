@@ -17,9 +17,8 @@ from ingest.anomaly.rules import AnomalyRule
 from ingest.warmup import warm_up
 from tests.support.anomaly_reference import T0, S, reference_events
 from tests.support.cluster import Database
-from tests.support.ingester import Ingester, ingester_env
+from tests.support.ingester import Ingester, acked_at_least, ingester_env
 from tests.support.mqtt import Publisher
-from tests.support.process import wait_until
 from tests.support.streams import publish_series
 
 SMALL = {"detector": "auto", "auto_window": 8, "auto_recent": 1, "auto_gap": 1}
@@ -231,21 +230,15 @@ async def test_the_service_stores_the_auto_events_of_its_readings(
     rule = {"match": "*/line1/*", "detector": "auto", "auto_window": 64, "auto_gap": 16}
     env = ingester_env(database, mqtt_url, prefix, INGEST_ANOMALY_RULES=json.dumps([rule]))
 
-    async def acked(proc: Ingester, n: int) -> None:
-        async def done() -> bool:
-            return await proc.metric("ingest_messages_acknowledged_total") >= n
-
-        await wait_until(done, timeout=60)
-
     first = await Ingester(env).start()
     with Publisher(mqtt_url) as pub:
         sent = publish_series(pub, f"{prefix}/{device}", values, 0, 500, 37, dt_us=HZ_US)
-    await acked(first, sent)
+    await acked_at_least(first, sent)
     assert await first.stop() == 0
     second = await Ingester(env).start()  # a new process: state rebuilt from the database
     with Publisher(mqtt_url) as pub:
         sent = publish_series(pub, f"{prefix}/{device}", values, 500, N, 23, dt_us=HZ_US)
-    await acked(second, sent)
+    await acked_at_least(second, sent)
     assert await second.stop() == 0
 
     conn = await asyncpg.connect(database.analyst_url)

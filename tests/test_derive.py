@@ -9,9 +9,8 @@ import asyncpg
 import numpy as np
 
 from tests.support.cluster import Database
-from tests.support.ingester import Ingester, ingester_env
+from tests.support.ingester import Ingester, acked_at_least, ingester_env
 from tests.support.mqtt import Publisher
-from tests.support.process import wait_until
 from tests.support.streams import T0, publish_series
 
 HZ_US = 100_000  # 10 readings per second
@@ -53,23 +52,17 @@ async def test_anomalies_and_rollups_survive_flush_splits_and_a_restart(
     values = signals()
     env = ingester_env(database, mqtt_url, prefix, INGEST_ANOMALY_RULES=json.dumps(RULES))
 
-    async def acked(proc: Ingester, n: int) -> None:
-        async def done() -> bool:
-            return await proc.metric("ingest_messages_acknowledged_total") >= n
-
-        await wait_until(done, timeout=60)
-
     first = await Ingester(env).start()
     with Publisher(mqtt_url) as pub:
         sent = publish_series(pub, f"{prefix}/{device}", values, 0, 350, 37, dt_us=HZ_US)
-    await acked(first, sent)
+    await acked_at_least(first, sent)
     assert await first.stop() == 0
     second = await Ingester(env).start()  # a new process: state rebuilt from the database
     with Publisher(mqtt_url) as pub:
         sent = publish_series(pub, f"{prefix}/{device}", values, 350, N, 23, dt_us=HZ_US)
         # A device resending its first half: stored once, rolled up once, detected once.
         sent += publish_series(pub, f"{prefix}/{device}", values, 0, 350, 50, dt_us=HZ_US)
-    await acked(second, sent)
+    await acked_at_least(second, sent)
     assert await second.metric("ingest_readings_duplicate_total") == 4 * 350
     assert await second.stop() == 0
 

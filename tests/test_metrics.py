@@ -7,10 +7,9 @@ import pytest
 
 from ingest.metrics import reason_field
 from tests.support.cluster import Database
-from tests.support.ingester import Ingester, ingester_env
+from tests.support.ingester import Ingester, acked_at_least, ingester_env
 from tests.support.mqtt import Publisher
 from tests.support.net import http_get
-from tests.support.process import wait_until
 from tests.support.streams import T0
 from tests.support.tools import promtool
 
@@ -46,10 +45,7 @@ async def test_live_ingester_serves_metrics_health_and_json_logs(
             pub.publish(f"{prefix}/site/dev-1", b"\xc1")
             pub.publish(f"{prefix}/site/dev-1", msgspec.msgpack.encode({"v": 9}))
 
-        async def acked() -> bool:
-            return await proc.metric("ingest_messages_acknowledged_total") >= 3
-
-        await wait_until(acked)
+        await acked_at_least(proc, 3)
         assert await http_get(proc.port, "/healthz") == (200, b"ok\n")
         assert await http_get(proc.port, "/readyz") == (
             200,
