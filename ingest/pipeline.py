@@ -13,6 +13,7 @@ from typing import Any
 from ingest import memory, metrics
 from ingest.alerts.service import start as start_alerts
 from ingest.config import Config, parse_rfc3339_us
+from ingest.db import subscriptions
 from ingest.db.registry import Registry
 from ingest.db.rollups import RollupMerger
 from ingest.decode import DecodeLimits
@@ -264,12 +265,14 @@ class Pipeline:
         async with self.writer, self.source, asyncio.TaskGroup() as tg:
             if not await self.writer.connect(stop):
                 return
+            extras = []
+            if not drain:  # a drain subscribes to nothing, and ends the session
+                extras += await self._forget_stale_filters(tg)
             writer = tg.create_task(self._writer(), name="writer")
             timer = tg.create_task(self._timer(), name="flush-timer")
             merger = None
             if self.cfg.rollups.enabled:
                 merger = tg.create_task(self.merger.run(), name="rollup-merge")
-            extras = []
             if self.rebirths is not None:
                 extras.append(tg.create_task(self.rebirths.run(), name="sparkplug-rebirths"))
             if self.host is not None:
@@ -317,6 +320,23 @@ class Pipeline:
                     emptied=emptied and writer.done() and self._idle(), deadline=deadline
                 )
         await self.merger.close(wait_s=deadline - asyncio.get_running_loop().time())
+
+    async def _forget_stale_filters(self, tg: asyncio.TaskGroup) -> list[asyncio.Task[None]]:
+        """Record this session's filters before subscribing; the first connection unsubscribes
+        from those recorded before that it no longer names, and they are then forgotten."""
+        client_id = self.cfg.mqtt.session_client_id
+        conn = self.writer.sinks[0].connection  # the writer task has not started yet
+        stale = await subscriptions.record(conn, client_id, self.source.topic_filters)
+        if not stale:
+            return []
+        self.source.forget(stale)
+        forget = subscriptions.forget_confirmed(
+            self.source,
+            dsn=self.cfg.db.url,
+            client_id=client_id,
+            timeout_s=self.cfg.db.connect_timeout_s,
+        )
+        return [tg.create_task(forget, name="forget-filters")]
 
     def _idle(self) -> bool:
         """Nothing received is unacknowledged: no flush gathering, waiting or being written."""

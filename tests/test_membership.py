@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import uuid
 
+import asyncpg
 import pytest
 
 from tests.support.cluster import Database
-from tests.support.ingester import Ingester, ingester_env, share_group
+from tests.support.ingester import Ingester, acked_at_least, ingester_env, share_group
 from tests.support.mqtt import Publisher, purge_session, session_present
 from tests.support.process import wait_until
 from tests.support.rows import stored
@@ -118,3 +119,56 @@ async def test_drain_of_a_client_id_without_a_session_ends_at_once(
     assert await drain.wait_exit(timeout=120) == 0, drain.log.decode()
     assert b"nothing to drain" in drain.log
     assert not await asyncio.to_thread(session_present, mqtt_url, client_id)
+
+
+async def test_a_filter_no_longer_configured_is_unsubscribed(
+    database: Database, mqtt_url: str, prefix: str, site: str
+) -> None:
+    """A persistent session keeps its subscriptions: after a change of topic prefix, the
+    ingester unsubscribes from the old filter, so nothing published under it reaches it, and
+    forgets it once the broker confirmed."""
+    old_prefix, new_prefix = f"{prefix}/old", f"{prefix}/new"
+    env = ingester_env(database, mqtt_url, old_prefix)
+    client_id = env["INGEST_MQTT_CLIENT_ID"]
+    first = Ingester(env)
+    await first.start()
+    assert await first.stop() == 0, first.log.decode()  # no share group: the session is kept
+    assert await filters_of(database, client_id) == [SPARKPLUG, f"{old_prefix}/#"]
+
+    second = await Ingester({**env, "INGEST_MQTT_TOPIC_PREFIX": new_prefix}).start()
+    try:
+        line = f"MQTT unsubscribed from [{f'{old_prefix}/#'!r}]: no longer configured"
+        assert line.encode() in second.log, second.log.decode()
+
+        async def forgotten() -> bool:
+            return await filters_of(database, client_id) == [SPARKPLUG, f"{new_prefix}/#"]
+
+        await wait_until(forgotten, timeout=30)
+        messages, _ = stream(site, devices=1, messages=2, per_message=3)
+        (_, old_payload), (_, new_payload) = messages
+        with Publisher(mqtt_url) as pub:
+            # Published first: were the old filter still in the session, it would arrive first.
+            pub.publish(f"{old_prefix}/{site}/dev-old", old_payload)
+            pub.publish(f"{new_prefix}/{site}/dev-new", new_payload)
+        await acked_at_least(second, 1)
+        assert await second.metric("ingest_messages_acknowledged_total") == 1
+        assert await second.metric("ingest_dead_letters_total") == 0
+        assert {row[1] for row in await stored(database, site)} == {f"{site}/dev-new"}
+    finally:
+        assert await second.stop() == 0, second.log.decode()
+        await asyncio.to_thread(purge_session, mqtt_url, client_id)
+
+
+SPARKPLUG = "spBv1.0/#"  # subscribed by default beside the prefix
+
+
+async def filters_of(db: Database, client_id: str) -> list[str]:
+    conn = await asyncpg.connect(db.analyst_url)
+    try:
+        rows = await conn.fetch(
+            "SELECT topic_filter FROM telemetry.mqtt_subscriptions WHERE client_id = $1 ORDER BY 1",
+            client_id,
+        )
+    finally:
+        await conn.close()
+    return [r["topic_filter"] for r in rows]

@@ -133,6 +133,8 @@ class MqttSource:
             maximum_packet_size=self._max_packet,
         )
         self._on_reconnect = on_reconnect
+        self._stale: list[str] = []
+        self._unsubscribed: asyncio.Future[list[str]] | None = None
         self._leaving = False
         self._end_session = False
         self.session_present: bool | None = None
@@ -180,6 +182,26 @@ class MqttSource:
     def connected(self) -> bool:
         """Whether a connection is up and subscribed (for health checks)."""
         return self._conn is not None and self._conn.alive
+
+    @property
+    def topic_filters(self) -> tuple[str, ...]:
+        """Every filter this source subscribes to, share group included."""
+        return tuple(self._topic_filters)
+
+    def forget(self, filters: Sequence[str]) -> None:
+        """Filters the session may hold from an earlier configuration: the first connection
+        that finds the session unsubscribes from them before subscribing. Call before iterating.
+        """
+        self._stale = [f for f in filters if f not in self._topic_filters]
+        self._unsubscribed = asyncio.get_running_loop().create_future() if self._stale else None
+
+    async def forgotten(self) -> list[str]:
+        """The filters of `forget` that the session no longer holds: the broker confirmed the
+        UNSUBSCRIBE (or had no such subscription), or found no session at all. Waits for the
+        first connection that got that far."""
+        if self._unsubscribed is None:
+            return []
+        return await asyncio.shield(self._unsubscribed)
 
     @property
     def queued(self) -> int:
@@ -407,6 +429,8 @@ class MqttSource:
             if self._leaving:
                 await conn.unsubscribe(self._topic_filters)
             else:
+                if self._stale:
+                    await self._unsubscribe_stale(conn)
                 await self._subscribe(conn)
         except RefusedError as exc:
             conn.abort()
@@ -418,6 +442,30 @@ class MqttSource:
             conn.abort()
             raise
         return conn
+
+    async def _unsubscribe_stale(self, conn: Connection) -> None:
+        stale = self._stale
+        if conn.session_present:
+            codes, reason = await conn.unsubscribe(stale)
+            # 0x00 success, 0x11 no subscription existed: either way none is left.
+            gone = [f for f, code in zip(stale, codes, strict=True) if code in (0x00, 0x11)]
+            if len(gone) < len(stale):
+                logger.warning(
+                    "MQTT broker %s refused to unsubscribe %r from %r (reason codes %s%s); "
+                    "its session keeps them until it expires",
+                    self._endpoint.redacted,
+                    self._client_id,
+                    [f for f in stale if f not in gone],
+                    [f"0x{c:02x}" for c in codes],
+                    f", {reason}" if reason else "",
+                )
+            if gone:
+                logger.info("MQTT unsubscribed from %r: no longer configured", gone)
+        else:
+            gone = stale  # no session: it holds no subscription
+        self._stale = []
+        if self._unsubscribed is not None and not self._unsubscribed.done():
+            self._unsubscribed.set_result(gone)
 
     async def _subscribe(self, conn: Connection) -> None:
         # One SUBSCRIBE for every filter: a resumed session's backlog may already be streaming
