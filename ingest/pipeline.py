@@ -398,6 +398,11 @@ class Pipeline:
             self.session_ended = True
             metrics.SESSIONS_ENDED.inc()
             log.info("session of %r ended: it held nothing more", client_id)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(deadline):  # no filter is left in the session
+                    await subscriptions.forget_apart(
+                        None, dsn=self.cfg.db.url, client_id=client_id, timeout_s=1.0
+                    )
             return
         log.warning(
             "session of %r kept: it may still hold messages; they are delivered when %r "

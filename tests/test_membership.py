@@ -46,6 +46,8 @@ async def test_sigterm_leaves_the_share_group_and_ends_the_session(
             # The broker no longer holds a session for the member that left, so nothing of
             # what follows is routed to it: the remaining member takes it all.
             assert not await asyncio.to_thread(session_present, mqtt_url, a_id)
+            assert await filters_of(database, a_id) == []  # nor any filter recorded for it
+            assert len(await filters_of(database, b.env["INGEST_MQTT_CLIENT_ID"])) == 2
             for device, payload in second:
                 pub.publish(f"{prefix}/{device}", payload)
 

@@ -31,6 +31,7 @@ SELECT topic_filter FROM telemetry.mqtt_subscriptions
  WHERE client_id = $1 AND NOT topic_filter = ANY($2::text[])
  ORDER BY topic_filter
 """
+_FORGET_ALL_SQL = "DELETE FROM telemetry.mqtt_subscriptions WHERE client_id = $1"
 _FORGET_SQL = """
 DELETE FROM telemetry.mqtt_subscriptions WHERE client_id = $1 AND topic_filter = ANY($2::text[])
 """
@@ -54,26 +55,35 @@ async def record(conn: asyncpg.Connection, client_id: str, filters: Sequence[str
     return [r["topic_filter"] for r in rows]
 
 
-async def forget(conn: asyncpg.Connection, client_id: str, filters: Sequence[str]) -> int:
-    """Forget filters the session no longer holds; returns how many rows went."""
-    status = await conn.execute(_FORGET_SQL, client_id, list(filters))
+async def forget(conn: asyncpg.Connection, client_id: str, filters: Sequence[str] | None) -> int:
+    """Forget filters the session no longer holds (None: all of them, the session ended);
+    returns how many rows went."""
+    if filters is None:
+        status = await conn.execute(_FORGET_ALL_SQL, client_id)
+    else:
+        status = await conn.execute(_FORGET_SQL, client_id, list(filters))
     return int(status.split()[-1])
+
+
+async def forget_apart(
+    filters: Sequence[str] | None, *, dsn: str, client_id: str, timeout_s: float
+) -> None:
+    """`forget` on a connection of its own (the writer's may be busy). A failure leaves the
+    filters recorded: the next start unsubscribes from them again, which is harmless."""
+    try:
+        conn = await asyncpg.connect(dsn, timeout=timeout_s)
+        try:
+            await forget(conn, client_id, filters)
+        finally:
+            await conn.close(timeout=timeout_s)
+    except (asyncpg.PostgresError, *CLIENT_ERRORS) as exc:
+        log.warning("could not forget the MQTT filters of %r: %s", client_id, exc)
 
 
 async def forget_confirmed(
     source: Forgetting, *, dsn: str, client_id: str, timeout_s: float
 ) -> None:
-    """Once `source` confirms which stale filters its session no longer holds, forget them on a
-    connection of its own (the writer's are busy by then). A failure leaves them recorded: the
-    next start unsubscribes from them again, which is harmless."""
+    """Once `source` confirms which stale filters its session no longer holds, forget them."""
     gone = await source.forgotten()
-    if not gone:
-        return
-    try:
-        conn = await asyncpg.connect(dsn, timeout=timeout_s)
-        try:
-            await forget(conn, client_id, gone)
-        finally:
-            await conn.close(timeout=timeout_s)
-    except (asyncpg.PostgresError, *CLIENT_ERRORS) as exc:
-        log.warning("could not forget the MQTT filters %r of %r: %s", gone, client_id, exc)
+    if gone:
+        await forget_apart(gone, dsn=dsn, client_id=client_id, timeout_s=timeout_s)
