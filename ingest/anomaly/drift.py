@@ -3,13 +3,14 @@ sample standard deviation, each a function of its window alone, bit for bit.
 
 A reading enters and leaves three running sums (recent, baseline, baseline of squares) kept
 as unevaluated pairs of doubles with error-free transformations (`two_sum`, `two_product`) and
-a bound on what their few rounded additions lost. Most readings are settled by the sums' leading
-parts within those bounds (`surely_quiet`); the others read each sum correctly rounded from its
-pair whenever the bound leaves only one double it can round to (`rounded`), which is almost
-always. Otherwise, and while a window holds a reading outside `exact.SAFE_MIN`..`exact.SAFE_MAX`
-in magnitude (other than 0), the statistics are computed from the window's readings in the
-ring (`exact_stats`): long fixed-point accumulators (`ingest.anomaly.exact`), or eight lanes
-for such a window (see `AnomalyRule`); the pairs then restart from those exact sums.
+a bound on what their few rounded additions lost, measured exactly. Most readings are settled
+by the sums' leading parts within those bounds (`surely_quiet`); the others read each sum
+correctly rounded from its pair whenever the bound leaves only one double it can round to
+(`rounded`, `rounded_spread`), which is almost always. Otherwise, and while a window holds a
+reading outside `exact.SAFE_MIN`..`exact.SAFE_MAX` in magnitude (other than 0), the statistics
+are computed from the window's readings in the ring (`drift_verdicts`): long fixed-point
+accumulators (`ingest.anomaly.exact`: `fill`, `means`, `sample_sd`), or eight lanes for such a
+window (see `AnomalyRule`); the pairs then restart from those exact sums (`restart`).
 """
 
 from __future__ import annotations
