@@ -455,6 +455,36 @@ def test_drift_over_a_long_baseline_is_exact_however_the_stream_is_cut(offset: f
     assert outcomes(drive({3: rule}, flushes, restarts=set())) == expected
 
 
+@pytest.mark.parametrize("data", ["steps of 0.1", "1/64 on 1e15", "cancelling 1e16", "zeros"])
+def test_drift_on_ties_and_cancellation_is_exact_however_the_stream_is_cut(data: str) -> None:
+    """Readings whose sums land on or near ties between two doubles (quantized, or on a large
+    offset), readings that cancel each other, and a stretch of zeros (a sum of exactly 0):
+    the running sums decide most reads, the window the others, the same events either way."""
+    rng = np.random.default_rng(13)
+    n = 900
+    noise = rng.normal(0.0, 1.0, n)
+    if data == "steps of 0.1":
+        vals = 20.0 + np.round(np.cumsum(noise * 0.3), 1)
+    elif data == "1/64 on 1e15":
+        vals = 1e15 + np.round(noise * 3.0 * 64) / 64
+    elif data == "cancelling 1e16":
+        vals = noise.copy()
+        vals[::7] += 1e16
+        vals[3::7] -= 1e16
+    else:
+        vals = np.round(noise, 2)
+        vals[300:560] = 0.0
+    vals[420:470] += 1e17 if data == "cancelling 1e16" else 40.0  # a shift
+    rule = AnomalyRule(match="*", drift_window=10, drift_baseline=200, drift_sigma=3.0)
+    stream = {3: [(at(i), float(v)) for i, v in enumerate(vals)]}
+    cuts = [1, 209, 210, 333, 471, 800]
+    flushes = split_in_order(lambda _: cuts, stream, len(cuts) + 1)
+    expected = reference_all({3: rule}, stream)
+    assert expected
+    assert outcomes(drive({3: rule}, flushes, restarts={2, 4})) == expected
+    assert outcomes(drive({3: rule}, flushes, restarts=set())) == expected
+
+
 def test_flatline_by_count_and_by_seconds_starts_with_the_run() -> None:
     vals = [1, 2, 2, 2, 2, 3]
     expected = Event(

@@ -1,10 +1,16 @@
-"""The drift filter's rolling sums, exact: the recent window's sum, the baseline's sum and sum
-of squares, each a long accumulator (`ingest.anomaly.exact`) that a reading enters and leaves in
-constant time, read once per judged reading, correctly rounded.
+"""The drift filter's statistics, exact: the recent window's mean, the baseline's mean and
+sample standard deviation, each a function of its window alone, bit for bit.
 
-A window that holds a reading outside `exact.SAFE_MIN`..`exact.SAFE_MAX` in magnitude (other
-than 0) is summed in eight lanes over the window instead (see `AnomalyRule`); its sums leave
-such readings out and count them, so they are exact again once those readings leave.
+A reading enters and leaves three running sums (recent, baseline, baseline of squares) kept
+as unevaluated pairs of doubles with error-free transformations (`two_sum`, `two_product`) and
+a bound on what their few rounded additions lost, measured exactly. Most readings are settled
+by the sums' leading parts within those bounds (`surely_quiet`); the others read each sum
+correctly rounded from its pair whenever the bound leaves only one double it can round to
+(`rounded`, `rounded_spread`), which is almost always. Otherwise, and while a window holds a
+reading outside `exact.SAFE_MIN`..`exact.SAFE_MAX` in magnitude (other than 0), the statistics
+are computed from the window's readings in the ring (`drift_verdicts`): long fixed-point
+accumulators (`ingest.anomaly.exact`: `fill`, `means`, `sample_sd`), or eight lanes for such a
+window (see `AnomalyRule`); the pairs then restart from those exact sums (`restart`).
 """
 
 from __future__ import annotations
@@ -17,27 +23,32 @@ import numpy.typing as npt
 
 from ingest.anomaly.exact import (
     BIAS,
+    BIAS2,
     LIMBS,
     LIMBS2,
     add,
     add_square,
+    bits,
     clear,
     normalize,
     safe,
     spread,
+    two_product,
     value_sq,
 )
 from ingest.anomaly.exact import value as exact_value
+from ingest.anomaly.window import ring_at, ring_window
 from ingest.jit import kernel
 
 F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]
 
 DR_R, DR_B, DR_Q = 0, LIMBS, 2 * LIMBS
-"""Offsets of the limbs of sum(recent), sum(baseline), sum(baseline**2) in a drift area."""
-DRIFT_SIZE: Final = 2 * LIMBS + LIMBS2
-# Drift's ints in a slot's int state, from its offset: the limb range (lo, hi) of each sum,
-# then the readings left out of the recent and of the baseline sums.
+"""Offsets of the limbs of sum(recent), sum(baseline), sum(baseline**2) in an exact area."""
+LIMB_SIZE: Final = 2 * LIMBS + LIMBS2
+# Drift's ints in a slot's int state, from its offset: the readings left out of the recent and
+# of the baseline sums (C_XR, C_XB); C_R, C_Q, C_B are the limb ranges of an exact area's
+# sums in a scratch copy of them.
 C_R, C_Q, C_B, C_XR, C_XB = 0, 2, 4, 6, 7
 NC: Final = 8
 SCRATCH: Final = LIMBS2 + 8
@@ -77,57 +88,8 @@ def empty(cnt: I64, c: int) -> None:
 
 
 @kernel
-def copy_sums(dst: I64, do: int, src: I64, so: int, cnt: I64, c: int) -> None:
-    """Copy the sums (limb ranges in cnt from c) from src[so:] to dst[do:]; every other limb of
-    the destination becomes zero."""
-    dst[do : do + DRIFT_SIZE] = 0
-    for k, r in ((DR_R, C_R), (DR_Q, C_Q), (DR_B, C_B)):
-        lo = cnt[c + r]
-        hi = cnt[c + r + 1]
-        if lo <= hi:
-            dst[do + k + lo : do + k + hi + 1] = src[so + k + lo : so + k + hi + 1]
-
-
-@kernel
-def slide(
-    acc: I64,
-    o: int,
-    cnt: I64,
-    c: int,
-    x: float,
-    moved: float,
-    gone: float,
-    a: int,
-    wd: int,
-    wb: int,
-) -> None:
-    """Reading a (x) enters the recent window; reading a - wd (`moved`) goes from it to the
-    baseline and a - wd - wb (`gone`) leaves the baseline, where those exist. (A 0 changes
-    no sum.)"""
-    if a >= wd and moved != 0.0:
-        if safe(moved):
-            add(acc, o + DR_R, cnt, c + C_R, moved, -1, BIAS)
-            add(acc, o + DR_B, cnt, c + C_B, moved, 1, BIAS)
-            add_square(acc, o + DR_Q, cnt, c + C_Q, moved, 1)
-        else:
-            cnt[c + C_XR] -= 1
-            cnt[c + C_XB] += 1
-    if a >= wd + wb and gone != 0.0:
-        if safe(gone):
-            add(acc, o + DR_B, cnt, c + C_B, gone, -1, BIAS)
-            add_square(acc, o + DR_Q, cnt, c + C_Q, gone, -1)
-        else:
-            cnt[c + C_XB] -= 1
-    if x != 0.0:
-        if safe(x):
-            add(acc, o + DR_R, cnt, c + C_R, x, 1, BIAS)
-        else:
-            cnt[c + C_XR] += 1
-
-
-@kernel
 def tidy(acc: I64, o: int, cnt: I64, c: int) -> None:
-    """Carry every sum (after a flush's readings: bounds how far the limbs can grow)."""
+    """Carry every sum (bounds how far the limbs can grow)."""
     normalize(acc, o + DR_R, cnt, c + C_R)
     normalize(acc, o + DR_Q, cnt, c + C_Q)
     normalize(acc, o + DR_B, cnt, c + C_B)
@@ -192,60 +154,141 @@ def sample_sd(
     return math.sqrt(lane_sum(base, 0, wb, mean_b) / (wb - 1))
 
 
-RESYNC: Final = 64
-"""Judged readings between two reads of the exact sums into the running approximations."""
+# -- the running sums: pairs of doubles -------------------------------------------------------
+
+DD_R, DD_B, DD_Q = 0, 3, 6
+"""Offsets of sum(recent), sum(baseline), sum(baseline**2) in a slot's drift area (floats):
+each is (hi, lo, lost), whose exact value differs from hi + lo by at most lost: the sum of what
+the rounded additions into lo lost, each measured exactly (so 0 while they were all exact).
+The sum of squares has a third part (at DD_Q + 3) that takes those losses in, and `lost`
+sums what that part's own roundings lost: its exact value is within lost of hi + lo + third
+(the squares of readings on a large offset need the precision, see `rounded_spread`)."""
+DRIFT_SIZE: Final = 10
 _U: Final = 2.0**-52
-"""Twice the unit roundoff: every bound below is at least twice what it needs to be."""
+"""Twice the unit roundoff: every bound in `surely_quiet` is at least twice what it needs."""
+SLACK: Final = 1.0 + 2.0**-40
+"""Covers the roundings of an error bound's own arithmetic (each at most 2**-53; in `lost`, for
+fewer than 2**39 additions)."""
 
 
 @kernel
-def resync(acc: I64, o: int, cnt: I64, c: int, approx: F64, tmp: F64) -> None:
-    """approx[:6] = the three sums correctly rounded, and a bound on each one's error (and
-    approx[6:9] the reciprocals `surely_quiet` needs, set by the caller)."""
-    approx[0] = exact_value(acc, o + DR_R, cnt, c + C_R, tmp)
-    approx[1] = exact_value(acc, o + DR_B, cnt, c + C_B, tmp)
-    approx[2] = value_sq(acc, o + DR_Q, cnt, c + C_Q, tmp)
-    for k in range(3):
-        approx[3 + k] = _U * abs(approx[k])
+def two_sum(a: float, b: float) -> Any:
+    """(s, e) with s = fl(a + b) and s + e = a + b exactly (Knuth; any a, b without overflow)."""
+    s = a + b
+    bb = s - a
+    return s, (a - (s - bb)) + (b - bb)
 
 
 @kernel
-def track(approx: F64, x: float, moved: float, gone: float, a: int, wd: int, wb: int) -> None:
-    """`slide` in plain floating point, with a bound on the error it accumulates."""
-    if a >= wd and moved != 0.0 and safe(moved):
-        approx[0] -= moved
-        approx[3] += _U * abs(approx[0])
-        approx[1] += moved
-        approx[4] += _U * abs(approx[1])
-        sq = moved * moved
-        approx[2] += sq
-        approx[5] += _U * (sq + abs(approx[2]))
-    if a >= wd + wb and gone != 0.0 and safe(gone):
-        approx[1] -= gone
-        approx[4] += _U * abs(approx[1])
-        sq = gone * gone
-        approx[2] -= sq
-        approx[5] += _U * (sq + abs(approx[2]))
-    if x != 0.0 and safe(x):
-        approx[0] += x
-        approx[3] += _U * abs(approx[0])
+def enter(h: float, lo: float, lost: float, y: float) -> Any:
+    """The running sum (h, lo, lost) plus y."""
+    s, e = two_sum(h, y)
+    lo, f = two_sum(lo, e)
+    return s, lo, lost + abs(f)
 
 
 @kernel
-def surely_quiet(approx: F64, wd: int, wb: int, k: float, floor: float) -> bool:
-    """True only if the exact rule (`means`, `sample_sd`) finds |r - b| <= k max(s, floor):
-    from the running approximations and their error bounds, with margins far above the few
-    roundings the exact rule adds and those made here (reciprocals, no square root). False
-    says nothing."""
-    sr, sb, sq, er, eb, eq = approx[0], approx[1], approx[2], approx[3], approx[4], approx[5]
-    inv_d = approx[6]
-    inv_b = approx[7]
+def enter_square(h: float, lo: float, third: float, lost: float, x: float, sign: float) -> Any:
+    """The running sum of squares (h, lo, third, lost) plus sign * x * x (sign +-1; x safe):
+    what lo cannot hold goes to `third`, and what that loses (measured exactly) to lost."""
+    p, pe = two_product(x, x)
+    s, e = two_sum(h, sign * p)
+    t, f1 = two_sum(e, sign * pe)
+    lo, f2 = two_sum(lo, t)
+    g, f3 = two_sum(f1, f2)
+    third, f4 = two_sum(third, g)
+    return s, lo, third, lost + abs(f3) + abs(f4)
+
+
+@kernel
+def rounded(h: float, lo: float, err: float) -> float:
+    """The double that every real within `err` of h + lo rounds to (to nearest, ties to even),
+    NaN if they do not all round to one. h, lo and err are 0 or at least 2**-800 in magnitude
+    and below 2**1000 (no subnormal, no overflow), as the sums of safe readings are."""
+    r, d = two_sum(h, lo)  # r + d = h + lo exactly, and r = fl(h + lo)
+    if err == 0.0:  # h + lo is the sum: r is it correctly rounded
+        return float(r + 0.0)  # (never -0.0: an exact sum's zero is +0.0, as math.fsum's)
+    if r == 0.0:  # then d == 0
+        return math.nan
+    b = bits(abs(r))
+    up = math.ldexp(1.0, ((b >> 52) & 0x7FF) - 1075)  # the gap to the next double away from 0
+    down = up * 0.5 if (b & 0xFFFFFFFFFFFFF) == 0 else up  # and towards 0
+    t = d if r > 0.0 else -d  # where h + lo lies from r, away from 0
+    # Every real in [t - err, t] + r and [t, t + err] + r strictly within half a gap of r
+    # rounds to r; the slack covers the two roundings of these tests (t, d and the halves are
+    # exact).
+    if (t + err) * SLACK < 0.5 * up and (err - t) * SLACK < 0.5 * down:
+        return float(r + 0.0)
+    return math.nan
+
+
+@kernel
+def rounded_spread(
+    b: tuple[float, float, float],
+    q: tuple[float, float, float, float],
+    n: int,
+    acc: I64,
+    rng: I64,
+    tmp: F64,
+) -> float:
+    """n sum(x**2) - sum(x)**2 correctly rounded from the baseline's running sum b = (hi, lo,
+    lost) and sum of squares q = (hi, lo, third, lost), NaN if their bounds do not decide it.
+
+    With B = hi + lo and Q = hi + lo + third, n Q - B**2 is the exact sum of twelve doubles
+    (`two_product` of each of its terms), summed in the accumulator `acc` (LIMBS2 limbs, its
+    range in rng[0:2]); the sums' own errors move it by at most n q.lost + b.lost (2 |B| +
+    b.lost)."""
+    bh, bl, eb = b
+    qh, ql, q3, eq = q
+    fn = float(n)
+    acc[:] = 0
+    clear(rng, 0)
+    for x, y, sign in (
+        (fn, qh, 1),
+        (fn, ql, 1),
+        (fn, q3, 1),
+        (bh, bh, -1),
+        (2.0 * bh, bl, -1),
+        (bl, bl, -1),
+    ):
+        p, pe = two_product(x, y)
+        if p != 0.0:
+            add(acc, 0, rng, 0, p, sign, BIAS2)
+        if pe != 0.0:
+            add(acc, 0, rng, 0, pe, sign, BIAS2)
+    r = value_sq(acc, 0, rng, 0, tmp)
+    err = (fn * eq + eb * (2.0 * (abs(bh) + abs(bl)) + eb)) * SLACK
+    if err == 0.0:
+        return r
+    if r != 0.0:
+        add(acc, 0, rng, 0, r, -1, BIAS2)
+    d = value_sq(acc, 0, rng, 0, tmp)  # the rest, correctly rounded: within 2**-53 |d|
+    return rounded(r, d, (err + _U * abs(d)) * SLACK)
+
+
+@kernel
+def surely_quiet(
+    sr: float,
+    er: float,
+    sb: float,
+    eb: float,
+    sq: float,
+    eq: float,
+    inv_d: float,
+    inv_b: float,
+    inv_scale: float,
+    n: float,
+    k: float,
+    floor: float,
+) -> bool:
+    """True only if the exact rule finds |r - b| <= k max(s, floor), from approximations sr,
+    sb, sq of the three sums within er, eb, eq (inv_d = 1 / wd, inv_b = 1 / wb, inv_scale =
+    1 / (wb (wb - 1)), n = wb): with margins far above the few roundings the exact rule adds
+    and those made here (reciprocals, no square root). False says nothing."""
     mean_r = sr * inv_d
     mean_b = sb * inv_b
     dist = abs(mean_r - mean_b) + (er * inv_d + eb * inv_b) * 1.001
     dist += 4.0 * _U * (abs(mean_r) + abs(mean_b))
-    n = float(wb)
-    inv_scale = approx[8]
     v = (n * sq - sb * sb) * inv_scale
     ev = (n * eq + 2.0 * abs(sb) * eb + eb * eb + 8.0 * _U * (n * abs(sq) + sb * sb)) * inv_scale
     low = v - ev * 2.0 - 8.0 * _U * abs(v)
@@ -253,3 +296,194 @@ def surely_quiet(approx: F64, wd: int, wb: int, k: float, floor: float) -> bool:
     if low > s2:
         s2 = low
     return bool(dist * dist * (1.0 + 1e-9) < k * k * s2 * (1.0 - 1e-9))
+
+
+@kernel
+def _read(acc: I64, off: int, rng: I64, r: int, squares: bool, tmp: F64) -> float:
+    if squares:
+        return float(value_sq(acc, off, rng, r, tmp))
+    return float(exact_value(acc, off, rng, r, tmp))
+
+
+@kernel
+def _restart_one(
+    sums: F64, at: int, acc: I64, off: int, rng: I64, r: int, squares: bool, tmp: F64
+) -> None:
+    """A running sum at sums[at:] from an exact one: hi its value correctly rounded, lo (and
+    for squares the third part) what is left, correctly rounded; lost 0 when they are exact,
+    else 2**-52 times the last part (what is left then is within 2**-53 of it). Takes them out
+    of the accumulator."""
+    bias = BIAS2 if squares else BIAS
+    last = 0.0
+    for part in range(3 if squares else 2):
+        x = _read(acc, off, rng, r, squares, tmp)
+        if x != 0.0:
+            add(acc, off, rng, r, x, -1, bias)
+        sums[at + (part if part < 2 else 3)] = x
+        last = x
+    normalize(acc, off, rng, r)
+    left = False
+    for q in range(rng[r], rng[r + 1] + 1):
+        if acc[off + q] != 0:
+            left = True
+    sums[at + 2] = _U * abs(last) if left else 0.0
+
+
+@kernel
+def restart(sums: F64, so: int, acc: I64, cnt: I64, c: int, tmp: F64) -> None:
+    """The running sums at sums[so:] from the exact ones in acc (limb ranges in cnt from c);
+    consumes acc."""
+    _restart_one(sums, so + DD_R, acc, DR_R, cnt, c + C_R, False, tmp)
+    _restart_one(sums, so + DD_B, acc, DR_B, cnt, c + C_B, False, tmp)
+    _restart_one(sums, so + DD_Q, acc, DR_Q, cnt, c + C_Q, True, tmp)
+
+
+@kernel
+def restore_sums(sums: F64, so: int, cnt: I64, c: int, v: F64, wd: int, wb: int) -> None:
+    """The running sums and counts (cnt from c) as of the last of the readings v (time order)."""
+    acc = np.zeros(LIMB_SIZE, np.int64)
+    scratch = np.zeros(NC, np.int64)
+    tmp = np.empty(SCRATCH, np.float64)
+    fill(acc, 0, scratch, 0, v, wd, wb)
+    empty(cnt, c)
+    cnt[c + C_XR] = scratch[C_XR]
+    cnt[c + C_XB] = scratch[C_XB]
+    restart(sums, so, acc, scratch, 0, tmp)
+
+
+@kernel
+def drift_verdicts(
+    ring: tuple[F64, int, int, int, int, int, F64, int],
+    na: int,
+    sums: F64,
+    so: int,
+    cnt: I64,
+    c: int,
+    rule: tuple[int, int, float, float],
+    verdicts: Any,
+    when: I64,
+) -> None:
+    """Drift's verdicts on a sensor's na accepted readings, from and into its running sums
+    (sums[so:], counts in cnt from c; reset where the sensor has seen nothing).
+
+    `ring` is (pool, po, r0, h, hcap, seen, ext, e0) as `ring_at` takes them; `rule` is
+    (wd, wb, k, floor). Writes (offending, score, value, start) for each reading; value and
+    start wherever a reading is judged and not surely quiet, the score wherever the distance
+    exceeds k floors.
+    """
+    pool, po, r0, h, hcap, seen, ext, e0 = ring
+    wd, wb, k, floor = rule
+    off, score, val, start = verdicts
+    if seen == 0:
+        sums[so : so + DRIFT_SIZE] = 0.0
+    rh, rl, rx = sums[so + DD_R], sums[so + DD_R + 1], sums[so + DD_R + 2]
+    bh, bl, bx = sums[so + DD_B], sums[so + DD_B + 1], sums[so + DD_B + 2]
+    qh, ql, qx = sums[so + DD_Q], sums[so + DD_Q + 1], sums[so + DD_Q + 2]
+    q3 = sums[so + DD_Q + 3]
+    xr = cnt[c + C_XR]
+    xb = cnt[c + C_XB]
+    inv_d = 1.0 / wd
+    inv_b = 1.0 / wb
+    inv_scale = 1.0 / (float(wb) * float(wb - 1))
+    n = float(wb)
+    win = np.empty(0, np.float64)  # the window, when the sums do not decide a reading
+    acc = np.empty(0, np.int64)
+    scratch = np.empty(NC, np.int64)
+    tlimbs = np.empty(SCRATCH, np.int64)
+    span = np.empty(2, np.int64)
+    tmp = np.empty(SCRATCH, np.float64)
+    sq = np.empty(LIMBS2, np.int64)
+    srng = np.empty(2, np.int64)
+    for i in range(na):
+        a = seen + i
+        x = ext[e0 + i]
+        if a >= wd:
+            moved = ring_at(pool, po, r0, h, hcap, seen, ext, e0, a - wd)
+            if safe(moved):
+                rh, rl, rx = enter(rh, rl, rx, -moved)
+                bh, bl, bx = enter(bh, bl, bx, moved)
+                qh, ql, q3, qx = enter_square(qh, ql, q3, qx, moved, 1.0)
+            else:
+                xr -= 1
+                xb += 1
+            if a >= wd + wb:
+                gone = ring_at(pool, po, r0, h, hcap, seen, ext, e0, a - wd - wb)
+                if safe(gone):
+                    bh, bl, bx = enter(bh, bl, bx, -gone)
+                    qh, ql, q3, qx = enter_square(qh, ql, q3, qx, gone, -1.0)
+                else:
+                    xb -= 1
+        if safe(x):
+            rh, rl, rx = enter(rh, rl, rx, x)
+        else:
+            xr += 1
+        off[i] = False
+        if a < wd - 1 + wb:
+            continue
+        mean_r = math.nan
+        mean_b = math.nan
+        dist = 0.0
+        sd = math.nan
+        decided = False
+        if xr == 0 and xb == 0:
+            er = abs(rl) + rx * SLACK
+            eb = abs(bl) + bx * SLACK
+            eq = abs(ql) + abs(q3) + qx * SLACK
+            if surely_quiet(rh, er, bh, eb, qh, eq, inv_d, inv_b, inv_scale, n, k, floor):
+                continue
+            if win.shape[0] == 0:
+                win = np.empty(wd + wb, np.float64)
+                acc = np.empty(LIMB_SIZE, np.int64)
+            sum_r = rounded(rh, rl, rx * SLACK)
+            if math.isnan(sum_r):  # (a tie within the bound) the recent window summed again
+                ring_window(win, pool, po, r0, h, hcap, seen, ext, e0, a - wd + 1, wd)
+                acc[:] = 0
+                fill(acc, 0, scratch, 0, win[:wd], wd, 0)
+                _restart_one(sums, so + DD_R, acc, DR_R, scratch, C_R, False, tmp)
+                rh, rl, rx = sums[so + DD_R], sums[so + DD_R + 1], sums[so + DD_R + 2]
+                sum_r = rh
+            mean_r = sum_r / wd
+            mean_b = rounded(bh, bl, bx * SLACK) / wb
+            decided = not math.isnan(mean_b)
+            if decided:
+                dist = abs(mean_r - mean_b)
+                if dist > k * floor:
+                    v = rounded_spread((bh, bl, bx * SLACK), (qh, ql, q3, qx), wb, sq, srng, tmp)
+                    decided = not math.isnan(v)
+                    sd = math.sqrt(v / (float(wb) * float(wb - 1)))
+        if not decided:  # from the window's readings: exact, or in lanes
+            if win.shape[0] == 0:
+                win = np.empty(wd + wb, np.float64)
+                acc = np.empty(LIMB_SIZE, np.int64)
+            ring_window(win, pool, po, r0, h, hcap, seen, ext, e0, a - wd - wb + 1, wd + wb)
+            acc[:] = 0
+            fill(acc, 0, scratch, 0, win, wd, wb)
+            recent = win[wb:]
+            base = win[:wb]
+            mean_r, mean_b = means(acc, 0, scratch, 0, wd, wb, recent, base, tmp)
+            dist = abs(mean_r - mean_b)
+            if dist > k * floor:
+                sd = sample_sd(acc, 0, scratch, 0, mean_b, wb, base, tlimbs, span, tmp)
+            restart(sums, so, acc, scratch, 0, tmp)  # the same sums, exactly or nearly so
+            rh, rl, rx = sums[so + DD_R], sums[so + DD_R + 1], sums[so + DD_R + 2]
+            bh, bl, bx = sums[so + DD_B], sums[so + DD_B + 1], sums[so + DD_B + 2]
+            qh, ql, qx = sums[so + DD_Q], sums[so + DD_Q + 1], sums[so + DD_Q + 2]
+            q3 = sums[so + DD_Q + 3]
+        # sd >= the floor: within k floors of the baseline needs no variance.
+        if dist > k * floor:
+            if sd < floor:
+                sd = floor
+            off[i] = dist > k * sd
+            score[i] = dist / sd if sd > 0.0 else math.inf
+        val[i] = mean_r
+        start[i] = when[i]
+    rh, rl = two_sum(rh, rl)  # keeps lo small: what the next additions lose stays small
+    bh, bl = two_sum(bh, bl)
+    qh, ql = two_sum(qh, ql)
+    ql, q3 = two_sum(ql, q3)
+    sums[so + DD_R], sums[so + DD_R + 1], sums[so + DD_R + 2] = rh, rl, rx
+    sums[so + DD_B], sums[so + DD_B + 1], sums[so + DD_B + 2] = bh, bl, bx
+    sums[so + DD_Q], sums[so + DD_Q + 1], sums[so + DD_Q + 2] = qh, ql, qx
+    sums[so + DD_Q + 3] = q3
+    cnt[c + C_XR] = xr
+    cnt[c + C_XB] = xb

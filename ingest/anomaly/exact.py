@@ -67,7 +67,7 @@ def _bits_intrinsic(typingctx: Any, x: Any) -> Any:
     return sig, codegen
 
 
-_bits = cast(Callable[[float], int], intrinsic(_bits_intrinsic))
+bits = cast(Callable[[float], int], intrinsic(_bits_intrinsic))
 """The IEEE 754 bits of a double, as an int64 (no array on the way)."""
 
 
@@ -96,7 +96,7 @@ def clear(rng: I64, r: int) -> None:
 @kernel
 def add(acc: I64, off: int, rng: I64, r: int, x: float, sign: int, bias: int) -> None:
     """acc += sign * x (sign +-1) exactly; x must be a normal double (not 0: see `safe`)."""
-    b = _bits(x)
+    b = bits(x)
     sg = -sign if b < 0 else sign
     m = (b & 0xFFFFFFFFFFFFF) | 0x10000000000000
     pos = ((b >> 52) & 0x7FF) - 1075 + bias

@@ -14,22 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ingest.anomaly.auto import auto_verdicts
-from ingest.anomaly.drift import (
-    C_XB,
-    C_XR,
-    DRIFT_SIZE,
-    RESYNC,
-    SCRATCH,
-    copy_sums,
-    fill,
-    means,
-    resync,
-    sample_sd,
-    slide,
-    surely_quiet,
-    tidy,
-    track,
-)
+from ingest.anomaly.drift import DRIFT_SIZE, drift_verdicts, restore_sums
 from ingest.anomaly.events import events, gated_events
 from ingest.anomaly.layout import (
     AUTO,
@@ -78,7 +63,7 @@ from ingest.anomaly.layout import (
 )
 from ingest.anomaly.ranked import insert, mad, mad_floor, median, replace, shape
 from ingest.anomaly.ranked import size as spike_size
-from ingest.anomaly.window import ring_at, ring_window
+from ingest.anomaly.window import ring_at
 from ingest.jit import kernel
 
 
@@ -86,9 +71,7 @@ from ingest.jit import kernel
 def fill_drift(pool: F64, si: I64, pi: I64, slot: int, v: F64) -> None:
     """Drift's sums of a restored slot, as of the last of its finite readings v."""
     plo = pi[slot, P_OFF] + pi[slot, P_HIST] + spike_size(pi[slot, P_SPIKE_W])
-    limbs = pool.view(np.int64)
-    limbs[plo : plo + DRIFT_SIZE] = 0
-    fill(limbs, plo, si[slot], S_DRIFT, v, pi[slot, P_DRIFT_W], pi[slot, P_DRIFT_B])
+    restore_sums(pool, plo, si[slot], S_DRIFT, v, pi[slot, P_DRIFT_W], pi[slot, P_DRIFT_B])
 
 
 @kernel
@@ -126,7 +109,6 @@ def process_flush(
     j = -1
     size = 0
     longest = 0
-    widest = 0
     current = False
     for i in range(n):
         if i == 0 or sensor[i] != sensor[i - 1]:
@@ -138,7 +120,6 @@ def process_flush(
                 seg_lo[j] = i
                 xoff[j] = size
                 size += pi[slot, P_SIZE] - pi[slot, P_HIST]
-                widest = max(widest, pi[slot, P_DRIFT_W], pi[slot, P_DRIFT_B])
             current = slot >= 0
         if current:
             seg_hi[j] = i + 1
@@ -160,14 +141,6 @@ def process_flush(
     val = np.empty(longest, np.float64)
     start = np.empty(longest, np.int64)
     verdicts = (off, score, val, start)
-    win_r = np.empty(widest, np.float64)  # a window with readings left out of its exact sum
-    win_b = np.empty(widest, np.float64)
-    limbs = pool.view(np.int64)
-    xlimbs = xpool.view(np.int64)
-    tlimbs = np.empty(SCRATCH, np.int64)
-    span = np.empty(2, np.int64)
-    approx = np.empty(9, np.float64)
-    tmp = np.empty(SCRATCH, np.float64)
     for j in range(nseg):
         s = seg[j]
         xsi[j] = si[s]
@@ -265,53 +238,21 @@ def process_flush(
                 SPIKE, sid, na, verdicts, when, xei[j, SPIKE], xef[j, SPIKE], ev_i, ev_f, m
             )
         if mask & (1 << DRIFT):
-            wd = pi[s, P_DRIFT_W]
-            wb = pi[s, P_DRIFT_B]
-            drift_k = pf[s, Q_DRIFT_K]
-            drift_floor = pf[s, Q_DRIFT_FLOOR]
             plo = o + spike_n
-            cnt = xsi[j]
-            copy_sums(xlimbs, plo, limbs, po + hcap + spike_n, cnt, S_DRIFT)
-            since = RESYNC
-            approx[6] = 1.0 / wd
-            approx[7] = 1.0 / wb
-            approx[8] = 1.0 / (float(wb) * float(wb - 1))
-            for i in range(na):
-                a = seen + i
-                x = ext[e0 + i]
-                moved = ring_at(pool, po, r0, h, hcap, seen, ext, e0, a - wd) if a >= wd else 0.0
-                gone = 0.0
-                if a >= wd + wb:
-                    gone = ring_at(pool, po, r0, h, hcap, seen, ext, e0, a - wd - wb)
-                slide(xlimbs, plo, cnt, S_DRIFT, x, moved, gone, a, wd, wb)
-                track(approx, x, moved, gone, a, wd, wb)
-                off[i] = False
-                if a < wd - 1 + wb:
-                    continue
-                if cnt[S_DRIFT + C_XR] == 0 and cnt[S_DRIFT + C_XB] == 0:
-                    # Most readings are settled by running float sums within known bounds.
-                    if since >= RESYNC:
-                        resync(xlimbs, plo, cnt, S_DRIFT, approx, tmp)
-                        since = 0
-                    since += 1
-                    if surely_quiet(approx, wd, wb, drift_k, drift_floor):
-                        continue
-                if cnt[S_DRIFT + C_XR] > 0:
-                    ring_window(win_r, pool, po, r0, h, hcap, seen, ext, e0, a - wd + 1, wd)
-                if cnt[S_DRIFT + C_XB] > 0:
-                    ring_window(win_b, pool, po, r0, h, hcap, seen, ext, e0, a - wd + 1 - wb, wb)
-                mean_r, mean_b = means(xlimbs, plo, cnt, S_DRIFT, wd, wb, win_r, win_b, tmp)
-                dist = abs(mean_r - mean_b)
-                # sd >= the floor: within k floors of the baseline needs no variance.
-                if dist > drift_k * drift_floor:
-                    sd = sample_sd(xlimbs, plo, cnt, S_DRIFT, mean_b, wb, win_b, tlimbs, span, tmp)
-                    if sd < drift_floor:
-                        sd = drift_floor
-                    off[i] = dist > drift_k * sd
-                    score[i] = dist / sd if sd > 0.0 else math.inf
-                val[i] = mean_r
-                start[i] = when[i]
-            tidy(xlimbs, plo, cnt, S_DRIFT)
+            xpool[plo : plo + DRIFT_SIZE] = pool[
+                po + hcap + spike_n : po + hcap + spike_n + DRIFT_SIZE
+            ]
+            drift_verdicts(
+                (pool, po, r0, h, hcap, seen, ext, e0),
+                na,
+                xpool,
+                plo,
+                xsi[j],
+                S_DRIFT,
+                (pi[s, P_DRIFT_W], pi[s, P_DRIFT_B], pf[s, Q_DRIFT_K], pf[s, Q_DRIFT_FLOOR]),
+                verdicts,
+                when,
+            )
             ev_i, ev_f, m = events(
                 DRIFT, sid, na, verdicts, when, xei[j, DRIFT], xef[j, DRIFT], ev_i, ev_f, m
             )
@@ -403,9 +344,8 @@ def commit_flush(
         o = xoff[j]
         pool[po + hcap : po + hcap + spike_n] = xpool[o : o + spike_n]
         if pi[s, P_MASK] & (1 << DRIFT):
-            limbs = pool.view(np.int64)
-            xlimbs = xpool.view(np.int64)
-            copy_sums(limbs, po + hcap + spike_n, xlimbs, o + spike_n, xsi[j], S_DRIFT)
+            at = po + hcap + spike_n
+            pool[at : at + DRIFT_SIZE] = xpool[o + spike_n : o + spike_n + DRIFT_SIZE]
         if pi[s, P_MASK] & (1 << AUTO):
             at = pi[s, P_AUTO_AT]
             w = pi[s, P_AUTO_W]

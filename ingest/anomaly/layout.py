@@ -34,7 +34,7 @@ NPF: Final = 10
 # Mutable state per slot: last time, flatline run, finite readings seen (the last `hist` of
 # them are in the pool), then drift's counts (`ingest.anomaly.drift`, from S_DRIFT); last value. A
 # slot's pool area holds its last `hist` finite values as a ring (reading a at a % hist), then
-# the spike window sorted, then drift's sums (DRIFT_SIZE int64 limbs, if it has drift), then
+# the spike window sorted, then drift's running sums (DRIFT_SIZE floats, if it has drift), then
 # the auto window sorted. The auto detector's run of offending readings not yet an event (its
 # length, first reading's time, worst value and score), the readings since its open event
 # last offended, and its window's resolution: the smallest non-zero gap between neighbours of

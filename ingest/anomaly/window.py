@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from ingest.anomaly.layout import F64
+import numpy as np
+import numpy.typing as npt
+
 from ingest.jit import kernel
+
+F64 = npt.NDArray[np.float64]
 
 
 @kernel
