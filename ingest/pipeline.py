@@ -104,6 +104,7 @@ class Pipeline:
             max_future_us=int(cfg.limits.max_future_s * 1_000_000),
         )
         self.shapes = Shapes(prefix=cfg.mqtt.topic_prefix)
+        self._sparkplug_enabled = cfg.sparkplug.enabled
         self._received = 0  # messages and payload bytes not counted in the metrics yet
         self._received_bytes = 0
         self._budget = InflightBudget(
@@ -131,7 +132,7 @@ class Pipeline:
         self._received += 1
         self._received_bytes += len(msg.payload)
         try:
-            if self.cfg.sparkplug.enabled and is_sparkplug(msg.topic):
+            if self._sparkplug_enabled and is_sparkplug(msg.topic):
                 self._accept_sparkplug(msg, job)
                 return
             levels, got = self.shapes.accept(
@@ -229,11 +230,17 @@ class Pipeline:
         # A flush goes to the writer when it is full, or at once when the writer is idle: under
         # load, flushes grow with what gathers while the previous one is written; at low rates,
         # nothing waits for a timer.
-        async for msg in self.source.messages():
-            self._accept(msg)
-            if self._job.readings >= self.cfg.flush.max_readings or self._writer_idle:
-                await self._dispatch()
-            await self._budget.wait_for_room()
+        # What the connection holds already is taken without a coroutine per message.
+        max_readings = self.cfg.flush.max_readings
+        async for first in self.source.messages():
+            msg: Received | None = first
+            while msg is not None:
+                self._accept(msg)
+                if self._job.readings >= max_readings or self._writer_idle:
+                    await self._dispatch()
+                if not self._budget.has_room():
+                    await self._budget.wait_for_room()
+                msg = self.source.ready()
 
     async def _timer(self) -> None:
         interval = self.cfg.flush.interval_s
@@ -265,10 +272,10 @@ class Pipeline:
             carried = self._carry(job)
             # Only what the current connection takes: after a reconnect the broker delivers
             # the others again, and they are counted when those copies are acknowledged.
-            acked = 0
-            for i, msg in enumerate(job.received):
-                if i not in carried.indices:
-                    acked += self.source.ack(msg.token)
+            received = job.received
+            if carried.indices:
+                received = [m for i, m in enumerate(received) if i not in carried.indices]
+            acked = self.source.ack_all([msg.token for msg in received])
             metrics.MESSAGES_ACKED.inc(acked)
             await self._budget.release(
                 nbytes=job.nbytes - carried.nbytes,

@@ -56,7 +56,7 @@ class _Shape:
     version: int = -1
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, eq=False)  # not frozen: one is made per message, and a frozen one costs more
 class Shaped:
     """A payload that looked like its topic's shape when it arrived: same length, t0 and seq
     where the shape has them, times within the limits. `Shapes.settle` checks its other bytes
