@@ -40,6 +40,7 @@ class _Shape:
     t0: Span
     seq: Span | None
     values: npt.NDArray[np.int32]  # the value bytes, 8 per reading, in order
+    spans: npt.NDArray[np.int64]  # the same as each channel's start and end, flat
     offsets: npt.NDArray[np.int64]  # each reading's time minus t0
     first: int  # least and greatest offset
     last: int
@@ -216,7 +217,8 @@ def _read_shaped(
     like: npt.NDArray[np.uint8],
     fixed: npt.NDArray[np.uint8],
     starts: npt.NDArray[np.int64],
-    values: npt.NDArray[np.int32],
+    spans: npt.NDArray[np.int64],
+    sstarts: npt.NDArray[np.int64],
     rstarts: npt.NDArray[np.int64],
     offsets: npt.NDArray[np.int64],
     t0: npt.NDArray[np.int64],
@@ -226,10 +228,10 @@ def _read_shaped(
     """The values (little-endian float64, as bytes into `raw`) and times (t0 + `offsets`,
     into `time`) of many payloads, one after the other in `buf`, if every byte `fixed` marks
     equals the shape's in `like`. Payload m is starts[m]:starts[m + 1] of `buf`, `like` and
-    `fixed`; its readings are rstarts[m]:rstarts[m + 1] of `offsets` and `time`, and their
-    bytes the 8 per reading at those places of `values` (positions within the payload) and
-    `raw`. Returns whether each payload matched; the readings of one that did not are left
-    unset."""
+    `fixed`; its readings are rstarts[m]:rstarts[m + 1] of `offsets` and `time` (8 bytes each
+    in `raw`), their bytes the spans sstarts[m]:sstarts[m + 1] of `spans` (start and end within
+    the payload, flat). Returns whether each payload matched; the readings of one that did not
+    are left unset."""
     n = starts.shape[0] - 1
     ok = np.zeros(n, np.bool_)
     for m in range(n):
@@ -242,8 +244,11 @@ def _read_shaped(
         ok[m] = True
         for k in range(rstarts[m], rstarts[m + 1]):
             time[k] = offsets[k] + t0[m]
-            for j in range(8 * k, 8 * k + 8):
-                raw[j] = buf[a + values[j]]
+        r = 8 * rstarts[m]
+        for c in range(sstarts[m], sstarts[m + 1]):
+            size = spans[2 * c + 1] - spans[2 * c]
+            raw[r : r + size] = buf[a + spans[2 * c] : a + spans[2 * c + 1]]
+            r += size
     return ok
 
 
@@ -272,17 +277,19 @@ def _read(shaped: Sequence[Shaped]) -> Settled:
     starts = np.zeros(n + 1, np.int64)
     rstarts = np.zeros(n + 1, np.int64)
     np.cumsum([len(s.payload) for s in shaped], out=starts[1:])
+    sstarts = np.zeros(n + 1, np.int64)
     np.cumsum([len(s.shape.offsets) for s in shaped], out=rstarts[1:])
     shapes = [s.shape for s in shaped]
+    np.cumsum([len(x.counts) for x in shapes], out=sstarts[1:])
     buf = np.frombuffer(b"".join([s.payload for s in shaped]), np.uint8)
     like = np.frombuffer(b"".join([x.raw for x in shapes]), np.uint8)
     fixed = np.frombuffer(b"".join([x.raw_fixed for x in shapes]), np.uint8)
-    values = np.concatenate([x.values for x in shapes]) if n else np.empty(0, np.int32)
+    spans = np.concatenate([x.spans for x in shapes]) if n else np.empty(0, np.int64)
     offsets = np.concatenate([x.offsets for x in shapes]) if n else np.empty(0, np.int64)
     t0 = np.array([s.t0 for s in shaped], np.int64)
     time = np.empty(len(offsets), np.int64)
     raw = np.empty(8 * len(offsets), np.uint8)
-    ok = _read_shaped(buf, like, fixed, starts, values, rstarts, offsets, t0, time, raw)
+    ok = _read_shaped(buf, like, fixed, starts, spans, sstarts, rstarts, offsets, t0, time, raw)
     lengths = np.concatenate([x.lengths for x in shapes]) if n else np.empty(0, np.int64)
     return Settled(shaped, ok.tolist(), rstarts.tolist(), time, raw.view(np.float64), lengths)
 
@@ -493,6 +500,7 @@ def _learn(
         t0=t0_span,
         seq=seq_span,
         values=values,
+        spans=found[4:].copy(),
         offsets=offsets,
         first=int(offsets.min()),
         last=int(offsets.max()),
@@ -517,10 +525,10 @@ def compile_kernels() -> None:
     """Compile, or load from the on-disk cache, this module's kernel (see `ingest.warmup`)."""
     buf = np.zeros(16, np.uint8)
     received = np.frombuffer(bytes(16), np.uint8)  # read-only, as a payload's bytes are
-    values = np.arange(8, dtype=np.int32)
     _walk(received)
     ends = np.array([0, 16], np.int64)
-    once = np.array([0, 1], np.int64)
+    one = np.array([0, 1], np.int64)
     zero = np.zeros(1, np.int64)
-    _read_shaped(received, received, received, ends, values, once, zero, zero, zero.copy(), buf)
+    spans = np.array([8, 16], np.int64)
+    _read_shaped(received, received, received, ends, spans, one, one, zero, zero, zero.copy(), buf)
     _layout(16, np.array([0, 1, -1, -1, 8, 16], np.int64))
