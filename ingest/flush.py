@@ -17,6 +17,7 @@ from ingest.db.sink import Readings
 from ingest.decode import Batch
 from ingest.kernels import check_sorted, gather
 from ingest.mqtt import Received
+from ingest.shapes import Settled, Shaped
 from ingest.sparkplug.stage import Columns, Item, Prepared
 
 __all__ = [
@@ -35,11 +36,28 @@ __all__ = [
 
 @dataclass(slots=True)
 class Accepted:
-    """A decoded message: its topic levels, its batch, and the message itself."""
+    """A decoded message: its topic levels, its batch, and the message itself. A payload
+    shaped like its topic's last one gets its batch when its flush is settled (`shaped`)."""
 
     levels: tuple[str, ...]
-    batch: Batch
+    batch: Batch | None
     received: Received | None = None
+    shaped: Shaped | None = None
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Its channels' sensor names."""
+        return self.shaped.shape.names if self.batch is None and self.shaped else self.decoded.names
+
+    @property
+    def units(self) -> tuple[str | None, ...]:
+        return self.shaped.shape.units if self.batch is None and self.shaped else self.decoded.units
+
+    @property
+    def decoded(self) -> Batch:
+        """The batch (see `FlushJob.batch` for a shaped payload's)."""
+        assert self.batch is not None, "a flush's shaped payloads are read before it is written"
+        return self.batch
 
 
 @dataclass(slots=True)
@@ -55,6 +73,10 @@ class FlushJob:
     # Prepared again while no part of the flush has committed, else kept for its retries.
     sparkplug_prepared: Prepared | None = None
     carried: int = 0  # Sparkplug messages held back from an earlier flush
+    # The readings of every accepted message in arrival order, when all were shaped payloads
+    # read together: `build_readings` takes them as they are, and their messages get no batch
+    # of their own unless asked for one (`batch`).
+    columns: Settled | None = None
 
     def __bool__(self) -> bool:
         return bool(self.received)
@@ -62,6 +84,20 @@ class FlushJob:
     def has_news(self) -> bool:
         """Whether it holds more than messages carried from an earlier flush."""
         return len(self.received) > self.carried
+
+    def batch(self, i: int) -> Batch:
+        """The batch of accepted message i."""
+        item = self.accepted[i]
+        if item.batch is None and self.columns is not None:
+            item.batch = self.columns.batch(i)
+        return item.decoded
+
+    def drop_columns(self) -> None:
+        """Give every accepted message its batch; the messages may change after."""
+        if self.columns is not None:
+            for i in range(len(self.accepted)):
+                self.batch(i)
+            self.columns = None
 
     def reject(self, msg: Received, reason: str) -> None:
         """Store `msg` as a dead letter with `reason`, and count it."""
@@ -111,7 +147,7 @@ def carry_held(job: FlushJob, target: FlushJob) -> Carried:
 
 def channel_keys(job: FlushJob) -> list[SensorKey]:
     """The sensor of every channel of the flush, in arrival order."""
-    return [SensorKey(item.levels, name) for item in job.accepted for name in item.batch.names]
+    return [SensorKey(item.levels, name) for item in job.accepted for name in item.names]
 
 
 def build_readings(
@@ -126,7 +162,6 @@ def build_readings(
     sorts the flush, which one linear check confirms. Anything else takes a stable sort of
     every reading.
     """
-    batches = [item.batch for item in job.accepted]
     if not len(sensor_ids):
         empty = Readings(
             np.empty(0, np.int64),
@@ -138,11 +173,17 @@ def build_readings(
     if not isinstance(sensor_ids, np.ndarray):
         assert None not in sensor_ids, "resolve() registers every sensor of the flush first"
     sensor = np.asarray(sensor_ids, dtype=np.int32)  # per channel, in arrival order
-    lengths = np.array([n for b in batches for n in b.counts], dtype=np.int64)
+    columns = job.columns
+    if columns is not None:
+        lengths, time, value = columns.lengths, columns.time, columns.value
+        quality = np.zeros(len(time), np.uint8)
+    else:
+        batches = [item.decoded for item in job.accepted]
+        lengths = np.array([n for b in batches for n in b.counts], dtype=np.int64)
+        time = np.concatenate([b.time for b in batches])
+        value = np.concatenate([b.value for b in batches])
+        quality = np.concatenate([b.quality for b in batches])
     starts = np.cumsum(lengths) - lengths
-    time = np.concatenate([b.time for b in batches])
-    value = np.concatenate([b.value for b in batches])
-    quality = np.concatenate([b.quality for b in batches])
     order = np.lexsort((time[starts], sensor))  # stable: ties keep arrival order
     slab = Readings(*gather(time, value, quality, starts[order], lengths[order], sensor[order]))
     if check_sorted(slab.sensor, slab.time) < 0:

@@ -26,7 +26,7 @@ from ingest.errors import (
 from ingest.flush import Accepted, Carried, FlushJob, carry_held
 from ingest.memory import InflightBudget
 from ingest.mqtt import MqttSource, Received
-from ingest.shapes import Shapes
+from ingest.shapes import Shaped, Shapes
 from ingest.sparkplug.commands import HostApplication, RebirthRequester
 from ingest.sparkplug.stage import SparkplugStage
 from ingest.sparkplug.topic import is_sparkplug
@@ -105,6 +105,7 @@ class Pipeline:
             max_future_us=int(cfg.limits.max_future_s * 1_000_000),
         )
         self.shapes = Shapes(prefix=cfg.mqtt.topic_prefix)
+        self._sparkplug_enabled = cfg.sparkplug.enabled
         self._received = 0  # messages and payload bytes not counted in the metrics yet
         self._received_bytes = 0
         self._budget = InflightBudget(
@@ -132,10 +133,10 @@ class Pipeline:
         self._received += 1
         self._received_bytes += len(msg.payload)
         try:
-            if self.cfg.sparkplug.enabled and is_sparkplug(msg.topic):
+            if self._sparkplug_enabled and is_sparkplug(msg.topic):
                 self._accept_sparkplug(msg, job)
                 return
-            levels, batch = self.shapes.decode(
+            levels, got = self.shapes.accept(
                 msg.topic,
                 msg.payload,
                 content_type=msg.content_type,
@@ -146,9 +147,47 @@ class Pipeline:
             job.reject(msg, exc.reason)
             self._budget.take(nbytes=len(msg.payload), readings=0)
             return
-        job.accepted.append(Accepted(levels, batch, msg))
-        job.readings += batch.readings
-        self._budget.take(nbytes=len(msg.payload), readings=batch.readings)
+        if isinstance(got, Shaped):  # read with the rest of the flush (`_settle`)
+            job.accepted.append(Accepted(levels, None, msg, got))
+        else:
+            job.accepted.append(Accepted(levels, got, msg))
+        job.readings += got.readings
+        self._budget.take(nbytes=len(msg.payload), readings=got.readings)
+
+    def _settle(self, job: FlushJob) -> None:
+        """Read the flush's shaped payloads, all at once; one whose bytes differ from its
+        shape is decoded in full, or becomes a dead letter. Its readings stay counted as the
+        in-flight budget took them (released with the flush)."""
+        waiting = [item for item in job.accepted if item.batch is None]
+        if not waiting:
+            return
+        settled = self.shapes.settle([item.shaped for item in waiting if item.shaped])
+        if settled.complete and len(waiting) == len(job.accepted):
+            job.columns = settled  # the usual case: batches only if asked for
+            return
+        for i, item in enumerate(waiting):
+            item.batch = settled.batch(i)
+            msg, shaped = item.received, item.shaped
+            if item.batch is not None or msg is None or shaped is None:
+                continue
+            try:
+                _, item.batch = self.shapes.fallback(
+                    msg.topic,
+                    shaped,
+                    content_type=msg.content_type,
+                    limits=self.limits,
+                    now_us=time.time_ns() // 1000,
+                )
+                item.shaped = None
+            except PayloadError as exc:
+                job.reject(msg, exc.reason)
+        job.accepted = [item for item in job.accepted if item.batch is not None]
+
+    def _take_job(self) -> FlushJob:
+        """The flush gathered so far, settled, for the writer; a new one starts."""
+        job, self._job = self._job, FlushJob()
+        self._settle(job)
+        return job
 
     def _accept_sparkplug(self, msg: Received, job: FlushJob) -> None:
         """A Sparkplug message into the flush; raises PayloadError."""
@@ -186,18 +225,23 @@ class Pipeline:
         async with self._dispatch_lock:
             if not self._job:
                 return
-            job, self._job = self._job, FlushJob()
-            await self._queue.put(job)
+            await self._queue.put(self._take_job())
 
     async def _intake(self) -> None:
         # A flush goes to the writer when it is full, or at once when the writer is idle: under
         # load, flushes grow with what gathers while the previous one is written; at low rates,
         # nothing waits for a timer.
-        async for msg in self.source.messages():
-            self._accept(msg)
-            if self._job.readings >= self.cfg.flush.max_readings or self._writer_idle:
-                await self._dispatch()
-            await self._budget.wait_for_room()
+        # What the connection holds already is taken without a coroutine per message.
+        max_readings = self.cfg.flush.max_readings
+        async for first in self.source.messages():
+            msg: Received | None = first
+            while msg is not None:
+                self._accept(msg)
+                if self._job.readings >= max_readings or self._writer_idle:
+                    await self._dispatch()
+                if not self._budget.has_room():
+                    await self._budget.wait_for_room()
+                msg = self.source.ready()
 
     async def _timer(self) -> None:
         interval = self.cfg.flush.interval_s
@@ -224,15 +268,15 @@ class Pipeline:
                 # letters within sparkplug.unknown_alias_wait_s at the latest).
                 self._queue.put_nowait(None)
                 await asyncio.sleep(self.cfg.flush.interval_s)
-                job, self._job = self._job, FlushJob()
+                job = self._take_job()
             await self.writer.write(job)
             carried = self._carry(job)
             # Only what the current connection takes: after a reconnect the broker delivers
             # the others again, and they are counted when those copies are acknowledged.
-            acked = 0
-            for i, msg in enumerate(job.received):
-                if i not in carried.indices:
-                    acked += self.source.ack(msg.token)
+            received = job.received
+            if carried.indices:
+                received = [m for i, m in enumerate(received) if i not in carried.indices]
+            acked = self.source.ack_all([msg.token for msg in received])
             metrics.MESSAGES_ACKED.inc(acked)
             await self._budget.release(
                 nbytes=job.nbytes - carried.nbytes,

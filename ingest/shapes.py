@@ -1,16 +1,22 @@
 """Message shapes: a device that sends the same channels every second sends MessagePack
-payloads that differ only in `t0`, `seq` and the bytes of their values. The first two
-payloads of a topic are decoded in full (`ingest.decode`), the second one becoming the
-topic's shape; the next ones of the same shape are checked byte for byte against it and
-decoded from their bytes, without a Python object per channel.
+payloads that differ only in `t0`, `seq` and the bytes of their values. The first payload
+of a topic is decoded in full (`ingest.decode`) and kept; when a second one comes, the topic's
+shape is learnt from the first, and the second and the next ones of the same shape are checked
+byte for byte against it and decoded from their bytes, without a Python object per channel.
 
 Anything else (another length, another byte outside those fields, JSON, arrays of numbers,
 explicit times or quality) is decoded in full, as always, and becomes the topic's shape if it
-has the usual compact form. Called from one task only."""
+has the usual compact form. Called from one task only.
+
+On the hot path a payload is only looked at when it arrives (`Shapes.accept`: its length, t0,
+seq and the times they give); the bytes of a whole flush's shaped payloads are then checked
+and their values read by one kernel call (`Shapes.settle`), and a payload whose bytes turn out
+to differ is decoded in full then (`Shapes.fallback`)."""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,13 +26,13 @@ from ingest.decode import Batch, DecodeLimits, decode_batch, parse_topic
 from ingest.jit import small_kernel
 from ingest.wire import I64_MAX
 
-__all__ = ["Shapes", "compile_kernels"]
+__all__ = ["Settled", "Shaped", "Shapes", "compile_kernels"]
 
 _MAX_TOPICS = 200_000  # shapes remembered; past that the cache starts again
 Span = tuple[int, int]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, eq=False)
 class _Shape:
     levels: tuple[str, ...]
     payload: npt.NDArray[np.uint8]  # the payload it was learnt from (read-only, its bytes)
@@ -34,6 +40,7 @@ class _Shape:
     t0: Span
     seq: Span | None
     values: npt.NDArray[np.int32]  # the value bytes, 8 per reading, in order
+    spans: npt.NDArray[np.int64]  # the same as each channel's start and end, flat
     offsets: npt.NDArray[np.int64]  # each reading's time minus t0
     first: int  # least and greatest offset
     last: int
@@ -41,6 +48,68 @@ class _Shape:
     units: tuple[str | None, ...]
     counts: tuple[int, ...]
     quality: npt.NDArray[np.uint8]  # zeros, read-only, shared too
+    lengths: npt.NDArray[np.int64]  # counts as an array
+    raw: bytes  # `payload` and `fixed` as bytes, to be joined with others'
+    raw_fixed: bytes
+    ids: npt.NDArray[np.int32] | None = None
+    """The sensor ids of its channels, as the registry gave them at units version `version`
+    (kept here by `ingest.writer`: a shape's sensors cost no look-up)."""
+    version: int = -1
+
+
+@dataclass(slots=True, eq=False)  # not frozen: one is made per message, and a frozen one costs more
+class Shaped:
+    """A payload that looked like its topic's shape when it arrived: same length, t0 and seq
+    where the shape has them, times within the limits. `Shapes.settle` checks its other bytes
+    and reads its values."""
+
+    shape: _Shape
+    payload: bytes
+    t0: int
+    seq: int | None
+
+    @property
+    def readings(self) -> int:
+        return len(self.shape.offsets)
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """Shaped payloads read together: whether each matched its shape, their readings' columns
+    one after the other (payload i's at bounds[i]:bounds[i + 1]; unset where it did not
+    match), and their channels' lengths."""
+
+    shaped: Sequence[Shaped]
+    ok: list[bool]
+    bounds: list[int]
+    time: npt.NDArray[np.int64]
+    value: npt.NDArray[np.float64]
+    lengths: npt.NDArray[np.int64]
+
+    @property
+    def complete(self) -> bool:
+        """Whether every payload matched its shape: then the columns hold every reading."""
+        return False not in self.ok
+
+    def batch(self, i: int) -> Batch | None:
+        """Payload i's batch (its arrays views of the columns), None if it did not match."""
+        if not self.ok[i]:
+            return None
+        s, a, b = self.shaped[i], self.bounds[i], self.bounds[i + 1]
+        x = s.shape
+        return Batch(
+            s.seq, x.names, x.units, x.counts, b - a, self.time[a:b], self.value[a:b], x.quality
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _First:
+    """A topic's first payload, decoded: its shape is learnt from it if a second one comes
+    (the first sight of a plant, every sensor registered at once, does not pay for it)."""
+
+    levels: tuple[str, ...]
+    payload: bytes
+    batch: Batch
 
 
 class Shapes:
@@ -48,7 +117,7 @@ class Shapes:
 
     def __init__(self, *, prefix: str) -> None:
         self._prefix = prefix
-        self._topics: dict[str, _Shape | tuple[str, ...]] = {}
+        self._topics: dict[str, _Shape | _First | tuple[str, ...]] = {}
         self.matched = 0
         """Payloads decoded by their topic's shape."""
 
@@ -62,14 +131,71 @@ class Shapes:
         now_us: int,
     ) -> tuple[tuple[str, ...], Batch]:
         """The topic's levels and the payload's batch; raises PayloadError like
-        `parse_topic` and `decode_batch`."""
+        `parse_topic` and `decode_batch`. (`accept` and `settle` in two steps.)"""
+        levels, got = self.accept(
+            topic, payload, content_type=content_type, limits=limits, now_us=now_us
+        )
+        if isinstance(got, Batch):
+            return levels, got
+        batch = self.settle([got]).batch(0)
+        if batch is not None:
+            return levels, batch
+        return self.fallback(topic, got, content_type=content_type, limits=limits, now_us=now_us)
+
+    def accept(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        content_type: str | None,
+        limits: DecodeLimits,
+        now_us: int,
+    ) -> tuple[tuple[str, ...], Batch | Shaped]:
+        """The topic's levels, and the payload's batch, or a `Shaped` to be read with others
+        by `settle`; raises PayloadError like `parse_topic` and `decode_batch`."""
         known = self._topics.get(topic)
+        if isinstance(known, _First):
+            first = known
+            known = _learn(first.levels, first.payload, first.batch, limits, now_us)
+            self._topics[topic] = known = known or first.levels
+        if isinstance(known, _Shape) and (
+            content_type is None or content_type == "application/msgpack"
+        ):
+            shaped = _looks_like(known, payload, limits, now_us)
+            if shaped is not None:
+                return known.levels, shaped
+        return self._decode(topic, payload, known, content_type, limits, now_us)
+
+    def settle(self, shaped: Sequence[Shaped]) -> Settled:
+        """Check the bytes of every `shaped` payload against its shape and read its values,
+        in one kernel call."""
+        settled = _read(shaped)
+        self.matched += sum(settled.ok)
+        return settled
+
+    def fallback(
+        self,
+        topic: str,
+        shaped: Shaped,
+        *,
+        content_type: str | None,
+        limits: DecodeLimits,
+        now_us: int,
+    ) -> tuple[tuple[str, ...], Batch]:
+        """A payload `settle` found to differ from its shape, decoded in full (its topic then
+        learns its shape from it); raises PayloadError like `decode_batch`."""
+        return self._decode(topic, shaped.payload, shaped.shape, content_type, limits, now_us)
+
+    def _decode(
+        self,
+        topic: str,
+        payload: bytes,
+        known: _Shape | tuple[str, ...] | None,
+        content_type: str | None,
+        limits: DecodeLimits,
+        now_us: int,
+    ) -> tuple[tuple[str, ...], Batch]:
         if isinstance(known, _Shape):
-            if content_type is None or content_type == "application/msgpack":
-                batch = _decode_like(known, payload, limits, now_us)
-                if batch is not None:
-                    self.matched += 1
-                    return known.levels, batch
             levels = known.levels
         elif known is None:
             levels = parse_topic(topic, prefix=self._prefix)
@@ -77,44 +203,58 @@ class Shapes:
             levels = known
         batch = decode_batch(payload, content_type=content_type, limits=limits, now_us=now_us)
         if known is None:
-            # A topic's shape is learnt from its second payload: the first sight of a plant
-            # (every sensor registered at once) does not pay for it as well.
             if len(self._topics) >= _MAX_TOPICS:
                 self._topics.clear()
-            self._topics[topic] = levels
+            self._topics[topic] = _First(levels, payload, batch)
         else:
             self._topics[topic] = _learn(levels, payload, batch, limits, now_us) or levels
         return levels, batch
 
 
 @small_kernel
-def _values_like(
+def _read_shaped(
     buf: npt.NDArray[np.uint8],
-    payload: npt.NDArray[np.uint8],
+    like: npt.NDArray[np.uint8],
     fixed: npt.NDArray[np.uint8],
-    values: npt.NDArray[np.int32],
+    starts: npt.NDArray[np.int64],
+    spans: npt.NDArray[np.int64],
+    sstarts: npt.NDArray[np.int64],
+    rstarts: npt.NDArray[np.int64],
     offsets: npt.NDArray[np.int64],
-    t0: int,
-) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]:
-    """The little-endian float64 values at `values` (8 bytes each) of `buf` and the times
-    t0 + `offsets`, if every byte `fixed` marks equals `payload`'s; else two empty arrays."""
-    n = buf.shape[0]
-    if n != payload.shape[0]:
-        return np.empty(0, np.float64), np.empty(0, np.int64)
-    for i in range(n):
-        if (buf[i] ^ payload[i]) & fixed[i]:
-            return np.empty(0, np.float64), np.empty(0, np.int64)
-    raw = np.empty(values.shape[0], np.uint8)
-    for k in range(values.shape[0]):
-        raw[k] = buf[values[k]]
-    time = np.empty(offsets.shape[0], np.int64)
-    for k in range(offsets.shape[0]):
-        time[k] = offsets[k] + t0
-    return raw.view(np.float64).copy(), time
+    t0: npt.NDArray[np.int64],
+    time: npt.NDArray[np.int64],
+    raw: npt.NDArray[np.uint8],
+) -> npt.NDArray[np.bool_]:
+    """The values (little-endian float64, as bytes into `raw`) and times (t0 + `offsets`,
+    into `time`) of many payloads, one after the other in `buf`, if every byte `fixed` marks
+    equals the shape's in `like`. Payload m is starts[m]:starts[m + 1] of `buf`, `like` and
+    `fixed`; its readings are rstarts[m]:rstarts[m + 1] of `offsets` and `time` (8 bytes each
+    in `raw`), their bytes the spans sstarts[m]:sstarts[m + 1] of `spans` (start and end within
+    the payload, flat). Returns whether each payload matched; the readings of one that did not
+    are left unset."""
+    n = starts.shape[0] - 1
+    ok = np.zeros(n, np.bool_)
+    for m in range(n):
+        a = starts[m]
+        diff = np.uint8(0)
+        for i in range(a, starts[m + 1]):  # no early exit: the loop is vectorized
+            diff |= (buf[i] ^ like[i]) & fixed[i]
+        if diff:
+            continue
+        ok[m] = True
+        for k in range(rstarts[m], rstarts[m + 1]):
+            time[k] = offsets[k] + t0[m]
+        r = 8 * rstarts[m]
+        for c in range(sstarts[m], sstarts[m + 1]):
+            size = spans[2 * c + 1] - spans[2 * c]
+            raw[r : r + size] = buf[a + spans[2 * c] : a + spans[2 * c + 1]]
+            r += size
+    return ok
 
 
-def _decode_like(shape: _Shape, payload: bytes, limits: DecodeLimits, now_us: int) -> Batch | None:
-    """`payload` decoded by its shape, or None if it does not have that shape exactly."""
+def _looks_like(shape: _Shape, payload: bytes, limits: DecodeLimits, now_us: int) -> Shaped | None:
+    """`payload` as a `Shaped`, if its length, t0 and seq fit its shape and its times are
+    within the limits; its other bytes are not looked at yet."""
     if len(payload) != len(shape.payload):
         return None
     t0 = _int(payload, shape.t0)
@@ -128,11 +268,30 @@ def _decode_like(shape: _Shape, payload: bytes, limits: DecodeLimits, now_us: in
     hi = min(now_us + limits.max_future_us, I64_MAX)
     if t0 + shape.first < limits.min_time_us or t0 + shape.last > hi or t0 > hi:
         return None  # decode_batch names the field
-    buf = np.frombuffer(payload, np.uint8)
-    value, time = _values_like(buf, shape.payload, shape.fixed, shape.values, shape.offsets, t0)
-    if not len(value):
-        return None
-    return Batch(seq, shape.names, shape.units, shape.counts, len(time), time, value, shape.quality)
+    return Shaped(shape, payload, t0, seq)
+
+
+def _read(shaped: Sequence[Shaped]) -> Settled:
+    """`Shapes.settle`."""
+    n = len(shaped)
+    starts = np.zeros(n + 1, np.int64)
+    rstarts = np.zeros(n + 1, np.int64)
+    np.cumsum([len(s.payload) for s in shaped], out=starts[1:])
+    sstarts = np.zeros(n + 1, np.int64)
+    np.cumsum([len(s.shape.offsets) for s in shaped], out=rstarts[1:])
+    shapes = [s.shape for s in shaped]
+    np.cumsum([len(x.counts) for x in shapes], out=sstarts[1:])
+    buf = np.frombuffer(b"".join([s.payload for s in shaped]), np.uint8)
+    like = np.frombuffer(b"".join([x.raw for x in shapes]), np.uint8)
+    fixed = np.frombuffer(b"".join([x.raw_fixed for x in shapes]), np.uint8)
+    spans = np.concatenate([x.spans for x in shapes]) if n else np.empty(0, np.int64)
+    offsets = np.concatenate([x.offsets for x in shapes]) if n else np.empty(0, np.int64)
+    t0 = np.array([s.t0 for s in shaped], np.int64)
+    time = np.empty(len(offsets), np.int64)
+    raw = np.empty(8 * len(offsets), np.uint8)
+    ok = _read_shaped(buf, like, fixed, starts, spans, sstarts, rstarts, offsets, t0, time, raw)
+    lengths = np.concatenate([x.lengths for x in shapes]) if n else np.empty(0, np.int64)
+    return Settled(shaped, ok.tolist(), rstarts.tolist(), time, raw.view(np.float64), lengths)
 
 
 _INT_SIZES = {0xCC: 2, 0xCD: 3, 0xCE: 5, 0xCF: 9, 0xD0: 2, 0xD1: 3, 0xD2: 5, 0xD3: 9}
@@ -288,28 +447,49 @@ def _walk(buf: npt.NDArray[np.uint8]) -> npt.NDArray[np.int64]:
     return np.concatenate((out, spans))
 
 
+@small_kernel
+def _layout(
+    size: int, found: npt.NDArray[np.int64]
+) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.int32]]:
+    """For the spans `_walk` found in a payload of `size` bytes: the mask of the bytes a
+    payload of its shape must repeat (0xff; 0 in t0, seq and values), and the position of
+    every value byte, in order."""
+    fixed = np.full(size, 0xFF, np.uint8)
+    for k in (0, 2):
+        if found[k] >= 0:
+            fixed[found[k] : found[k + 1]] = 0
+    total = 0
+    for k in range(4, found.shape[0], 2):
+        total += found[k + 1] - found[k]
+    values = np.empty(total, np.int32)
+    at = 0
+    for k in range(4, found.shape[0], 2):
+        for p in range(found[k], found[k + 1]):
+            fixed[p] = 0
+            values[at] = p
+            at += 1
+    return fixed, values
+
+
 def _learn(
     levels: tuple[str, ...], payload: bytes, batch: Batch, limits: DecodeLimits, now_us: int
 ) -> _Shape | None:
     """The shape of a payload `decode_batch` accepted, if it has the compact form."""
-    if sys.byteorder != "little":  # _values_like reads little-endian float64 as native
+    if sys.byteorder != "little":  # _read_shaped reads little-endian float64 as native
         return None
-    found = _walk(np.frombuffer(payload, np.uint8)).tolist()
-    if not found:
+    buf = np.frombuffer(payload, np.uint8)
+    found = _walk(buf)
+    if not len(found):
         return None
-    t0_span = (found[0], found[1])
-    seq_span = (found[2], found[3]) if found[2] >= 0 else None
-    spans = list(zip(found[4::2], found[5::2], strict=True))
-    if [end - start for start, end in spans] != [8 * n for n in batch.counts]:
+    lengths = np.array(batch.counts, np.int64)
+    if not np.array_equal(found[5::2] - found[4::2], 8 * lengths):
         return None
+    t0_span = (int(found[0]), int(found[1]))
+    seq_span = (int(found[2]), int(found[3])) if found[2] >= 0 else None
     t0 = _int(payload, t0_span)
     if t0 is None:
         return None
-    buf = np.frombuffer(payload, np.uint8)
-    fixed = np.full(len(buf), 0xFF, np.uint8)
-    for start, end in [t0_span, *([seq_span] if seq_span else []), *spans]:
-        fixed[start:end] = 0
-    values = np.concatenate([np.arange(start, end, dtype=np.int32) for start, end in spans])
+    fixed, values = _layout(len(buf), found)
     offsets = batch.time - t0
     quality = np.zeros(batch.readings, np.uint8)
     quality.flags.writeable = False
@@ -320,6 +500,7 @@ def _learn(
         t0=t0_span,
         seq=seq_span,
         values=values,
+        spans=found[4:].copy(),
         offsets=offsets,
         first=int(offsets.min()),
         last=int(offsets.max()),
@@ -328,15 +509,14 @@ def _learn(
         units=tuple([None if u is None else sys.intern(u) for u in batch.units]),
         counts=batch.counts,
         quality=quality,
+        lengths=lengths,
+        raw=bytes(payload),
+        raw_fixed=fixed.tobytes(),
     )
-    # What the shape reads back from its own payload must be what was decoded.
-    again = _decode_like(shape, payload, limits, now_us)
-    if (
-        again is None
-        or again.seq != batch.seq
-        or not np.array_equal(again.time, batch.time)
-        or again.value.tobytes() != batch.value.tobytes()
-    ):
+    # What the shape reads back from its own payload must be what was decoded (its times are
+    # t0 + offsets by construction).
+    again = _looks_like(shape, payload, limits, now_us)
+    if again is None or again.seq != batch.seq or buf[values].tobytes() != batch.value.tobytes():
         return None
     return shape
 
@@ -345,6 +525,10 @@ def compile_kernels() -> None:
     """Compile, or load from the on-disk cache, this module's kernel (see `ingest.warmup`)."""
     buf = np.zeros(16, np.uint8)
     received = np.frombuffer(bytes(16), np.uint8)  # read-only, as a payload's bytes are
-    values = np.arange(8, dtype=np.int32)
-    _values_like(received, received, buf, values, np.zeros(1, np.int64), 0)
     _walk(received)
+    ends = np.array([0, 16], np.int64)
+    one = np.array([0, 1], np.int64)
+    zero = np.zeros(1, np.int64)
+    spans = np.array([8, 16], np.int64)
+    _read_shaped(received, received, received, ends, spans, one, one, zero, zero, zero.copy(), buf)
+    _layout(16, np.array([0, 1, -1, -1, 8, 16], np.int64))

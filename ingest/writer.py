@@ -242,13 +242,20 @@ class Writer:
         shapes = []
         sensors: dict[SensorKey, str | None] = {}
         latest: dict[SensorKey, int] = {}  # the latest reading time of each new sensor
-        for item in job.accepted:
-            batch = item.batch
-            names, units = batch.names, batch.units
-            ids = registry.message_ids(item.levels, names, units)
+        version = registry.units_version
+        for i, item in enumerate(job.accepted):
+            names, units = item.names, item.units
+            shape = None if item.shaped is None else item.shaped.shape
+            if shape is not None and shape.version == version:
+                ids = shape.ids  # its sensors, as resolved for an earlier payload of its shape
+            else:
+                ids = registry.message_ids(item.levels, names, units)
+                if ids is not None and shape is not None:
+                    shape.ids, shape.version = ids, version
             parts.append(ids)
             shapes.append((names, units))
             if ids is None:
+                batch = job.batch(i)
                 counts = np.array(batch.counts, dtype=np.int64)
                 ends = np.maximum.reduceat(batch.time, np.cumsum(counts) - counts).tolist()
                 for name, unit, end in zip(names, units, ends, strict=True):
@@ -264,7 +271,10 @@ class Writer:
                 return await self._resolve(conn, job)  # all known now: one look-up each
             for i, item in enumerate(job.accepted):
                 if parts[i] is None:
-                    parts[i] = registry.remember(item.levels, *shapes[i])
+                    parts[i] = ids = registry.remember(item.levels, *shapes[i])
+                    if item.shaped is not None:
+                        item.shaped.shape.ids = ids
+                        item.shaped.shape.version = registry.units_version
             metrics.SENSORS_KNOWN.set(registry.used)
         done = [p for p in parts if p is not None]
         return np.concatenate(done) if done else np.empty(0, np.int32)
@@ -272,10 +282,11 @@ class Writer:
     def _refuse(self, job: FlushJob, refused: set[SensorKey]) -> None:
         """Turn the messages naming a refused sensor into dead letters, in place."""
         cap = self._cfg.limits.max_sensors_per_device
+        job.drop_columns()  # they hold the refused messages' readings too
         kept = []
         for item in job.accepted:
             over = next(
-                (name for name in item.batch.names if SensorKey(item.levels, name) in refused),
+                (name for name in item.names if SensorKey(item.levels, name) in refused),
                 None,
             )
             if over is None or item.received is None:

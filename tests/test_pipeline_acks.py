@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 
 import pytest
 from prometheus_client import REGISTRY
@@ -24,6 +25,9 @@ class _Source:
     def ack(self, token: AckToken) -> bool:
         self.offered.append(token)
         return token.generation == 2
+
+    def ack_all(self, tokens: Iterable[AckToken]) -> int:
+        return sum(self.ack(token) for token in tokens)
 
 
 def _received(generation: int, seq: int) -> Received:

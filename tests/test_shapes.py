@@ -11,7 +11,7 @@ import pytest
 
 from ingest.decode import Batch, DecodeLimits, decode_batch, parse_topic
 from ingest.errors import PayloadError
-from ingest.shapes import Shapes
+from ingest.shapes import Shaped, Shapes
 from tests.support.streams import T0
 
 LIMITS = DecodeLimits()
@@ -87,7 +87,7 @@ def test_payloads_of_one_shape_decode_as_decode_batch_does() -> None:
     check(shapes, payload(T0, None, [1.0, float("nan"), float("inf"), -0.0]))
     check(shapes, payload(T0 + 1, None, [2.0, 3.0, float("-inf"), 5e-324]))
     # All but the first of each seq width and of the last shape, and the topic's first.
-    assert shapes.matched == 306 - 7
+    assert shapes.matched == 306 - 6
 
 
 @pytest.mark.parametrize(
@@ -127,3 +127,46 @@ def test_a_shape_is_not_used_for_another_content_type_or_topic() -> None:
     check(shapes, data, topic="telemetry/site/line/plc-2")
     check(shapes, data, topic="elsewhere/plc-1")
     check(shapes, data, topic="telemetry/site/bad level/plc-1")
+
+
+def test_a_flush_of_shaped_payloads_reads_as_decode_batch_does() -> None:
+    """Many topics' payloads accepted, then read by one `settle`: those unlike their shape in
+    bytes only `settle` looks at are decoded in full by `fallback` (or refused as
+    `decode_batch` refuses them), the rest read from their bytes."""
+    shapes = Shapes(prefix="telemetry")
+    topics = [f"telemetry/site/line/plc-{i}" for i in range(40)]
+    for seq in range(2):
+        for topic in topics:
+            check(shapes, payload(T0 + seq * 1_000_000, seq, [1.0, 2.0, 3.5]), topic=topic)
+    rng = np.random.default_rng(7)
+    data = [payload(T0 + 2_000_000, 2, rng.normal(0, 1e3, 3).tolist()) for _ in topics]
+    # Each the length of its shape, other bytes differing: valid, or not (a space in a name).
+    data[3] = payload(T0 + 2_000_000, 2, [1.0, 2.0, 3.5], u="kPa")
+    data[17] = payload(T0 + 2_000_000, 2, [1.0, 2.0, 3.5], dt=2_000_000)
+    data[25] = payload(T0 + 2_000_000, 2, [1.0, 2.0, 3.5], s="tag 9")
+    accepted = [
+        shapes.accept(topic, d, content_type=MSGPACK, limits=LIMITS, now_us=NOW)
+        for topic, d in zip(topics, data, strict=True)
+    ]
+    shaped = [got for _, got in accepted]
+    assert all(isinstance(got, Shaped) for got in shaped)
+    settled = shapes.settle([got for got in shaped if isinstance(got, Shaped)])
+    assert [i for i, ok in enumerate(settled.ok) if not ok] == [3, 17, 25]
+    assert not settled.complete
+    for i, (topic, d) in enumerate(zip(topics, data, strict=True)):
+        got = shaped[i]
+        assert isinstance(got, Shaped)
+
+        def by_settle(
+            topic: str, d: bytes, content_type: str | None, i: int = i, got: Shaped = got
+        ) -> Any:
+            batch = settled.batch(i)
+            if batch is not None:
+                return accepted[i][0], batch
+            return shapes.fallback(topic, got, content_type=content_type, limits=LIMITS, now_us=NOW)
+
+        assert outcome(by_settle, topic, d) == outcome(reference, topic, d)
+    good = [i for i, ok in enumerate(settled.ok) if ok]
+    times = np.concatenate([settled.time[settled.bounds[i] : settled.bounds[i + 1]] for i in good])
+    assert times.tolist() == [T0 + 2_000_000] * 3 * len(good)
+    assert settled.lengths.tolist() == [1] * 3 * len(topics)

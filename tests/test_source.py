@@ -315,6 +315,25 @@ async def test_acknowledgements_go_out_in_arrival_order(
         assert not source.ack(m1.token)  # a token works once
 
 
+async def test_acknowledgements_of_a_flush_go_out_together_in_arrival_order(
+    mqtt_url: str, prefix: str, client_ids: ClientIds
+) -> None:
+    sent = outgoing(prefix, 7)
+    config = settings(mqtt_url, client_ids("sub"), prefix, receive_maximum=4)
+    async with MqttSource(settings=config) as source, Collector(source) as collector:
+        await wait_connected(source)
+        await publish(mqtt_url, sent, client_id=client_ids("pub"))
+        m0, m1, m2, m3 = await collector.take(4)
+        assert source.ack_all([m3.token, m1.token]) == 2  # held back: m0 is not acknowledged
+        await collector.assert_idle()
+        assert source.ack_all([m0.token, m1.token]) == 1  # m1 again: a token works once
+        assert payloads(await collector.take(2)) == [b"m004", b"m005"]  # m0 and m1 released
+        await collector.assert_idle()
+        assert source.ack_all([m2.token]) == 1  # m2 and the held m3
+        assert payloads(await collector.take(1)) == [b"m006"]
+        assert source.ack_all([]) == 0
+
+
 async def test_reconnects_after_session_takeover(
     mqtt_url: str, prefix: str, client_ids: ClientIds
 ) -> None:

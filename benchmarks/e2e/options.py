@@ -102,7 +102,8 @@ def _parser() -> argparse.ArgumentParser:
         "--py-spy",
         type=Path,
         metavar="FILE",
-        help="profile the ingester's sustained phase with py-spy (if installed) into FILE: "
+        help="profile the ingester's sustained phase (wide shape: its steady phase) with py-spy "
+        "(if installed) into FILE: "
         "speedscope JSON, or a flame graph (.svg) or collapsed stacks (.txt)",
     )
     p.add_argument(

@@ -120,6 +120,12 @@ class Registry:
         know many more: it is loaded whole)."""
         return len(self._used)
 
+    @property
+    def units_version(self) -> int:
+        """Changes whenever a sensor's unit does: ids kept with a message's units are good
+        while it stays the same."""
+        return self._units_version
+
     def get(self, key: SensorKey) -> int | None:
         known = self._sensors.get(key)
         return None if known is None else known.id

@@ -41,13 +41,7 @@ _MERGE = """
       FROM {source} GROUP BY 1, 2"""
 
 
-def _merge_insert(table: str, source: str) -> str:
-    return f"""
-INSERT INTO telemetry.{table} AS r
-       (bucket, sensor_id, min, max, sum, count, first, first_time, last, last_time)
-SELECT bucket, sensor_id, min, max, sum, count, first, first_time, last, last_time
-  FROM {source} ORDER BY sensor_id, bucket
-ON CONFLICT (sensor_id, bucket) DO UPDATE SET
+_ON_CONFLICT = """ON CONFLICT (sensor_id, bucket) DO UPDATE SET
     min = least(r.min, EXCLUDED.min),
     max = greatest(r.max, EXCLUDED.max),
     sum = r.sum + EXCLUDED.sum,
@@ -57,6 +51,47 @@ ON CONFLICT (sensor_id, bucket) DO UPDATE SET
     last = CASE WHEN EXCLUDED.last_time > r.last_time THEN EXCLUDED.last ELSE r.last END,
     last_time = greatest(r.last_time, EXCLUDED.last_time)
 """
+
+
+def _merge_insert(table: str, source: str) -> str:
+    return f"""
+INSERT INTO telemetry.{table} AS r
+       (bucket, sensor_id, min, max, sum, count, first, first_time, last, last_time)
+SELECT bucket, sensor_id, min, max, sum, count, first, first_time, last, last_time
+  FROM {source} ORDER BY sensor_id, bucket
+{_ON_CONFLICT}"""
+
+
+_SET_FROM = """
+    min = least(r.min, s.min),
+    max = greatest(r.max, s.max),
+    sum = r.sum + s.sum,
+    count = r.count + s.count,
+    first = CASE WHEN s.first_time < r.first_time THEN s.first ELSE r.first END,
+    first_time = least(r.first_time, s.first_time),
+    last = CASE WHEN s.last_time > r.last_time THEN s.last ELSE r.last END,
+    last_time = greatest(r.last_time, s.last_time)"""
+
+
+def _merge_staged(table: str, source: str) -> str:
+    """`_merge_insert` for a stage of distinct keys, most of them in the table already: those
+    rows are updated from a join (faster than the conflict path of an insert, row for row),
+    the others inserted (by the conflict path still, should another transaction have inserted
+    them meanwhile)."""
+    return f"""
+WITH updated AS (
+    UPDATE telemetry.{table} AS r SET{_SET_FROM}
+      FROM {source} AS s
+     WHERE r.sensor_id = s.sensor_id AND r.bucket = s.bucket
+ RETURNING r.sensor_id, r.bucket
+)
+INSERT INTO telemetry.{table} AS r
+       (bucket, sensor_id, min, max, sum, count, first, first_time, last, last_time)
+SELECT bucket, sensor_id, min, max, sum, count, first, first_time, last, last_time
+  FROM {source} AS s
+ WHERE NOT EXISTS (SELECT FROM updated u WHERE u.sensor_id = s.sensor_id AND u.bucket = s.bucket)
+ ORDER BY sensor_id, bucket
+{_ON_CONFLICT}"""
 
 
 # Every committed partial, moved in one statement: deleted from the pending table, aggregated
@@ -81,8 +116,8 @@ CREATE TEMPORARY TABLE IF NOT EXISTS rollup_stage_1h (LIKE telemetry.rollup_pend
     ON COMMIT DELETE ROWS
 """
 _UPSERT_HELD = (
-    _merge_insert("rollup_1m", "rollup_stage_1m"),
-    _merge_insert("rollup_1h", "rollup_stage_1h"),
+    _merge_staged("rollup_1m", "rollup_stage_1m"),
+    _merge_staged("rollup_1h", "rollup_stage_1h"),
 )
 
 # Journal rows (schema/011): each ingester process writes under an epoch of its own and holds

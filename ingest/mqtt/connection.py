@@ -332,6 +332,25 @@ class Connection(asyncio.Protocol):
             self.progress.set()
         return True
 
+    def ack_all(self, seqs: list[int]) -> int:
+        """`ack` for each of `seqs`, in order; how many returned ``True``."""
+        if self.lost or not self.alive:
+            return 0
+        ledger = self.ledger
+        done = 0
+        released: list[int] = []
+        for seq in seqs:
+            got = ledger.ack(seq)
+            if got is not None:
+                done += 1
+                released += got
+        if released:
+            if not self._acks:
+                self._loop.call_soon(self._write, b"")
+            self._acks += released
+            self.progress.set()
+        return done
+
     async def start(self, connect_packet: bytes) -> dict[int, int | str]:
         """Send CONNECT and wait for CONNACK; its properties. ConnectionLostError if refused."""
         self._write(connect_packet)

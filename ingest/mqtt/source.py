@@ -7,7 +7,7 @@ import logging
 import random
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Final, Self
 
@@ -241,6 +241,20 @@ class MqttSource:
             return False
         return conn.ack(token.seq)
 
+    def ack_all(self, tokens: Iterable[AckToken]) -> int:
+        """`ack` for each of `tokens`, in order; how many returned ``True``."""
+        conn = self._conn
+        done = 0
+        seqs = []
+        for token in tokens:
+            if token.qos == 0:
+                done += 1
+            elif conn is not None and conn.generation == token.generation:
+                seqs.append(token.seq)
+        if seqs and conn is not None:
+            done += conn.ack_all(seqs)
+        return done
+
     async def flush_acks(self) -> bool:
         """Wait until the broker has processed every PUBACK written so far.
 
@@ -282,6 +296,15 @@ class MqttSource:
         broker neither keeps nor routes anything to it. Only once nothing is left in it: what
         it still holds is dropped with it."""
         self._end_session = True
+
+    def ready(self) -> Received | None:
+        """The next message if one can be handed out without waiting, else None. Never
+        awaits; call it from the event loop's thread, in the task iterating ``messages()``."""
+        conn = self._conn
+        if conn is None or conn.lost or not conn.inbox or len(conn.ledger) >= conn.limit:
+            return None
+        message, received_ns = conn.take()
+        return self._received(conn, message, received_ns)
 
     async def next_message(self) -> Received:
         """The next message (``messages()`` is the public way to iterate)."""
