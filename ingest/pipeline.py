@@ -4,7 +4,6 @@ acknowledges every message after its flush committed."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 import time
@@ -13,7 +12,6 @@ from typing import Any
 from ingest import memory, metrics
 from ingest.alerts.service import start as start_alerts
 from ingest.config import Config, parse_rfc3339_us
-from ingest.db import subscriptions
 from ingest.db.registry import Registry
 from ingest.db.rollups import RollupMerger
 from ingest.decode import DecodeLimits
@@ -26,6 +24,7 @@ from ingest.errors import (
 from ingest.flush import Accepted, Carried, FlushJob, carry_held
 from ingest.memory import InflightBudget
 from ingest.mqtt import MqttSource, Received
+from ingest.session import BrokerSession
 from ingest.shapes import Shaped, Shapes
 from ingest.sparkplug.commands import HostApplication, RebirthRequester
 from ingest.sparkplug.stage import SparkplugStage
@@ -34,11 +33,6 @@ from ingest.warmup import warm_up
 from ingest.writer import Writer
 
 log = logging.getLogger(__name__)
-
-
-# Leaving a share group: the session is empty once everything received is acknowledged and
-# nothing more arrived for this long after the broker confirmed the UNSUBSCRIBE.
-_QUIET_S = 1.0
 
 
 class Pipeline:
@@ -114,11 +108,12 @@ class Pipeline:
         self._job = FlushJob()
         self._job_started = 0.0
         self._last_received = time.monotonic()
-        self.session_ended = False
-        """Whether stopping ended the broker-side session (see `_end_session`)."""
         self._queue: asyncio.Queue[FlushJob | None] = asyncio.Queue(maxsize=1)
         self._writer_idle = False
         self._dispatch_lock = asyncio.Lock()
+        self.session = BrokerSession(
+            cfg, self.source, idle=self._idle, last_received=lambda: self._last_received
+        )
 
     # ------------------------------------------------------------------ intake
 
@@ -311,7 +306,9 @@ class Pipeline:
                 return
             extras = []
             if not drain:  # a drain subscribes to nothing, and ends the session
-                extras += await self._forget_stale_filters(tg)
+                extras += await self.session.forget_stale_filters(
+                    tg, self.writer.sinks[0].connection
+                )
             writer = tg.create_task(self._writer(), name="writer")
             timer = tg.create_task(self._timer(), name="flush-timer")
             merger = None
@@ -329,7 +326,7 @@ class Pipeline:
             watch: set[asyncio.Task[Any]] = {writer, intake, stopper}
             drainer = None
             if drain:
-                drainer = tg.create_task(self._empty_session(stop), name="drain")
+                drainer = tg.create_task(self.session.empty(stop), name="drain")
                 watch.add(drainer)
             await asyncio.wait(watch, return_when=asyncio.FIRST_COMPLETED)
             loop = asyncio.get_running_loop()
@@ -341,7 +338,7 @@ class Pipeline:
                 drainer.cancel()
             elif leave and stop.is_set() and not writer.done() and not intake.done():
                 # Leaving takes at most half the grace; the final flush has the rest.
-                emptied = await self._leave(deadline=deadline - grace / 2)
+                emptied = await self.session.leave(deadline=deadline - grace / 2)
             self.health.stopping = True
             intake.cancel()
             timer.cancel()
@@ -360,27 +357,10 @@ class Pipeline:
                 merger.cancel()
             self.writer.deadline = deadline
             if leave:
-                await self._end_session(
+                await self.session.end(
                     emptied=emptied and writer.done() and self._idle(), deadline=deadline
                 )
         await self.merger.close(wait_s=deadline - asyncio.get_running_loop().time())
-
-    async def _forget_stale_filters(self, tg: asyncio.TaskGroup) -> list[asyncio.Task[None]]:
-        """Record this session's filters before subscribing; the first connection unsubscribes
-        from those recorded before that it no longer names, and they are then forgotten."""
-        client_id = self.cfg.mqtt.session_client_id
-        conn = self.writer.sinks[0].connection  # the writer task has not started yet
-        stale = await subscriptions.record(conn, client_id, self.source.topic_filters)
-        if not stale:
-            return []
-        self.source.forget(stale)
-        forget = subscriptions.forget_confirmed(
-            self.source,
-            dsn=self.cfg.db.url,
-            client_id=client_id,
-            timeout_s=self.cfg.db.connect_timeout_s,
-        )
-        return [tg.create_task(forget, name="forget-filters")]
 
     def _idle(self) -> bool:
         """Nothing received is unacknowledged: no flush gathering, waiting or being written."""
@@ -389,71 +369,6 @@ class Pipeline:
             and self._queue.empty()
             and self._budget.messages == 0
             and self.source.queued == 0
-        )
-
-    async def _leave(self, *, deadline: float, stop: asyncio.Event | None = None) -> bool:
-        """Leave the share group: UNSUBSCRIBE, then take in, commit and acknowledge what the
-        broker still holds for this session until nothing arrives for `_QUIET_S`. True once
-        the session is empty; False at `deadline`, when `stop` is set, or without an answer.
-        """
-        if not await self.source.leave():
-            log.warning(
-                "could not unsubscribe from %r; the session is kept", self.cfg.mqtt.topic_filter
-            )
-            return False
-        log.info(
-            "unsubscribed from %r; finishing what the broker holds for this session",
-            self.cfg.mqtt.topic_filter,
-        )
-        loop = asyncio.get_running_loop()
-        while loop.time() < deadline and not (stop is not None and stop.is_set()):
-            if self._idle() and time.monotonic() - self._last_received >= _QUIET_S:
-                return True
-            await asyncio.sleep(0.05)
-        return False
-
-    async def _empty_session(self, stop: asyncio.Event) -> bool:
-        """`ingest drain`: wait for the first connection, then empty the session it found."""
-        # session_present is known at the CONNACK; the connection is the source's only once it
-        # has unsubscribed, and leaving before that finds none.
-        while self.source.session_present is None or not self.source.connected:
-            if stop.is_set():
-                return False
-            await asyncio.sleep(0.05)
-        client_id = self.cfg.mqtt.session_client_id
-        if not self.source.session_present:
-            log.info("the broker had no session for %r: nothing to drain", client_id)
-            return True
-        log.info("took over the session of %r; ingesting what it holds", client_id)
-        return await self._leave(deadline=float("inf"), stop=stop)
-
-    async def _end_session(self, *, emptied: bool, deadline: float) -> None:
-        """End the broker-side session if it is known to be empty and every acknowledgement
-        reached the broker by `deadline`; otherwise keep it, so that nothing it still holds is
-        lost."""
-        client_id = self.cfg.mqtt.session_client_id
-        acked = False
-        if emptied:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout_at(deadline):
-                    acked = await self.source.flush_acks()
-        if acked:
-            self.source.end_session_on_close()
-            self.session_ended = True
-            metrics.SESSIONS_ENDED.inc()
-            log.info("session of %r ended: it held nothing more", client_id)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout_at(deadline):  # no filter is left in the session
-                    await subscriptions.forget_apart(
-                        None, dsn=self.cfg.db.url, client_id=client_id, timeout_s=1.0
-                    )
-            return
-        log.warning(
-            "session of %r kept: it may still hold messages; they are delivered when %r "
-            "connects again, or run: ingest drain --client-id %s",
-            client_id,
-            client_id,
-            client_id,
         )
 
     async def _drain(
@@ -508,7 +423,7 @@ async def run_service(
         # Nothing of the failed flush was acknowledged: the broker keeps it for the next start.
         log.error("stopped: %s", failed[0])
         return 1
-    if drain and not pipeline.session_ended:
+    if drain and not pipeline.session.ended:
         log.error("stopped before the session was empty; it is kept")
         return 1
     log.info("stopped")

@@ -24,12 +24,12 @@ import numpy.typing as npt
 
 from ingest.decode import Batch, DecodeLimits, decode_batch, parse_topic
 from ingest.jit import small_kernel
+from ingest.shape_layout import Span, layout, read_int, walk
 from ingest.wire import I64_MAX
 
 __all__ = ["Settled", "Shaped", "Shapes", "compile_kernels"]
 
 _MAX_TOPICS = 200_000  # shapes remembered; past that the cache starts again
-Span = tuple[int, int]
 
 
 @dataclass(slots=True, eq=False)
@@ -257,12 +257,12 @@ def _looks_like(shape: _Shape, payload: bytes, limits: DecodeLimits, now_us: int
     within the limits; its other bytes are not looked at yet."""
     if len(payload) != len(shape.payload):
         return None
-    t0 = _int(payload, shape.t0)
+    t0 = read_int(payload, shape.t0)
     if t0 is None:
         return None
     seq = None
     if shape.seq is not None:
-        seq = _int(payload, shape.seq)
+        seq = read_int(payload, shape.seq)
         if seq is None or not 0 <= seq <= I64_MAX:
             return None
     hi = min(now_us + limits.max_future_us, I64_MAX)
@@ -294,183 +294,6 @@ def _read(shaped: Sequence[Shaped]) -> Settled:
     return Settled(shaped, ok.tolist(), rstarts.tolist(), time, raw.view(np.float64), lengths)
 
 
-_INT_SIZES = {0xCC: 2, 0xCD: 3, 0xCE: 5, 0xCF: 9, 0xD0: 2, 0xD1: 3, 0xD2: 5, 0xD3: 9}
-
-
-def _int(payload: bytes, span: Span) -> int | None:
-    """The MessagePack integer at `span`, if it is one of exactly that length."""
-    start, end = span
-    first = payload[start]
-    if end - start == 1:
-        if first < 0x80:
-            return first
-        return first - 256 if first >= 0xE0 else None
-    if _INT_SIZES.get(first) != end - start:
-        return None
-    return int.from_bytes(payload[start + 1 : end], "big", signed=first >= 0xD0)
-
-
-@small_kernel
-def _length(
-    buf: npt.NDArray[np.uint8], at: int, fix: int, mask: int, c1: int, c2: int, c4: int
-) -> tuple[int, int]:
-    """(length, position after it) of the map, array or string header at `at`: its fix form
-    (`fix` | n, n <= `mask`), or code c1, c2 or c4 with 1, 2 or 4 length bytes (-1: none).
-    (-1, at) if it is none of those or runs past the end."""
-    if at >= buf.shape[0]:
-        return -1, at
-    b = buf[at]
-    if b & (0xFF ^ mask) == fix:
-        return b & mask, at + 1
-    size = 1 if b == c1 else 2 if b == c2 else 4 if b == c4 else 0
-    if size == 0 or at + 1 + size > buf.shape[0]:
-        return -1, at
-    n = 0
-    for k in range(size):
-        n = n * 256 + buf[at + 1 + k]
-    return n, at + 1 + size
-
-
-@small_kernel
-def _int_end(buf: npt.NDArray[np.uint8], at: int) -> int:
-    """End of the MessagePack integer at `at`, or -1."""
-    if at >= buf.shape[0]:
-        return -1
-    b = buf[at]
-    if b < 0x80 or b >= 0xE0:
-        return at + 1
-    size = 0
-    if b == 0xCC or b == 0xD0:
-        size = 2
-    elif b == 0xCD or b == 0xD1:
-        size = 3
-    elif b == 0xCE or b == 0xD2:
-        size = 5
-    elif b == 0xCF or b == 0xD3:
-        size = 9
-    if size == 0 or at + size > buf.shape[0]:
-        return -1
-    return at + size
-
-
-@small_kernel
-def _is(buf: npt.NDArray[np.uint8], at: int, n: int, a: int, b: int, c: int) -> bool:
-    """Whether the n-byte string at `at` is the key of bytes a, b, c (b, c 0: shorter)."""
-    size = 1 + (b != 0) + (c != 0)
-    if n != size or buf[at] != a:
-        return False
-    if size >= 2 and buf[at + 1] != b:
-        return False
-    return not (size == 3 and buf[at + 2] != c)
-
-
-@small_kernel
-def _walk(buf: npt.NDArray[np.uint8]) -> npt.NDArray[np.int64]:
-    """Spans of t0, seq (-1, -1 without) and every channel's value bytes, flat, if the payload
-    has the compact form (a map of v, t0, seq, ch; channels of s, u, dt, vt "f8" and binary
-    v only); an empty array otherwise."""
-    fail = np.empty(0, np.int64)
-    end = buf.shape[0]
-    keys, at = _length(buf, 0, 0x80, 0x0F, -1, 0xDE, 0xDF)
-    if keys < 0:
-        return fail
-    out = np.full(4, -1, np.int64)
-    spans = np.empty(0, np.int64)
-    for _ in range(keys):
-        n, at = _length(buf, at, 0xA0, 0x1F, 0xD9, 0xDA, 0xDB)
-        if n < 0 or at + n > end:
-            return fail
-        k = at
-        at += n
-        if _is(buf, k, n, 118, 0, 0) or _is(buf, k, n, 116, 48, 0) or _is(buf, k, n, 115, 101, 113):
-            stop = _int_end(buf, at)  # v, t0, seq
-            if stop < 0:
-                return fail
-            if n == 2:
-                out[0], out[1] = at, stop
-            elif n == 3:
-                out[2], out[3] = at, stop
-            at = stop
-        elif _is(buf, k, n, 99, 104, 0):  # ch
-            channels, at = _length(buf, at, 0x90, 0x0F, -1, 0xDC, 0xDD)
-            if channels < 0:
-                return fail
-            spans = np.full(2 * channels, -1, np.int64)
-            for c in range(channels):
-                fields, at = _length(buf, at, 0x80, 0x0F, -1, 0xDE, 0xDF)
-                if fields < 0:
-                    return fail
-                for _ in range(fields):
-                    m, at = _length(buf, at, 0xA0, 0x1F, 0xD9, 0xDA, 0xDB)
-                    if m < 0 or at + m > end:
-                        return fail
-                    f = at
-                    at += m
-                    if _is(buf, f, m, 115, 0, 0) or _is(buf, f, m, 117, 0, 0):  # s, u
-                        size, at = _length(buf, at, 0xA0, 0x1F, 0xD9, 0xDA, 0xDB)
-                        if size < 0:
-                            return fail
-                        at += size
-                    elif _is(buf, f, m, 118, 116, 0):  # vt: "f8" only
-                        if at + 3 > end or buf[at] != 0xA2 or buf[at + 1] != 102:
-                            return fail
-                        if buf[at + 2] != 56:
-                            return fail
-                        at += 3
-                    elif _is(buf, f, m, 100, 116, 0):  # dt
-                        at = _int_end(buf, at)
-                        if at < 0:
-                            return fail
-                    elif _is(buf, f, m, 118, 0, 0):  # v, binary
-                        if at >= end:
-                            return fail
-                        b = buf[at]
-                        size = 1 if b == 0xC4 else 2 if b == 0xC5 else 4 if b == 0xC6 else 0
-                        if size == 0 or at + 1 + size > end:
-                            return fail
-                        length = 0
-                        for j in range(size):
-                            length = length * 256 + buf[at + 1 + j]
-                        at += 1 + size
-                        spans[2 * c], spans[2 * c + 1] = at, at + length
-                        at += length
-                    else:
-                        return fail
-                    if at > end:
-                        return fail
-                if spans[2 * c] < 0:
-                    return fail
-        else:
-            return fail
-    if out[0] < 0 or at != end or spans.shape[0] == 0:
-        return fail
-    return np.concatenate((out, spans))
-
-
-@small_kernel
-def _layout(
-    size: int, found: npt.NDArray[np.int64]
-) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.int32]]:
-    """For the spans `_walk` found in a payload of `size` bytes: the mask of the bytes a
-    payload of its shape must repeat (0xff; 0 in t0, seq and values), and the position of
-    every value byte, in order."""
-    fixed = np.full(size, 0xFF, np.uint8)
-    for k in (0, 2):
-        if found[k] >= 0:
-            fixed[found[k] : found[k + 1]] = 0
-    total = 0
-    for k in range(4, found.shape[0], 2):
-        total += found[k + 1] - found[k]
-    values = np.empty(total, np.int32)
-    at = 0
-    for k in range(4, found.shape[0], 2):
-        for p in range(found[k], found[k + 1]):
-            fixed[p] = 0
-            values[at] = p
-            at += 1
-    return fixed, values
-
-
 def _learn(
     levels: tuple[str, ...], payload: bytes, batch: Batch, limits: DecodeLimits, now_us: int
 ) -> _Shape | None:
@@ -478,7 +301,7 @@ def _learn(
     if sys.byteorder != "little":  # _read_shaped reads little-endian float64 as native
         return None
     buf = np.frombuffer(payload, np.uint8)
-    found = _walk(buf)
+    found = walk(buf)
     if not len(found):
         return None
     lengths = np.array(batch.counts, np.int64)
@@ -486,10 +309,10 @@ def _learn(
         return None
     t0_span = (int(found[0]), int(found[1]))
     seq_span = (int(found[2]), int(found[3])) if found[2] >= 0 else None
-    t0 = _int(payload, t0_span)
+    t0 = read_int(payload, t0_span)
     if t0 is None:
         return None
-    fixed, values = _layout(len(buf), found)
+    fixed, values = layout(len(buf), found)
     offsets = batch.time - t0
     quality = np.zeros(batch.readings, np.uint8)
     quality.flags.writeable = False
@@ -525,10 +348,8 @@ def compile_kernels() -> None:
     """Compile, or load from the on-disk cache, this module's kernel (see `ingest.warmup`)."""
     buf = np.zeros(16, np.uint8)
     received = np.frombuffer(bytes(16), np.uint8)  # read-only, as a payload's bytes are
-    _walk(received)
     ends = np.array([0, 16], np.int64)
     one = np.array([0, 1], np.int64)
     zero = np.zeros(1, np.int64)
     spans = np.array([8, 16], np.int64)
     _read_shaped(received, received, received, ends, spans, one, one, zero, zero, zero.copy(), buf)
-    _layout(16, np.array([0, 1, -1, -1, 8, 16], np.int64))

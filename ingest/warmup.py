@@ -7,7 +7,7 @@ anomaly filters, and (when Sparkplug is on) the Sparkplug decoder.
 
 from __future__ import annotations
 
-from ingest import kernels, partials, shapes
+from ingest import kernels, partials, shape_layout, shapes
 from ingest.anomaly import detector
 from ingest.asset import model
 from ingest.sparkplug import stage
@@ -22,6 +22,7 @@ def warm_up(*, sparkplug: bool = True) -> None:
     on a warm one.
     """
     kernels.compile_kernels()
+    shape_layout.compile_kernels()
     shapes.compile_kernels()
     partials.compile_kernels()
     detector.compile_kernels()

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ingest.anomaly import drift, exact
+from ingest.anomaly import drift, exact, pairs
 
 PROPERTY = settings(
     max_examples=300,
@@ -103,14 +103,14 @@ class Pairs:
         wd, wb = self.wd, self.wb
         if a >= wd:
             moved = values[a - wd]
-            self.r = drift.enter(*self.r, -moved)
-            self.b = drift.enter(*self.b, moved)
-            self.q = drift.enter_square(*self.q, moved, 1.0)
+            self.r = pairs.enter(*self.r, -moved)
+            self.b = pairs.enter(*self.b, moved)
+            self.q = pairs.enter_square(*self.q, moved, 1.0)
             if a >= wd + wb:
                 gone = values[a - wd - wb]
-                self.b = drift.enter(*self.b, -gone)
-                self.q = drift.enter_square(*self.q, gone, -1.0)
-        self.r = drift.enter(*self.r, values[a])
+                self.b = pairs.enter(*self.b, -gone)
+                self.q = pairs.enter_square(*self.q, gone, -1.0)
+        self.r = pairs.enter(*self.r, values[a])
 
     def check(self, recent: list[float], base: list[float]) -> tuple[int, int]:
         """Every pair is within its bound of its exact sum, and reads as math.fsum when its
@@ -118,19 +118,19 @@ class Pairs:
         decided = 0
         for (h, lo, lost), window in ((self.r, recent), (self.b, base)):
             want = sum(map(Fraction, window))
-            assert abs(want - Fraction(h) - Fraction(lo)) <= Fraction(lost * drift.SLACK)
-            got = drift.rounded(h, lo, lost * drift.SLACK)
+            assert abs(want - Fraction(h) - Fraction(lo)) <= Fraction(lost * pairs.SLACK)
+            got = pairs.rounded(h, lo, lost * pairs.SLACK)
             if not math.isnan(got):
                 decided += 1
                 assert got == math.fsum(window)
         qh, ql, q3, qx = self.q
         want = sum(Fraction(v) ** 2 for v in base)
-        assert abs(want - Fraction(qh) - Fraction(ql) - Fraction(q3)) <= Fraction(qx * drift.SLACK)
+        assert abs(want - Fraction(qh) - Fraction(ql) - Fraction(q3)) <= Fraction(qx * pairs.SLACK)
         bh, bl, bx = self.b
         acc = np.empty(exact.LIMBS2, np.int64)
         rng = np.empty(2, np.int64)
         tmp = np.empty(drift.SCRATCH)
-        got = drift.rounded_spread((bh, bl, bx * drift.SLACK), self.q, len(base), acc, rng, tmp)
+        got = pairs.rounded_spread((bh, bl, bx * pairs.SLACK), self.q, len(base), acc, rng, tmp)
         if not math.isnan(got):
             decided += 1
             assert got == float(_frac_spread(base))
@@ -218,16 +218,16 @@ def test_a_restore_restarts_the_running_sums_from_the_exact_ones(
 def test_rounded_is_exact_on_ties_and_refuses_what_it_cannot_tell() -> None:
     one = 1.0
     half_ulp = 2.0**-53
-    assert drift.rounded(one, half_ulp, 0.0) == 1.0  # a tie, exact: to even
-    assert drift.rounded(1.0 + 2.0**-52, half_ulp, 0.0) == 1.0 + 2.0**-51
-    assert math.isnan(drift.rounded(one, half_ulp, 2.0**-100))  # either side of the tie
-    assert drift.rounded(one, half_ulp / 2, 2.0**-100) == 1.0
-    assert drift.rounded(one, -(2.0**-55), 2.0**-100) == 1.0  # below a power of two: finer
-    assert math.isnan(drift.rounded(one, -(2.0**-54), 2.0**-100))  # a tie below it
-    assert drift.rounded(0.0, 0.0, 0.0) == 0.0
-    assert math.copysign(1.0, drift.rounded(-0.0, 0.0, 0.0)) == 1.0
-    assert math.isnan(drift.rounded(0.0, 0.0, 2.0**-700))
-    assert drift.rounded(-3.0, 2.0**-60, 2.0**-70) == -3.0
+    assert pairs.rounded(one, half_ulp, 0.0) == 1.0  # a tie, exact: to even
+    assert pairs.rounded(1.0 + 2.0**-52, half_ulp, 0.0) == 1.0 + 2.0**-51
+    assert math.isnan(pairs.rounded(one, half_ulp, 2.0**-100))  # either side of the tie
+    assert pairs.rounded(one, half_ulp / 2, 2.0**-100) == 1.0
+    assert pairs.rounded(one, -(2.0**-55), 2.0**-100) == 1.0  # below a power of two: finer
+    assert math.isnan(pairs.rounded(one, -(2.0**-54), 2.0**-100))  # a tie below it
+    assert pairs.rounded(0.0, 0.0, 0.0) == 0.0
+    assert math.copysign(1.0, pairs.rounded(-0.0, 0.0, 0.0)) == 1.0
+    assert math.isnan(pairs.rounded(0.0, 0.0, 2.0**-700))
+    assert pairs.rounded(-3.0, 2.0**-60, 2.0**-70) == -3.0
 
 
 def test_readings_beyond_the_exact_range_are_counted_not_summed() -> None:

@@ -16,7 +16,7 @@ import pytest
 from ingest.mqtt import MqttSource, Received, Settings, packets
 from ingest.mqtt.connection import Connection
 from ingest.mqtt.packets import Publish
-from ingest.mqtt.source import maximum_packet_size
+from ingest.mqtt.received import maximum_packet_size
 from tests.support.fake_broker import FakeBroker, Session, publish
 from tests.support.mqtt import TIMEOUT, until
 

@@ -9,62 +9,20 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from types import TracebackType
-from typing import Final, Self
-
-import msgspec
+from typing import Self
 
 from ingest.mqtt import packets
 from ingest.mqtt.connection import Connection, ConnectionLostError, RefusedError
 from ingest.mqtt.packets import Publish
-from ingest.mqtt.refusals import check_suback, connack_error
+from ingest.mqtt.received import AckToken, Received, maximum_packet_size
+from ingest.mqtt.refusals import connack_error
 from ingest.mqtt.settings import Settings, parse_url, tls_context
+from ingest.mqtt.subscribing import subscribe, unsubscribe_stale
 
 __all__ = ["AckToken", "MqttSource", "Received", "maximum_packet_size"]
 
 # The source stage's log name, as operators filter it, whatever the module layout.
 logger = logging.getLogger("ingest.source")
-
-# QoS 1; retained messages only when the subscription is new (retain handling 1).
-_SUBSCRIBE_OPTIONS: Final = 0x01 | 0x10
-# Further filters (Sparkplug's): QoS 1, never the broker's retained messages (retain handling
-# 2; Sparkplug retains only STATE, which the service ignores).
-_EXTRA_OPTIONS: Final = 0x01 | 0x20
-# Room for what a PUBLISH carries besides its payload: the fixed header, the topic and the
-# content type (MQTT strings, at most 64 KiB each), the packet id and small properties.
-PUBLISH_OVERHEAD: Final = 2 * (2 + 65535) + 4096
-
-
-def maximum_packet_size(max_payload_bytes: int) -> int:
-    """The Maximum Packet Size to announce for payloads of up to `max_payload_bytes`.
-
-    The broker discards larger messages for this client [MQTT-3.1.2-25]; a payload a little
-    over the limit still arrives and becomes a dead letter.
-    """
-    return min(packets.MAX_REMAINING_LENGTH, max_payload_bytes + PUBLISH_OVERHEAD)
-
-
-class AckToken(msgspec.Struct, frozen=True, gc=False):
-    """Opaque handle to acknowledge one message; valid only on the connection that delivered it."""
-
-    generation: int
-    seq: int
-    mid: int
-    qos: int
-
-
-class Received(msgspec.Struct, frozen=True, gc=False):
-    """One MQTT message as the source hands it to the pipeline."""
-
-    topic: str
-    payload: bytes
-    content_type: str | None
-    """The MQTT v5 content-type property, if the publisher set one."""
-    received_ns: int
-    """``time.time_ns()`` when the message arrived from the socket."""
-    published_us: int | None
-    """The user property ``ts`` (publisher's clock, µs since the Unix epoch) if present and an
-    integer. Only for end-to-end latency metrics; never trusted as a reading time."""
-    token: AckToken
 
 
 class _Messages:
@@ -467,33 +425,10 @@ class MqttSource:
         return conn
 
     async def _unsubscribe_stale(self, conn: Connection) -> None:
-        stale = self._stale
-        if conn.session_present:
-            codes, reason = await conn.unsubscribe(stale)
-            # 0x00 success, 0x11 no subscription existed: either way none is left.
-            gone = [f for f, code in zip(stale, codes, strict=True) if code in (0x00, 0x11)]
-            if len(gone) < len(stale):
-                logger.warning(
-                    "MQTT broker %s refused to unsubscribe %r from %r (reason codes %s%s); "
-                    "its session keeps them until it expires",
-                    self._endpoint.redacted,
-                    self._client_id,
-                    [f for f in stale if f not in gone],
-                    [f"0x{c:02x}" for c in codes],
-                    f", {reason}" if reason else "",
-                )
-            if gone:
-                logger.info("MQTT unsubscribed from %r: no longer configured", gone)
-        else:
-            gone = stale  # no session: it holds no subscription
+        gone = await unsubscribe_stale(conn, self._stale, self._endpoint.redacted, self._client_id)
         self._stale = []
         if self._unsubscribed is not None and not self._unsubscribed.done():
             self._unsubscribed.set_result(gone)
 
     async def _subscribe(self, conn: Connection) -> None:
-        # One SUBSCRIBE for every filter: a resumed session's backlog may already be streaming
-        # in, and each answer waits behind it.
-        pairs = [(self._topic_filter, _SUBSCRIBE_OPTIONS)]
-        pairs += [(f, _EXTRA_OPTIONS) for f in self._extra_filters]
-        codes, reason = await conn.subscribe(pairs)
-        check_suback(pairs, codes, reason)
+        await subscribe(conn, self._topic_filter, self._extra_filters)
