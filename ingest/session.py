@@ -54,13 +54,23 @@ class BrokerSession:
         if not stale:
             return []
         self.source.forget(stale)
-        forget = subscriptions.forget_confirmed(
-            self.source,
+        return [tg.create_task(self._forget_confirmed(), name="forget-filters")]
+
+    async def _forget_confirmed(self) -> None:
+        """Once the source confirms which stale filters the session no longer holds, forget
+        them."""
+        gone = await self.source.forgotten()
+        if gone:
+            await self._forget(gone)
+
+    async def _forget(self, filters: list[str] | None) -> None:
+        """Forget `filters` of this client id (None: all of them, the session ended)."""
+        await subscriptions.forget_apart(
+            filters,
             dsn=self.cfg.db.url,
-            client_id=client_id,
+            client_id=self.cfg.mqtt.session_client_id,
             timeout_s=self.cfg.db.connect_timeout_s,
         )
-        return [tg.create_task(forget, name="forget-filters")]
 
     async def leave(self, *, deadline: float, stop: asyncio.Event | None = None) -> bool:
         """Leave the share group: UNSUBSCRIBE, then take in, commit and acknowledge what the
@@ -115,9 +125,7 @@ class BrokerSession:
             log.info("session of %r ended: it held nothing more", client_id)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout_at(deadline):  # no filter is left in the session
-                    await subscriptions.forget_apart(
-                        None, dsn=self.cfg.db.url, client_id=client_id, timeout_s=1.0
-                    )
+                    await self._forget(None)
             return
         log.warning(
             "session of %r kept: it may still hold messages; they are delivered when %r "

@@ -5,15 +5,14 @@ session, still routing messages to it.
 A session keeps its subscriptions across connections and a client cannot ask the broker for
 them. So before subscribing, an ingester records its filters and reads the others recorded for
 its client id; the source unsubscribes from those (`MqttSource.forget`), and only once the
-broker confirmed are they forgotten here. Each client id has its own rows, so any number of
-ingesters can do this at once.
+broker confirmed are they forgotten (`ingest.session`). Each client id has its own rows, so
+any number of ingesters can do this at once.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Protocol
 
 import asyncpg
 
@@ -37,10 +36,6 @@ DELETE FROM telemetry.mqtt_subscriptions WHERE client_id = $1 AND topic_filter =
 """
 
 
-class Forgetting(Protocol):
-    async def forgotten(self) -> list[str]: ...
-
-
 async def record(conn: asyncpg.Connection, client_id: str, filters: Sequence[str]) -> list[str]:
     """Record that `client_id`'s session is subscribed to `filters`, before subscribing (so no
     crash leaves a filter unrecorded); return the other filters recorded for it, which the
@@ -55,14 +50,12 @@ async def record(conn: asyncpg.Connection, client_id: str, filters: Sequence[str
     return [r["topic_filter"] for r in rows]
 
 
-async def forget(conn: asyncpg.Connection, client_id: str, filters: Sequence[str] | None) -> int:
-    """Forget filters the session no longer holds (None: all of them, the session ended);
-    returns how many rows went."""
+async def forget(conn: asyncpg.Connection, client_id: str, filters: Sequence[str] | None) -> None:
+    """Forget filters the session no longer holds (None: all of them, the session ended)."""
     if filters is None:
-        status = await conn.execute(_FORGET_ALL_SQL, client_id)
+        await conn.execute(_FORGET_ALL_SQL, client_id)
     else:
-        status = await conn.execute(_FORGET_SQL, client_id, list(filters))
-    return int(status.split()[-1])
+        await conn.execute(_FORGET_SQL, client_id, list(filters))
 
 
 async def forget_apart(
@@ -78,12 +71,3 @@ async def forget_apart(
             await conn.close(timeout=timeout_s)
     except (asyncpg.PostgresError, *CLIENT_ERRORS) as exc:
         log.warning("could not forget the MQTT filters of %r: %s", client_id, exc)
-
-
-async def forget_confirmed(
-    source: Forgetting, *, dsn: str, client_id: str, timeout_s: float
-) -> None:
-    """Once `source` confirms which stale filters its session no longer holds, forget them."""
-    gone = await source.forgotten()
-    if gone:
-        await forget_apart(gone, dsn=dsn, client_id=client_id, timeout_s=timeout_s)
