@@ -205,6 +205,11 @@ def test_fit_limits_are_the_baselines_own_score_quantile_times_the_margin() -> N
             "from 0 to 86400 seconds, got -1.0",
         ),
         (
+            '[{"match": "*", "settle_s": 7200}]',
+            "anomaly.assets[0] (INGEST_ANOMALY_ASSETS): asset rule '*': settle_s must be from 0 to "
+            "3600 seconds, got 7200.0",
+        ),
+        (
             '[{"match": ""}]',
             "anomaly.assets[0] (INGEST_ANOMALY_ASSETS): asset rule: match must be a non-empty glob, "
             "got ''",

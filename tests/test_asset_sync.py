@@ -211,6 +211,66 @@ async def test_an_asset_rules_alert_opens_and_resolves_with_the_asset_events(db:
     assert [r["event"] for r in sent].count("resolved") == len(expected)
 
 
+@pytest.mark.parametrize(("settle_s", "members"), [(0.0, 1), (40.0, 1), (40.0, 3)])
+async def test_sensors_in_separate_messages_are_scored_together_once_settled(
+    db: Database, settle_s: float, members: int
+) -> None:
+    device = new_pump()
+    later, _ = await fitted(db, device)
+    rule = msgspec.structs.replace(RULE, replay_s=60.0, settle_s=settle_s)
+    expected = one_pass(await stored_model(db, device), rule, later)
+    assert len(expected) == 1
+    # Each sensor's 30 s in a message and a flush of its own, one sensor after the other.
+    parts = [{name: r} for part in chunks(later, 30) for name, r in sorted(part.items())]
+    before = [
+        REGISTRY.get_sample_value(f"ingest_asset_{m}_total") or 0.0
+        for m in ("replays", "late_readings")
+    ]
+    instances = [Instance(db, [], assets=[rule]) for _ in range(members)]
+    for one in instances:
+        await one.__aenter__()
+    try:
+        for n, part in enumerate(parts):
+            await instances[n % members].write(device, part)
+    finally:
+        for one in instances:
+            await one.__aexit__()
+    replays, late = (
+        (REGISTRY.get_sample_value(f"ingest_asset_{m}_total") or 0.0) - b
+        for m, b in zip(("replays", "late_readings"), before, strict=True)
+    )
+    got = await asset_events(db, device)
+    if settle_s:
+        assert (replays, late) == (0.0, 0.0)
+        assert got == expected
+    else:  # each sensor after the first re-scores; the 4-minute fault outlasts replay_s
+        assert replays > 0
+        assert late > 0
+        assert got != expected
+
+
+async def test_a_late_flush_re_scores_a_settled_device_as_one_pass_does(db: Database) -> None:
+    device = new_pump()
+    later, _ = await fitted(db, device)
+    rule = msgspec.structs.replace(RULE, settle_s=40.0)
+    expected = one_pass(await stored_model(db, device), rule, later)
+    parts = chunks(later, 30)
+    # In each four flushes the first commits last, after the next three were scored: a pair
+    # swapped would not do, as settle_s waits for it.
+    for i in range(0, len(parts) - 3, 4):
+        parts[i : i + 4] = [*parts[i + 1 : i + 4], parts[i]]
+    replays = REGISTRY.get_sample_value("ingest_asset_replays_total") or 0.0
+    late = REGISTRY.get_sample_value("ingest_asset_late_readings_total") or 0.0
+    async with Instance(db, [], assets=[rule]) as one:
+        for part in parts:
+            await one.write(device, part)
+    assert (REGISTRY.get_sample_value("ingest_asset_replays_total") or 0.0) - replays == len(
+        parts
+    ) // 4
+    assert (REGISTRY.get_sample_value("ingest_asset_late_readings_total") or 0.0) == late
+    assert await asset_events(db, device) == expected
+
+
 async def test_readings_further_back_than_replay_max_s_are_stored_but_not_scored(
     db: Database,
 ) -> None:

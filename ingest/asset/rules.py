@@ -37,6 +37,10 @@ class AssetRule(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
       quiet timestamp (no run in progress) found at most this far before those readings.
       Readings more than `anomaly.replay_max_s` before the newest scored timestamp are stored
       but not scored.
+    - `settle_s`: 0, or timestamps are scored only once the device has a reading this much
+      newer, from its stored readings: the sensors of a timestamp that come in separate
+      messages (Sparkplug report by exception, one message per sensor) are then scored
+      together instead of re-scoring the device at most flushes.
     """
 
     match: str
@@ -44,6 +48,7 @@ class AssetRule(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
     min_duration_s: float = 30.0
     gap_s: float = 30.0
     replay_s: float = 600.0
+    settle_s: float = 0.0
     alert: AlertRule | None = None
     """The alert the device's asset events feed: one condition per device (ingest/alerts)."""
 
@@ -60,6 +65,7 @@ class AssetRule(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
             "min_duration_s": (0.0, 86400.0),
             "gap_s": (0.0, 86400.0),
             "replay_s": (0.0, 86400.0),
+            "settle_s": (0.0, 3600.0),
         }
         for field, (low, high) in limits.items():
             got = getattr(self, field)
@@ -86,6 +92,10 @@ class AssetRule(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
     @property
     def replay_us(self) -> int:
         return round(self.replay_s * 1e6)
+
+    @property
+    def settle_us(self) -> int:
+        return round(self.settle_s * 1e6)
 
 
 def asset_rule_for(*, rules: Sequence[AssetRule], device: str) -> AssetRule | None:

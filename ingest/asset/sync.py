@@ -204,13 +204,14 @@ class AssetScorer:
     ) -> dict[str, object] | None:
         ints, floats = _state(row, model)
         oldest = int(time.min())
+        newest = int(time.max())
         ev_i = np.empty((0, 3 + k.TOP), np.int64)
         ev_f = np.empty((0, 3 + k.TOP), np.float64)
         run = True
         if row.last is not None and oldest <= row.last:
             replayed = None
             if row.last - oldest <= self._max:  # else too far back: its reads unbounded
-                replayed = await self._replay(conn, row, model, rule, oldest, time, out)
+                replayed = await self._replay(conn, row, model, rule, oldest, newest, out)
             if replayed is not None:  # it ran the flush's readings too: they are stored
                 ints, floats, ev_i, ev_f = replayed
                 out.replays += 1
@@ -219,8 +220,17 @@ class AssetScorer:
                 after = time > row.last
                 out.late += int((~after).sum())
                 sensor, time, value = sensor[after], time[after], value[after]
-        if run and len(time):  # in time order (see `settle`)
+        if run and rule.settle_us and len(time):
+            # the stored readings not scored yet, this flush's among them, up to settle_s
+            # before the newest; at first, those after the model's baseline period
+            since = row.last
+            if since is None:
+                since = max(model.fitted_to - 1, newest - self._max)
+            index, time, value = await self._stored(conn, model, since, newest + self._max)
+            time, index, value = _settled(time, index, value, rule.settle_us)
+        elif run and len(time):  # in time order (see `settle`)
             index = np.searchsorted(model.sensor_ids, sensor).astype(np.int32)
+        if run and len(time):
             times, _, ev_i, ev_f = model.model.run(
                 index,
                 time,
@@ -243,6 +253,21 @@ class AssetScorer:
             "floats": floats.tolist(),
         }
 
+    async def _stored(
+        self, conn: asyncpg.Connection, model: db.Model, after: int, upto: int
+    ) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int64], npt.NDArray[np.float64]]:
+        """The device's stored readings of its model sensors in (after, upto], in time order:
+        each one's sensor index in the model, time and value."""
+        stored = await db.readings(
+            conn, sensor_ids=model.sensor_ids.tolist(), after=after, upto=upto
+        )
+        parts = [(np.full(len(t), j, np.int32), t, v) for j, (t, v) in enumerate(stored.values())]
+        index = np.concatenate([p[0] for p in parts])
+        times = np.concatenate([p[1] for p in parts])
+        values = np.concatenate([p[2] for p in parts])
+        order = np.argsort(times, kind="stable")
+        return index[order], times[order], values[order]
+
     async def _replay(
         self,
         conn: asyncpg.Connection,
@@ -250,7 +275,7 @@ class AssetScorer:
         model: db.Model,
         rule: AssetRule,
         oldest: int,
-        time: npt.NDArray[np.int64],
+        newest: int,
         out: AssetSettled,
     ) -> (
         tuple[
@@ -265,23 +290,17 @@ class AssetScorer:
         is none within reach."""
         assert row.last is not None
         reach = oldest - rule.replay_us
-        upto = max(row.last, int(time.max()))
-        stored = await db.readings(
-            conn,
-            sensor_ids=model.sensor_ids.tolist(),
-            after=reach - rule.hold_us - 1,
-            upto=upto,
-        )
-        parts = [(np.full(len(t), j, np.int32), t, v) for j, (t, v) in enumerate(stored.values())]
-        index = np.concatenate([p[0] for p in parts])
-        times = np.concatenate([p[1] for p in parts])
-        values = np.concatenate([p[2] for p in parts])
-        order = np.argsort(times, kind="stable")
+        upto = max(row.last, newest)
+        if rule.settle_us:
+            upto = newest + self._max  # readings held back by other flushes too
+        index, times, values = await self._stored(conn, model, reach - rule.hold_us - 1, upto)
+        if rule.settle_us:
+            times, index, values = _settled(times, index, values, rule.settle_us)
         ints, floats = k.fresh_state(len(model.sensor_ids))
         ts, scores, ev_i, ev_f = model.model.run(
-            index[order],
-            times[order],
-            values[order],
+            index,
+            times,
+            values,
             hold_us=rule.hold_us,
             gap_us=rule.gap_us,
             min_us=rule.min_us,
@@ -297,6 +316,19 @@ class AssetScorer:
             Upsert(DELETE_EVENTS_SQL, ([model.anchor_id], [quiet], db.to_datetime(quiet)))
         )
         return ints, floats, ev_i[later], ev_f[later]
+
+
+def _settled(
+    times: npt.NDArray[np.int64],
+    index: npt.NDArray[np.int32],
+    values: npt.NDArray[np.float64],
+    settle_us: int,
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int32], npt.NDArray[np.float64]]:
+    """The time-ordered readings up to `settle_us` before the newest of them."""
+    if not len(times):
+        return times, index, values
+    end = int(np.searchsorted(times, int(times[-1]) - settle_us, side="right"))
+    return times[:end], index[:end], values[:end]
 
 
 def quiet_point(

@@ -43,9 +43,10 @@ SELECT s.device_id, s.version, s.model_version, {_US.format("s.last_time")} AS l
  WHERE s.device_id IN (SELECT device_id FROM telemetry.sensors WHERE id = ANY($1::int[]))
  ORDER BY s.device_id FOR UPDATE OF s
 """
-_MODELS = """
+_MODELS = f"""
 SELECT device_id, version, anchor_id, sensor_ids, sensors, mean, scale, components, loadings,
-       eigenvalues, t2_limit, q_limit, samples, quantile, margin
+       eigenvalues, t2_limit, q_limit, samples, quantile, margin,
+       {_US.format("fitted_to")} AS fitted_to
   FROM telemetry.asset_models WHERE device_id = ANY($1::int[])
 """
 # Per sensor: its finite readings in (after, upto], as arrays.
@@ -111,6 +112,7 @@ class Model:
     anchor_id: int
     sensor_ids: npt.NDArray[np.int32]  # ascending
     model: AssetModel
+    fitted_to: int  # the end of its baseline period (exclusive), microseconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,7 +165,7 @@ async def models(conn: asyncpg.Connection, device_ids: Sequence[int]) -> list[Mo
             margin=r["margin"],
         )
         ids = np.array(r["sensor_ids"], np.int32)
-        out.append(Model(r["device_id"], r["version"], r["anchor_id"], ids, model))
+        out.append(Model(r["device_id"], r["version"], r["anchor_id"], ids, model, r["fitted_to"]))
     return out
 
 
