@@ -217,7 +217,7 @@ def _below(buf: F64, base: int, m: int, s: int, n: int, x: float) -> int:
 
 @kernel
 def _first(buf: F64, lo: int, so: int, lb: int, k: int) -> float:
-    return float(buf[lo + (k << lb) + int(buf[so + k])])
+    return float(buf[lo + (k << lb) + (int(buf[so + k]) & ((1 << lb) - 1))])
 
 
 @kernel
@@ -262,7 +262,7 @@ def replace(buf: F64, lo: int, so: int, lb: int, w: int, old: float, new: float)
     c = p >> lb
     g = p & m
     base = lo + (c << lb)
-    s = int(buf[so + c])
+    s = int(buf[so + c]) & m
     if new >= old:
         if c == nb - 1 or new <= _first(buf, lo, so, lb, c + 1):  # new stays in block c
             n = _below(buf, base, m, (s + g + 1) & m, _length(lb, c, w) - 1 - g, new)
@@ -274,7 +274,7 @@ def replace(buf: F64, lo: int, so: int, lb: int, w: int, old: float, new: float)
         while True:  # block k's first fills the gap at the end of block k - 1
             prev = lo + ((k - 1) << lb)
             base = lo + (k << lb)
-            s = int(buf[so + k])
+            s = int(buf[so + k]) & m
             buf[prev + ((int(buf[so + k - 1]) + m) & m)] = buf[base + s]
             if k == nb - 1 or new <= _first(buf, lo, so, lb, k + 1):
                 break
@@ -301,7 +301,7 @@ def replace(buf: F64, lo: int, so: int, lb: int, w: int, old: float, new: float)
         buf[base + s] = last
         k -= 1
     base = lo + (k << lb)
-    s = int(buf[so + k])
+    s = int(buf[so + k]) & m
     n = _below(buf, base, m, s, m, new)
     _up(buf, base, m, (s + n) & m, m - n, new)
 
