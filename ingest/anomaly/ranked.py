@@ -1,12 +1,13 @@
 """The spike filter's window, kept in rank order: the value of any rank is read in constant
 time, and a reading replaces another in O(sqrt(W)) moves.
 
-The W values are cut, in rank order, into blocks of B = 2**lb slots (B about 2 sqrt(W); one
+The W values are cut, in rank order, into blocks of B = 2**lb slots (B about 4 sqrt(W); one
 block up to `SMALL` values): block k holds ranks kB .. kB + B - 1, the last block the rest.
 Each block is a ring: its first rank is at slot `start[k]`, so one value leaves a block's
 front or back, or enters it, without moving the others. A value replacing another moves at
-most B values inside each of the two blocks involved, and one value across each block between
-them.
+most B values inside each of the two blocks involved, in at most two runs of plain copies
+each (no compare per value), and one value across each block between them. The searches
+(where `old` is, where `new` goes) are binary, with no branch on the values.
 
 An area of a sensor's pool, from `lo`: nb * B values, then nb ring starts from `so` = lo +
 nb * B (small integers, held as floats). `shape(w)` gives lb, nb and the area's length.
@@ -33,7 +34,7 @@ def shape(w: int) -> Any:
     if w <= SMALL:
         while (1 << lb) < w:
             lb += 1
-    while (1 << (2 * lb)) < 4 * w:  # B >= 2 sqrt(w)
+    while (1 << (2 * lb)) < (4 if w <= SMALL else 16) * w:  # B >= 2 sqrt(w), over SMALL 4 sqrt(w)
         lb += 1
     nb = (w + (1 << lb) - 1) >> lb
     return lb, nb, (nb << lb) + nb
@@ -100,14 +101,6 @@ def _push_front(buf: F64, lo: int, so: int, lb: int, k: int, x: float) -> None:
 
 
 @kernel
-def _pop_front(buf: F64, lo: int, so: int, lb: int, k: int) -> float:
-    s = so + k
-    x = buf[lo + (k << lb) + int(buf[s])]
-    buf[s] = (int(buf[s]) + 1) & ((1 << lb) - 1)
-    return float(x)
-
-
-@kernel
 def _shift(buf: F64, base: int, top: int, q: int, steps: int, step: int) -> int:
     """`steps` times, slot q takes the value of its neighbour q + step in the ring of slots
     base..top, which becomes q; returns the last q (the gap). Slots, not ranks: a mask per
@@ -121,18 +114,6 @@ def _shift(buf: F64, base: int, top: int, q: int, steps: int, step: int) -> int:
         buf[q] = buf[r]
         q = r
     return q
-
-
-@kernel
-def _remove(buf: F64, lo: int, so: int, lb: int, k: int, n: int, i: int) -> None:
-    """Remove local rank i, moving the shorter side of the block."""
-    base = lo + (k << lb)
-    q = _slot(buf, lo, so, lb, k, i)
-    if i < n - 1 - i:
-        _shift(buf, base, base + (1 << lb) - 1, q, i, -1)
-        buf[so + k] = (int(buf[so + k]) + 1) & ((1 << lb) - 1)
-    else:
-        _shift(buf, base, base + (1 << lb) - 1, q, n - 1 - i, 1)
 
 
 @kernel
@@ -182,24 +163,86 @@ def insert(buf: F64, lo: int, so: int, lb: int, n: int, x: float) -> None:
 
 
 @kernel
-def _lower_bound(buf: F64, lo: int, so: int, lb: int, w: int, x: float) -> int:
-    """First rank of w whose value is >= x (w if none), with no branch on the values."""
-    base = 0
-    n = w
+def _down(buf: F64, base: int, m: int, ps: int, n: int) -> None:
+    """The n values from slot base + ps on, around the ring of slots base .. base + m, each
+    move one slot down: in at most two runs of plain copies."""
+    if n <= 0:
+        return
+    if ps == 0:
+        buf[base + m] = buf[base]
+        ps = 1
+        n -= 1
+    first = min(n, m + 1 - ps)
+    run = buf[base + ps - 1 : base + ps + first]
+    for t in range(first):
+        run[t] = run[t + 1]
+    rest = n - first
+    if rest > 0:
+        buf[base + m] = buf[base]
+        run = buf[base : base + rest]
+        for t in range(rest - 1):
+            run[t] = run[t + 1]
+
+
+@kernel
+def _up(buf: F64, base: int, m: int, ps: int, n: int, x: float) -> None:
+    """x enters slot base + ps, and the n values from there on, around the ring of slots
+    base .. base + m, each move one slot up (over the slot after them)."""
+    first = min(n + 1, m + 1 - ps)
+    run = buf[base + ps : base + ps + first]
+    for t in range(first):
+        y = run[t]
+        run[t] = x
+        x = y
+    rest = n + 1 - first
+    if rest > 0:
+        run = buf[base : base + rest]
+        for t in range(rest):
+            y = run[t]
+            run[t] = x
+            x = y
+
+
+@kernel
+def _below(buf: F64, base: int, m: int, s: int, n: int, x: float) -> int:
+    """How many of the n sorted values from slot base + s on, around the ring of slots
+    base .. base + m, are < x; no branch on the values."""
+    b = 0
     while n > 1:
         half = n >> 1
-        base = base + half if at(buf, lo, so, lb, base + half) < x else base
+        b = b + half if buf[base + ((s + b + half - 1) & m)] < x else b
         n -= half
-    return base + 1 if at(buf, lo, so, lb, base) < x else base
+    return b + 1 if n == 1 and buf[base + ((s + b) & m)] < x else b
+
+
+@kernel
+def _first(buf: F64, lo: int, so: int, lb: int, k: int) -> float:
+    return float(buf[lo + (k << lb) + (int(buf[so + k]) & ((1 << lb) - 1))])
+
+
+@kernel
+def _rank_of(buf: F64, lo: int, so: int, lb: int, w: int, x: float) -> int:
+    """First rank whose value is >= x (w if none): the last block whose first value is < x
+    (else the first block), then the place in it, with no branch on the values."""
+    nb = (w + (1 << lb) - 1) >> lb
+    k = 0
+    n = nb
+    while n > 1:
+        half = n >> 1
+        k = k + half if _first(buf, lo, so, lb, k + half) < x else k
+        n -= half
+    m = (1 << lb) - 1
+    return (k << lb) + _below(buf, lo + (k << lb), m, int(buf[so + k]), _length(lb, k, w), x)
 
 
 @kernel
 def replace(buf: F64, lo: int, so: int, lb: int, w: int, old: float, new: float) -> None:
     """In a full window (w values), replace one value equal to `old` by `new`.
 
-    The gap `old` leaves walks towards `new`'s place: inside a block value by value, and past
-    a whole block by handing one value over its edge (each block's first to the block before,
-    or each block's last to the block after), then value by value in new's block.
+    The gap `old` leaves moves towards `new`'s place: inside a block by moving the values
+    between in one or two runs of copies, and past a whole block by handing one value over
+    its edge (each block's first to the block before, or each block's last to the block
+    after), then inside new's block.
     """
     m = (1 << lb) - 1
     nb = (w + m) >> lb
@@ -215,53 +258,52 @@ def replace(buf: F64, lo: int, so: int, lb: int, w: int, old: float, new: float)
                 q -= 1
         buf[q] = new
         return
-    p = _lower_bound(buf, lo, so, lb, w, old)  # the value of rank p is `old`
+    p = _rank_of(buf, lo, so, lb, w, old)  # the value of rank p is `old`
     c = p >> lb
     g = p & m
+    base = lo + (c << lb)
+    s = int(buf[so + c]) & m
     if new >= old:
-        if c < nb - 1 and new > at(buf, lo, so, lb, (c + 1) << lb):
-            _remove(buf, lo, so, lb, c, m + 1, g)
-            k = c + 1
-            while True:
-                buf[_slot(buf, lo, so, lb, k - 1, m)] = _pop_front(buf, lo, so, lb, k)
-                if k == nb - 1 or new <= at(buf, lo, so, lb, (k + 1) << lb):
-                    break
-                k += 1
-            c = k
-            buf[so + c] = (int(buf[so + c]) - 1) & m  # the gap is at local 0 of block c
-            g = 0
-        base = lo + (c << lb)
-        top = base + m
-        q = _slot(buf, lo, so, lb, c, g)
-        for _ in range(_length(lb, c, w) - 1 - g):
-            r = q + 1 if q < top else base
-            nxt = buf[r]
-            if nxt >= new:
+        if c == nb - 1 or new <= _first(buf, lo, so, lb, c + 1):  # new stays in block c
+            n = _below(buf, base, m, (s + g + 1) & m, _length(lb, c, w) - 1 - g, new)
+            _down(buf, base, m, (s + g + 1) & m, n)
+            buf[base + ((s + g + n) & m)] = new
+            return
+        _down(buf, base, m, (s + g + 1) & m, m - g)  # the gap to the end of block c
+        k = c + 1
+        while True:  # block k's first fills the gap at the end of block k - 1
+            prev = lo + ((k - 1) << lb)
+            base = lo + (k << lb)
+            s = int(buf[so + k]) & m
+            buf[prev + ((int(buf[so + k - 1]) + m) & m)] = buf[base + s]
+            if k == nb - 1 or new <= _first(buf, lo, so, lb, k + 1):
                 break
-            buf[q] = nxt
-            q = r
-    else:
-        if c > 0 and new < at(buf, lo, so, lb, (c << lb) - 1):
-            _remove(buf, lo, so, lb, c, _length(lb, c, w), g)
-            k = c - 1
-            while True:
-                _push_front(buf, lo, so, lb, k + 1, buf[_slot(buf, lo, so, lb, k, m)])
-                if k == 0 or new >= at(buf, lo, so, lb, (k << lb) - 1):
-                    break
-                k -= 1
-            c = k
-            g = m  # the gap is at the end of block c
-        base = lo + (c << lb)
-        top = base + m
-        q = _slot(buf, lo, so, lb, c, g)
-        for _ in range(g):
-            r = q - 1 if q > base else top
-            prv = buf[r]
-            if prv <= new:
-                break
-            buf[q] = prv
-            q = r
-    buf[q] = new
+            buf[so + k] = (s + 1) & m  # its first slot is now its last: the gap
+            k += 1
+        n = _below(buf, base, m, (s + 1) & m, _length(lb, k, w) - 1, new)
+        _down(buf, base, m, (s + 1) & m, n)
+        buf[base + ((s + n) & m)] = new
+        return
+    if c == 0 or new >= buf[lo + ((c - 1) << lb) + ((int(buf[so + c - 1]) + m) & m)]:
+        n = _below(buf, base, m, s, g, new)  # new stays in block c
+        _up(buf, base, m, (s + n) & m, g - n, new)
+        return
+    k = c - 1
+    prev = lo + (k << lb)
+    _up(buf, base, m, s, g, buf[prev + ((int(buf[so + k]) + m) & m)])
+    while k > 0:  # block k's last fills the gap at the front of block k + 1
+        last = buf[lo + ((k - 1) << lb) + ((int(buf[so + k - 1]) + m) & m)]
+        if new >= last:
+            break
+        base = lo + (k << lb)
+        s = (int(buf[so + k]) - 1) & m  # its last slot is now its first: the gap
+        buf[so + k] = s
+        buf[base + s] = last
+        k -= 1
+    base = lo + (k << lb)
+    s = int(buf[so + k]) & m
+    n = _below(buf, base, m, s, m, new)
+    _up(buf, base, m, (s + n) & m, m - n, new)
 
 
 @kernel
