@@ -23,11 +23,11 @@ import numpy as np
 import numpy.typing as npt
 
 from ingest.decode import Batch, DecodeLimits, decode_batch, parse_topic
-from ingest.jit import small_kernel
+from ingest.shape_atlas import Atlas
 from ingest.shape_layout import Span, layout, read_int, walk
 from ingest.wire import I64_MAX
 
-__all__ = ["Settled", "Shaped", "Shapes", "compile_kernels"]
+__all__ = ["Settled", "Shaped", "Shapes"]
 
 _MAX_TOPICS = 200_000  # shapes remembered; past that the cache starts again
 
@@ -49,8 +49,8 @@ class _Shape:
     counts: tuple[int, ...]
     quality: npt.NDArray[np.uint8]  # zeros, read-only, shared too
     lengths: npt.NDArray[np.int64]  # counts as an array
-    raw: bytes  # `payload` and `fixed` as bytes, to be joined with others'
-    raw_fixed: bytes
+    atlas: Atlas  # where `settle` finds it, as shape number `index`
+    index: int
     ids: npt.NDArray[np.int32] | None = None
     """The sensor ids of its channels, as the registry gave them at units version `version`
     (kept here by `ingest.writer`: a shape's sensors cost no look-up)."""
@@ -118,6 +118,7 @@ class Shapes:
     def __init__(self, *, prefix: str) -> None:
         self._prefix = prefix
         self._topics: dict[str, _Shape | _First | tuple[str, ...]] = {}
+        self._atlas = Atlas()
         self.matched = 0
         """Payloads decoded by their topic's shape."""
 
@@ -156,7 +157,7 @@ class Shapes:
         known = self._topics.get(topic)
         if isinstance(known, _First):
             first = known
-            known = _learn(first.levels, first.payload, first.batch, limits, now_us)
+            known = _learn(first.levels, first.payload, first.batch, limits, now_us, self._atlas)
             self._topics[topic] = known = known or first.levels
         if isinstance(known, _Shape) and (
             content_type is None or content_type == "application/msgpack"
@@ -169,7 +170,7 @@ class Shapes:
     def settle(self, shaped: Sequence[Shaped]) -> Settled:
         """Check the bytes of every `shaped` payload against its shape and read its values,
         in one kernel call."""
-        settled = _read(shaped)
+        settled = _read(shaped, self._atlas)
         self.matched += sum(settled.ok)
         return settled
 
@@ -205,51 +206,12 @@ class Shapes:
         if known is None:
             if len(self._topics) >= _MAX_TOPICS:
                 self._topics.clear()
+                self._atlas = Atlas()  # shapes still in flight are added to it again
             self._topics[topic] = _First(levels, payload, batch)
         else:
-            self._topics[topic] = _learn(levels, payload, batch, limits, now_us) or levels
+            learnt = _learn(levels, payload, batch, limits, now_us, self._atlas)
+            self._topics[topic] = learnt or levels
         return levels, batch
-
-
-@small_kernel
-def _read_shaped(
-    buf: npt.NDArray[np.uint8],
-    like: npt.NDArray[np.uint8],
-    fixed: npt.NDArray[np.uint8],
-    starts: npt.NDArray[np.int64],
-    spans: npt.NDArray[np.int64],
-    sstarts: npt.NDArray[np.int64],
-    rstarts: npt.NDArray[np.int64],
-    offsets: npt.NDArray[np.int64],
-    t0: npt.NDArray[np.int64],
-    time: npt.NDArray[np.int64],
-    raw: npt.NDArray[np.uint8],
-) -> npt.NDArray[np.bool_]:
-    """The values (little-endian float64, as bytes into `raw`) and times (t0 + `offsets`,
-    into `time`) of many payloads, one after the other in `buf`, if every byte `fixed` marks
-    equals the shape's in `like`. Payload m is starts[m]:starts[m + 1] of `buf`, `like` and
-    `fixed`; its readings are rstarts[m]:rstarts[m + 1] of `offsets` and `time` (8 bytes each
-    in `raw`), their bytes the spans sstarts[m]:sstarts[m + 1] of `spans` (start and end within
-    the payload, flat). Returns whether each payload matched; the readings of one that did not
-    are left unset."""
-    n = starts.shape[0] - 1
-    ok = np.zeros(n, np.bool_)
-    for m in range(n):
-        a = starts[m]
-        diff = np.uint8(0)
-        for i in range(a, starts[m + 1]):  # no early exit: the loop is vectorized
-            diff |= (buf[i] ^ like[i]) & fixed[i]
-        if diff:
-            continue
-        ok[m] = True
-        for k in range(rstarts[m], rstarts[m + 1]):
-            time[k] = offsets[k] + t0[m]
-        r = 8 * rstarts[m]
-        for c in range(sstarts[m], sstarts[m + 1]):
-            size = spans[2 * c + 1] - spans[2 * c]
-            raw[r : r + size] = buf[a + spans[2 * c] : a + spans[2 * c + 1]]
-            r += size
-    return ok
 
 
 def _looks_like(shape: _Shape, payload: bytes, limits: DecodeLimits, now_us: int) -> Shaped | None:
@@ -271,31 +233,31 @@ def _looks_like(shape: _Shape, payload: bytes, limits: DecodeLimits, now_us: int
     return Shaped(shape, payload, t0, seq)
 
 
-def _read(shaped: Sequence[Shaped]) -> Settled:
+def _read(shaped: Sequence[Shaped], atlas: Atlas) -> Settled:
     """`Shapes.settle`."""
-    n = len(shaped)
-    starts = np.zeros(n + 1, np.int64)
-    rstarts = np.zeros(n + 1, np.int64)
-    np.cumsum([len(s.payload) for s in shaped], out=starts[1:])
-    sstarts = np.zeros(n + 1, np.int64)
-    np.cumsum([len(s.shape.offsets) for s in shaped], out=rstarts[1:])
-    shapes = [s.shape for s in shaped]
-    np.cumsum([len(x.counts) for x in shapes], out=sstarts[1:])
+    index = [s.shape.index if s.shape.atlas is atlas else -1 for s in shaped]
+    if -1 in index:  # learnt before the topics were last forgotten: into this atlas too
+        for i, s in enumerate(shaped):
+            if s.shape.atlas is not atlas:
+                x = s.shape
+                x.atlas, x.index = (
+                    atlas,
+                    atlas.add(x.payload, x.fixed, x.spans, x.lengths, x.offsets),
+                )
+            index[i] = s.shape.index
     buf = np.frombuffer(b"".join([s.payload for s in shaped]), np.uint8)
-    like = np.frombuffer(b"".join([x.raw for x in shapes]), np.uint8)
-    fixed = np.frombuffer(b"".join([x.raw_fixed for x in shapes]), np.uint8)
-    spans = np.concatenate([x.spans for x in shapes]) if n else np.empty(0, np.int64)
-    offsets = np.concatenate([x.offsets for x in shapes]) if n else np.empty(0, np.int64)
     t0 = np.array([s.t0 for s in shaped], np.int64)
-    time = np.empty(len(offsets), np.int64)
-    raw = np.empty(8 * len(offsets), np.uint8)
-    ok = _read_shaped(buf, like, fixed, starts, spans, sstarts, rstarts, offsets, t0, time, raw)
-    lengths = np.concatenate([x.lengths for x in shapes]) if n else np.empty(0, np.int64)
-    return Settled(shaped, ok.tolist(), rstarts.tolist(), time, raw.view(np.float64), lengths)
+    ok, bounds, time, value, lengths = atlas.read(buf, np.array(index, np.int64), t0)
+    return Settled(shaped, ok.tolist(), bounds.tolist(), time, value, lengths)
 
 
 def _learn(
-    levels: tuple[str, ...], payload: bytes, batch: Batch, limits: DecodeLimits, now_us: int
+    levels: tuple[str, ...],
+    payload: bytes,
+    batch: Batch,
+    limits: DecodeLimits,
+    now_us: int,
+    atlas: Atlas,
 ) -> _Shape | None:
     """The shape of a payload `decode_batch` accepted, if it has the compact form."""
     if sys.byteorder != "little":  # _read_shaped reads little-endian float64 as native
@@ -333,23 +295,13 @@ def _learn(
         counts=batch.counts,
         quality=quality,
         lengths=lengths,
-        raw=bytes(payload),
-        raw_fixed=fixed.tobytes(),
+        atlas=atlas,
+        index=-1,
     )
     # What the shape reads back from its own payload must be what was decoded (its times are
     # t0 + offsets by construction).
     again = _looks_like(shape, payload, limits, now_us)
     if again is None or again.seq != batch.seq or buf[values].tobytes() != batch.value.tobytes():
         return None
+    shape.index = atlas.add(buf, fixed, shape.spans, lengths, offsets)
     return shape
-
-
-def compile_kernels() -> None:
-    """Compile, or load from the on-disk cache, this module's kernel (see `ingest.warmup`)."""
-    buf = np.zeros(16, np.uint8)
-    received = np.frombuffer(bytes(16), np.uint8)  # read-only, as a payload's bytes are
-    ends = np.array([0, 16], np.int64)
-    one = np.array([0, 1], np.int64)
-    zero = np.zeros(1, np.int64)
-    spans = np.array([8, 16], np.int64)
-    _read_shaped(received, received, received, ends, spans, one, one, zero, zero, zero.copy(), buf)

@@ -170,3 +170,36 @@ def test_a_flush_of_shaped_payloads_reads_as_decode_batch_does() -> None:
     times = np.concatenate([settled.time[settled.bounds[i] : settled.bounds[i + 1]] for i in good])
     assert times.tolist() == [T0 + 2_000_000] * 3 * len(good)
     assert settled.lengths.tolist() == [1] * 3 * len(topics)
+
+
+def test_shapes_read_alike_however_many_and_after_their_topics_were_forgotten(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Hundreds of shapes of 1 to 30 channels (the arrays that hold them grow), read by one
+    `settle`; then the topics are forgotten (past the cache's size) while payloads accepted
+    by their shapes are still to be read: they read as before."""
+    shapes = Shapes(prefix="telemetry")
+    topics = [f"telemetry/site/line/plc-{i}" for i in range(300)]
+    rng = np.random.default_rng(11)
+    sizes = [1 + i % 30 for i in range(len(topics))]
+    for seq in range(2):
+        for topic, n in zip(topics, sizes, strict=True):
+            check(shapes, payload(T0 + seq * 1_000_000, seq, [0.5] * n), topic=topic)
+    data = [payload(T0 + 2_000_000, 2, rng.normal(0, 1e3, n).tolist()) for n in sizes]
+    shaped = []
+    for topic, d in zip(topics, data, strict=True):
+        _, got = shapes.accept(topic, d, content_type=MSGPACK, limits=LIMITS, now_us=NOW)
+        assert isinstance(got, Shaped)
+        shaped.append(got)
+    monkeypatch.setattr("ingest.shapes._MAX_TOPICS", 1)
+    check(shapes, payload(T0, 0, [1.0]), topic="telemetry/site/line/other")  # forgets them
+    for settled in (shapes.settle(shaped), shapes.settle(shaped[::-1])):
+        assert settled.complete
+        for i, got in enumerate(settled.shaped):
+            batch = settled.batch(i)
+            assert batch is not None
+            want = decode_batch(got.payload, content_type=MSGPACK, limits=LIMITS, now_us=NOW)
+            assert batch.value.tobytes() == want.value.tobytes()
+            assert batch.time.tolist() == want.time.tolist()
+            assert batch.counts == want.counts
+        assert settled.lengths.tolist() == [1] * sum(sizes)

@@ -1,0 +1,170 @@
+"""The shapes `ingest.shapes` has learnt, laid out end to end in a few arrays (an atlas), so
+that a flush's shaped payloads are checked and read by one kernel call given only their bytes,
+their shapes' numbers and their t0: nothing of a shape is copied per payload."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar, cast
+
+import numpy as np
+import numpy.typing as npt
+
+from ingest.jit import small_kernel
+
+__all__ = ["Atlas", "compile_kernels"]
+
+_BYTES, _CHANNELS, _READINGS = 0, 1, 2  # the columns of `Atlas.starts` and `Atlas.sizes`
+
+
+_A = TypeVar("_A", bound=np.ndarray[Any, Any])
+
+
+def _grown(array: _A, need: int) -> _A:
+    """`array`, or a copy at least twice as long, holding at least `need` along axis 0."""
+    if need <= array.shape[0]:
+        return array
+    out = np.zeros((max(need, 2 * array.shape[0]), *array.shape[1:]), array.dtype)
+    out[: array.shape[0]] = array
+    return cast(_A, out)
+
+
+class Atlas:
+    """Shapes end to end. Shape k's payload bytes (and which of them are fixed) are
+    ``starts[k, 0]`` on in `like` and `fixed`, ``sizes[k, 0]`` long; its channels' value
+    spans (start and end within the payload) and lengths are ``starts[k, 1]`` on in `spans`
+    (two each) and `lengths`; its readings' times minus t0 are ``starts[k, 2]`` on in
+    `offsets`. Only grows; `ingest.shapes` starts a new one when it forgets its topics."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._used = [0, 0, 0]
+        self.starts = np.zeros((64, 3), np.int64)
+        self.sizes = np.zeros((64, 3), np.int64)
+        self.like = np.zeros(1 << 16, np.uint8)
+        self.fixed = np.zeros(1 << 16, np.uint8)
+        self.spans = np.zeros(1 << 11, np.int64)
+        self.lengths = np.zeros(1 << 10, np.int64)
+        self.offsets = np.zeros(1 << 10, np.int64)
+
+    def add(
+        self,
+        like: npt.NDArray[np.uint8],
+        fixed: npt.NDArray[np.uint8],
+        spans: npt.NDArray[np.int64],
+        lengths: npt.NDArray[np.int64],
+        offsets: npt.NDArray[np.int64],
+    ) -> int:
+        """Add a shape; its number."""
+        k = self.count
+        b, c, r = self._used
+        nb, nc, nr = len(like), len(lengths), len(offsets)
+        self.starts = _grown(self.starts, k + 1)
+        self.sizes = _grown(self.sizes, k + 1)
+        self.like = _grown(self.like, b + nb)
+        self.fixed = _grown(self.fixed, b + nb)
+        self.spans = _grown(self.spans, 2 * (c + nc))
+        self.lengths = _grown(self.lengths, c + nc)
+        self.offsets = _grown(self.offsets, r + nr)
+        self.starts[k] = b, c, r
+        self.sizes[k] = nb, nc, nr
+        self.like[b : b + nb] = like
+        self.fixed[b : b + nb] = fixed
+        self.spans[2 * c : 2 * (c + nc)] = spans
+        self.lengths[c : c + nc] = lengths
+        self.offsets[r : r + nr] = offsets
+        self._used = [b + nb, c + nc, r + nr]
+        self.count = k + 1
+        return k
+
+    def read(
+        self, buf: npt.NDArray[np.uint8], index: npt.NDArray[np.int64], t0: npt.NDArray[np.int64]
+    ) -> tuple[
+        npt.NDArray[np.bool_],
+        npt.NDArray[np.int64],
+        npt.NDArray[np.int64],
+        npt.NDArray[np.float64],
+        npt.NDArray[np.int64],
+    ]:
+        """Payloads one after the other in `buf`, payload m of shape index[m] with t0[m]:
+        whether each matched its shape, where each one's readings start (and the end), the
+        readings' times and values (unset where a payload did not match), and the lengths of
+        their channels."""
+        ok, bounds, time, raw, lengths = _read_shaped(
+            buf,
+            index,
+            t0,
+            self.starts,
+            self.sizes,
+            self.like,
+            self.fixed,
+            self.spans,
+            self.lengths,
+            self.offsets,
+        )
+        return ok, bounds, time, raw.view(np.float64), lengths
+
+
+@small_kernel
+def _read_shaped(
+    buf: npt.NDArray[np.uint8],
+    index: npt.NDArray[np.int64],
+    t0: npt.NDArray[np.int64],
+    starts: npt.NDArray[np.int64],
+    sizes: npt.NDArray[np.int64],
+    like: npt.NDArray[np.uint8],
+    fixed: npt.NDArray[np.uint8],
+    spans: npt.NDArray[np.int64],
+    lengths: npt.NDArray[np.int64],
+    offsets: npt.NDArray[np.int64],
+) -> tuple[
+    npt.NDArray[np.bool_],
+    npt.NDArray[np.int64],
+    npt.NDArray[np.int64],
+    npt.NDArray[np.uint8],
+    npt.NDArray[np.int64],
+]:
+    """`Atlas.read`; the values as their little-endian float64 bytes."""
+    n = index.shape[0]
+    bounds = np.zeros(n + 1, np.int64)
+    channels = 0
+    for m in range(n):
+        bounds[m + 1] = bounds[m] + sizes[index[m], 2]
+        channels += sizes[index[m], 1]
+    ok = np.zeros(n, np.bool_)
+    time = np.empty(bounds[n], np.int64)
+    raw = np.empty(8 * bounds[n], np.uint8)
+    out_lengths = np.empty(channels, np.int64)
+    at = 0  # payload m's first byte in buf
+    c_out = 0
+    for m in range(n):
+        k = index[m]
+        lb, nb = starts[k, 0], sizes[k, 0]
+        cb, nc = starts[k, 1], sizes[k, 1]
+        rb, nr = starts[k, 2], sizes[k, 2]
+        out_lengths[c_out : c_out + nc] = lengths[cb : cb + nc]
+        c_out += nc
+        diff = np.uint8(0)
+        for i in range(nb):  # no early exit: the loop is vectorized
+            diff |= (buf[at + i] ^ like[lb + i]) & fixed[lb + i]
+        if not diff:
+            ok[m] = True
+            r = bounds[m]
+            for j in range(nr):
+                time[r + j] = offsets[rb + j] + t0[m]
+            w = 8 * r
+            for c in range(cb, cb + nc):
+                a, b = at + spans[2 * c], at + spans[2 * c + 1]
+                raw[w : w + b - a] = buf[a:b]
+                w += b - a
+        at += nb
+    return ok, bounds, time, raw, out_lengths
+
+
+def compile_kernels() -> None:
+    """Compile, or load from the on-disk cache, this module's kernel (see `ingest.warmup`)."""
+    atlas = Atlas()
+    payload = np.frombuffer(bytes(16), np.uint8)  # read-only, as a payload's bytes are
+    k = atlas.add(
+        payload, payload, np.array([8, 16], np.int64), np.ones(1, np.int64), np.zeros(1, np.int64)
+    )
+    atlas.read(payload, np.array([k], np.int64), np.zeros(1, np.int64))
