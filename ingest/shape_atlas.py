@@ -33,13 +33,16 @@ class Atlas:
     ``starts[k, 0]`` on in `like` and `fixed`, ``sizes[k, 0]`` long; its channels' value
     spans (start and end within the payload) and lengths are ``starts[k, 1]`` on in `spans`
     (two each) and `lengths`; its readings' times minus t0 are ``starts[k, 2]`` on in
-    `offsets`. Only grows; `ingest.shapes` starts a new one when it forgets its topics."""
+    `offsets`. ``fields[k]`` holds where its t0 and seq lie in the payload (start and end;
+    -1: no seq) and its least and greatest offset. Only grows; `ingest.shapes` starts a new
+    one when it forgets its topics."""
 
     def __init__(self) -> None:
         self.count = 0
         self._used = [0, 0, 0]
         self.starts = np.zeros((64, 3), np.int64)
         self.sizes = np.zeros((64, 3), np.int64)
+        self.fields = np.zeros((64, 6), np.int64)
         self.like = np.zeros(1 << 16, np.uint8)
         self.fixed = np.zeros(1 << 16, np.uint8)
         self.spans = np.zeros(1 << 11, np.int64)
@@ -53,6 +56,7 @@ class Atlas:
         spans: npt.NDArray[np.int64],
         lengths: npt.NDArray[np.int64],
         offsets: npt.NDArray[np.int64],
+        fields: tuple[int, int, int, int, int, int],
     ) -> int:
         """Add a shape; its number."""
         k = self.count
@@ -60,6 +64,7 @@ class Atlas:
         nb, nc, nr = len(like), len(lengths), len(offsets)
         self.starts = _grown(self.starts, k + 1)
         self.sizes = _grown(self.sizes, k + 1)
+        self.fields = _grown(self.fields, k + 1)
         self.like = _grown(self.like, b + nb)
         self.fixed = _grown(self.fixed, b + nb)
         self.spans = _grown(self.spans, 2 * (c + nc))
@@ -67,6 +72,7 @@ class Atlas:
         self.offsets = _grown(self.offsets, r + nr)
         self.starts[k] = b, c, r
         self.sizes[k] = nb, nc, nr
+        self.fields[k] = fields
         self.like[b : b + nb] = like
         self.fixed[b : b + nb] = fixed
         self.spans[2 * c : 2 * (c + nc)] = spans
@@ -77,40 +83,89 @@ class Atlas:
         return k
 
     def read(
-        self, buf: npt.NDArray[np.uint8], index: npt.NDArray[np.int64], t0: npt.NDArray[np.int64]
+        self,
+        buf: npt.NDArray[np.uint8],
+        index: npt.NDArray[np.int64],
+        lo: npt.NDArray[np.int64],
+        hi: npt.NDArray[np.int64],
     ) -> tuple[
         npt.NDArray[np.bool_],
+        npt.NDArray[np.int64],
         npt.NDArray[np.int64],
         npt.NDArray[np.int64],
         npt.NDArray[np.float64],
         npt.NDArray[np.int64],
     ]:
-        """Payloads one after the other in `buf`, payload m of shape index[m] with t0[m]:
-        whether each matched its shape, where each one's readings start (and the end), the
-        readings' times and values (unset where a payload did not match), and the lengths of
-        their channels."""
-        ok, bounds, time, raw, lengths = _read_shaped(
+        """Payloads one after the other in `buf`, payload m of shape index[m], its readings'
+        times to be within lo[m] and hi[m]: whether each matched its shape (its t0 and seq
+        MessagePack integers of the shape's sizes, seq not negative, its times within the
+        limits, its other bytes the shape's), its seq (-1 where the shape has none), where each
+        one's readings start (and the end), the readings' times and values (unset where a
+        payload did not match), and the lengths of their channels."""
+        ok, seqs, bounds, time, raw, lengths = _read_shaped(
             buf,
             index,
-            t0,
+            lo,
+            hi,
             self.starts,
             self.sizes,
+            self.fields,
             self.like,
             self.fixed,
             self.spans,
             self.lengths,
             self.offsets,
         )
-        return ok, bounds, time, raw.view(np.float64), lengths
+        return ok, seqs, bounds, time, raw.view(np.float64), lengths
+
+
+_SAFE = 1 << 62  # t0 and offsets within this: their sums do not overflow
+
+
+@small_kernel
+def _int(buf: npt.NDArray[np.uint8], a: int, b: int) -> tuple[bool, int]:
+    """(True, value) if buf[a:b] is one MessagePack integer within int64 of exactly that
+    length (as `ingest.shape_layout.read_int` reads it), else (False, 0)."""
+    first = buf[a]
+    n = b - a
+    if n == 1:
+        if first < 0x80:
+            return True, int(first)
+        if first >= 0xE0:
+            return True, int(first) - 256
+        return False, 0
+    if first == 0xCC or first == 0xD0:
+        size = 2
+    elif first == 0xCD or first == 0xD1:
+        size = 3
+    elif first == 0xCE or first == 0xD2:
+        size = 5
+    elif first == 0xCF or first == 0xD3:
+        size = 9
+    else:
+        size = 0
+    if size != n:
+        return False, 0
+    if first == 0xCF and buf[a + 1] >= 0x80:
+        return False, 0  # above int64, and so above every limit
+    value = np.uint64(0)
+    for k in range(a + 1, b):
+        value = (value << np.uint64(8)) | np.uint64(buf[k])
+    signed = np.int64(value)  # two's complement for 0xD3
+    if 0xD0 <= first <= 0xD2 and buf[a + 1] >= 0x80:
+        signed -= np.int64(1) << np.int64(8 * (n - 1))
+    return True, int(signed)
 
 
 @small_kernel
 def _read_shaped(
     buf: npt.NDArray[np.uint8],
     index: npt.NDArray[np.int64],
-    t0: npt.NDArray[np.int64],
+    lo: npt.NDArray[np.int64],
+    hi: npt.NDArray[np.int64],
     starts: npt.NDArray[np.int64],
     sizes: npt.NDArray[np.int64],
+    fields: npt.NDArray[np.int64],
     like: npt.NDArray[np.uint8],
     fixed: npt.NDArray[np.uint8],
     spans: npt.NDArray[np.int64],
@@ -118,6 +173,7 @@ def _read_shaped(
     offsets: npt.NDArray[np.int64],
 ) -> tuple[
     npt.NDArray[np.bool_],
+    npt.NDArray[np.int64],
     npt.NDArray[np.int64],
     npt.NDArray[np.int64],
     npt.NDArray[np.uint8],
@@ -131,6 +187,7 @@ def _read_shaped(
         bounds[m + 1] = bounds[m] + sizes[index[m], 2]
         channels += sizes[index[m], 1]
     ok = np.zeros(n, np.bool_)
+    seqs = np.full(n, -1, np.int64)
     time = np.empty(bounds[n], np.int64)
     raw = np.empty(8 * bounds[n], np.uint8)
     out_lengths = np.empty(channels, np.int64)
@@ -143,6 +200,18 @@ def _read_shaped(
         rb, nr = starts[k, 2], sizes[k, 2]
         out_lengths[c_out : c_out + nc] = lengths[cb : cb + nc]
         c_out += nc
+        valid, t0 = _int(buf, at + fields[k, 0], at + fields[k, 1])
+        if fields[k, 2] >= 0:
+            got, seq = _int(buf, at + fields[k, 2], at + fields[k, 3])
+            valid = valid and got and seq >= 0
+            seqs[m] = seq
+        first, last = fields[k, 4], fields[k, 5]
+        if not valid or t0 > hi[m] or max(abs(t0), abs(first), abs(last)) >= _SAFE:
+            at += nb  # a payload outside these bounds is decoded in full, which decides
+            continue
+        if t0 + first < lo[m] or t0 + last > hi[m]:
+            at += nb
+            continue
         diff = np.uint8(0)
         for i in range(nb):  # no early exit: the loop is vectorized
             diff |= (buf[at + i] ^ like[lb + i]) & fixed[lb + i]
@@ -150,14 +219,14 @@ def _read_shaped(
             ok[m] = True
             r = bounds[m]
             for j in range(nr):
-                time[r + j] = offsets[rb + j] + t0[m]
+                time[r + j] = offsets[rb + j] + t0
             w = 8 * r
             for c in range(cb, cb + nc):
                 a, b = at + spans[2 * c], at + spans[2 * c + 1]
                 raw[w : w + b - a] = buf[a:b]
                 w += b - a
         at += nb
-    return ok, bounds, time, raw, out_lengths
+    return ok, seqs, bounds, time, raw, out_lengths
 
 
 def compile_kernels() -> None:
@@ -165,6 +234,11 @@ def compile_kernels() -> None:
     atlas = Atlas()
     payload = np.frombuffer(bytes(16), np.uint8)  # read-only, as a payload's bytes are
     k = atlas.add(
-        payload, payload, np.array([8, 16], np.int64), np.ones(1, np.int64), np.zeros(1, np.int64)
+        payload,
+        payload,
+        np.array([8, 16], np.int64),
+        np.ones(1, np.int64),
+        np.zeros(1, np.int64),
+        (0, 1, 1, 2, 0, 0),
     )
-    atlas.read(payload, np.array([k], np.int64), np.zeros(1, np.int64))
+    atlas.read(payload, np.array([k], np.int64), np.zeros(1, np.int64), np.ones(1, np.int64))

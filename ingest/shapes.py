@@ -59,14 +59,14 @@ class _Shape:
 
 @dataclass(slots=True, eq=False)  # not frozen: one is made per message, and a frozen one costs more
 class Shaped:
-    """A payload that looked like its topic's shape when it arrived: same length, t0 and seq
-    where the shape has them, times within the limits. `Shapes.settle` checks its other bytes
-    and reads its values."""
+    """A payload of its topic's shape's length, with the limits of its readings' times as they
+    were when it arrived (`lo` to `hi`, µs). `Shapes.settle` reads its t0 and seq, checks them
+    and its other bytes, and reads its values."""
 
     shape: _Shape
     payload: bytes
-    t0: int
-    seq: int | None
+    lo: int
+    hi: int
 
     @property
     def readings(self) -> int:
@@ -81,6 +81,7 @@ class Settled:
 
     shaped: Sequence[Shaped]
     ok: list[bool]
+    seqs: list[int]
     bounds: list[int]
     time: npt.NDArray[np.int64]
     value: npt.NDArray[np.float64]
@@ -97,8 +98,9 @@ class Settled:
             return None
         s, a, b = self.shaped[i], self.bounds[i], self.bounds[i + 1]
         x = s.shape
+        seq = None if x.seq is None else self.seqs[i]
         return Batch(
-            s.seq, x.names, x.units, x.counts, b - a, self.time[a:b], self.value[a:b], x.quality
+            seq, x.names, x.units, x.counts, b - a, self.time[a:b], self.value[a:b], x.quality
         )
 
 
@@ -159,12 +161,13 @@ class Shapes:
             first = known
             known = _learn(first.levels, first.payload, first.batch, limits, now_us, self._atlas)
             self._topics[topic] = known = known or first.levels
-        if isinstance(known, _Shape) and (
-            content_type is None or content_type == "application/msgpack"
+        if (
+            isinstance(known, _Shape)
+            and (content_type is None or content_type == "application/msgpack")
+            and len(payload) == len(known.payload)
         ):
-            shaped = _looks_like(known, payload, limits, now_us)
-            if shaped is not None:
-                return known.levels, shaped
+            hi = min(now_us + limits.max_future_us, I64_MAX)
+            return known.levels, Shaped(known, payload, limits.min_time_us, hi)
         return self._decode(topic, payload, known, content_type, limits, now_us)
 
     def settle(self, shaped: Sequence[Shaped]) -> Settled:
@@ -214,9 +217,11 @@ class Shapes:
         return levels, batch
 
 
-def _looks_like(shape: _Shape, payload: bytes, limits: DecodeLimits, now_us: int) -> Shaped | None:
-    """`payload` as a `Shaped`, if its length, t0 and seq fit its shape and its times are
-    within the limits; its other bytes are not looked at yet."""
+def _read_back(
+    shape: _Shape, payload: bytes, limits: DecodeLimits, now_us: int
+) -> tuple[int, int | None] | None:
+    """The t0 and seq of `payload` by `shape`, if its length, t0 and seq fit the shape and its
+    times are within the limits (as `settle` reads them, its other bytes aside)."""
     if len(payload) != len(shape.payload):
         return None
     t0 = read_int(payload, shape.t0)
@@ -230,7 +235,7 @@ def _looks_like(shape: _Shape, payload: bytes, limits: DecodeLimits, now_us: int
     hi = min(now_us + limits.max_future_us, I64_MAX)
     if t0 + shape.first < limits.min_time_us or t0 + shape.last > hi or t0 > hi:
         return None  # decode_batch names the field
-    return Shaped(shape, payload, t0, seq)
+    return t0, seq
 
 
 def _read(shaped: Sequence[Shaped], atlas: Atlas) -> Settled:
@@ -242,13 +247,21 @@ def _read(shaped: Sequence[Shaped], atlas: Atlas) -> Settled:
                 x = s.shape
                 x.atlas, x.index = (
                     atlas,
-                    atlas.add(x.payload, x.fixed, x.spans, x.lengths, x.offsets),
+                    atlas.add(x.payload, x.fixed, x.spans, x.lengths, x.offsets, _fields(x)),
                 )
             index[i] = s.shape.index
     buf = np.frombuffer(b"".join([s.payload for s in shaped]), np.uint8)
-    t0 = np.array([s.t0 for s in shaped], np.int64)
-    ok, bounds, time, value, lengths = atlas.read(buf, np.array(index, np.int64), t0)
-    return Settled(shaped, ok.tolist(), bounds.tolist(), time, value, lengths)
+    lo = np.array([s.lo for s in shaped], np.int64)
+    hi = np.array([s.hi for s in shaped], np.int64)
+    ok, seqs, bounds, time, value, lengths = atlas.read(buf, np.array(index, np.int64), lo, hi)
+    return Settled(shaped, ok.tolist(), seqs.tolist(), bounds.tolist(), time, value, lengths)
+
+
+def _fields(shape: _Shape) -> tuple[int, int, int, int, int, int]:
+    """Where `Atlas.read` finds the shape's t0 and seq (-1: none), and its least and greatest
+    offset."""
+    seq = shape.seq or (-1, -1)
+    return (*shape.t0, *seq, shape.first, shape.last)
 
 
 def _learn(
@@ -300,8 +313,8 @@ def _learn(
     )
     # What the shape reads back from its own payload must be what was decoded (its times are
     # t0 + offsets by construction).
-    again = _looks_like(shape, payload, limits, now_us)
-    if again is None or again.seq != batch.seq or buf[values].tobytes() != batch.value.tobytes():
+    again = _read_back(shape, payload, limits, now_us)
+    if again is None or again[1] != batch.seq or buf[values].tobytes() != batch.value.tobytes():
         return None
-    shape.index = atlas.add(buf, fixed, shape.spans, lengths, offsets)
+    shape.index = atlas.add(buf, fixed, shape.spans, lengths, offsets, _fields(shape))
     return shape

@@ -203,3 +203,37 @@ def test_shapes_read_alike_however_many_and_after_their_topics_were_forgotten(
             assert batch.time.tolist() == want.time.tolist()
             assert batch.counts == want.counts
         assert settled.lengths.tolist() == [1] * sum(sizes)
+
+
+def _int_bytes(code: int, value: int) -> bytes:
+    size = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8, 0xD0: 1, 0xD1: 2, 0xD2: 4, 0xD3: 8}[code]
+    return bytes((code,)) + (value % (1 << 8 * size)).to_bytes(size, "big")
+
+
+@pytest.mark.parametrize("seq", [5, 200, 70_000, 2**33])  # a fixint, 2, 4 and 8 bytes
+def test_t0_and_seq_of_every_integer_form_read_as_decode_batch_reads_them(seq: int) -> None:
+    """Payloads of a shape's length whose t0 and seq bytes are MessagePack integers of every
+    form and sign, or no integer at all, around the limits."""
+    shapes = Shapes(prefix="telemetry")
+    base = [payload(T0 + k * 1_000_000, seq, [1.0, 2.0]) for k in range(2)]
+    for data in base:
+        check(shapes, data)
+    t0_at = base[0].index(_int_bytes(0xCF, T0))
+    seq_form = msgspec.msgpack.encode(seq)
+    seq_at = base[0].index(seq_form, t0_at + 9)
+    rng = np.random.default_rng(seq)
+    t0s = [T0, T0 + 1, 10, -5, NOW + 86_400_000_000 * 2, 2**63 + 7, -(2**62), 0]
+    seqs = [seq, 0, -1, 2**63 - 1, 2**64 - 1, 3]
+    for t0 in t0s:
+        for code in (0xCF, 0xD3, 0xCB, 0xC0):
+            for s in seqs:
+                mutated = bytearray(base[1])
+                mutated[t0_at : t0_at + 9] = _int_bytes(code, t0) if code >= 0xCF else bytes(9)
+                first = seq_form[0] if len(seq_form) > 1 else 0xCC
+                form = (
+                    _int_bytes(first, s)[: len(seq_form)] if len(seq_form) > 1 else bytes([s % 256])
+                )
+                if rng.integers(0, 4) == 0:
+                    form = bytes((first ^ 0x1C,)) + form[1:]  # another form of that size
+                mutated[seq_at : seq_at + len(seq_form)] = form
+                check(shapes, bytes(mutated))
