@@ -350,14 +350,7 @@ class Connection(asyncio.Protocol):
         """`ack` for each of `seqs`, in order; how many returned ``True``."""
         if self.lost or not self.alive:
             return 0
-        ledger = self.ledger
-        done = 0
-        released: list[int] = []
-        for seq in seqs:
-            got = ledger.ack(seq)
-            if got is not None:
-                done += 1
-                released += got
+        done, released = self.ledger.ack_many(seqs)
         if released:
             if not self._acks:
                 self._loop.call_soon(self._write, b"")
