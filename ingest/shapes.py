@@ -36,11 +36,9 @@ _MAX_TOPICS = 200_000  # shapes remembered; past that the cache starts again
 class _Shape:
     levels: tuple[str, ...]
     payload: npt.NDArray[np.uint8]  # the payload it was learnt from (read-only, its bytes)
-    fixed: npt.NDArray[np.uint8]  # 0xff where a byte must equal it, 0 in t0, seq and values
     t0: Span
     seq: Span | None
-    values: npt.NDArray[np.int32]  # the value bytes, 8 per reading, in order
-    spans: npt.NDArray[np.int64]  # the same as each channel's start and end, flat
+    spans: npt.NDArray[np.int64]  # each channel's value bytes' start and end, flat
     offsets: npt.NDArray[np.int64]  # each reading's time minus t0
     first: int  # least and greatest offset
     last: int
@@ -245,10 +243,10 @@ def _read(shaped: Sequence[Shaped], atlas: Atlas) -> Settled:
         for i, s in enumerate(shaped):
             if s.shape.atlas is not atlas:
                 x = s.shape
-                x.atlas, x.index = (
-                    atlas,
-                    atlas.add(x.payload, x.fixed, x.spans, x.lengths, x.offsets, _fields(x)),
-                )
+                t0, seq = x.t0, x.seq or (-1, -1)
+                fixed, _ = layout(len(x.payload), np.array([*t0, *seq, *x.spans], np.int64))
+                x.atlas = atlas
+                x.index = atlas.add(x.payload, fixed, x.spans, x.lengths, x.offsets, _fields(x))
             index[i] = s.shape.index
     buf = np.frombuffer(b"".join([s.payload for s in shaped]), np.uint8)
     lo = np.array([s.lo for s in shaped], np.int64)
@@ -294,10 +292,8 @@ def _learn(
     shape = _Shape(
         levels=levels,
         payload=buf,
-        fixed=fixed,
         t0=t0_span,
         seq=seq_span,
-        values=values,
         spans=found[4:].copy(),
         offsets=offsets,
         first=int(offsets.min()),
