@@ -2,8 +2,9 @@
 
 Everything here runs in the event loop's thread and nothing but ``get``, ``start``,
 ``subscribe``, ``unsubscribe`` and ``close`` awaits. The socket is read in the large chunks the
-transport delivers; every packet in a chunk is framed here, PUBLISH packets go to the inbox
-and the few control packets a subscriber receives are answered on the spot.
+transport delivers; every packet in a chunk is framed here (a run of common PUBLISH packets
+by one call of ``ingest.mqtt.framing``, anything else one by one), PUBLISH packets go to the
+inbox and the few control packets a subscriber receives are answered on the spot.
 """
 
 from __future__ import annotations

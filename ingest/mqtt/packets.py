@@ -1,9 +1,10 @@
 """MQTT v5 packets: framing a byte stream, parsing what a client receives, building what it sends.
 
 No I/O here. The connection (``ingest.mqtt.connection``) reads the socket in large chunks and
-frames every packet in them; common PUBLISH packets take the fast parser (``parse_publish``),
-anything unusual the complete one (``parse_publish_full``). `ingest simulate` publishes with
-``ingest.sim.publisher``, which builds its packets here too.
+frames every packet in them; runs of common PUBLISH packets are framed and parsed at once by
+``ingest.mqtt.framing`` (as ``parse_publish`` parses them), others take the fast parser
+(``parse_publish``), anything unusual the complete one (``parse_publish_full``).
+`ingest simulate` publishes with ``ingest.sim.publisher``, which builds its packets here too.
 """
 
 from __future__ import annotations
