@@ -35,9 +35,11 @@ class Atlas:
     (two each) and `lengths`; its readings' times minus t0 are ``starts[k, 2]`` on in
     `offsets`. ``fields[k]`` holds where its t0 and seq lie in the payload (start and end;
     -1: no seq) and its least and greatest offset. Only grows; `ingest.shapes` starts a new
-    one when it forgets its topics."""
+    one when it forgets its topics, or when most of it holds shapes no topic uses."""
 
-    def __init__(self) -> None:
+    def __init__(self, generation: int) -> None:
+        self.generation = generation
+        """Which of the atlases one after the other this is."""
         self.count = 0
         self._used = [0, 0, 0]
         self.starts = np.zeros((64, 3), np.int64)
@@ -48,6 +50,11 @@ class Atlas:
         self.spans = np.zeros(1 << 11, np.int64)
         self.lengths = np.zeros(1 << 10, np.int64)
         self.offsets = np.zeros(1 << 10, np.int64)
+
+    @property
+    def nbytes(self) -> int:
+        """The shapes' payload bytes it holds."""
+        return self._used[0]
 
     def add(
         self,
@@ -231,7 +238,7 @@ def _read_shaped(
 
 def compile_kernels() -> None:
     """Compile, or load from the on-disk cache, this module's kernel (see `ingest.warmup`)."""
-    atlas = Atlas()
+    atlas = Atlas(0)
     payload = np.frombuffer(bytes(16), np.uint8)  # read-only, as a payload's bytes are
     k = atlas.add(
         payload,

@@ -30,6 +30,10 @@ from ingest.wire import I64_MAX
 __all__ = ["Settled", "Shaped", "Shapes"]
 
 _MAX_TOPICS = 200_000  # shapes remembered; past that the cache starts again
+# An atlas is started again once more than half its bytes, and more than this, are shapes that
+# topics replaced with another (their payloads changed form): its size stays within about
+# twice the shapes in use.
+_MIN_DEAD = 1 << 20
 
 
 @dataclass(slots=True, eq=False)
@@ -47,7 +51,7 @@ class _Shape:
     counts: tuple[int, ...]
     quality: npt.NDArray[np.uint8]  # zeros, read-only, shared too
     lengths: npt.NDArray[np.int64]  # counts as an array
-    atlas: Atlas  # where `settle` finds it, as shape number `index`
+    atlas: int  # the generation of the atlas where `settle` finds it, as shape number `index`
     index: int
     ids: npt.NDArray[np.int32] | None = None
     """The sensor ids of its channels, as the registry gave them at units version `version`
@@ -118,9 +122,15 @@ class Shapes:
     def __init__(self, *, prefix: str) -> None:
         self._prefix = prefix
         self._topics: dict[str, _Shape | _First | tuple[str, ...]] = {}
-        self._atlas = Atlas()
+        self._atlas = Atlas(0)
+        self._dead = 0  # payload bytes of the current atlas's shapes no topic uses any more
         self.matched = 0
         """Payloads decoded by their topic's shape."""
+
+    @property
+    def held_bytes(self) -> int:
+        """Payload bytes of the shapes held for `settle` (at most about twice those in use)."""
+        return self._atlas.nbytes
 
     def decode(
         self,
@@ -207,12 +217,22 @@ class Shapes:
         if known is None:
             if len(self._topics) >= _MAX_TOPICS:
                 self._topics.clear()
-                self._atlas = Atlas()  # shapes still in flight are added to it again
+                self._new_atlas()
             self._topics[topic] = _First(levels, payload, batch)
         else:
+            if isinstance(known, _Shape) and known.atlas == self._atlas.generation:
+                self._dead += len(known.payload)
             learnt = _learn(levels, payload, batch, limits, now_us, self._atlas)
             self._topics[topic] = learnt or levels
+            if self._dead > _MIN_DEAD and 2 * self._dead > self._atlas.nbytes:
+                self._new_atlas()
         return levels, batch
+
+    def _new_atlas(self) -> None:
+        """Start a new atlas: the shapes in use are added to it as their payloads are read
+        again (those of payloads in flight too), those replaced are gone with the old one."""
+        self._atlas = Atlas(self._atlas.generation + 1)
+        self._dead = 0
 
 
 def _read_back(
@@ -238,14 +258,15 @@ def _read_back(
 
 def _read(shaped: Sequence[Shaped], atlas: Atlas) -> Settled:
     """`Shapes.settle`."""
-    index = [s.shape.index if s.shape.atlas is atlas else -1 for s in shaped]
-    if -1 in index:  # learnt before the topics were last forgotten: into this atlas too
+    generation = atlas.generation
+    index = [s.shape.index if s.shape.atlas == generation else -1 for s in shaped]
+    if -1 in index:  # learnt into an earlier atlas: into this one too
         for i, s in enumerate(shaped):
-            if s.shape.atlas is not atlas:
+            if s.shape.atlas != generation:
                 x = s.shape
                 t0, seq = x.t0, x.seq or (-1, -1)
                 fixed, _ = layout(len(x.payload), np.array([*t0, *seq, *x.spans], np.int64))
-                x.atlas = atlas
+                x.atlas = generation
                 x.index = atlas.add(x.payload, fixed, x.spans, x.lengths, x.offsets, _fields(x))
             index[i] = s.shape.index
     buf = np.frombuffer(b"".join([s.payload for s in shaped]), np.uint8)
@@ -304,7 +325,7 @@ def _learn(
         counts=batch.counts,
         quality=quality,
         lengths=lengths,
-        atlas=atlas,
+        atlas=atlas.generation,
         index=-1,
     )
     # What the shape reads back from its own payload must be what was decoded (its times are

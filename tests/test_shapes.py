@@ -237,3 +237,30 @@ def test_t0_and_seq_of_every_integer_form_read_as_decode_batch_reads_them(seq: i
                     form = bytes((first ^ 0x1C,)) + form[1:]  # another form of that size
                 mutated[seq_at : seq_at + len(seq_form)] = form
                 check(shapes, bytes(mutated))
+
+
+def test_a_topic_changing_form_again_and_again_holds_no_more_than_its_shapes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Payloads alternating between two forms (a shape learnt again at each change) decode
+    exactly, and what is held for their shapes stays bounded, also with payloads in flight
+    when it starts again."""
+    monkeypatch.setattr("ingest.shapes._MIN_DEAD", 2_000)
+    shapes = Shapes(prefix="telemetry")
+    forms = [{}, {"u": "kPa"}]
+    size = len(payload(T0, 1, [1.0, 2.0]))
+    held = []
+    for k in range(400):
+        data = payload(T0 + k * 1_000_000, k % 100, [float(k), 2.0], **forms[k // 3 % 2])
+        check(shapes, data)
+        if k % 7 == 0:  # one accepted by its shape, read after more changes of form
+            _, got = shapes.accept(TOPIC, data, content_type=MSGPACK, limits=LIMITS, now_us=NOW)
+            check(shapes, payload(T0, 0, [1.0, 2.0], u="bar", s="x"))
+            if isinstance(got, Shaped):
+                settled = shapes.settle([got])
+                want = decode_batch(data, content_type=MSGPACK, limits=LIMITS, now_us=NOW)
+                batch = settled.batch(0)
+                assert batch is not None
+                assert batch.value.tobytes() == want.value.tobytes()
+        held.append(shapes.held_bytes)
+    assert max(held) <= 2 * 2_000 + 4 * size
