@@ -23,24 +23,26 @@ import numpy as np
 import numpy.typing as npt
 
 from ingest.decode import Batch, DecodeLimits, decode_batch, parse_topic
-from ingest.jit import small_kernel
+from ingest.shape_atlas import Atlas
 from ingest.shape_layout import Span, layout, read_int, walk
 from ingest.wire import I64_MAX
 
-__all__ = ["Settled", "Shaped", "Shapes", "compile_kernels"]
+__all__ = ["Settled", "Shaped", "Shapes"]
 
 _MAX_TOPICS = 200_000  # shapes remembered; past that the cache starts again
+# An atlas is started again once more than half its bytes, and more than this, are shapes that
+# topics replaced with another (their payloads changed form): its size stays within about
+# twice the shapes in use.
+_MIN_DEAD = 1 << 20
 
 
 @dataclass(slots=True, eq=False)
 class _Shape:
     levels: tuple[str, ...]
     payload: npt.NDArray[np.uint8]  # the payload it was learnt from (read-only, its bytes)
-    fixed: npt.NDArray[np.uint8]  # 0xff where a byte must equal it, 0 in t0, seq and values
     t0: Span
     seq: Span | None
-    values: npt.NDArray[np.int32]  # the value bytes, 8 per reading, in order
-    spans: npt.NDArray[np.int64]  # the same as each channel's start and end, flat
+    spans: npt.NDArray[np.int64]  # each channel's value bytes' start and end, flat
     offsets: npt.NDArray[np.int64]  # each reading's time minus t0
     first: int  # least and greatest offset
     last: int
@@ -49,8 +51,8 @@ class _Shape:
     counts: tuple[int, ...]
     quality: npt.NDArray[np.uint8]  # zeros, read-only, shared too
     lengths: npt.NDArray[np.int64]  # counts as an array
-    raw: bytes  # `payload` and `fixed` as bytes, to be joined with others'
-    raw_fixed: bytes
+    atlas: int  # the generation of the atlas where `settle` finds it, as shape number `index`
+    index: int
     ids: npt.NDArray[np.int32] | None = None
     """The sensor ids of its channels, as the registry gave them at units version `version`
     (kept here by `ingest.writer`: a shape's sensors cost no look-up)."""
@@ -59,14 +61,14 @@ class _Shape:
 
 @dataclass(slots=True, eq=False)  # not frozen: one is made per message, and a frozen one costs more
 class Shaped:
-    """A payload that looked like its topic's shape when it arrived: same length, t0 and seq
-    where the shape has them, times within the limits. `Shapes.settle` checks its other bytes
-    and reads its values."""
+    """A payload of its topic's shape's length, with the limits of its readings' times as they
+    were when it arrived (`lo` to `hi`, µs). `Shapes.settle` reads its t0 and seq, checks them
+    and its other bytes, and reads its values."""
 
     shape: _Shape
     payload: bytes
-    t0: int
-    seq: int | None
+    lo: int
+    hi: int
 
     @property
     def readings(self) -> int:
@@ -81,6 +83,7 @@ class Settled:
 
     shaped: Sequence[Shaped]
     ok: list[bool]
+    seqs: list[int]
     bounds: list[int]
     time: npt.NDArray[np.int64]
     value: npt.NDArray[np.float64]
@@ -97,8 +100,9 @@ class Settled:
             return None
         s, a, b = self.shaped[i], self.bounds[i], self.bounds[i + 1]
         x = s.shape
+        seq = None if x.seq is None else self.seqs[i]
         return Batch(
-            s.seq, x.names, x.units, x.counts, b - a, self.time[a:b], self.value[a:b], x.quality
+            seq, x.names, x.units, x.counts, b - a, self.time[a:b], self.value[a:b], x.quality
         )
 
 
@@ -118,8 +122,15 @@ class Shapes:
     def __init__(self, *, prefix: str) -> None:
         self._prefix = prefix
         self._topics: dict[str, _Shape | _First | tuple[str, ...]] = {}
+        self._atlas = Atlas(0)
+        self._dead = 0  # payload bytes of the current atlas's shapes no topic uses any more
         self.matched = 0
         """Payloads decoded by their topic's shape."""
+
+    @property
+    def held_bytes(self) -> int:
+        """Payload bytes of the shapes held for `settle` (at most about twice those in use)."""
+        return self._atlas.nbytes
 
     def decode(
         self,
@@ -156,20 +167,21 @@ class Shapes:
         known = self._topics.get(topic)
         if isinstance(known, _First):
             first = known
-            known = _learn(first.levels, first.payload, first.batch, limits, now_us)
+            known = _learn(first.levels, first.payload, first.batch, limits, now_us, self._atlas)
             self._topics[topic] = known = known or first.levels
-        if isinstance(known, _Shape) and (
-            content_type is None or content_type == "application/msgpack"
+        if (
+            isinstance(known, _Shape)
+            and (content_type is None or content_type == "application/msgpack")
+            and len(payload) == len(known.payload)
         ):
-            shaped = _looks_like(known, payload, limits, now_us)
-            if shaped is not None:
-                return known.levels, shaped
+            hi = min(now_us + limits.max_future_us, I64_MAX)
+            return known.levels, Shaped(known, payload, limits.min_time_us, hi)
         return self._decode(topic, payload, known, content_type, limits, now_us)
 
     def settle(self, shaped: Sequence[Shaped]) -> Settled:
         """Check the bytes of every `shaped` payload against its shape and read its values,
         in one kernel call."""
-        settled = _read(shaped)
+        settled = _read(shaped, self._atlas)
         self.matched += sum(settled.ok)
         return settled
 
@@ -205,56 +217,29 @@ class Shapes:
         if known is None:
             if len(self._topics) >= _MAX_TOPICS:
                 self._topics.clear()
+                self._new_atlas()
             self._topics[topic] = _First(levels, payload, batch)
         else:
-            self._topics[topic] = _learn(levels, payload, batch, limits, now_us) or levels
+            if isinstance(known, _Shape) and known.atlas == self._atlas.generation:
+                self._dead += len(known.payload)
+            learnt = _learn(levels, payload, batch, limits, now_us, self._atlas)
+            self._topics[topic] = learnt or levels
+            if self._dead > _MIN_DEAD and 2 * self._dead > self._atlas.nbytes:
+                self._new_atlas()
         return levels, batch
 
-
-@small_kernel
-def _read_shaped(
-    buf: npt.NDArray[np.uint8],
-    like: npt.NDArray[np.uint8],
-    fixed: npt.NDArray[np.uint8],
-    starts: npt.NDArray[np.int64],
-    spans: npt.NDArray[np.int64],
-    sstarts: npt.NDArray[np.int64],
-    rstarts: npt.NDArray[np.int64],
-    offsets: npt.NDArray[np.int64],
-    t0: npt.NDArray[np.int64],
-    time: npt.NDArray[np.int64],
-    raw: npt.NDArray[np.uint8],
-) -> npt.NDArray[np.bool_]:
-    """The values (little-endian float64, as bytes into `raw`) and times (t0 + `offsets`,
-    into `time`) of many payloads, one after the other in `buf`, if every byte `fixed` marks
-    equals the shape's in `like`. Payload m is starts[m]:starts[m + 1] of `buf`, `like` and
-    `fixed`; its readings are rstarts[m]:rstarts[m + 1] of `offsets` and `time` (8 bytes each
-    in `raw`), their bytes the spans sstarts[m]:sstarts[m + 1] of `spans` (start and end within
-    the payload, flat). Returns whether each payload matched; the readings of one that did not
-    are left unset."""
-    n = starts.shape[0] - 1
-    ok = np.zeros(n, np.bool_)
-    for m in range(n):
-        a = starts[m]
-        diff = np.uint8(0)
-        for i in range(a, starts[m + 1]):  # no early exit: the loop is vectorized
-            diff |= (buf[i] ^ like[i]) & fixed[i]
-        if diff:
-            continue
-        ok[m] = True
-        for k in range(rstarts[m], rstarts[m + 1]):
-            time[k] = offsets[k] + t0[m]
-        r = 8 * rstarts[m]
-        for c in range(sstarts[m], sstarts[m + 1]):
-            size = spans[2 * c + 1] - spans[2 * c]
-            raw[r : r + size] = buf[a + spans[2 * c] : a + spans[2 * c + 1]]
-            r += size
-    return ok
+    def _new_atlas(self) -> None:
+        """Start a new atlas: the shapes in use are added to it as their payloads are read
+        again (those of payloads in flight too), those replaced are gone with the old one."""
+        self._atlas = Atlas(self._atlas.generation + 1)
+        self._dead = 0
 
 
-def _looks_like(shape: _Shape, payload: bytes, limits: DecodeLimits, now_us: int) -> Shaped | None:
-    """`payload` as a `Shaped`, if its length, t0 and seq fit its shape and its times are
-    within the limits; its other bytes are not looked at yet."""
+def _read_back(
+    shape: _Shape, payload: bytes, limits: DecodeLimits, now_us: int
+) -> tuple[int, int | None] | None:
+    """The t0 and seq of `payload` by `shape`, if its length, t0 and seq fit the shape and its
+    times are within the limits (as `settle` reads them, its other bytes aside)."""
     if len(payload) != len(shape.payload):
         return None
     t0 = read_int(payload, shape.t0)
@@ -268,34 +253,43 @@ def _looks_like(shape: _Shape, payload: bytes, limits: DecodeLimits, now_us: int
     hi = min(now_us + limits.max_future_us, I64_MAX)
     if t0 + shape.first < limits.min_time_us or t0 + shape.last > hi or t0 > hi:
         return None  # decode_batch names the field
-    return Shaped(shape, payload, t0, seq)
+    return t0, seq
 
 
-def _read(shaped: Sequence[Shaped]) -> Settled:
+def _read(shaped: Sequence[Shaped], atlas: Atlas) -> Settled:
     """`Shapes.settle`."""
-    n = len(shaped)
-    starts = np.zeros(n + 1, np.int64)
-    rstarts = np.zeros(n + 1, np.int64)
-    np.cumsum([len(s.payload) for s in shaped], out=starts[1:])
-    sstarts = np.zeros(n + 1, np.int64)
-    np.cumsum([len(s.shape.offsets) for s in shaped], out=rstarts[1:])
-    shapes = [s.shape for s in shaped]
-    np.cumsum([len(x.counts) for x in shapes], out=sstarts[1:])
+    generation = atlas.generation
+    index = [s.shape.index if s.shape.atlas == generation else -1 for s in shaped]
+    if -1 in index:  # learnt into an earlier atlas: into this one too
+        for i, s in enumerate(shaped):
+            if s.shape.atlas != generation:
+                x = s.shape
+                t0, seq = x.t0, x.seq or (-1, -1)
+                fixed, _ = layout(len(x.payload), np.array([*t0, *seq, *x.spans], np.int64))
+                x.atlas = generation
+                x.index = atlas.add(x.payload, fixed, x.spans, x.lengths, x.offsets, _fields(x))
+            index[i] = s.shape.index
     buf = np.frombuffer(b"".join([s.payload for s in shaped]), np.uint8)
-    like = np.frombuffer(b"".join([x.raw for x in shapes]), np.uint8)
-    fixed = np.frombuffer(b"".join([x.raw_fixed for x in shapes]), np.uint8)
-    spans = np.concatenate([x.spans for x in shapes]) if n else np.empty(0, np.int64)
-    offsets = np.concatenate([x.offsets for x in shapes]) if n else np.empty(0, np.int64)
-    t0 = np.array([s.t0 for s in shaped], np.int64)
-    time = np.empty(len(offsets), np.int64)
-    raw = np.empty(8 * len(offsets), np.uint8)
-    ok = _read_shaped(buf, like, fixed, starts, spans, sstarts, rstarts, offsets, t0, time, raw)
-    lengths = np.concatenate([x.lengths for x in shapes]) if n else np.empty(0, np.int64)
-    return Settled(shaped, ok.tolist(), rstarts.tolist(), time, raw.view(np.float64), lengths)
+    lo = np.array([s.lo for s in shaped], np.int64)
+    hi = np.array([s.hi for s in shaped], np.int64)
+    ok, seqs, bounds, time, value, lengths = atlas.read(buf, np.array(index, np.int64), lo, hi)
+    return Settled(shaped, ok.tolist(), seqs.tolist(), bounds.tolist(), time, value, lengths)
+
+
+def _fields(shape: _Shape) -> tuple[int, int, int, int, int, int]:
+    """Where `Atlas.read` finds the shape's t0 and seq (-1: none), and its least and greatest
+    offset."""
+    seq = shape.seq or (-1, -1)
+    return (*shape.t0, *seq, shape.first, shape.last)
 
 
 def _learn(
-    levels: tuple[str, ...], payload: bytes, batch: Batch, limits: DecodeLimits, now_us: int
+    levels: tuple[str, ...],
+    payload: bytes,
+    batch: Batch,
+    limits: DecodeLimits,
+    now_us: int,
+    atlas: Atlas,
 ) -> _Shape | None:
     """The shape of a payload `decode_batch` accepted, if it has the compact form."""
     if sys.byteorder != "little":  # _read_shaped reads little-endian float64 as native
@@ -319,10 +313,8 @@ def _learn(
     shape = _Shape(
         levels=levels,
         payload=buf,
-        fixed=fixed,
         t0=t0_span,
         seq=seq_span,
-        values=values,
         spans=found[4:].copy(),
         offsets=offsets,
         first=int(offsets.min()),
@@ -333,23 +325,13 @@ def _learn(
         counts=batch.counts,
         quality=quality,
         lengths=lengths,
-        raw=bytes(payload),
-        raw_fixed=fixed.tobytes(),
+        atlas=atlas.generation,
+        index=-1,
     )
     # What the shape reads back from its own payload must be what was decoded (its times are
     # t0 + offsets by construction).
-    again = _looks_like(shape, payload, limits, now_us)
-    if again is None or again.seq != batch.seq or buf[values].tobytes() != batch.value.tobytes():
+    again = _read_back(shape, payload, limits, now_us)
+    if again is None or again[1] != batch.seq or buf[values].tobytes() != batch.value.tobytes():
         return None
+    shape.index = atlas.add(buf, fixed, shape.spans, lengths, offsets, _fields(shape))
     return shape
-
-
-def compile_kernels() -> None:
-    """Compile, or load from the on-disk cache, this module's kernel (see `ingest.warmup`)."""
-    buf = np.zeros(16, np.uint8)
-    received = np.frombuffer(bytes(16), np.uint8)  # read-only, as a payload's bytes are
-    ends = np.array([0, 16], np.int64)
-    one = np.array([0, 1], np.int64)
-    zero = np.zeros(1, np.int64)
-    spans = np.array([8, 16], np.int64)
-    _read_shaped(received, received, received, ends, spans, one, one, zero, zero, zero.copy(), buf)

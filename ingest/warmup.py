@@ -7,9 +7,10 @@ anomaly filters, and (when Sparkplug is on) the Sparkplug decoder.
 
 from __future__ import annotations
 
-from ingest import kernels, partials, shape_layout, shapes
+from ingest import kernels, partials, shape_atlas, shape_layout
 from ingest.anomaly import detector
 from ingest.asset import model
+from ingest.mqtt import framing
 from ingest.sparkplug import stage
 
 __all__ = ["warm_up"]
@@ -23,7 +24,8 @@ def warm_up(*, sparkplug: bool = True) -> None:
     """
     kernels.compile_kernels()
     shape_layout.compile_kernels()
-    shapes.compile_kernels()
+    shape_atlas.compile_kernels()
+    framing.compile_kernels()
     partials.compile_kernels()
     detector.compile_kernels()
     model.compile_kernels()

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import msgspec
+import numpy as np
 import pytest
+from prometheus_client import REGISTRY, CollectorRegistry, Histogram, generate_latest
 
-from ingest.metrics import reason_field
+from ingest.metrics import BatchHistogram, reason_field
 from tests.support.cluster import Database
 from tests.support.ingester import Ingester, acked_at_least, ingester_env
 from tests.support.mqtt import Publisher
@@ -28,6 +30,26 @@ from tests.support.tools import promtool
 )
 def test_dead_letter_label_is_the_field_without_indices(reason: str, field: str) -> None:
     assert reason_field(reason) == field
+
+
+def test_batch_histogram_exposes_what_a_histogram_observing_each_value_does() -> None:
+    # Binary fractions: the sum is exact in any order. Values on a bound count in its bucket.
+    buckets = (0.0078125, 0.25, 1.0, 60.0)
+    values = [0.0, 0.0078125, 0.015625, 0.25, 0.375, 1.0, 59.5, 60.0, 100.0]
+    batch = BatchHistogram("lag_seconds", "Lag.", buckets=buckets)
+    batch.observe_many(np.array(values[:4]))
+    batch.observe_many(np.array(values[4:]))
+    batch.observe_many(np.empty(0))
+    one = CollectorRegistry()
+    each = Histogram("lag_seconds", "Lag.", buckets=buckets, registry=one)
+    for v in values:
+        each.observe(v)
+    got = generate_latest(REGISTRY).decode().splitlines()
+    want = generate_latest(one).decode().splitlines()
+    assert [
+        line for line in got if line.startswith(("lag_seconds", "# HELP lag", "# TYPE lag"))
+    ] == [line for line in want if "_created" not in line]
+    REGISTRY.unregister(batch)
 
 
 async def test_live_ingester_serves_metrics_health_and_json_logs(

@@ -170,3 +170,97 @@ def test_a_flush_of_shaped_payloads_reads_as_decode_batch_does() -> None:
     times = np.concatenate([settled.time[settled.bounds[i] : settled.bounds[i + 1]] for i in good])
     assert times.tolist() == [T0 + 2_000_000] * 3 * len(good)
     assert settled.lengths.tolist() == [1] * 3 * len(topics)
+
+
+def test_shapes_read_alike_however_many_and_after_their_topics_were_forgotten(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Hundreds of shapes of 1 to 30 channels (the arrays that hold them grow), read by one
+    `settle`; then the topics are forgotten (past the cache's size) while payloads accepted
+    by their shapes are still to be read: they read as before."""
+    shapes = Shapes(prefix="telemetry")
+    topics = [f"telemetry/site/line/plc-{i}" for i in range(300)]
+    rng = np.random.default_rng(11)
+    sizes = [1 + i % 30 for i in range(len(topics))]
+    for seq in range(2):
+        for topic, n in zip(topics, sizes, strict=True):
+            check(shapes, payload(T0 + seq * 1_000_000, seq, [0.5] * n), topic=topic)
+    data = [payload(T0 + 2_000_000, 2, rng.normal(0, 1e3, n).tolist()) for n in sizes]
+    shaped = []
+    for topic, d in zip(topics, data, strict=True):
+        _, got = shapes.accept(topic, d, content_type=MSGPACK, limits=LIMITS, now_us=NOW)
+        assert isinstance(got, Shaped)
+        shaped.append(got)
+    monkeypatch.setattr("ingest.shapes._MAX_TOPICS", 1)
+    check(shapes, payload(T0, 0, [1.0]), topic="telemetry/site/line/other")  # forgets them
+    for settled in (shapes.settle(shaped), shapes.settle(shaped[::-1])):
+        assert settled.complete
+        for i, got in enumerate(settled.shaped):
+            batch = settled.batch(i)
+            assert batch is not None
+            want = decode_batch(got.payload, content_type=MSGPACK, limits=LIMITS, now_us=NOW)
+            assert batch.value.tobytes() == want.value.tobytes()
+            assert batch.time.tolist() == want.time.tolist()
+            assert batch.counts == want.counts
+        assert settled.lengths.tolist() == [1] * sum(sizes)
+
+
+def _int_bytes(code: int, value: int) -> bytes:
+    size = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8, 0xD0: 1, 0xD1: 2, 0xD2: 4, 0xD3: 8}[code]
+    return bytes((code,)) + (value % (1 << 8 * size)).to_bytes(size, "big")
+
+
+@pytest.mark.parametrize("seq", [5, 200, 70_000, 2**33])  # a fixint, 2, 4 and 8 bytes
+def test_t0_and_seq_of_every_integer_form_read_as_decode_batch_reads_them(seq: int) -> None:
+    """Payloads of a shape's length whose t0 and seq bytes are MessagePack integers of every
+    form and sign, or no integer at all, around the limits."""
+    shapes = Shapes(prefix="telemetry")
+    base = [payload(T0 + k * 1_000_000, seq, [1.0, 2.0]) for k in range(2)]
+    for data in base:
+        check(shapes, data)
+    t0_at = base[0].index(_int_bytes(0xCF, T0))
+    seq_form = msgspec.msgpack.encode(seq)
+    seq_at = base[0].index(seq_form, t0_at + 9)
+    rng = np.random.default_rng(seq)
+    t0s = [T0, T0 + 1, 10, -5, NOW + 86_400_000_000 * 2, 2**63 + 7, -(2**62), 0]
+    seqs = [seq, 0, -1, 2**63 - 1, 2**64 - 1, 3]
+    for t0 in t0s:
+        for code in (0xCF, 0xD3, 0xCB, 0xC0):
+            for s in seqs:
+                mutated = bytearray(base[1])
+                mutated[t0_at : t0_at + 9] = _int_bytes(code, t0) if code >= 0xCF else bytes(9)
+                first = seq_form[0] if len(seq_form) > 1 else 0xCC
+                form = (
+                    _int_bytes(first, s)[: len(seq_form)] if len(seq_form) > 1 else bytes([s % 256])
+                )
+                if rng.integers(0, 4) == 0:
+                    form = bytes((first ^ 0x1C,)) + form[1:]  # another form of that size
+                mutated[seq_at : seq_at + len(seq_form)] = form
+                check(shapes, bytes(mutated))
+
+
+def test_a_topic_changing_form_again_and_again_holds_no_more_than_its_shapes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Payloads alternating between two forms (a shape learnt again at each change) decode
+    exactly, and what is held for their shapes stays bounded, also with payloads in flight
+    when it starts again."""
+    monkeypatch.setattr("ingest.shapes._MIN_DEAD", 2_000)
+    shapes = Shapes(prefix="telemetry")
+    forms = [{}, {"u": "kPa"}]
+    size = len(payload(T0, 1, [1.0, 2.0]))
+    held = []
+    for k in range(400):
+        data = payload(T0 + k * 1_000_000, k % 100, [float(k), 2.0], **forms[k // 3 % 2])
+        check(shapes, data)
+        if k % 7 == 0:  # one accepted by its shape, read after more changes of form
+            _, got = shapes.accept(TOPIC, data, content_type=MSGPACK, limits=LIMITS, now_us=NOW)
+            check(shapes, payload(T0, 0, [1.0, 2.0], u="bar", s="x"))
+            if isinstance(got, Shaped):
+                settled = shapes.settle([got])
+                want = decode_batch(data, content_type=MSGPACK, limits=LIMITS, now_us=NOW)
+                batch = settled.batch(0)
+                assert batch is not None
+                assert batch.value.tobytes() == want.value.tobytes()
+        held.append(shapes.held_bytes)
+    assert max(held) <= 2 * 2_000 + 4 * size

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import itertools
 
 
 class AckLedger:
@@ -44,3 +45,27 @@ class AckLedger:
                 released.append(entries.popleft()[0])
             self._head += len(released)
         return released
+
+    def ack_many(self, seqs: list[int]) -> tuple[int, list[int]]:
+        """`ack` for each of `seqs`, in order: how many were acknowledged (known and not used
+        before), and the packet ids now due a PUBACK, in order."""
+        entries, head, n = self._entries, self._head, len(seqs)
+        if (
+            n
+            and seqs[0] == head
+            and n <= len(entries)
+            and seqs == list(range(head, head + n))
+            and not any(entry[1] for entry in itertools.islice(entries, n))
+        ):  # the usual case: the oldest messages, all at once
+            released = [entries.popleft()[0] for _ in range(n)]
+            while entries and entries[0][1]:
+                released.append(entries.popleft()[0])
+            self._head += len(released)
+            return n, released
+        done, released = 0, []
+        for seq in seqs:
+            got = self.ack(seq)
+            if got is not None:
+                done += 1
+                released += got
+        return done, released

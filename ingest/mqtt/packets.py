@@ -1,13 +1,16 @@
 """MQTT v5 packets: framing a byte stream, parsing what a client receives, building what it sends.
 
 No I/O here. The connection (``ingest.mqtt.connection``) reads the socket in large chunks and
-frames every packet in them; common PUBLISH packets take the fast parser (``parse_publish``),
-anything unusual the complete one (``parse_publish_full``). `ingest simulate` publishes with
-``ingest.sim.publisher``, which builds its packets here too.
+frames every packet in them; runs of common PUBLISH packets are framed and parsed at once by
+``ingest.mqtt.framing`` (as ``parse_publish`` parses them), others take the fast parser
+(``parse_publish``), anything unusual the complete one (``parse_publish_full``).
+`ingest simulate` publishes with ``ingest.sim.publisher``, which builds its packets here too.
 """
 
 from __future__ import annotations
 
+import array
+import sys
 from collections.abc import Iterable
 from typing import Final, NamedTuple
 
@@ -138,7 +141,17 @@ def _parse(command: int, data: bytes) -> Publish | None:
 
 def pubacks(mids: list[int]) -> bytes:
     """PUBACK packets (reason: success) for `mids`, in order, as one byte string."""
-    return b"".join(bytes((PUBACK, 2, mid >> 8, mid & 0xFF)) for mid in mids)
+    ids = array.array("H", mids)  # each packet's last two bytes, big-endian
+    if sys.byteorder == "little":
+        ids.byteswap()
+    raw = ids.tobytes()
+    n = len(mids)
+    out = bytearray(4 * n)
+    out[0::4] = bytes((PUBACK,)) * n
+    out[1::4] = b"\x02" * n
+    out[2::4] = raw[0::2]
+    out[3::4] = raw[1::2]
+    return bytes(out)
 
 
 # -- the publisher's side (ingest simulate) ----------------------------------------------------
