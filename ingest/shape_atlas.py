@@ -10,6 +10,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ingest.jit import small_kernel
+from ingest.shape_layout import int_size
 
 __all__ = ["Atlas", "compile_kernels"]
 
@@ -135,24 +136,10 @@ def _int(buf: npt.NDArray[np.uint8], a: int, b: int) -> tuple[bool, int]:
     length (as `ingest.shape_layout.read_int` reads it), else (False, 0)."""
     first = buf[a]
     n = b - a
+    if int_size(first) != n:
+        return False, 0
     if n == 1:
-        if first < 0x80:
-            return True, int(first)
-        if first >= 0xE0:
-            return True, int(first) - 256
-        return False, 0
-    if first == 0xCC or first == 0xD0:
-        size = 2
-    elif first == 0xCD or first == 0xD1:
-        size = 3
-    elif first == 0xCE or first == 0xD2:
-        size = 5
-    elif first == 0xCF or first == 0xD3:
-        size = 9
-    else:
-        size = 0
-    if size != n:
-        return False, 0
+        return True, int(first) if first < 0x80 else int(first) - 256
     if first == 0xCF and buf[a + 1] >= 0x80:
         return False, 0  # above int64, and so above every limit
     value = np.uint64(0)

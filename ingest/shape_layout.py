@@ -9,7 +9,7 @@ import numpy.typing as npt
 
 from ingest.jit import small_kernel
 
-__all__ = ["INT_SIZES", "Span", "compile_kernels", "layout", "read_int", "walk"]
+__all__ = ["INT_SIZES", "Span", "compile_kernels", "int_size", "layout", "read_int", "walk"]
 
 Span = tuple[int, int]
 
@@ -51,22 +51,28 @@ def _length(
 
 
 @small_kernel
+def int_size(first: int) -> int:
+    """Bytes of the MessagePack integer whose first byte is `first` (`INT_SIZES`, 1 for a
+    fixint), or 0 if it starts no integer."""
+    if first < 0x80 or first >= 0xE0:
+        return 1
+    if first == 0xCC or first == 0xD0:
+        return 2
+    if first == 0xCD or first == 0xD1:
+        return 3
+    if first == 0xCE or first == 0xD2:
+        return 5
+    if first == 0xCF or first == 0xD3:
+        return 9
+    return 0
+
+
+@small_kernel
 def _int_end(buf: npt.NDArray[np.uint8], at: int) -> int:
     """End of the MessagePack integer at `at`, or -1."""
     if at >= buf.shape[0]:
         return -1
-    b = buf[at]
-    if b < 0x80 or b >= 0xE0:
-        return at + 1
-    size = 0
-    if b == 0xCC or b == 0xD0:
-        size = 2
-    elif b == 0xCD or b == 0xD1:
-        size = 3
-    elif b == 0xCE or b == 0xD2:
-        size = 5
-    elif b == 0xCF or b == 0xD3:
-        size = 9
+    size = int_size(buf[at])
     if size == 0 or at + size > buf.shape[0]:
         return -1
     return at + size
