@@ -52,6 +52,22 @@ def _string(buf: npt.NDArray[np.uint8], at: int, end: int) -> tuple[int, int]:
 
 
 @small_kernel
+def _varint(buf: npt.NDArray[np.uint8], at: int, end: int) -> tuple[int, int]:
+    """(value, position after it) of the variable byte integer of at most four bytes at `at`,
+    within `end`; value -1 if it is incomplete or longer."""
+    value = 0
+    shift = 0
+    while at < end and shift <= 21:
+        byte = buf[at]
+        at += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, at
+        shift += 7
+    return -1, at
+
+
+@small_kernel
 def publishes(
     buf: npt.NDArray[np.uint8], pos: int, room: int, room_bytes: int, max_packet: int
 ) -> tuple[npt.NDArray[np.int64], int]:
@@ -65,20 +81,8 @@ def publishes(
         command = buf[pos]
         if command & 0xF0 != 0x30 or (command >> 1) & 3 > 1:
             break
-        # The remaining length: a variable byte integer of at most four bytes.
-        length = 0
-        shift = 0
-        at = pos + 1
-        done = False
-        while at < size and shift <= 21:
-            byte = buf[at]
-            at += 1
-            length |= (byte & 0x7F) << shift
-            if not byte & 0x80:
-                done = True
-                break
-            shift += 7
-        if not done:
+        length, at = _varint(buf, pos + 1, size)  # the remaining length
+        if length < 0:
             break
         end = at + length
         if end > size or end - pos > max_packet or at + 2 > end:
@@ -95,19 +99,8 @@ def publishes(
                 break
             mid = buf[at] << 8 | buf[at + 1]
             at += 2
-        # The properties' length, then the properties.
-        props = 0
-        shift = 0
-        done = False
-        while at < end and shift <= 21:
-            byte = buf[at]
-            at += 1
-            props |= (byte & 0x7F) << shift
-            if not byte & 0x80:
-                done = True
-                break
-            shift += 7
-        if not done or at + props > end:
+        props, at = _varint(buf, at, end)  # the properties' length, then the properties
+        if props < 0 or at + props > end:
             break
         props_end = at + props
         ct_start = ct_end = ts = -1
