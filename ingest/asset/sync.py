@@ -227,7 +227,7 @@ class AssetScorer:
             if since is None:
                 since = max(model.fitted_to - 1, newest - self._max)
             index, time, value = await self._stored(conn, model, since, newest + self._max)
-            time, index, value = _settled(time, index, value, rule.settle_us)
+            index, time, value = _settled(index, time, value, rule.settle_us)
         elif run and len(time):  # in time order (see `settle`)
             index = np.searchsorted(model.sensor_ids, sensor).astype(np.int32)
         if run and len(time):
@@ -295,7 +295,7 @@ class AssetScorer:
             upto = newest + self._max  # readings held back by other flushes too
         index, times, values = await self._stored(conn, model, reach - rule.hold_us - 1, upto)
         if rule.settle_us:
-            times, index, values = _settled(times, index, values, rule.settle_us)
+            index, times, values = _settled(index, times, values, rule.settle_us)
         ints, floats = k.fresh_state(len(model.sensor_ids))
         ts, scores, ev_i, ev_f = model.model.run(
             index,
@@ -319,16 +319,17 @@ class AssetScorer:
 
 
 def _settled(
-    times: npt.NDArray[np.int64],
     index: npt.NDArray[np.int32],
+    times: npt.NDArray[np.int64],
     values: npt.NDArray[np.float64],
     settle_us: int,
-) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int32], npt.NDArray[np.float64]]:
-    """The time-ordered readings up to `settle_us` before the newest of them."""
+) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int64], npt.NDArray[np.float64]]:
+    """Of time-ordered readings (as `_stored` gives them), those up to `settle_us` before the
+    newest."""
     if not len(times):
-        return times, index, values
+        return index, times, values
     end = int(np.searchsorted(times, int(times[-1]) - settle_us, side="right"))
-    return times[:end], index[:end], values[:end]
+    return index[:end], times[:end], values[:end]
 
 
 def quiet_point(
