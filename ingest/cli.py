@@ -10,7 +10,10 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from ingest import __version__
+from ingest.arguments import fraction, positive_float
 from ingest.errors import ConfigError, IngestError
+from ingest.sim.command import add_arguments as add_simulate_arguments
+from ingest.sim.command import command as _simulate
 
 
 class _Parser(argparse.ArgumentParser):
@@ -52,104 +55,9 @@ def _parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="only list the chunks that would be dropped"
     )
 
-    sim = sub.add_parser("simulate", help="publish a simulated plant's sensor data")
-    sim.add_argument(
-        "--url", help="broker URL (default: INGEST_MQTT_URL, else mqtt://127.0.0.1:1883)"
+    add_simulate_arguments(
+        sub.add_parser("simulate", help="publish a simulated plant's sensor data")
     )
-    sim.add_argument(
-        "--prefix",
-        default=None,
-        help="topic prefix (default: INGEST_MQTT_TOPIC_PREFIX or telemetry)",
-    )
-    sim.add_argument(
-        "--plant", metavar="FILE", help="plant TOML (lines, devices, sensors); default: built-in"
-    )
-    sim.add_argument(
-        "--devices", type=_positive_int, metavar="N", help="use only the first N devices"
-    )
-    sim.add_argument(
-        "--hz", type=_positive_float, default=10.0, help="samples per second per sensor (10)"
-    )
-    sim.add_argument(
-        "--batch", type=_positive_int, default=10, help="samples per channel per message (10)"
-    )
-    sim.add_argument(
-        "--format",
-        choices=("compact", "json", "sparkplug"),
-        default="compact",
-        help="wire encoding; sparkplug: Sparkplug B edge nodes (births, data, deaths)",
-    )
-    sim.add_argument(
-        "--rate",
-        type=_non_negative_float,
-        default=0.0,
-        help="readings per second in all, 0 for as fast as possible (default)",
-    )
-    sim.add_argument(
-        "--realtime",
-        action="store_true",
-        help="pace by the simulated clock: sample times follow the wall clock",
-    )
-    sim.add_argument("--start", metavar="RFC3339", help="first sample time (default: now)")
-    sim.add_argument(
-        "--duration",
-        type=_non_negative_float,
-        default=0.0,
-        metavar="SECONDS",
-        help="simulated seconds per device, 0 for no end (default)",
-    )
-    sim.add_argument("--processes", type=_positive_int, default=1, help="publisher processes (1)")
-    sim.add_argument(
-        "--anomaly",
-        action="append",
-        default=[],
-        metavar="KIND:GLOB@S[+D]",
-        help="inject spike, drift, flatline or overheat on DEVICE/SENSOR matching GLOB at S "
-        "simulated seconds (for D seconds); repeatable",
-    )
-    sim.add_argument(
-        "--pumps",
-        type=_positive_int,
-        metavar="N",
-        help="instead of the plant: N pumps of eight correlated sensors (temperatures at a "
-        "fifth of the rate); --batch a multiple of 5",
-    )
-    sim.add_argument(
-        "--fault",
-        action="append",
-        default=[],
-        metavar="KIND:GLOB@S[+D]",
-        help="pumps: inject cavitation, valve or bearing on the pumps matching GLOB at S "
-        "simulated seconds, for D seconds (300); repeatable",
-    )
-    sim.add_argument(
-        "--labels", metavar="PATH", help="pumps: write the fault windows to PATH (JSON)"
-    )
-    sim.add_argument("--record", metavar="PATH", help="record what was published to PATH.<n>")
-    sim.add_argument(
-        "--ca-file",
-        metavar="PEM",
-        help="CA certificates to verify an mqtts:// broker with (default: INGEST_MQTT_TLS_CA_FILE,"
-        " else the system's)",
-    )
-    sim.add_argument(
-        "--cert-file",
-        metavar="PEM",
-        help="client certificate (chain) for an mqtts:// broker that asks for one (default: "
-        "INGEST_MQTT_TLS_CERT_FILE)",
-    )
-    sim.add_argument(
-        "--key-file",
-        metavar="PEM",
-        help="the client certificate's private key, if not in --cert-file (default: "
-        "INGEST_MQTT_TLS_KEY_FILE)",
-    )
-    sim.add_argument(
-        "--answer-rebirth",
-        action="store_true",
-        help="sparkplug: edge nodes answer NCMD Node Control/Rebirth with new births",
-    )
-    sim.add_argument("--quiet", action="store_true", help="no progress lines")
 
     # alerts: asset metadata (ingest/alerts/assets.py)
     assets = sub.add_parser("assets", help="asset metadata for alerts")
@@ -166,122 +74,28 @@ def _parser() -> argparse.ArgumentParser:
     base.add_argument("--to", dest="end", metavar="RFC3339", help="end of the period (excluded)")
     base.add_argument(
         "--last",
-        type=_positive_float,
+        type=positive_float,
         metavar="SECONDS",
         help="instead of --from/--to: this long up to each device's newest reading",
     )
     base.add_argument("--sensors", default="*", metavar="GLOB", help="sensor names to use (*)")
     base.add_argument(
-        "--variance", type=_fraction, default=0.99, help="variance the components keep (0.99)"
+        "--variance", type=fraction, default=0.99, help="variance the components keep (0.99)"
     )
     base.add_argument(
         "--quantile",
-        type=_fraction,
+        type=fraction,
         default=0.995,
         help="score quantile (0.995)",
     )
     base.add_argument(
-        "--margin", type=_positive_float, default=1.1, help="limits = quantile x margin (1.1)"
+        "--margin", type=positive_float, default=1.1, help="limits = quantile x margin (1.1)"
     )
     base.add_argument("--config", metavar="FILE", help="TOML configuration file (INGEST_CONFIG)")
 
     chk = sub.add_parser("check-config", help="validate the configuration and print it")
     chk.add_argument("--config", metavar="FILE", help="TOML configuration file (INGEST_CONFIG)")
     return parser
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
-    return value
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a number between 0 and 1")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"{text} is not a number >= 0")
-    return value
-
-
-def _simulate(args: argparse.Namespace) -> int:
-    import os
-    import time
-
-    from ingest.config import parse_rfc3339_us
-    from ingest.sim.plant import load_plant, pump_devices
-    from ingest.sim.publisher import TlsFiles
-    from ingest.sim.pumps import SLOW, Fault
-    from ingest.sim.signals import Anomaly
-    from ingest.sim.simulate import SimSettings, simulate
-
-    if args.pumps and (args.plant or args.format == "sparkplug" or args.batch % SLOW):
-        raise ConfigError(
-            f"--pumps: takes no --plant, no sparkplug format, and a --batch multiple of {SLOW}"
-        )
-    if (args.fault or args.labels) and not args.pumps:
-        raise ConfigError("--fault and --labels need --pumps")
-    devices = pump_devices(args.pumps) if args.pumps else load_plant(args.plant)
-    if args.devices:
-        devices = devices[: args.devices]
-    if args.start:
-        try:
-            start_us = parse_rfc3339_us(args.start)
-        except ValueError as exc:
-            raise ConfigError(f"--start: {exc}") from None
-    else:
-        start_us = time.time_ns() // 1000
-    url = args.url or os.environ.get("INGEST_MQTT_URL", "mqtt://127.0.0.1:1883")
-    if url.lower().startswith("mqtts://"):  # unset options: from the ingester's environment
-        tls = TlsFiles(
-            *(
-                given or os.environ.get(f"INGEST_MQTT_TLS_{name.upper()}") or None
-                for name, given in (
-                    ("ca_file", args.ca_file),
-                    ("cert_file", args.cert_file),
-                    ("key_file", args.key_file),
-                )
-            )
-        )
-    else:
-        tls = TlsFiles(args.ca_file, args.cert_file, args.key_file)
-    settings = SimSettings(
-        url=url,
-        prefix=args.prefix or os.environ.get("INGEST_MQTT_TOPIC_PREFIX", "telemetry"),
-        hz=args.hz,
-        batch=args.batch,
-        fmt=args.format,
-        rate=args.rate,
-        realtime=args.realtime,
-        start_us=start_us,
-        duration_s=args.duration,
-        anomalies=tuple(Anomaly.parse(a) for a in args.anomaly),
-        record=args.record,
-        tls=tls,
-        answer_rebirth=args.answer_rebirth,
-        faults=tuple(Fault.parse(f, start_us=start_us) for f in args.fault),
-    )
-    if args.labels:
-        import msgspec
-
-        with open(args.labels, "wb") as f:
-            f.write(msgspec.json.encode(settings.faults))
-    simulate(settings, devices, processes=args.processes, progress=not args.quiet)
-    return 0
 
 
 def _setup_logging(*, level: str = "info", fmt: str = "text") -> None:

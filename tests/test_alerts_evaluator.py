@@ -9,7 +9,8 @@ from datetime import timedelta
 
 import asyncpg
 
-from ingest.alerts.evaluator import Evaluator, newest_readings
+from ingest.alerts.evaluator import Evaluator
+from ingest.alerts.latest import newest_readings
 from ingest.alerts.rules import AlertRule, Alerts, CloudEventsSink
 from ingest.anomaly.rules import AnomalyRule
 from tests.support.alerts import anomaly, at, now_base, readings_until, seed_device
