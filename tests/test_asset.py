@@ -15,8 +15,8 @@ import pytest
 
 from ingest import config
 from ingest.asset.kernel import NO_TIME, fresh_state
-from ingest.asset.model import AssetModel, carry_forward, fit
-from ingest.asset.sync import quiet_point
+from ingest.asset.model import AssetModel, carry_forward, fit, run_many
+from ingest.asset.scoring import quiet_point
 from ingest.errors import ConfigError
 
 S = 1_000_000
@@ -165,6 +165,78 @@ def test_events_do_not_depend_on_how_the_stream_is_cut(cuts: tuple[int, ...]) ->
     whole = run(rows, gap_s=2, min_s=2)
     assert whole[1] == [(7, 11, 7, ("a", "b", "c"))]
     assert run(rows, gap_s=2, min_s=2, cuts=cuts) == whole
+
+
+def test_many_devices_in_one_call_advance_exactly_as_each_alone() -> None:
+    """Devices of different sizes, rules and states in one `run_many` call: the same states and
+    events as each device's own `run`, bit for bit, and each event with its device."""
+    rng = np.random.default_rng(7)
+    models, spans, states, parts = [], [], [], []
+    for j, d in enumerate((3, 2, 5, 3, 4)):
+        loadings = np.linalg.qr(rng.normal(size=(d, d)))[0][:, : max(1, d - 2)]
+        models.append(
+            AssetModel(
+                tuple("abcde"[:d]),
+                rng.normal(size=d),
+                rng.uniform(0.5, 2.0, d),
+                np.ascontiguousarray(loadings),
+                np.asarray(rng.uniform(0.5, 3.0, loadings.shape[1]), np.float64),
+                2.0 + j,
+                1.0 + j / 2,
+                100,
+                0.995,
+                1.1,
+            )
+        )
+        spans.append((3 * S, j * S, (j % 3) * S))
+        ints, floats = fresh_state(d)
+        if j == 3:  # a device with a past: carried values and an open run
+            past = models[j].run(
+                np.array([0, 1, 2], np.int32),
+                np.array([S, S, S], np.int64),
+                np.array([9.0, -9.0, 9.0]),
+                hold_us=3 * S,
+                gap_us=j * S,
+                min_us=0,
+                ints=ints,
+                floats=floats,
+            )
+            assert len(past[0]) == 1
+        states.append((ints, floats))
+        n = 40 * d
+        time = np.sort(rng.integers(2, 40, n)) * S
+        sensor = rng.integers(0, d, n).astype(np.int32)
+        value = rng.normal(0, 1.5, n)
+        value[rng.random(n) < 0.05] = np.nan
+        parts.append((sensor, time, value))
+    alone = []
+    for model, span, (ints, floats), (sensor, time, value) in zip(
+        models, spans, states, parts, strict=True
+    ):
+        i, f = ints.copy(), floats.copy()
+        ts, _, ev_i, ev_f = model.run(
+            sensor, time, value, hold_us=span[0], gap_us=span[1], min_us=span[2], ints=i, floats=f
+        )
+        alone.append((len(ts), i, f, ev_i, ev_f))
+    ints = np.concatenate([s[0] for s in states])
+    floats = np.concatenate([s[1] for s in states])
+    taken, ev_dev, ev_i, ev_f = run_many(
+        models,
+        np.array(spans, np.int64),
+        np.cumsum([0] + [len(p[0]) for p in parts]),
+        np.concatenate([p[0] for p in parts]),
+        np.concatenate([p[1] for p in parts]),
+        np.concatenate([p[2] for p in parts]),
+        ints,
+        floats,
+    )
+    assert taken.tolist() == [a[0] for a in alone]
+    assert ints.tolist() == [x for a in alone for x in a[1].tolist()]
+    assert floats.tobytes() == b"".join(a[2].tobytes() for a in alone)
+    assert ev_dev.tolist() == [j for j, a in enumerate(alone) for _ in range(len(a[3]))]
+    assert ev_i.tolist() == [e for a in alone for e in a[3].tolist()]
+    assert ev_f.tobytes() == b"".join(a[4].tobytes() for a in alone)
+    assert len(ev_dev) > 3  # the case has events to compare
 
 
 def test_carry_forward_builds_the_vectors_the_kernel_scores() -> None:

@@ -86,7 +86,7 @@ def _contributions(
 
 
 @kernel
-def advance(
+def _advance_into(
     sensor: npt.NDArray[np.int32],
     time: I64,
     value: F64,
@@ -101,29 +101,16 @@ def advance(
     min_us: int,
     ints: I64,
     floats: F64,
-) -> tuple[I64, F64, I64, F64]:
-    """Take in one device's readings (model sensor index, time, value; sorted by time), newer
-    than `ints[I_LAST]`, advancing the state in place.
-
-    At each distinct time the readings there replace their sensors' carried values; the
-    timestamp is scored when every sensor has a value at most `hold_us` old: z = (x - mean) *
-    inv_scale, T² = sum (P'z)_c² / lambda_c, Q = |z|² - |P'z|², score = max(T² / t2_limit,
-    Q / q_limit); it offends when score > 1. Offending timestamps form a run until a scored
-    timestamp that does not offend lies more than `gap_us` after the run's last offending one:
-    that closes it. A run that has lasted `min_us` (last minus first offending time) is an
-    event.
-
-    Returns (times, scores): every distinct time taken in, with its score (NaN: not scored);
-    and (ev_i, ev_f): per event touched, [start, end (NO_TIME: open), worst time, top sensors]
-    and [worst score, T², Q, top shares].
-    """
+    times: I64,
+    scores: F64,
+    ev_i: I64,
+    ev_f: F64,
+    n_ev: int,
+) -> tuple[int, int]:
+    """`advance`, writing the times and scores from `times[0]` and the events from
+    `ev_i[n_ev]` on (room for one more than the readings); returns (times written, n_ev)."""
     n = time.shape[0]
     d, k = loadings.shape
-    times = np.empty(n, np.int64)
-    scores = np.empty(n, np.float64)
-    ev_i = np.empty((n + 1, 3 + TOP), np.int64)
-    ev_f = np.empty((n + 1, 3 + TOP), np.float64)
-    n_ev = 0
     n_ts = 0
     z = np.empty(d)
     contrib = np.empty(d)
@@ -224,4 +211,138 @@ def advance(
             ev_i[n_ev, 3 + c] = ints[I_TOP + c]
             ev_f[n_ev, 3 + c] = floats[F_SHARE + c]
         n_ev += 1
+    return n_ts, n_ev
+
+
+@kernel
+def advance(
+    sensor: npt.NDArray[np.int32],
+    time: I64,
+    value: F64,
+    mean: F64,
+    inv_scale: F64,
+    loadings: F64,
+    inv_eig: F64,
+    t2_limit: float,
+    q_limit: float,
+    hold_us: int,
+    gap_us: int,
+    min_us: int,
+    ints: I64,
+    floats: F64,
+) -> tuple[I64, F64, I64, F64]:
+    """Take in one device's readings (model sensor index, time, value; sorted by time), newer
+    than `ints[I_LAST]`, advancing the state in place.
+
+    At each distinct time the readings there replace their sensors' carried values; the
+    timestamp is scored when every sensor has a value at most `hold_us` old: z = (x - mean) *
+    inv_scale, T² = sum (P'z)_c² / lambda_c, Q = |z|² - |P'z|², score = max(T² / t2_limit,
+    Q / q_limit); it offends when score > 1. Offending timestamps form a run until a scored
+    timestamp that does not offend lies more than `gap_us` after the run's last offending one:
+    that closes it. A run that has lasted `min_us` (last minus first offending time) is an
+    event.
+
+    Returns (times, scores): every distinct time taken in, with its score (NaN: not scored);
+    and (ev_i, ev_f): per event touched, [start, end (NO_TIME: open), worst time, top sensors]
+    and [worst score, T², Q, top shares].
+    """
+    n = time.shape[0]
+    times = np.empty(n, np.int64)
+    scores = np.empty(n, np.float64)
+    ev_i = np.empty((n + 1, 3 + TOP), np.int64)
+    ev_f = np.empty((n + 1, 3 + TOP), np.float64)
+    n_ts, n_ev = _advance_into(
+        sensor,
+        time,
+        value,
+        mean,
+        inv_scale,
+        loadings,
+        inv_eig,
+        t2_limit,
+        q_limit,
+        hold_us,
+        gap_us,
+        min_us,
+        ints,
+        floats,
+        times,
+        scores,
+        ev_i,
+        ev_f,
+        0,
+    )
     return times[:n_ts], scores[:n_ts], ev_i[:n_ev], ev_f[:n_ev]
+
+
+@kernel
+def advance_many(
+    bounds: I64,
+    sensor: npt.NDArray[np.int32],
+    time: I64,
+    value: F64,
+    dims: I64,
+    mean: F64,
+    inv_scale: F64,
+    loadings: F64,
+    inv_eig: F64,
+    limits: F64,
+    spans: I64,
+    ints: I64,
+    floats: F64,
+) -> tuple[I64, I64, I64, F64]:
+    """`advance` for many devices at once: device j's readings are [bounds[j], bounds[j+1]),
+    its model sensors d = dims[j, 0] and components k = dims[j, 1]; its mean, 1 / scale and
+    1 / eigenvalues, its loadings (d x k, C order) and its state follow the devices before it
+    in `mean`, `inv_scale`, `inv_eig`, `loadings`, `ints` and `floats` (the state advances in
+    place). `limits[j]` is its (T² limit, Q limit), `spans[j]` its (hold, gap, min) in µs.
+
+    Returns the number of distinct times each device took in, and its events: the device of
+    each, then ev_i and ev_f as `advance` gives them.
+    """
+    m = dims.shape[0]
+    n = time.shape[0]
+    taken = np.zeros(m, np.int64)
+    times = np.empty(n, np.int64)
+    scores = np.empty(n, np.float64)
+    ev_i = np.empty((n + m, 3 + TOP), np.int64)
+    ev_f = np.empty((n + m, 3 + TOP), np.float64)
+    ev_dev = np.empty(n + m, np.int64)
+    n_ev = 0
+    at_m = 0  # offsets of device j's model vectors, loadings, components and state
+    at_l = 0
+    at_k = 0
+    at_s = 0
+    for j in range(m):
+        d = dims[j, 0]
+        k = dims[j, 1]
+        lo = bounds[j]
+        hi = bounds[j + 1]
+        first = n_ev
+        taken[j], n_ev = _advance_into(
+            sensor[lo:hi],
+            time[lo:hi],
+            value[lo:hi],
+            mean[at_m : at_m + d],
+            inv_scale[at_m : at_m + d],
+            loadings[at_l : at_l + d * k].reshape((d, k)),
+            inv_eig[at_k : at_k + k],
+            limits[j, 0],
+            limits[j, 1],
+            spans[j, 0],
+            spans[j, 1],
+            spans[j, 2],
+            ints[at_s + j * I_X : at_s + j * I_X + I_X + d],
+            floats[at_s + j * F_X : at_s + j * F_X + F_X + d],
+            times,
+            scores,
+            ev_i,
+            ev_f,
+            n_ev,
+        )
+        ev_dev[first:n_ev] = j
+        at_m += d
+        at_l += d * k
+        at_k += k
+        at_s += d
+    return taken, ev_dev[:n_ev], ev_i[:n_ev], ev_f[:n_ev]

@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from ingest.asset.kernel import advance, fresh_state
+from ingest.asset.kernel import advance, advance_many, fresh_state
 
-__all__ = ["AssetModel", "carry_forward", "fit", "score_matrix"]
+__all__ = ["AssetModel", "carry_forward", "fit", "run_many", "score_matrix"]
 
 SCALE_FLOOR = 1e-9
 """A sensor's scale is at least this fraction of its mean's magnitude (and 1e-12): a sensor
@@ -84,6 +84,46 @@ class AssetModel:
             ints,
             floats,
         )
+
+
+def run_many(
+    models: Sequence[AssetModel],
+    spans: npt.NDArray[np.int64],
+    bounds: npt.NDArray[np.int64],
+    sensor: npt.NDArray[np.int32],
+    time: npt.NDArray[np.int64],
+    value: npt.NDArray[np.float64],
+    ints: npt.NDArray[np.int64],
+    floats: npt.NDArray[np.float64],
+) -> tuple[
+    npt.NDArray[np.int64],
+    npt.NDArray[np.int64],
+    npt.NDArray[np.int64],
+    npt.NDArray[np.float64],
+]:
+    """`AssetModel.run` for many devices in one kernel call (`kernel.advance_many`): device j
+    has model `models[j]`, (hold, gap, min) `spans[j]`, readings [bounds[j], bounds[j + 1])
+    grouped by device and in time order within each, and its state next in `ints` and
+    `floats`, which advance in place. Returns each device's count of distinct times and the
+    events with their device."""
+    args = [m._args for m in models]
+    dims = np.array([m.loadings.shape for m in models], np.int64).reshape(len(models), 2)
+    limits = np.array([(m.t2_limit, m.q_limit) for m in models], np.float64).reshape(-1, 2)
+    return advance_many(
+        np.ascontiguousarray(bounds, np.int64),
+        np.ascontiguousarray(sensor, np.int32),
+        np.ascontiguousarray(time, np.int64),
+        np.ascontiguousarray(value, np.float64),
+        dims,
+        np.concatenate([a[0] for a in args]),
+        np.concatenate([a[1] for a in args]),
+        np.concatenate([a[2].ravel() for a in args]),
+        np.concatenate([a[3] for a in args]),
+        limits,
+        np.ascontiguousarray(spans, np.int64).reshape(-1, 3),
+        ints,
+        floats,
+    )
 
 
 def carry_forward(
@@ -215,4 +255,15 @@ def compile_kernels() -> None:
         min_us=0,
         ints=ints,
         floats=floats,
+    )
+    ints, floats = fresh_state(2)
+    run_many(
+        [model],
+        np.array([[10, 0, 0]], np.int64),
+        np.array([0, 3], np.int64),
+        np.array([0, 1, 0], np.int32),
+        np.array([1, 1, 2], np.int64),
+        np.array([0.5, 3.0, 0.1]),
+        ints,
+        floats,
     )

@@ -7,7 +7,8 @@ time order (`ingest.asset.kernel.advance`). Per flush, with its readings written
 of its devices are locked (`ingest.db.asset_state.lock`) and:
 
 - a device whose new readings all lie after its newest scored timestamp is advanced from the
-  locked state (the carried values and the open run: the whole state, a few numbers);
+  locked state (the carried values and the open run: the whole state, a few numbers), all such
+  devices of the flush in one kernel call (`ingest.asset.scoring.advance`);
 - a device with new readings at or before it (a late batch, another ingester's later batch
   committed first, or the device's sensors in separate messages) is re-scored: its stored
   readings from `replay_s` (plus `hold_s`) before its oldest new reading are run from an empty
@@ -24,6 +25,7 @@ lock), so a refit takes effect for every ingester at the same flush.
 
 from __future__ import annotations
 
+import itertools
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -35,13 +37,14 @@ import numpy.typing as npt
 
 from ingest.anomaly.pending import Event
 from ingest.asset import kernel as k
+from ingest.asset import scoring
 from ingest.asset.rules import AssetRule, asset_rule_for
 from ingest.db import asset_state as db
 from ingest.db.asset_state import DELETE_EVENTS_SQL, UPDATE_SQL
 from ingest.db.registry import Registry
 from ingest.db.sink import Readings, Upsert
 
-__all__ = ["AssetScorer", "AssetSettled", "describe", "event_of"]
+__all__ = ["AssetScorer", "AssetSettled"]
 
 
 @dataclass(slots=True)
@@ -56,34 +59,6 @@ class AssetSettled:
     replays: int = 0
     late: int = 0
     counts: dict[str, int] = field(default_factory=dict)
-
-
-def describe(model: db.Model, ev_i: npt.NDArray[np.int64], ev_f: npt.NDArray[np.float64]) -> str:
-    """An event's detail: T² and Q against their limits at its worst, and the sensors that
-    contributed most there, with their shares."""
-    m = model.model
-    most = ", ".join(
-        f"{m.sensors[int(j)]} {100 * float(share):.0f}%"
-        for j, share in zip(ev_i[3 : 3 + k.TOP], ev_f[3 : 3 + k.TOP], strict=True)
-        if j >= 0
-    )
-    return (
-        f"T² {float(ev_f[1]):.4g} (limit {m.t2_limit:.4g}), Q {float(ev_f[2]):.4g} "
-        f"(limit {m.q_limit:.4g}); most: {most}"
-    )
-
-
-def event_of(model: db.Model, ev_i: npt.NDArray[np.int64], ev_f: npt.NDArray[np.float64]) -> Event:
-    end = int(ev_i[1])
-    return Event(
-        sensor=model.anchor_id,
-        kind="asset",
-        start=int(ev_i[0]),
-        end=None if end == k.NO_TIME else end,
-        value=float(ev_f[1]),
-        score=float(ev_f[0]),
-        detail=describe(model, ev_i, ev_f),
-    )
 
 
 class AssetScorer:
@@ -163,29 +138,54 @@ class AssetScorer:
         out = AssetSettled([], [], Upsert("", ()))
         updates = []
         models = [self._models[row.device_id] for row in locked]
-        # Each reading of a model sensor to its device (j, in `locked`), in one pass: the
-        # readings grouped by device, in time order within each.
+        # Each reading of a model sensor to its device (j, in `locked`) and its index in that
+        # device's model, in one pass: the readings grouped by device, in time order within each.
         ids = np.concatenate([m.sensor_ids for m in models])
         owner = np.concatenate([np.full(len(m.sensor_ids), j) for j, m in enumerate(models)])
+        place = np.concatenate([np.arange(len(m.sensor_ids), dtype=np.int32) for m in models])
         by_id = np.argsort(ids)
-        ids, owner = ids[by_id], owner[by_id]
+        ids, owner, place = ids[by_id], owner[by_id], place[by_id]
         at = np.minimum(np.searchsorted(ids, new.sensor), len(ids) - 1)
         keep = finite & (ids[at] == new.sensor)
-        device = owner[at[keep]]
+        device, index = owner[at[keep]], place[at[keep]]
         sensor, time, value = new.sensor[keep], new.time[keep], new.value[keep]
         order = np.lexsort((time, device))
-        device, sensor, time, value = device[order], sensor[order], time[order], value[order]
+        device, index, sensor = device[order], index[order], sensor[order]
+        time, value = time[order], value[order]
+        if not len(time):
+            return None
         bounds = np.searchsorted(device, np.arange(len(models) + 1))
-        for j, (row, model) in enumerate(zip(locked, models, strict=True)):
-            lo, hi = int(bounds[j]), int(bounds[j + 1])
+        plain: list[tuple[int, AssetRule]] = []  # devices whose readings all come after `last`
+        starts = np.minimum(bounds[:-1], max(len(time) - 1, 0))
+        first = zip(sensor[starts].tolist(), time[starts].tolist(), strict=True)
+        for j, (row, model, (lo, hi), (sensor_id, oldest)) in enumerate(
+            zip(locked, models, itertools.pairwise(bounds.tolist()), first, strict=True)
+        ):
             if lo == hi:
                 continue
-            rule = self._rule(int(sensor[lo]))
+            rule = self._rule(sensor_id)
             assert rule is not None
+            if not rule.settle_s and (row.last is None or oldest > row.last):
+                plain.append((j, rule))
+                continue
             s, t, v = sensor[lo:hi], time[lo:hi], value[lo:hi]
             update = await self._device(conn, row, model, rule, s, t, v, out)
             if update is not None:
                 updates.append(update)
+        if plain:
+            in_plain = np.zeros(len(models), np.bool_)
+            in_plain[[j for j, _ in plain]] = True
+            taken = in_plain[device]
+            rows, events, timestamps = scoring.advance(
+                [(locked[j], models[j], rule) for j, rule in plain],
+                np.searchsorted(device[taken], [j for j, _ in plain] + [len(models)]),
+                index[taken],
+                time[taken],
+                value[taken],
+            )
+            updates += rows
+            out.events += events
+            out.timestamps += timestamps
         if not updates:
             return None
         out.update = Upsert(UPDATE_SQL, (msgspec.json.encode(updates).decode(),))
@@ -202,7 +202,7 @@ class AssetScorer:
         value: npt.NDArray[np.float64],
         out: AssetSettled,
     ) -> dict[str, object] | None:
-        ints, floats = _state(row, model)
+        ints, floats = scoring.state(row, model)
         oldest = int(time.min())
         newest = int(time.max())
         ev_i = np.empty((0, 3 + k.TOP), np.int64)
@@ -227,7 +227,7 @@ class AssetScorer:
             if since is None:
                 since = max(model.fitted_to - 1, newest - self._max)
             index, time, value = await self._stored(conn, model, since, newest + self._max)
-            index, time, value = _settled(index, time, value, rule.settle_us)
+            index, time, value = scoring.settled(index, time, value, rule.settle_us)
         elif run and len(time):  # in time order (see `settle`)
             index = np.searchsorted(model.sensor_ids, sensor).astype(np.int32)
         if run and len(time):
@@ -243,15 +243,8 @@ class AssetScorer:
             )
             out.timestamps += len(times)
         for i in range(len(ev_i)):
-            out.events.append(event_of(model, ev_i[i], ev_f[i]))
-        return {
-            "device_id": row.device_id,
-            "model": model.version,
-            "last": None if ints[k.I_LAST] == k.NO_TIME else int(ints[k.I_LAST]),
-            "sensors": model.sensor_ids.tolist(),
-            "ints": ints.tolist(),
-            "floats": floats.tolist(),
-        }
+            out.events.append(scoring.event_of(model, ev_i[i], ev_f[i]))
+        return scoring.state_row(row, model, ints.tolist(), floats.tolist())
 
     async def _stored(
         self, conn: asyncpg.Connection, model: db.Model, after: int, upto: int
@@ -295,7 +288,7 @@ class AssetScorer:
             upto = newest + self._max  # readings held back by other flushes too
         index, times, values = await self._stored(conn, model, reach - rule.hold_us - 1, upto)
         if rule.settle_us:
-            index, times, values = _settled(index, times, values, rule.settle_us)
+            index, times, values = scoring.settled(index, times, values, rule.settle_us)
         ints, floats = k.fresh_state(len(model.sensor_ids))
         ts, scores, ev_i, ev_f = model.model.run(
             index,
@@ -307,7 +300,9 @@ class AssetScorer:
             ints=ints,
             floats=floats,
         )
-        quiet = quiet_point(ts, scores, lo=reach + rule.gap_us, before=oldest, gap_us=rule.gap_us)
+        quiet = scoring.quiet_point(
+            ts, scores, lo=reach + rule.gap_us, before=oldest, gap_us=rule.gap_us
+        )
         if quiet is None:
             return None
         out.timestamps += int((ts > quiet).sum())
@@ -316,59 +311,3 @@ class AssetScorer:
             Upsert(DELETE_EVENTS_SQL, ([model.anchor_id], [quiet], db.to_datetime(quiet)))
         )
         return ints, floats, ev_i[later], ev_f[later]
-
-
-def _settled(
-    index: npt.NDArray[np.int32],
-    times: npt.NDArray[np.int64],
-    values: npt.NDArray[np.float64],
-    settle_us: int,
-) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int64], npt.NDArray[np.float64]]:
-    """Of time-ordered readings (as `_stored` gives them), those up to `settle_us` before the
-    newest."""
-    if not len(times):
-        return index, times, values
-    end = int(np.searchsorted(times, int(times[-1]) - settle_us, side="right"))
-    return index[:end], times[:end], values[:end]
-
-
-def quiet_point(
-    ts: npt.NDArray[np.int64],
-    scores: npt.NDArray[np.float64],
-    *,
-    lo: int,
-    before: int,
-    gap_us: int,
-) -> int | None:
-    """The latest timestamp q in [lo, before) that was scored, did not offend, and has no
-    offending timestamp in [q - gap_us, q); None if there is none."""
-    offending = np.flatnonzero(scores > 1.0)
-    off_times = ts[offending]
-    candidates = np.flatnonzero((ts >= lo) & (ts < before) & (scores <= 1.0))
-    for i in candidates[::-1].tolist():
-        q = int(ts[i])
-        at = np.searchsorted(off_times, q - gap_us)
-        if at >= len(off_times) or off_times[at] >= q:
-            return q
-    return None
-
-
-def _state(
-    row: db.Locked, model: db.Model
-) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
-    """The locked state in the model's layout: a refit with other sensors keeps the open run
-    and the carried values of the sensors it kept."""
-    if len(row.ints) and np.array_equal(row.sensors, model.sensor_ids):
-        return row.ints, row.floats  # the locked row's own arrays: this flush's to advance
-    ints, floats = k.fresh_state(len(model.sensor_ids))
-    if not len(row.ints):
-        return ints, floats
-    ints[: k.I_X] = row.ints[: k.I_X]
-    floats[: k.F_X] = row.floats[: k.F_X]
-    ints[k.I_TOP : k.I_TOP + k.TOP] = -1  # indices into the old sensors
-    for j, sid in enumerate(model.sensor_ids.tolist()):
-        at = np.flatnonzero(row.sensors == sid)
-        if len(at):
-            ints[k.I_X + j] = row.ints[k.I_X + int(at[0])]
-            floats[k.F_X + j] = row.floats[k.F_X + int(at[0])]
-    return ints, floats

@@ -9,7 +9,7 @@ import numpy as np
 
 from ingest.asset.kernel import fresh_state
 from ingest.asset.rules import AssetRule
-from ingest.asset.sync import event_of
+from ingest.asset.scoring import event_of
 from ingest.db import asset_state
 from ingest.sim.pumps import SENSORS, Fault, Pump
 from tests.support.anomaly_reference import Reading
