@@ -225,6 +225,14 @@ class Deriver:
         id, or for a device scored for asset health, one key for all its sensors."""
         return self.assets.part_keys(sensor)
 
+    def in_doubt(self, server_pid: int, derived: Sequence[Derived]) -> None:
+        """The transaction that wrote `derived` on the server process `server_pid` may have
+        committed (its connection failed before the outcome came back): their journal rows
+        are recovered from their readings once that process has ended (`PartialsJournal`)."""
+        flushes = [d.held[0] for d in derived if d.held is not None]
+        if flushes:
+            self.journal.in_doubt(server_pid, flushes)
+
     def commit(self, derived: Derived) -> None:
         """`derived` committed: advance the anomaly state and count what was written."""
         pending = derived.pending

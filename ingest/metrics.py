@@ -80,8 +80,9 @@ ROLLUP_MERGES = Counter(
 )
 ROLLUP_RECOVERED = Counter(
     "ingest_rollup_journal_recovered_total",
-    "Rollup journal rows of other ingester processes (killed, or their lock lost) whose "
-    "readings this ingester rolled up again.",
+    "Rollup journal rows of other ingester processes (killed, or their lock lost), or of its "
+    "own transactions whose outcome it did not hear, whose readings this ingester rolled up "
+    "again.",
 )
 ANOMALIES = Counter("ingest_anomalies_total", "Anomaly events opened, by kind.", ["kind"])
 LATE_READINGS = Counter(

@@ -198,6 +198,7 @@ class PartialsJournal:
         self._flushes: list[int] = []
         self._slots = _columns(0)  # by sensor id
         self._older: list[Rollup] = []
+        self._doubt: dict[int, list[int]] = {}  # server process id -> its flush parts
 
     def __len__(self) -> int:
         """Flush parts held."""
@@ -232,6 +233,19 @@ class PartialsJournal:
         k = _hold(_fields(self._slots, 1), _fields(partials), _fields(out))
         if k:
             self._older.append(_select(out, slice(0, k)))
+
+    def in_doubt(self, server_pid: int, flushes: list[int]) -> None:
+        """Flush parts whose transaction on server process `server_pid` went unheard: their
+        journal rows may have committed, and their partials are not held."""
+        self._doubt.setdefault(server_pid, []).extend(flushes)
+
+    def doubtful(self) -> dict[int, list[int]]:
+        """The flush parts in doubt, by server process id."""
+        return {pid: list(flushes) for pid, flushes in self._doubt.items()}
+
+    def resolved(self, server_pid: int) -> None:
+        """Server process `server_pid` has ended and its flush parts' rows are recovered."""
+        self._doubt.pop(server_pid, None)
 
     def take(self) -> Held | None:
         """Everything held, for a merge (None when nothing is); `put_back` if it fails."""

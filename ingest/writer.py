@@ -33,6 +33,24 @@ __all__ = ["Writer"]
 log = logging.getLogger(__name__)
 
 
+def _kept(
+    derive: Callable[[Readings], Derived], into: list[Derived]
+) -> Callable[[Readings], Derived]:
+    """`derive`, keeping what it returns in `into`."""
+
+    def run(readings: Readings) -> Derived:
+        derived = derive(readings)
+        into.append(derived)
+        return derived
+
+    return run
+
+
+def _server_pid(sink: Sink) -> int:
+    """The server process of the sink's connection; 0 when it has none (nothing to doubt)."""
+    return sink.connection.get_server_pid() if sink.connected else 0
+
+
 def _derive_with(
     deriver: Deriver, upserts: Sequence[Upsert], *, skip_nan: bool
 ) -> Callable[[Readings], Derived]:
@@ -188,12 +206,16 @@ class Writer:
             for p in range(parts)
             if p not in written and (len(slabs[p]) or (p == 0 and (dead_letters or births)))
         ]
+        # What each part derived, and its connection's server process: a part whose commit
+        # went unheard leaves journal rows that may have committed (`Deriver.in_doubt`).
+        made: dict[int, list[Derived]] = {p: [] for p in todo}
+        pids = {p: _server_pid(self.sinks[p]) for p in todo}
         outcomes = await asyncio.gather(
             *(
                 self.sinks[p].write(
                     readings=slabs[p],
                     dead_letters=dead_letters if p == 0 else (),
-                    derive=derive0 if p == 0 else self._deriver.derive,
+                    derive=_kept(derive0 if p == 0 else self._deriver.derive, made[p]),
                     settle=self._deriver.settle,
                 )
                 for p in todo
@@ -204,6 +226,8 @@ class Writer:
         for p, outcome in zip(todo, outcomes, strict=True):
             if isinstance(outcome, BaseException):
                 failure = failure or outcome
+                if isinstance(outcome.__cause__, CLIENT_ERRORS):
+                    self._deriver.in_doubt(pids[p], made[p])
                 continue
             result, derived = outcome
             written.add(p)

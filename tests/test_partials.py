@@ -4,7 +4,7 @@ exactly, and a journal that makes them crash-safe against the real database."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import fields
 
 import asyncpg
@@ -18,6 +18,7 @@ from ingest.derive import Deriver
 from ingest.kernels import HOUR_US, MINUTE_US, Rollup, merge_partials, rollup
 from ingest.partials import PartialsJournal
 from tests.support.cluster import Database
+from tests.support.process import wait_until
 from tests.support.streams import T0
 
 SECOND = 1_000_000
@@ -279,5 +280,61 @@ async def test_partials_whose_journal_was_recovered_meanwhile_are_not_merged_twi
         assert await _rows(database, "rollup_1m", sensors) == _expected(written, MINUTE_US)
         assert await _rows(database, "rollup_1h", sensors) == _expected(written, HOUR_US)
     finally:
+        await a.close()
+        await b.close()
+
+
+_ENDED = "SELECT count(*) = 0 FROM pg_stat_activity WHERE pid = $1"
+
+
+def _ended(db: Database, pid: int) -> Callable[[], Awaitable[bool]]:
+    async def ended() -> bool:
+        conn = await asyncpg.connect(db.owner_url)
+        try:
+            return bool(await conn.fetchval(_ENDED, pid))
+        finally:
+            await conn.close()
+
+    return ended
+
+
+async def test_a_flush_whose_commit_went_unheard_is_recovered_once_its_server_process_ends(
+    database: Database,
+) -> None:
+    a, b, device = await _two(database)
+    lost = Sink(dsn=database.ingest_url, jit=False)
+    try:
+        written = await a.write(device, _stream(device, range(0, 2)))
+        # A flush that commits on a connection whose outcome never reached the ingester.
+        await lost.connect()
+        pid = lost.connection.get_server_pid()
+        levels = tuple(device.split("/"))
+        rows = sorted(
+            (a.registry.get(SensorKey(levels, n)) or 0, t, v)
+            for n, t, v in _stream(device, range(2, 4))
+        )
+        slab = Readings(
+            np.array([r[1] for r in rows], np.int64),
+            np.array([r[0] for r in rows], np.int32),
+            np.array([r[2] for r in rows], np.float64),
+            np.zeros(len(rows), np.uint8),
+        )
+        _, derived = await lost.write(readings=slab, dead_letters=(), derive=a.deriver.derive)
+        a.deriver.in_doubt(pid, [derived])
+        written += rows
+        sensors = sorted({s for s, _, _ in written})
+        await a.merger.merge_once()  # its server process still runs: the row may yet commit
+        assert await _count(database, _OF_EPOCH, a.journal.epoch) == 1
+        assert await _rows(database, "rollup_1m", sensors) == _expected(written[:8], MINUTE_US)
+        assert await _rows(database, "rollup_1m_all", sensors) == _expected(written, MINUTE_US)
+        lost.discard()
+        await wait_until(_ended(database, pid))
+        await a.merger.merge_once()
+        assert await _count(database, _OF_EPOCH, a.journal.epoch) == 0
+        assert a.journal.doubtful() == {}
+        assert await _rows(database, "rollup_1m", sensors) == _expected(written, MINUTE_US)
+        assert await _rows(database, "rollup_1h", sensors) == _expected(written, HOUR_US)
+    finally:
+        lost.discard()
         await a.close()
         await b.close()

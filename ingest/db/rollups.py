@@ -1,7 +1,8 @@
 """Rollup partials merged into the rollup tables, one ingester at a time, on a connection of
 its own, every `rollups.merge_interval_s`: the partials this ingester holds in memory (their
 journal rows deleted in the same transaction), the journal rows of ingesters that are gone
-(recovered from the readings they name), and telemetry.rollup_pending (schema/003, 011)."""
+(recovered from the readings they name), its own journal rows whose transactions went unheard
+(once their server process has ended), and telemetry.rollup_pending (schema/003, 011)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ __all__ = [
     "merge_held",
     "merge_rollups",
     "new_epoch",
+    "recover_in_doubt",
     "recover_orphans",
 ]
 
@@ -152,6 +154,9 @@ WITH moved AS (
 SELECT (SELECT count(*) FROM moved) AS rows, (SELECT count(*) FROM recovered) AS partials
 """
 
+# Server processes still running, of those given.
+_ALIVE = "SELECT pid FROM pg_stat_activity WHERE pid = ANY($1::int[])"
+
 # Room to sort a merge's partials in memory (this transaction only).
 _MERGE_MEMORY = "SET LOCAL work_mem = '128MB'"
 # One merger at a time, whatever the number of ingesters: the others skip their turn.
@@ -225,6 +230,26 @@ async def recover_orphans(conn: asyncpg.Connection, *, epoch: int) -> int:
             found = await conn.fetchrow(_RECOVER, row["epoch"], None)
             assert found is not None
             moved += found["rows"]
+    metrics.ROLLUP_RECOVERED.inc(moved)
+    return moved
+
+
+async def recover_in_doubt(conn: asyncpg.Connection, journal: PartialsJournal) -> int:
+    """Recover this ingester's journal rows whose transactions went unheard, once the server
+    process that ran each has ended: from then on the row either committed or never will.
+    Returns how many rows were recovered."""
+    doubtful = journal.doubtful()
+    if not doubtful or journal.epoch is None:
+        return 0
+    alive = {r["pid"] for r in await conn.fetch(_ALIVE, list(doubtful))}
+    moved = 0
+    for pid, flushes in doubtful.items():
+        if pid in alive:
+            continue
+        found = await conn.fetchrow(_RECOVER, journal.epoch, flushes)
+        assert found is not None
+        moved += found["rows"]
+        journal.resolved(pid)
     metrics.ROLLUP_RECOVERED.inc(moved)
     return moved
 
@@ -316,6 +341,7 @@ class RollupMerger:
                 if held is not None:
                     await merge_held(sink.connection, held, staged=self._staged)
                     held = None  # merged, or recovered from the readings instead
+                await recover_in_doubt(sink.connection, journal)
                 await recover_orphans(sink.connection, epoch=journal.epoch)
             merged = await merge_rollups(sink.connection)
             if merged:
