@@ -287,8 +287,6 @@ def replace(buf: F64, lo: int, so: int, lb: int, w: int, old: float, new: float)
 @kernel
 def median(buf: F64, lo: int, so: int, lb: int, w: int) -> float:
     """Median of a full window (the mean of the middle two of an even count)."""
-    if so - lo == 1 << lb:  # one block: its ranks are its slots
-        return plain.median(buf, lo, w)
     h = w // 2
     if w % 2 == 1:
         return at(buf, lo, so, lb, h)
@@ -298,26 +296,15 @@ def median(buf: F64, lo: int, so: int, lb: int, w: int) -> float:
 @kernel
 def mad_bound(buf: F64, lo: int, so: int, lb: int, w: int, med: float, i: int) -> Any:
     """(b, i): a value b the window's `mad` is never below, from the ranks i and i + c + 1 as
-    `ingest.anomaly.sorted_window.mad_bound` has them (c = (w - 1) // 2), i first moved while
-    that raises b; start anywhere in 0 .. w - c - 2, best where the last reading's ended."""
+    `ingest.anomaly.sorted_window.mad_bound` has them (c = (w - 1) // 2). One block: i moves
+    from where it is given while that raises b. Over many blocks (where each rank read waits
+    on its block's ring start) the two ranks are those around the median, and i is returned
+    as given."""
     if so - lo == 1 << lb:  # one block
         return plain.mad_bound(buf, lo, w, med, i)
     c = (w - 1) // 2
-    top = w - c - 2
-    b = min(med - at(buf, lo, so, lb, i), at(buf, lo, so, lb, i + c + 1) - med)
-    while i < top:
-        up = min(med - at(buf, lo, so, lb, i + 1), at(buf, lo, so, lb, i + c + 2) - med)
-        if up <= b:
-            break
-        b = up
-        i += 1
-    while i > 0:
-        down = min(med - at(buf, lo, so, lb, i - 1), at(buf, lo, so, lb, i + c) - med)
-        if down <= b:
-            break
-        b = down
-        i -= 1
-    return b, i
+    r = (w - c - 2) // 2
+    return min(med - at(buf, lo, so, lb, r), at(buf, lo, so, lb, r + c + 1) - med), i
 
 
 @kernel
@@ -366,8 +353,6 @@ def _kth_pair(
 def mad(buf: F64, lo: int, so: int, lb: int, w: int, med: float) -> float:
     """Median of |x - med| over a full window (w >= 2), med its median: the deviations below
     and above med are two sorted sequences, merged by bisection in O(log w) reads."""
-    if so - lo == 1 << lb:
-        return plain.mad(buf, lo, w, med, w // 4)
     split = w // 2  # the value of rank split is >= med; those before it are <= med
     if at(buf, lo, so, lb, split - 1) >= med:
         split = bisect(buf, lo, so, lb, 0, split - 1, med, False)
