@@ -35,6 +35,7 @@ def _run(buf: F64, lo: int, w: int, vals: F64, every: int) -> Any:
     mad = np.empty(n - w + 1)
     low = np.empty(n - w + 1)
     snaps = np.empty(((n - w) // every + 1, w))
+    hint = w // 4
     for a in range(n):
         if a < w:
             ranked.insert(buf, lo, so, lb, a, vals[a])
@@ -44,7 +45,7 @@ def _run(buf: F64, lo: int, w: int, vals: F64, every: int) -> Any:
             i = a - w + 1
             med[i] = ranked.median(buf, lo, so, lb, w)
             mad[i] = ranked.mad(buf, lo, so, lb, w, med[i])
-            low[i] = ranked.mad_floor(buf, lo, so, lb, w, med[i])
+            low[i], hint = ranked.mad_bound(buf, lo, so, lb, w, med[i], hint)
             if i % every == 0:
                 for r in range(w):
                     snaps[i // every, r] = ranked.at(buf, lo, so, lb, r)

@@ -42,7 +42,8 @@ from ingest.anomaly.layout import (
     S_AUTO_START,
     S_AUTO_VALUE,
 )
-from ingest.anomaly.sorted_window import bisect, mad, median
+from ingest.anomaly.sorted_window import insert, mad, mad_bound, median
+from ingest.anomaly.sorted_window import replace as sorted_replace
 from ingest.jit import kernel
 
 
@@ -76,31 +77,27 @@ def _gap(g: float, q: float, count: int, sign: int) -> Any:
 
 @kernel
 def replace(buf: F64, lo: int, n: int, old: float, new: float, remove: bool, res: Any) -> Any:
-    """In the sorted buf[lo : lo + n], replace one `old` by `new` if `remove`, else insert: the
-    gap left by `old` (or the end) walks towards `new`'s place, readings close in time being
-    usually close in value. Keeps the window's resolution `res` (q, count): only the gaps
-    around the leaving and the arriving value change; the window is scanned
-    again only when the last of its smallest gaps has left. Returns the new resolution."""
+    """In the sorted buf[lo : lo + n], replace one `old` by `new` if `remove`, else insert.
+    Keeps the window's resolution `res` (q, count): only the gaps around the leaving and the
+    arriving value change; the window is scanned again only when the last of its smallest
+    gaps has left. Returns the new resolution."""
     q, count = res
-    at = lo + n
     if remove:
-        at = bisect(buf, lo, lo + n, old, False)
-        if at > lo:
-            q, count = _gap(old - buf[at - 1], q, count, -1)
-        if at + 1 < lo + n:
-            q, count = _gap(buf[at + 1] - old, q, count, -1)
-            if at > lo:
-                q, count = _gap(buf[at + 1] - buf[at - 1], q, count, 1)
-    if remove and new > old:
-        while at + 1 < lo + n and buf[at + 1] < new:
-            buf[at] = buf[at + 1]
-            at += 1
+        p, to = sorted_replace(buf, lo, n, old, new)
+        # the neighbours `old` had, where the values between moved them
+        left = p - 1 if to >= p else p
+        right = p + 1 if to <= p else p
+        if p > 0:
+            q, count = _gap(old - buf[lo + left], q, count, -1)
+        if p + 1 < n:
+            q, count = _gap(buf[lo + right] - old, q, count, -1)
+            if p > 0:
+                q, count = _gap(buf[lo + right] - buf[lo + left], q, count, 1)
+        at = lo + to
+        m = n
     else:
-        while at > lo and buf[at - 1] > new:
-            buf[at] = buf[at - 1]
-            at -= 1
-    buf[at] = new
-    m = n if remove else n + 1
+        at = lo + insert(buf, lo, n, new)
+        m = n + 1
     if at > lo and at + 1 < lo + m:
         q, count = _gap(buf[at + 1] - buf[at - 1], q, count, -1)
     if at > lo:
@@ -122,25 +119,40 @@ def _over(d: float, limit: float) -> float:
 
 @kernel
 def judge(
-    buf: F64, lo: int, w: int, x: float, r: float, k: float, kr: float, floor: float, q: float
+    buf: F64,
+    lo: int,
+    w: int,
+    x: float,
+    r: float,
+    k: float,
+    kr: float,
+    floor: float,
+    q: float,
+    hint: int,
 ) -> Any:
-    """(offends, score) of reading x with recent mean r against the sorted window buf[lo:lo+w]
-    whose resolution (smallest non-zero gap) is q.
+    """(offends, score, hint) of reading x with recent mean r against the sorted window
+    buf[lo:lo+w] whose resolution (smallest non-zero gap) is q; `hint` is where `mad_bound`
+    starts (w // 4 will do), and the returned one where it ended.
 
     m = median, s = max(1.4826 MAD, floor, q); score = max(|x - m| / (k s), |r - m| / (kr s)),
     a term inf where its threshold rounds to 0 and its deviation is not 0; offends if
-    score > 1. The MAD is looked at only when a deviation exceeds its threshold over
-    max(floor, q).
+    score > 1. A reading whose deviations are within their thresholds over max(floor, q), or
+    over s with a bound under the MAD in its place, is quiet without the MAD, and its score (0
+    then) is never read: s is at least that (rounding is monotonic).
     """
     med = median(buf, lo, w)
     dev = abs(x - med)
     dr = abs(r - med)
     least = max(floor, q)
     if dev <= k * least and dr <= kr * least:  # s >= least
-        return False, 0.0
-    sigma = max(MAD_SCALE * mad(buf, lo, w, med), least)
+        return False, 0.0, hint
+    low, hint = mad_bound(buf, lo, w, med, hint)
+    low = max(MAD_SCALE * low, least)
+    if dev <= k * low and dr <= kr * low:
+        return False, 0.0, hint
+    sigma = max(MAD_SCALE * mad(buf, lo, w, med, hint), least)
     score = max(_over(dev, k * sigma), _over(dr, kr * sigma))
-    return score > 1.0, score
+    return score > 1.0, score, hint
 
 
 @kernel
@@ -173,6 +185,7 @@ def auto_verdicts(
     kr = pf[Q_AUTO_KR]
     floor = pf[Q_AUTO_FLOOR]
     res = (sf[S_AUTO_Q], si[S_AUTO_QN])
+    hint = w // 4
     for i in range(na):
         a = seen + i
         x = ext[e0 + i]
@@ -193,7 +206,7 @@ def auto_verdicts(
                     slot = r0 + b - seen + h
                     total += pool[po + slot - hcap if slot >= hcap else po + slot]
             q = res[0] if res[0] != math.inf else 0.0
-            off[i], score[i] = judge(xpool, ao, w, x, total / nr, k, kr, floor, q)
+            off[i], score[i], hint = judge(xpool, ao, w, x, total / nr, k, kr, floor, q, hint)
             b = a - w
             if b >= seen:
                 old = ext[e0 + b - seen]
@@ -237,6 +250,7 @@ def auto_restore(
     run_score = 0.0
     quiet = 0
     last = oi[E_START]
+    hint = w // 4
     for a in range(first, n):
         x = v[a]
         full = a >= w
@@ -247,7 +261,7 @@ def auto_restore(
             for b in range(a - nr + 1, a + 1):
                 total += v[b]
             q = res[0] if res[0] != math.inf else 0.0
-            bad, sc = judge(pool, lo, w, x, total / nr, k, kr, floor, q)
+            bad, sc, hint = judge(pool, lo, w, x, total / nr, k, kr, floor, q, hint)
         res = replace(pool, lo, min(a, w), v[a - w] if full else 0.0, x, full, res)
         if bad:
             if run == 0 or sc > run_score:

@@ -22,7 +22,6 @@ from ingest.anomaly.layout import (
     F64,
     FLAT,
     I64,
-    MAD_SCALE,
     NEF,
     NEI,
     NK,
@@ -61,9 +60,8 @@ from ingest.anomaly.layout import (
     S_SEEN,
     SPIKE,
 )
-from ingest.anomaly.ranked import insert, mad, mad_floor, median, replace, shape
 from ingest.anomaly.ranked import size as spike_size
-from ingest.anomaly.window import ring_at
+from ingest.anomaly.spike import spike_verdicts
 from ingest.jit import kernel
 
 
@@ -150,9 +148,8 @@ def process_flush(
         mask = pi[s, P_MASK]
         hcap = pi[s, P_HIST]
         spike_w = pi[s, P_SPIKE_W]
-        lb, nb, spike_n = shape(spike_w)
+        spike_n = spike_size(spike_w)
         o = xoff[j]
-        so = o + (nb << lb)
         po = pi[s, P_OFF]
         last = xsi[j, S_LAST]
         has_prev = last != NO_TIME
@@ -206,34 +203,17 @@ def process_flush(
                 RATE, sid, na, verdicts, when, xei[j, RATE], xef[j, RATE], ev_i, ev_f, m
             )
         if mask & (1 << SPIKE):
-            spike_k = pf[s, Q_SPIKE_K]
-            spike_floor = pf[s, Q_SPIKE_FLOOR]
             xpool[o : o + spike_n] = pool[po + hcap : po + hcap + spike_n]
-            for i in range(na):
-                a = seen + i
-                x = ext[e0 + i]
-                off[i] = False
-                if a < spike_w:
-                    insert(xpool, o, so, lb, a, x)
-                    continue
-                med = median(xpool, o, so, lb, spike_w)
-                dev = abs(x - med)
-                # sigma >= the floor, and >= what two ranks bound the MAD by: a reading within
-                # k of those of the median needs no MAD (the same verdict, by monotonicity).
-                if dev > spike_k * spike_floor:
-                    low = MAD_SCALE * mad_floor(xpool, o, so, lb, spike_w, med)
-                    if low < spike_floor:
-                        low = spike_floor
-                    if dev > spike_k * low:
-                        sigma = MAD_SCALE * mad(xpool, o, so, lb, spike_w, med)
-                        if sigma < spike_floor:
-                            sigma = spike_floor
-                        off[i] = dev > spike_k * sigma
-                        score[i] = dev / sigma if sigma > 0.0 else math.inf
-                        val[i] = x
-                        start[i] = when[i]
-                old = ring_at(pool, po, r0, h, hcap, seen, ext, e0, a - spike_w)
-                replace(xpool, o, so, lb, spike_w, old, x)
+            spike_verdicts(
+                (pool, po, r0, h, hcap, seen, ext, e0),
+                na,
+                xpool,
+                o,
+                spike_w,
+                (pf[s, Q_SPIKE_K], pf[s, Q_SPIKE_FLOOR]),
+                verdicts,
+                when,
+            )
             ev_i, ev_f, m = events(
                 SPIKE, sid, na, verdicts, when, xei[j, SPIKE], xef[j, SPIKE], ev_i, ev_f, m
             )

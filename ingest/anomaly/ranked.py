@@ -17,12 +17,14 @@ from __future__ import annotations
 
 from typing import Any, Final
 
+from ingest.anomaly import sorted_window as plain
 from ingest.anomaly.layout import F64
 from ingest.jit import kernel
 
 SMALL: Final = 256
 """Windows up to this many values are one block whose ring never turns (its start stays 0): a
-plain sorted array, where walking the values costs less than finding and crossing blocks."""
+plain sorted array (`ingest.anomaly.sorted_window` replaces its values), where finding both
+places by counting and moving the values between in one run costs less than crossing blocks."""
 
 
 @kernel
@@ -60,18 +62,6 @@ def bisect(buf: F64, lo: int, so: int, lb: int, a: int, b: int, x: float, right:
         mid = (a + b) // 2
         v = at(buf, lo, so, lb, mid)
         if v < x or (right and v == x):
-            a = mid + 1
-        else:
-            b = mid
-    return a
-
-
-@kernel
-def _plain_bisect(buf: F64, lo: int, a: int, b: int, x: float, right: bool) -> int:
-    """`bisect` in a window of one block (ranks are slots from lo)."""
-    while a < b:
-        mid = (a + b) // 2
-        if buf[lo + mid] < x or (right and buf[lo + mid] == x):
             a = mid + 1
         else:
             b = mid
@@ -141,10 +131,7 @@ def _length(lb: int, k: int, n: int) -> int:
 def insert(buf: F64, lo: int, so: int, lb: int, n: int, x: float) -> None:
     """Add x to a window holding n < w values."""
     if so - lo == 1 << lb:  # one block
-        q = _plain_bisect(buf, lo, 0, n, x, True)
-        for r in range(lo + n, lo + q, -1):
-            buf[r] = buf[r - 1]
-        buf[lo + q] = x
+        plain.insert(buf, lo, n, x)
         return
     m = (1 << lb) - 1
     q = bisect(buf, lo, so, lb, 0, n, x, True)
@@ -247,16 +234,7 @@ def replace(buf: F64, lo: int, so: int, lb: int, w: int, old: float, new: float)
     m = (1 << lb) - 1
     nb = (w + m) >> lb
     if nb == 1:
-        q = lo + _plain_bisect(buf, lo, 0, w, old, False)
-        if new > old:
-            while q + 1 < lo + w and buf[q + 1] < new:
-                buf[q] = buf[q + 1]
-                q += 1
-        else:
-            while q > lo and buf[q - 1] > new:
-                buf[q] = buf[q - 1]
-                q -= 1
-        buf[q] = new
+        plain.replace(buf, lo, w, old, new)
         return
     p = _rank_of(buf, lo, so, lb, w, old)  # the value of rank p is `old`
     c = p >> lb
@@ -316,18 +294,17 @@ def median(buf: F64, lo: int, so: int, lb: int, w: int) -> float:
 
 
 @kernel
-def mad_floor(buf: F64, lo: int, so: int, lb: int, w: int, med: float) -> float:
-    """A value the window's `mad` is never below, in two reads.
-
-    At most (w - 1) // 2 values lie strictly between the ranks i and j below, and med lies
-    between their values; every other deviation |x - med| is, rounded, at least the smaller of
-    med - x_i and x_j - med (rounding is monotonic), so the median deviation (the mean of the
-    middle two, for an even w) is too.
-    """
+def mad_bound(buf: F64, lo: int, so: int, lb: int, w: int, med: float, i: int) -> Any:
+    """(b, i): a value b the window's `mad` is never below, from the ranks i and i + c + 1 as
+    `ingest.anomaly.sorted_window.mad_bound` has them (c = (w - 1) // 2). One block: i moves
+    from where it is given while that raises b. Over many blocks (where each rank read waits
+    on its block's ring start) the two ranks are those around the median, and i is returned
+    as given."""
+    if so - lo == 1 << lb:  # one block
+        return plain.mad_bound(buf, lo, w, med, i)
     c = (w - 1) // 2
-    i = (w - c - 2) // 2
-    j = i + c + 1
-    return min(med - at(buf, lo, so, lb, i), at(buf, lo, so, lb, j) - med)
+    r = (w - c - 2) // 2
+    return min(med - at(buf, lo, so, lb, r), at(buf, lo, so, lb, r + c + 1) - med), i
 
 
 @kernel
