@@ -281,7 +281,7 @@ def _learn(
     lengths = np.array(batch.counts, np.int64)
     hi = min(now_us + limits.max_future_us, I64_MAX)
     seq = -1 if batch.seq is None else batch.seq
-    value = batch.value.view(np.uint8)
+    value = np.ascontiguousarray(batch.value).view(np.uint8)
     found, fixed, offsets, first, last = learnt(
         buf, lengths, batch.time, value, seq, limits.min_time_us, hi
     )
