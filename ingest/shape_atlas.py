@@ -10,7 +10,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ingest.jit import small_kernel
-from ingest.shape_layout import int_size
+from ingest.shape_layout import SAFE, int_at
 
 __all__ = ["Atlas", "compile_kernels"]
 
@@ -70,14 +70,21 @@ class Atlas:
         k = self.count
         b, c, r = self._used
         nb, nc, nr = len(like), len(lengths), len(offsets)
-        self.starts = _grown(self.starts, k + 1)
-        self.sizes = _grown(self.sizes, k + 1)
-        self.fields = _grown(self.fields, k + 1)
-        self.like = _grown(self.like, b + nb)
-        self.fixed = _grown(self.fixed, b + nb)
-        self.spans = _grown(self.spans, 2 * (c + nc))
-        self.lengths = _grown(self.lengths, c + nc)
-        self.offsets = _grown(self.offsets, r + nr)
+        if (
+            k >= len(self.starts)
+            or b + nb > len(self.like)
+            or c + nc > len(self.lengths)
+            or 2 * (c + nc) > len(self.spans)
+            or r + nr > len(self.offsets)
+        ):
+            self.starts = _grown(self.starts, k + 1)
+            self.sizes = _grown(self.sizes, k + 1)
+            self.fields = _grown(self.fields, k + 1)
+            self.like = _grown(self.like, b + nb)
+            self.fixed = _grown(self.fixed, b + nb)
+            self.spans = _grown(self.spans, 2 * (c + nc))
+            self.lengths = _grown(self.lengths, c + nc)
+            self.offsets = _grown(self.offsets, r + nr)
         self.starts[k] = b, c, r
         self.sizes[k] = nb, nc, nr
         self.fields[k] = fields
@@ -127,30 +134,6 @@ class Atlas:
         return ok, seqs, bounds, time, raw.view(np.float64), lengths
 
 
-_SAFE = 1 << 62  # t0 and offsets within this: their sums do not overflow
-
-
-@small_kernel
-def _int(buf: npt.NDArray[np.uint8], a: int, b: int) -> tuple[bool, int]:
-    """(True, value) if buf[a:b] is one MessagePack integer within int64 of exactly that
-    length (as `ingest.shape_layout.read_int` reads it), else (False, 0)."""
-    first = buf[a]
-    n = b - a
-    if int_size(first) != n:
-        return False, 0
-    if n == 1:
-        return True, int(first) if first < 0x80 else int(first) - 256
-    if first == 0xCF and buf[a + 1] >= 0x80:
-        return False, 0  # above int64, and so above every limit
-    value = np.uint64(0)
-    for k in range(a + 1, b):
-        value = (value << np.uint64(8)) | np.uint64(buf[k])
-    signed = np.int64(value)  # two's complement for 0xD3
-    if 0xD0 <= first <= 0xD2 and buf[a + 1] >= 0x80:
-        signed -= np.int64(1) << np.int64(8 * (n - 1))
-    return True, int(signed)
-
-
 @small_kernel
 def _read_shaped(
     buf: npt.NDArray[np.uint8],
@@ -194,13 +177,13 @@ def _read_shaped(
         rb, nr = starts[k, 2], sizes[k, 2]
         out_lengths[c_out : c_out + nc] = lengths[cb : cb + nc]
         c_out += nc
-        valid, t0 = _int(buf, at + fields[k, 0], at + fields[k, 1])
+        valid, t0 = int_at(buf, at + fields[k, 0], at + fields[k, 1])
         if fields[k, 2] >= 0:
-            got, seq = _int(buf, at + fields[k, 2], at + fields[k, 3])
+            got, seq = int_at(buf, at + fields[k, 2], at + fields[k, 3])
             valid = valid and got and seq >= 0
             seqs[m] = seq
         first, last = fields[k, 4], fields[k, 5]
-        if not valid or t0 > hi[m] or max(abs(t0), abs(first), abs(last)) >= _SAFE:
+        if not valid or t0 > hi[m] or max(abs(t0), abs(first), abs(last)) >= SAFE:
             at += nb  # a payload outside these bounds is decoded in full, which decides
             continue
         if t0 + first < lo[m] or t0 + last > hi[m]:

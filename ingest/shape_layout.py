@@ -9,9 +9,23 @@ import numpy.typing as npt
 
 from ingest.jit import small_kernel
 
-__all__ = ["INT_SIZES", "Span", "compile_kernels", "int_size", "layout", "read_int", "walk"]
+__all__ = [
+    "INT_SIZES",
+    "SAFE",
+    "Span",
+    "compile_kernels",
+    "int_at",
+    "int_size",
+    "layout",
+    "learnt",
+    "read_int",
+    "walk",
+]
 
 Span = tuple[int, int]
+
+SAFE = 1 << 62
+"""Times and offsets within this in magnitude: their sums do not overflow int64."""
 
 INT_SIZES = {0xCC: 2, 0xCD: 3, 0xCE: 5, 0xCF: 9, 0xD0: 2, 0xD1: 3, 0xD2: 5, 0xD3: 9}
 
@@ -76,6 +90,27 @@ def _int_end(buf: npt.NDArray[np.uint8], at: int) -> int:
     if size == 0 or at + size > buf.shape[0]:
         return -1
     return at + size
+
+
+@small_kernel
+def int_at(buf: npt.NDArray[np.uint8], a: int, b: int) -> tuple[bool, int]:
+    """(True, value) if buf[a:b] is one MessagePack integer within int64 of exactly that
+    length (as `read_int` reads it), else (False, 0)."""
+    first = buf[a]
+    n = b - a
+    if int_size(first) != n:
+        return False, 0
+    if n == 1:
+        return True, int(first) if first < 0x80 else int(first) - 256
+    if first == 0xCF and buf[a + 1] >= 0x80:
+        return False, 0  # above int64
+    value = np.uint64(0)
+    for k in range(a + 1, b):
+        value = (value << np.uint64(8)) | np.uint64(buf[k])
+    signed = np.int64(value)  # two's complement for 0xD3
+    if 0xD0 <= first <= 0xD2 and buf[a + 1] >= 0x80:
+        signed -= np.int64(1) << np.int64(8 * (n - 1))
+    return True, int(signed)
 
 
 @small_kernel
@@ -196,7 +231,62 @@ def layout(
     return fixed, values
 
 
+@small_kernel
+def learnt(
+    buf: npt.NDArray[np.uint8],
+    counts: npt.NDArray[np.int64],
+    time: npt.NDArray[np.int64],
+    value: npt.NDArray[np.uint8],
+    seq: int,
+    lo: int,
+    hi: int,
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8], npt.NDArray[np.int64], int, int]:
+    """A decoded payload's shape, in one call: the spans `walk` finds (t0, seq, values; empty
+    if the payload has no shape of its own), the mask of `layout`, its readings' times minus
+    t0, and the least and greatest of those. It has one when it has the compact form, its
+    channels' value bytes are the decoded `counts` and `value` (float64 bytes), its seq the
+    decoded `seq` (-1: none; never negative else), and the times it gives are `time`, within
+    `lo` and `hi`."""
+    none = (np.empty(0, np.int64), np.empty(0, np.uint8), np.empty(0, np.int64), 0, 0)
+    found = walk(buf)
+    channels = counts.shape[0]
+    if found.shape[0] != 4 + 2 * channels:
+        return none
+    for c in range(channels):
+        if found[5 + 2 * c] - found[4 + 2 * c] != 8 * counts[c]:
+            return none
+    valid, t0 = int_at(buf, found[0], found[1])
+    if not valid or t0 > hi or abs(t0) >= SAFE:
+        return none
+    if found[2] >= 0:
+        got, s = int_at(buf, found[2], found[3])
+        if not got or s < 0 or s != seq:
+            return none
+    elif seq != -1:
+        return none
+    fixed, values = layout(buf.shape[0], found)
+    if values.shape[0] != value.shape[0]:
+        return none
+    for i in range(values.shape[0]):
+        if buf[values[i]] != value[i]:
+            return none
+    if time.shape[0] == 0:
+        return none
+    offsets = np.empty(time.shape[0], np.int64)
+    first = last = time[0] - t0
+    for i in range(time.shape[0]):
+        d = time[i] - t0
+        if abs(time[i]) >= SAFE or abs(d) >= SAFE or time[i] < lo or time[i] > hi:
+            return none
+        offsets[i] = d
+        first = min(first, d)
+        last = max(last, d)
+    return found, fixed, offsets, first, last
+
+
 def compile_kernels() -> None:
     """Compile, or load from the on-disk cache, this module's kernels (see `ingest.warmup`)."""
     walk(np.frombuffer(bytes(16), np.uint8))  # read-only, as a payload's bytes are
     layout(16, np.array([0, 1, -1, -1, 8, 16], np.int64))
+    one = np.ones(1, np.int64)
+    learnt(np.frombuffer(bytes(16), np.uint8), one, one, np.zeros(8, np.uint8), -1, 0, 1)

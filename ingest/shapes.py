@@ -18,16 +18,19 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
 from ingest.decode import Batch, DecodeLimits, decode_batch, parse_topic
 from ingest.shape_atlas import Atlas
-from ingest.shape_layout import Span, layout, read_int, walk
+from ingest.shape_layout import Span, layout, learnt
 from ingest.wire import I64_MAX
 
 __all__ = ["Settled", "Shaped", "Shapes"]
+
+_S = TypeVar("_S", str, str | None)
 
 _MAX_TOPICS = 200_000  # shapes remembered; past that the cache starts again
 # An atlas is started again once more than half its bytes, and more than this, are shapes that
@@ -235,27 +238,6 @@ class Shapes:
         self._dead = 0
 
 
-def _read_back(
-    shape: _Shape, payload: bytes, limits: DecodeLimits, now_us: int
-) -> tuple[int, int | None] | None:
-    """The t0 and seq of `payload` by `shape`, if its length, t0 and seq fit the shape and its
-    times are within the limits (as `settle` reads them, its other bytes aside)."""
-    if len(payload) != len(shape.payload):
-        return None
-    t0 = read_int(payload, shape.t0)
-    if t0 is None:
-        return None
-    seq = None
-    if shape.seq is not None:
-        seq = read_int(payload, shape.seq)
-        if seq is None or not 0 <= seq <= I64_MAX:
-            return None
-    hi = min(now_us + limits.max_future_us, I64_MAX)
-    if t0 + shape.first < limits.min_time_us or t0 + shape.last > hi or t0 > hi:
-        return None  # decode_batch names the field
-    return t0, seq
-
-
 def _read(shaped: Sequence[Shaped], atlas: Atlas) -> Settled:
     """`Shapes.settle`."""
     generation = atlas.generation
@@ -291,47 +273,63 @@ def _learn(
     now_us: int,
     atlas: Atlas,
 ) -> _Shape | None:
-    """The shape of a payload `decode_batch` accepted, if it has the compact form."""
+    """The shape of a payload `decode_batch` accepted, if it has the compact form (what the
+    shape reads back from its own payload must be what was decoded)."""
     if sys.byteorder != "little":  # _read_shaped reads little-endian float64 as native
         return None
     buf = np.frombuffer(payload, np.uint8)
-    found = walk(buf)
+    lengths = np.array(batch.counts, np.int64)
+    hi = min(now_us + limits.max_future_us, I64_MAX)
+    seq = -1 if batch.seq is None else batch.seq
+    value = np.ascontiguousarray(batch.value).view(np.uint8)
+    found, fixed, offsets, first, last = learnt(
+        buf, lengths, batch.time, value, seq, limits.min_time_us, hi
+    )
     if not len(found):
         return None
-    lengths = np.array(batch.counts, np.int64)
-    if not np.array_equal(found[5::2] - found[4::2], 8 * lengths):
-        return None
-    t0_span = (int(found[0]), int(found[1]))
-    seq_span = (int(found[2]), int(found[3])) if found[2] >= 0 else None
-    t0 = read_int(payload, t0_span)
-    if t0 is None:
-        return None
-    fixed, values = layout(len(buf), found)
-    offsets = batch.time - t0
-    quality = np.zeros(batch.readings, np.uint8)
-    quality.flags.writeable = False
     shape = _Shape(
         levels=levels,
         payload=buf,
-        t0=t0_span,
-        seq=seq_span,
-        spans=found[4:].copy(),
+        t0=(int(found[0]), int(found[1])),
+        seq=(int(found[2]), int(found[3])) if found[2] >= 0 else None,
+        spans=found[4:],
         offsets=offsets,
-        first=int(offsets.min()),
-        last=int(offsets.max()),
-        # Interned: the devices of a plant share their sensor names and units.
-        names=tuple([sys.intern(n) for n in batch.names]),
-        units=tuple([None if u is None else sys.intern(u) for u in batch.units]),
+        first=first,
+        last=last,
+        names=_interned(batch.names),
+        units=_interned(batch.units),
         counts=batch.counts,
-        quality=quality,
+        quality=_zeros(batch.readings),
         lengths=lengths,
         atlas=atlas.generation,
         index=-1,
     )
-    # What the shape reads back from its own payload must be what was decoded (its times are
-    # t0 + offsets by construction).
-    again = _read_back(shape, payload, limits, now_us)
-    if again is None or again[1] != batch.seq or buf[values].tobytes() != batch.value.tobytes():
-        return None
     shape.index = atlas.add(buf, fixed, shape.spans, lengths, offsets, _fields(shape))
     return shape
+
+
+_INTERNED: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+_ZEROS: dict[int, npt.NDArray[np.uint8]] = {}
+
+
+def _interned(names: tuple[_S, ...]) -> tuple[_S, ...]:
+    """`names` with its strings interned, the same tuple for equal ones: the devices of a
+    plant share their sensor names and units."""
+    got = _INTERNED.get(names)
+    if got is None:
+        if len(_INTERNED) >= _MAX_TOPICS:
+            _INTERNED.clear()
+        got = tuple([n if n is None else sys.intern(n) for n in names])
+        _INTERNED[got] = got
+    return got
+
+
+def _zeros(n: int) -> npt.NDArray[np.uint8]:
+    """n zeros, read-only: the quality of a shape's readings, shared by equal ones."""
+    got = _ZEROS.get(n)
+    if got is None:
+        if len(_ZEROS) >= 1024:
+            _ZEROS.clear()
+        got = _ZEROS[n] = np.zeros(n, np.uint8)
+        got.flags.writeable = False
+    return got

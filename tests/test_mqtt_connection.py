@@ -141,6 +141,25 @@ async def test_reading_stops_at_the_inbox_bounds_and_resumes_as_it_drains() -> N
     assert not transport.paused
 
 
+async def test_reading_resumes_only_once_the_inbox_drained_to_half_its_bounds() -> None:
+    conn, transport = await _subscribed(receive_maximum=10)
+    stream = b"".join(publish("t/x", bytes([i]), mid=i + 1) for i in range(25))
+    conn.data_received(stream)
+    assert transport.paused
+    assert len(conn.inbox) == 10
+    got = [conn.take()[0].payload[0] for _ in range(4)]
+    assert transport.paused  # six left: more than half the bound
+    got.append(conn.take()[0].payload[0])
+    assert len(conn.inbox) == 10  # five left: read on, up to the bound again
+    assert transport.paused
+    while len(got) < 25:
+        await conn.wait()
+        got.append(conn.take()[0].payload[0])
+        assert len(conn.inbox) <= 10
+    assert got == list(range(25))
+    assert not transport.paused
+
+
 def _settings(url: str, **overrides: object) -> Settings:
     values: dict[str, object] = {
         "url": url,
@@ -165,7 +184,9 @@ async def test_a_broker_sending_more_than_receive_maximum() -> None:
         async with MqttSource(settings=config, max_payload_bytes=5000) as source:
             it = source.messages()
             got: list[Received] = [await anext(it)]
-            await until(lambda: source.queued >= limit)
+            # The inbox filled up to its bound (`limit`) and one was taken: reading resumes only
+            # once it has drained to half.
+            await until(lambda: source.queued >= limit - 1)
             while len(got) < limit:
                 got.append(await anext(it))
             # `limit` handed out and unacknowledged: no more until one is acknowledged.

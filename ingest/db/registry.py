@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import asyncpg
+import msgspec
 import numpy as np
 import numpy.typing as npt
 
@@ -34,12 +35,15 @@ SELECT device_id, count(*) AS n FROM telemetry.sensors
 # New sensors come back from the insert itself; only those another ingester registered first
 # are read back afterwards.
 # A new sensor's last_seen is its latest reading time in the flush that registers it, so that
-# no UPDATE follows the first sight of a sensor.
+# no UPDATE follows the first sight of a sensor. The columns come as one JSON document (see
+# `_columns`): tens of thousands of sensors at a plant's first sight cost the client a few
+# milliseconds that way, against several microseconds a sensor as four array parameters.
 _INSERT_SENSORS = """
 INSERT INTO telemetry.sensors (device_id, name, unit, last_seen)
 SELECT k.device_id, k.name, k.unit,
        timestamptz 'epoch' + k.last_seen * interval '1 microsecond'
-  FROM unnest($1::int[], $2::text[], $3::text[], $4::int8[]) AS k(device_id, name, unit, last_seen)
+  FROM json_to_record($1::json) AS c(d int[], n text[], u text[], t int8[])
+ CROSS JOIN LATERAL unnest(c.d, c.n, c.u, c.t) AS k(device_id, name, unit, last_seen)
 ON CONFLICT (device_id, name) DO NOTHING
 RETURNING id, device_id, name, unit
 """
@@ -251,7 +255,8 @@ class Registry:
         by_pair = {(d, n): k for d, n, k in zip(device_ids, names, keys, strict=True)}
         times = [latest.get(k) for k in keys]
         units = [sensors[k] for k in keys]
-        inserted = await conn.fetch(_INSERT_SENSORS, device_ids, names, units, times)
+        columns = _columns(d=device_ids, n=names, u=units, t=times)
+        inserted = await conn.fetch(_INSERT_SENSORS, columns)
         rows = list(inserted)
         if len(rows) < len(keys):  # some were registered by another ingester first
             rows += await conn.fetch(_SELECT_SENSORS, device_ids, names)
@@ -336,6 +341,14 @@ class Registry:
     def last_seen_written(self, sensor: npt.NDArray[np.int32], time: npt.NDArray[np.int64]) -> None:
         """Record that the `last_seen` of these sensors (each once) was committed as `time`."""
         self._last_seen[sensor] = np.maximum(self._last_seen[sensor], time)
+
+
+def _columns(**columns: Sequence[int | str | None]) -> str:
+    """Equal-length columns as one JSON object of arrays, for `json_to_record` and `unnest`."""
+    return _JSON.encode(columns).decode()
+
+
+_JSON = msgspec.json.Encoder()
 
 
 @dataclass(frozen=True, slots=True)

@@ -50,9 +50,10 @@ class Connection(asyncio.Protocol):
     """One network connection to the broker, as a subscriber with manual acknowledgement.
 
     - Received PUBLISH packets wait in the inbox (``get``). Reading stops while the inbox holds
-      ``receive_maximum`` messages or ``max_queued_bytes`` of payload; TCP flow control then
-      holds the rest at the broker, and nothing is refused or reordered. A conforming broker
-      never sends that many unacknowledged messages, but Mosquitto 2.0.11 does.
+      ``receive_maximum`` messages or ``max_queued_bytes`` of payload, until it has drained to
+      half of both; TCP flow control then holds the rest at the broker, and nothing is refused
+      or reordered. A conforming broker never sends that many unacknowledged messages, but
+      Mosquitto 2.0.11 does.
     - Reading does not stop before the SUBACK (with a session present the broker sends its
       backlog first, at most Receive Maximum of it), nor while an answer is due (a PINGRESP, an
       UNSUBACK): then it reads on up to twice the bounds, so that keepalive keeps working while
@@ -308,10 +309,18 @@ class Connection(asyncio.Protocol):
     # -- used by the source --
 
     def take(self) -> tuple[Publish, int]:
-        """The next message and its arrival time (the inbox must not be empty). Never awaits."""
+        """The next message and its arrival time (the inbox must not be empty). Never awaits.
+
+        Reading stopped at the inbox's bounds resumes once it has drained to half of them:
+        then what waits in the socket comes in large reads, framed many packets a call,
+        rather than one packet and two flow-control switches per message taken."""
         item = self.inbox.popleft()
         self.queued_bytes -= len(item[0].payload)
-        if self._paused:
+        if (
+            self._paused
+            and 2 * len(self.inbox) <= self.limit
+            and 2 * self.queued_bytes <= self.max_queued_bytes
+        ):
             self._resume()
         return item
 
