@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ingest.db.sink import PG_EPOCH_US, Appended, copy_data
+from ingest.db.binary_copy import PG_EPOCH_US, copy_data
+from ingest.db.sink import Appended
 from ingest.jit import kernel
 from ingest.kernels import HOUR_US, MINUTE_US, Rollup, merge_partials
 
