@@ -23,6 +23,7 @@ __all__ = [
     "gather",
     "merge_partials",
     "rollup",
+    "swap_bytes64",
 ]
 
 MINUTE_US: Final = 60_000_000
@@ -72,7 +73,7 @@ def gather(
 
 
 @kernel
-def _swap64(x: np.uint64) -> np.uint64:
+def swap_bytes64(x: np.uint64) -> np.uint64:
     """`x` with its bytes in reverse order (big-endian <-> little-endian)."""
     m8, m16 = np.uint64(0x00FF00FF00FF00FF), np.uint64(0x0000FFFF0000FFFF)
     x = ((x & m8) << np.uint64(8)) | ((x >> np.uint64(8)) & m8)
@@ -103,9 +104,9 @@ def copy_rows(
     w3 = len8 >> np.uint64(16)
     w4 = len2 << np.uint64(16)
     for i in range(time.shape[0]):
-        t = _swap64(np.uint64(time[i] - time_offset))
-        s = _swap64(np.uint64(np.uint32(sensor[i]))) >> np.uint64(32)
-        v = _swap64(value_bits[i])
+        t = swap_bytes64(np.uint64(time[i] - time_offset))
+        s = swap_bytes64(np.uint64(np.uint32(sensor[i]))) >> np.uint64(32)
+        v = swap_bytes64(value_bits[i])
         k = 5 * i
         out[k] = w0 | (t << np.uint64(48))
         out[k + 1] = (t >> np.uint64(16)) | w1
