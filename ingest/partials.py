@@ -91,8 +91,8 @@ def _array_head(n: int, width: int, oid: int) -> bytes:
 def journal_row(
     epoch: int, flush: int, sensor: npt.NDArray[np.int32], time: npt.NDArray[np.int64]
 ) -> memoryview:
-    """Binary COPY data of one telemetry.rollup_journal row, written into one buffer: 0.05 ms
-    for 100,000 readings, against 0.5 ms array by array (on little-endian machines)."""
+    """Binary COPY data of one telemetry.rollup_journal row, written into one buffer: 0.08 ms
+    for 100,000 readings, against 0.4-0.5 ms array by array (on little-endian machines)."""
     n = len(sensor)
     head = b"".join(
         [
