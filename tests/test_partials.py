@@ -16,7 +16,7 @@ from ingest.db.rollups import RollupMerger, new_epoch, recover_orphans
 from ingest.db.sink import Readings, Sink
 from ingest.derive import Deriver
 from ingest.kernels import HOUR_US, MINUTE_US, Rollup, merge_partials, rollup
-from ingest.partials import PartialsJournal
+from ingest.partials import PartialsJournal, journal_row
 from tests.support.cluster import Database
 from tests.support.process import wait_until
 from tests.support.streams import T0
@@ -338,3 +338,31 @@ async def test_a_flush_whose_commit_went_unheard_is_recovered_once_its_server_pr
         lost.discard()
         await a.close()
         await b.close()
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 1001])
+def test_journal_row_is_the_binary_copy_of_its_arrays(n: int) -> None:
+    rng = np.random.default_rng(n)
+    sensor = rng.integers(-(2**31), 2**31, n).astype(np.int32)
+    time = rng.integers(-(2**63), 2**63 - 1, n, dtype=np.int64)
+
+    def array(values: Iterable[int], width: int, oid: int) -> bytes:
+        body = [(1).to_bytes(4, "big"), bytes(4), oid.to_bytes(4, "big")]
+        body += [n.to_bytes(4, "big"), (1).to_bytes(4, "big")]
+        for v in values:
+            body.append(width.to_bytes(4, "big") + v.to_bytes(width, "big", signed=True))
+        data = b"".join(body)
+        return len(data).to_bytes(4, "big") + data
+
+    expected = b"".join(
+        [
+            b"PGCOPY\n\xff\r\n\x00" + bytes(8),
+            (4).to_bytes(2, "big"),
+            (8).to_bytes(4, "big") + (7).to_bytes(8, "big"),
+            (8).to_bytes(4, "big") + (123456789012).to_bytes(8, "big"),
+            array(sensor.tolist(), 4, 23),
+            array(time.tolist(), 8, 20),
+            b"\xff\xff",
+        ]
+    )
+    assert bytes(journal_row(7, 123456789012, sensor, time)) == expected

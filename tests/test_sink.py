@@ -12,18 +12,12 @@ from typing import Any
 import asyncpg
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from ingest.db.binary_copy import PG_EPOCH_US, copy_data, readings_copy
 from ingest.db.dead_letters import DeadLetter
-from ingest.db.sink import (
-    PG_EPOCH_US,
-    Appended,
-    Extra,
-    Readings,
-    Sink,
-    StagedUpsert,
-    Upsert,
-    copy_data,
-)
+from ingest.db.sink import Appended, Extra, Readings, Sink, StagedUpsert, Upsert
 from ingest.errors import PermanentSinkError
 from tests.support.cluster import Database, admin_dsn
 from tests.support.process import wait_until
@@ -326,3 +320,31 @@ async def test_extras_commit_with_the_flush_or_not_at_all(db: Database, own_sink
     # The stage table is emptied at commit, and reused by the next flush.
     await own_sink.write(readings=_slab([]), dead_letters=(), derive=extras(staged))
     assert len(await _fetch(db, _PENDING)) == 3
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(-(2**62), 2**62),
+            st.integers(-(2**31), 2**31 - 1),
+            st.floats(allow_nan=True, allow_infinity=True),
+            st.integers(0, 255),
+        ),
+        max_size=40,
+    )
+)
+def test_readings_copy_is_the_copy_data_of_its_columns(
+    rows: list[tuple[int, int, float, int]],
+) -> None:
+    time = np.array([r[0] for r in rows], np.int64)
+    sensor = np.array([r[1] for r in rows], np.int32)
+    value = np.array([r[2] for r in rows], np.float64)
+    quality = np.array([r[3] for r in rows], np.uint8)
+    wire: list[tuple[str, Any]] = [
+        (">i8", time - PG_EPOCH_US),
+        (">i4", sensor),
+        (">f8", value),
+        (">i2", quality),
+    ]
+    assert bytes(readings_copy(time, sensor, value, quality)) == bytes(copy_data(wire))

@@ -12,14 +12,11 @@ import asyncpg
 import numpy as np
 import numpy.typing as npt
 
+from ingest.db.binary_copy import PG_EPOCH_US, Slices, copy_data, readings_copy
 from ingest.db.dead_letters import DeadLetter, write_dead_letters
 from ingest.errors import PermanentSinkError, TransientSinkError
 
 log = logging.getLogger(__name__)
-
-PG_EPOCH_US = 946_684_800_000_000  # 2000-01-01T00:00:00Z in Unix microseconds
-_HEADER = b"PGCOPY\n\xff\r\n\x00" + (0).to_bytes(4, "big") + (0).to_bytes(4, "big")
-_TRAILER = (-1).to_bytes(2, "big", signed=True)
 
 _READING_COLUMNS = ("time", "sensor_id", "value", "quality")
 
@@ -124,30 +121,13 @@ class WriteResult:
     copy_seconds: float = 0.0
 
 
-def copy_data(columns: Sequence[tuple[str, npt.NDArray[Any]]]) -> memoryview:
-    """PostgreSQL binary COPY data for equal-length columns, each with its big-endian wire type
-    (">i2", ">i4", ">i8", ">f8"), built without a row loop."""
-    n = len(columns[0][1]) if columns else 0
-    fields: list[tuple[str, str]] = [("nfields", ">i2")]
-    for i, (wire, _) in enumerate(columns):
-        fields += [(f"len{i}", ">i4"), (f"val{i}", wire)]
-    dtype = np.dtype(fields)
-    buf = np.empty(len(_HEADER) + n * dtype.itemsize + len(_TRAILER), dtype=np.uint8)
-    buf[: len(_HEADER)] = np.frombuffer(_HEADER, dtype=np.uint8)
-    buf[len(buf) - len(_TRAILER) :] = np.frombuffer(_TRAILER, dtype=np.uint8)
-    rows = buf[len(_HEADER) : len(buf) - len(_TRAILER)].view(dtype)
-    rows["nfields"] = len(columns)
-    for i, (_, values) in enumerate(columns):
-        rows[f"len{i}"] = dtype[f"val{i}"].itemsize
-        rows[f"val{i}"] = values
-    return buf.data
-
-
 def encode_copy(readings: Readings, *, positions: bool = False) -> memoryview:
     """Binary COPY data of `readings` (time, sensor_id, value, quality).
 
     With `positions`, each row also carries its index in the slab (the staging table's `pos`).
     """
+    if not positions:
+        return readings_copy(readings.time, readings.sensor, readings.value, readings.quality)
     columns: list[tuple[str, npt.NDArray[Any]]] = [
         (">i8", readings.time - PG_EPOCH_US),
         (">i4", readings.sensor),
@@ -330,7 +310,7 @@ class Sink:
                             await conn.execute(upsert.stage_ddl)
                             created.append(upsert.stage)
                         await conn.copy_to_table(
-                            upsert.stage, source=cast(Any, upsert.data), format="binary"
+                            upsert.stage, source=cast(Any, Slices(upsert.data)), format="binary"
                         )
                         await conn.execute(upsert.sql)
                 elif len(upsert):
@@ -346,7 +326,7 @@ class Sink:
                 await conn.copy_to_table(
                     table,
                     schema_name="telemetry",
-                    source=cast(Any, append.data),
+                    source=cast(Any, Slices(append.data)),
                     columns=list(append.columns),
                     format="binary",
                 )
@@ -362,7 +342,7 @@ class Sink:
             await conn.copy_to_table(
                 "readings",
                 schema_name="telemetry",
-                source=cast(Any, encode_copy(readings)),  # a buffer: asyncpg sends it as is
+                source=cast(Any, Slices(encode_copy(readings))),
                 columns=list(_READING_COLUMNS),
                 format="binary",
             )
@@ -381,7 +361,7 @@ class Sink:
         await conn.execute(_STAGE_DDL)
         await conn.copy_to_table(
             "readings_stage",
-            source=cast(Any, encode_copy(readings, positions=True)),
+            source=cast(Any, Slices(encode_copy(readings, positions=True))),
             columns=[*_READING_COLUMNS, "pos"],
             format="binary",
         )
