@@ -10,7 +10,7 @@ from typing import Any
 import msgspec
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, currently_in_test_context, event, given, settings
+from hypothesis import HealthCheck, currently_in_test_context, event, given
 from hypothesis import strategies as st
 
 from ingest.anomaly import detector as anomaly
@@ -29,13 +29,9 @@ from tests.support.anomaly_reference import (
     scenarios,
     streams,
 )
+from tests.support.properties import property_settings
 
-PROPERTY = settings(
-    max_examples=300,
-    deadline=None,  # no timed assertions
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+PROPERTY = property_settings(300, HealthCheck.data_too_large)
 
 
 @pytest.fixture(scope="module", autouse=True)

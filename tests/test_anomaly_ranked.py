@@ -8,19 +8,15 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from numba import njit
 from numpy.lib.stride_tricks import sliding_window_view
 
 from ingest.anomaly import ranked
+from tests.support.properties import property_settings
 
-PROPERTY = settings(
-    max_examples=60,
-    deadline=None,  # no timed assertions
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+PROPERTY = property_settings(60)
 F64 = npt.NDArray[np.float64]
 
 

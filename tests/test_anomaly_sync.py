@@ -10,7 +10,7 @@ real `ingest run` processes on a share group.)
 from __future__ import annotations
 
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, given
 from hypothesis import strategies as st
 
 from ingest.anomaly.layout import KINDS
@@ -29,6 +29,7 @@ from tests.support.anomaly_sync import (
     syncs,
 )
 from tests.support.cluster import Database
+from tests.support.properties import property_settings
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -36,12 +37,7 @@ def _warm() -> None:
     warm_up(sparkplug=False)
 
 
-PROPERTY = settings(
-    max_examples=60,
-    deadline=None,  # no timed assertions
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-)
+PROPERTY = property_settings(60, HealthCheck.function_scoped_fixture)
 
 
 @PROPERTY

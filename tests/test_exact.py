@@ -11,13 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ingest.anomaly import drift, exact, pairs
+from tests.support.properties import property_settings
 
-PROPERTY = settings(
-    max_examples=300,
-    deadline=None,  # no timed assertions
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+PROPERTY = property_settings(300, HealthCheck.data_too_large)
 
 moderate = st.one_of(
     st.just(0.0),

@@ -16,15 +16,11 @@ from ingest.anomaly import filters
 from ingest.anomaly.rules import AnomalyRule
 from ingest.kernels import DAY_US, HOUR_US, MINUTE_US, Rollup, rollup
 from ingest.warmup import warm_up
+from tests.support.properties import property_settings
 
 T0 = 1_767_225_600_000_000  # 2026-01-01T00:00:00Z
 
-PROPERTY = settings(
-    max_examples=200,
-    deadline=None,  # no timed assertions
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+PROPERTY = property_settings(200, HealthCheck.data_too_large)
 
 Row = tuple[float, float, float, int, float, int, float, int]  # min max sum count first ft last lt
 Rows = dict[tuple[int, int], Row]

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from numba import njit
 
@@ -18,13 +18,9 @@ from ingest.anomaly import sorted_window
 from ingest.anomaly.detector import AnomalyDetector
 from ingest.anomaly.rules import AnomalyRule
 from tests.support.anomaly_reference import T0, S, reference_events
+from tests.support.properties import property_settings
 
-PROPERTY = settings(
-    max_examples=60,
-    deadline=None,  # no timed assertions
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+PROPERTY = property_settings(60)
 F64 = npt.NDArray[np.float64]
 
 
