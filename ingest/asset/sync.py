@@ -168,8 +168,8 @@ class AssetScorer:
             if not rule.settle_s and (row.last is None or oldest > row.last):
                 plain.append((j, rule))
                 continue
-            s, t, v = sensor[lo:hi], time[lo:hi], value[lo:hi]
-            update = await self._device(conn, row, model, rule, s, t, v, out)
+            i, t, v = index[lo:hi], time[lo:hi], value[lo:hi]
+            update = await self._device(conn, row, model, rule, i, t, v, out)
             if update is not None:
                 updates.append(update)
         if plain:
@@ -197,11 +197,13 @@ class AssetScorer:
         row: db.Locked,
         model: db.Model,
         rule: AssetRule,
-        sensor: npt.NDArray[np.int32],
+        index: npt.NDArray[np.int32],
         time: npt.NDArray[np.int64],
         value: npt.NDArray[np.float64],
         out: AssetSettled,
     ) -> dict[str, object] | None:
+        """Score one device's readings of the flush (each one's sensor index in its model, in
+        time order) from its locked row, re-scoring or settling as its rule and row say."""
         ints, floats = scoring.state(row, model)
         oldest = int(time.min())
         newest = int(time.max())
@@ -219,7 +221,7 @@ class AssetScorer:
             else:
                 after = time > row.last
                 out.late += int((~after).sum())
-                sensor, time, value = sensor[after], time[after], value[after]
+                index, time, value = index[after], time[after], value[after]
         if run and rule.settle_us and len(time):
             # the stored readings not scored yet, this flush's among them, up to settle_s
             # before the newest; at first, those after the model's baseline period
@@ -228,8 +230,6 @@ class AssetScorer:
                 since = max(model.fitted_to - 1, newest - self._max)
             index, time, value = await self._stored(conn, model, since, newest + self._max)
             index, time, value = scoring.settled(index, time, value, rule.settle_us)
-        elif run and len(time):  # in time order (see `settle`)
-            index = np.searchsorted(model.sensor_ids, sensor).astype(np.int32)
         if run and len(time):
             times, _, ev_i, ev_f = model.model.run(
                 index,
