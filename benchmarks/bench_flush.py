@@ -44,7 +44,7 @@ def _flush(*, overlap: bool) -> tuple[FlushJob, Registry]:
         for name in names:
             key = SensorKey(levels, name)
             if key not in registry._sensors:
-                registry._sensors[key] = _Known(len(registry._sensors) + 1, None)
+                registry._sensors[key] = _Known(len(registry._sensors) + 1, None, key)
         units = (None,) * SENSORS_PER_DEVICE
         counts = (SAMPLES,) * SENSORS_PER_DEVICE
         batch = Batch(m, names, units, counts, n, time, value, quality)

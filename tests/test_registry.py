@@ -180,6 +180,42 @@ async def test_a_new_unit_is_written_and_no_unit_changes_nothing(db: Database) -
     assert other.get(key) == registry.get(key)
 
 
+async def test_a_sensor_registered_first_by_another_ingester_gets_the_unit_it_names(
+    db: Database,
+) -> None:
+    """One flush's sensors, some registered meanwhile by another ingester with other units:
+    each gets its one id, and the units the later flush names are written."""
+    levels = ("plant", "line1", "dev")
+    conn = await asyncpg.connect(db.ingest_url)
+    try:
+        first = Registry()
+        await first.resolve(
+            conn, sensors={SensorKey(levels, "b"): "bar", SensorKey(levels, "d"): None}
+        )
+        later = Registry()
+        wanted = {
+            SensorKey(levels, n): u for n, u in [("a", "K"), ("b", "psi"), ("c", None), ("d", "V")]
+        }
+        await later.resolve(
+            conn, sensors=wanted, latest=dict.fromkeys(wanted, 1_700_000_000_000_000)
+        )
+        stored = await conn.fetch("SELECT id, name, unit FROM telemetry.sensors ORDER BY name")
+    finally:
+        await conn.close()
+    assert [(r["name"], r["unit"]) for r in stored] == [
+        ("a", "K"),
+        ("b", "psi"),
+        ("c", None),
+        ("d", "V"),
+    ]
+    assert [later.get(k) for k in wanted] == [r["id"] for r in stored]
+    assert first.get(SensorKey(levels, "b")) == later.get(SensorKey(levels, "b"))
+    assert later.message_ids(levels, ("b",), ("psi",)) is None
+    assert later.remember(levels, ("a", "b"), ("K", "psi")).tolist() == [
+        r["id"] for r in stored[:2]
+    ]
+
+
 async def test_two_registries_registering_the_same_sensors_at_once_agree(db: Database) -> None:
     devices = [("plant", f"line{n % 2}", f"dev-{n}") for n in range(20)]
     wanted = {SensorKey(levels, name): None for levels in devices for name in ("a", "b", "c")}

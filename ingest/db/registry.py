@@ -45,7 +45,7 @@ SELECT k.device_id, k.name, k.unit,
   FROM json_to_record($1::json) AS c(d int[], n text[], u text[], t int8[])
  CROSS JOIN LATERAL unnest(c.d, c.n, c.u, c.t) AS k(device_id, name, unit, last_seen)
 ON CONFLICT (device_id, name) DO NOTHING
-RETURNING id, device_id, name, unit
+RETURNING id, device_id, name
 """
 _SELECT_SENSORS = """
 SELECT s.id, s.device_id, s.name, s.unit
@@ -89,6 +89,7 @@ class SensorKey(NamedTuple):
 class _Known:
     id: int
     unit: str | None
+    key: SensorKey
 
 
 class Registry:
@@ -106,7 +107,6 @@ class Registry:
         self._devices: dict[str, int] = {}
         self._device_ids: dict[tuple[str, ...], int] = {}  # the same, by topic levels
         self._assets: set[str] = set()
-        self._names: dict[int, SensorKey] = {}
         self._by_id: dict[int, _Known] = {}
         self._max_per_device = max_sensors_per_device
         self._last_seen_every_us = round(last_seen_every_s * 1e6)
@@ -136,7 +136,7 @@ class Registry:
 
     def name_of(self, sensor_id: int) -> tuple[str, str]:
         """(device path, sensor name) of a registered sensor id."""
-        key = self._names[sensor_id]
+        key = self._by_id[sensor_id].key
         return key.device, key.name
 
     async def load(self, conn: asyncpg.Connection) -> None:
@@ -156,9 +156,7 @@ class Registry:
             self._add(SensorKey(levels[row["device_id"]], row["name"]), row["id"], row["unit"])
 
     def _add(self, key: SensorKey, sensor_id: int, unit: str | None) -> None:
-        known = _Known(sensor_id, unit)
-        self._sensors[key] = self._by_id[sensor_id] = known
-        self._names[sensor_id] = key
+        self._sensors[key] = self._by_id[sensor_id] = _Known(sensor_id, unit, key)
 
     def _grow(self, max_id: int) -> None:
         if max_id >= len(self._last_seen):
@@ -207,15 +205,22 @@ class Registry:
 
         Returns the new keys refused because their device has `max_sensors_per_device`.
         """
-        missing = {k: u for k, u in sensors.items() if k not in self._sensors}
+        missing: dict[SensorKey, str | None] = {}
+        changed: list[tuple[int, str]] = []
+        for k, u in sensors.items():
+            known = self._sensors.get(k)
+            if known is None:
+                missing[k] = u
+            elif u is not None and known.unit != u:
+                changed.append((known.id, u))
         refused: set[SensorKey] = set()
         if missing:
-            refused = await self._register(conn, missing, dict(latest or {}))
-        changed = [
-            (self._sensors[k].id, u)
-            for k, u in sensors.items()
-            if u is not None and k in self._sensors and self._sensors[k].unit != u
-        ]
+            refused, others = await self._register(conn, missing, latest or {})
+            # Sensors another ingester registered first carry the unit it gave them.
+            for k in others:
+                u, known = missing[k], self._sensors[k]
+                if u is not None and known.unit != u:
+                    changed.append((known.id, u))
         if changed:
             await conn.execute(_UPDATE_UNITS, [c[0] for c in changed], [c[1] for c in changed])
             for sensor_id, unit in changed:
@@ -227,8 +232,10 @@ class Registry:
         self,
         conn: asyncpg.Connection,
         sensors: dict[SensorKey, str | None],
-        latest: dict[SensorKey, int],
-    ) -> set[SensorKey]:
+        latest: Mapping[SensorKey, int],
+    ) -> tuple[set[SensorKey], list[SensorKey]]:
+        """Register new `sensors`: the keys refused (their device is full), and those another
+        ingester registered first."""
         new = {k.levels for k in sensors if k.levels not in self._device_ids}
         devices = {"/".join(levels): levels for levels in new}
         if devices:
@@ -243,34 +250,43 @@ class Registry:
             for row in await conn.fetch(_SELECT_DEVICES, paths):
                 self._devices[row["path"]] = row["id"]
                 self._device_ids[devices[row["path"]]] = row["id"]
-        keys, refused = await self._within_cap(conn, list(sensors))
-        if not keys:
-            return refused
+        allowed, refused = await self._within_cap(conn, list(sensors))
+        if not allowed:
+            return refused, []
         # Rows inserted in one order by every ingester, so that two registering the same new
-        # sensors wait for each other instead of deadlocking.
+        # sensors wait for each other instead of deadlocking. Keys are unique: the sort never
+        # compares them.
         ids = self._device_ids
-        keys.sort(key=lambda k: (ids[k.levels], k.name))
-        device_ids = [ids[k.levels] for k in keys]
-        names = [k.name for k in keys]
-        by_pair = {(d, n): k for d, n, k in zip(device_ids, names, keys, strict=True)}
-        times = [latest.get(k) for k in keys]
+        order = sorted([(ids[k.levels], k.name, k) for k in allowed])
+        device_ids = [o[0] for o in order]
+        names = [o[1] for o in order]
+        keys = [o[2] for o in order]
         units = [sensors[k] for k in keys]
+        times = [latest.get(k) for k in keys]
         columns = _columns(d=device_ids, n=names, u=units, t=times)
         inserted = await conn.fetch(_INSERT_SENSORS, columns)
-        rows = list(inserted)
-        if len(rows) < len(keys):  # some were registered by another ingester first
-            rows += await conn.fetch(_SELECT_SENSORS, device_ids, names)
+        at = _positions(inserted, device_ids, names)
+        if inserted:
+            self._grow(max(row[0] for row in inserted))
+        for row, i in zip(inserted, at, strict=True):
+            self._add(keys[i], row[0], units[i])
+        new_ids = np.fromiter((row[0] for row in inserted), np.int64, len(inserted))
+        self._last_seen[new_ids] = [_NEVER if (t := times[i]) is None else t for i in at]
+        if len(inserted) == len(keys):
+            return refused, []
+        # Some were registered by another ingester first.
+        rows = await conn.fetch(_SELECT_SENSORS, device_ids, names)
         self._grow(max(row["id"] for row in rows))
-        for row in rows:
-            self._add(by_pair[(row["device_id"], row["name"])], row["id"], row["unit"])
-        for row in inserted:
-            t = latest.get(by_pair[(row["device_id"], row["name"])])
-            if t is not None:
-                self._last_seen[row["id"]] = t
+        mine = set(at)
+        others = []
+        for row, i in zip(rows, _positions(rows, device_ids, names), strict=True):
+            if i not in mine:
+                self._add(keys[i], row["id"], row["unit"])
+                others.append(keys[i])
         lost = [k for k in keys if k not in self._sensors]
         if lost:
             raise RuntimeError(f"sensor {lost[0].device}/{lost[0].name} was not registered")
-        return refused
+        return refused, others
 
     async def _within_cap(
         self, conn: asyncpg.Connection, keys: Sequence[SensorKey]
@@ -341,6 +357,25 @@ class Registry:
     def last_seen_written(self, sensor: npt.NDArray[np.int32], time: npt.NDArray[np.int64]) -> None:
         """Record that the `last_seen` of these sensors (each once) was committed as `time`."""
         self._last_seen[sensor] = np.maximum(self._last_seen[sensor], time)
+
+
+def _positions(
+    rows: Sequence[asyncpg.Record], device_ids: Sequence[int], names: Sequence[str]
+) -> list[int]:
+    """The index in (`device_ids`, `names`) of each row's (device_id, name). An insert returns
+    its rows in the order of its input, which is checked; any other order is looked up."""
+    found: list[int] = []
+    i, n = 0, len(names)
+    for row in rows:
+        device_id, name = row["device_id"], row["name"]
+        while i < n and (device_ids[i] != device_id or names[i] != name):
+            i += 1
+        if i == n:
+            index = {pair: j for j, pair in enumerate(zip(device_ids, names, strict=True))}
+            return [index[(row["device_id"], row["name"])] for row in rows]
+        found.append(i)
+        i += 1
+    return found
 
 
 def _columns(**columns: Sequence[int | str | None]) -> str:
