@@ -11,7 +11,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ingest import metrics
-from ingest.anomaly.detector import AnomalyDetector, Event, Pending
+from ingest.anomaly.detector import AnomalyDetector, Event, EventColumns, Pending
 from ingest.anomaly.rules import AnomalyRule, rule_for
 from ingest.anomaly.sync import Settled, StateSync
 from ingest.asset.rules import AssetRule
@@ -66,7 +66,9 @@ def _pending_append(partials: Rollup) -> Appended:
     )
 
 
-def _anomaly_upsert(events: Sequence[Event]) -> Upsert:
+def _anomaly_upsert(events: Sequence[Event] | EventColumns) -> Upsert:
+    if isinstance(events, EventColumns):
+        return Upsert(ANOMALY_SQL, tuple(events))
     return Upsert(
         ANOMALY_SQL,
         (
@@ -181,8 +183,8 @@ class Deriver:
         anomaly: list[Extra] = []
         if self._rules and self.sync.cached(new.sensor):
             pending = self.detector.process(sensor=new.sensor, time=new.time, value=new.value)
-            if pending.events:
-                anomaly.append(_anomaly_upsert(pending.events))
+            if pending.count:
+                anomaly.append(_anomaly_upsert(pending.columns()))
         ends = segment_ends(new.sensor)  # each sensor's latest new reading
         latest_sensor, latest_time = new.sensor[ends], new.time[ends]
         due = self._registry.last_seen_due(latest_sensor, latest_time)
@@ -202,8 +204,8 @@ class Deriver:
             settled = await self.sync.settle(conn, new, derived.pending)
             if settled is not None:
                 anomaly: list[Extra] = list(settled.deletes)
-                if settled.pending.events:
-                    anomaly.append(_anomaly_upsert(settled.pending.events))
+                if settled.pending.count:
+                    anomaly.append(_anomaly_upsert(settled.pending.columns()))
                 anomaly.append(settled.update)
                 derived = dataclasses.replace(
                     derived, anomaly=anomaly, pending=settled.pending, settled=settled
@@ -239,14 +241,16 @@ class Deriver:
         if pending is not None:
             self.detector.commit(pending)
             metrics.LATE_READINGS.inc(pending.late)
-            for event in pending.events:
-                key = (event.sensor, event.kind, event.start)
-                if key not in self._open:
-                    metrics.ANOMALIES.labels(event.kind).inc()
-                if event.end is None:
-                    self._open.add(key)
-                else:
-                    self._open.discard(key)
+            if pending.count:
+                c = pending.columns()
+                for sensor, kind, start, end in zip(c.sensor, c.kind, c.start, c.end, strict=True):
+                    key = (sensor, kind, start)
+                    if key not in self._open:
+                        metrics.ANOMALIES.labels(kind).inc()
+                    if end is None:
+                        self._open.add(key)
+                    else:
+                        self._open.discard(key)
         if derived.settled is not None:
             self.sync.committed(derived.settled)
             for how, count in derived.settled.counts.items():

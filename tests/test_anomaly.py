@@ -94,6 +94,17 @@ def apply(upserts: dict[Key, Event], events: Iterable[Event]) -> None:
         upserts[key] = ev
 
 
+def from_columns(pending: Pending) -> list[Event]:
+    """The events of a pending as the columns of their upsert have them."""
+    c = pending.columns()
+    assert len({len(column) for column in c}) == 1
+    assert len(c.start) == pending.count
+    return [
+        Event(sensor=s, kind=k, start=t, end=e, value=v, score=sc, detail=d)
+        for t, s, k, e, v, sc, d in zip(*c, strict=True)
+    ]
+
+
 def outcomes(upserts: dict[Key, Event]) -> dict[Key, Outcome]:
     return {k: (e.end, e.value, e.score) for k, e in upserts.items()}
 
@@ -156,7 +167,9 @@ def drive(
             pending = again
         detector.commit(pending)
         assert pending.late == 0
-        apply(upserts, pending.events)
+        written = from_columns(pending)  # as the flush writes them
+        assert written == list(pending.events)
+        apply(upserts, written)
         for sensor, readings in chunk.items():
             history[sensor].extend(readings)
     for e in upserts.values():
@@ -559,6 +572,34 @@ def test_commit_refuses_a_pending_made_stale_by_restore_or_assign() -> None:
     detector.assign(sensor_id=1, rule=AnomalyRule(match="*", max=2.0))
     with pytest.raises(RuntimeError, match="stale"):
         detector.commit(pending)
+
+
+def test_events_are_described_by_the_rules_they_were_processed_with() -> None:
+    """A pending's events are built when first read: a rule assigned since does not change
+    them, nor does a sensor that lost its rule."""
+    detector = fresh({1: AnomalyRule(match="*", max=1.0), 2: AnomalyRule(match="*", min=0.0)})
+    pending = detector.process(
+        sensor=np.array([1, 1, 2], np.int32),
+        time=np.array([T0, T0 + S, T0], np.int64),
+        value=np.array([0.0, 3.0, -1.0]),
+    )
+    detector.assign(sensor_id=1, rule=AnomalyRule(match="*", max=2.0))
+    detector.assign(sensor_id=2, rule=None)
+    assert pending.count == 2
+    assert pending.columns() == (
+        [T0 + S, T0],
+        [1, 2],
+        ["range", "range"],
+        [None, None],
+        [3.0, -1.0],
+        [2.0, 1.0],
+        ["above max 1.0", "below min 0.0"],
+    )
+    assert [e.detail for e in pending.events] == ["above max 1.0", "below min 0.0"]
+    quiet = fresh({1: AnomalyRule(match="*", max=1.0)}).process(**flush([0.0]))
+    assert quiet.count == 0
+    assert quiet.columns() == ([], [], [], [], [], [], [])
+    assert quiet.events == ()
 
 
 def test_sensors_without_rule_are_skipped() -> None:

@@ -124,9 +124,11 @@ def test_the_bound_and_the_mad_from_any_start(case: tuple[int, list[float]]) -> 
     c = (w - 1) // 2
     for start in range(w - c - 1):
         first = min(med - window[start], window[start + c + 1] - med)
+        assert sorted_window.bound_at(window, 0, w, med, start) == first
         bound, i = sorted_window.mad_bound(window, 0, w, med, start)
         assert 0 <= i <= w - c - 2
         assert first <= bound == min(med - window[i], window[i + c + 1] - med) <= mad
+        assert sorted_window.bound_at(window, 0, w, med, i) == bound
     if w >= 2:  # the MAD's search gives the same from wherever it starts
         for near in (-5, *range(w), w + 5):
             assert sorted_window.mad(window, 0, w, med, near) == mad

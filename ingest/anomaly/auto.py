@@ -42,7 +42,7 @@ from ingest.anomaly.layout import (
     S_AUTO_START,
     S_AUTO_VALUE,
 )
-from ingest.anomaly.sorted_window import insert, mad, mad_bound, median
+from ingest.anomaly.sorted_window import bound_at, insert, mad, mad_bound, median
 from ingest.anomaly.sorted_window import replace as sorted_replace
 from ingest.jit import kernel
 
@@ -145,6 +145,9 @@ def judge(
     dr = abs(r - med)
     least = max(floor, q)
     if dev <= k * least and dr <= kr * least:  # s >= least
+        return False, 0.0, hint
+    low = max(MAD_SCALE * bound_at(buf, lo, w, med, hint), least)
+    if dev <= k * low and dr <= kr * low:  # the bound where the last reading's ended
         return False, 0.0, hint
     low, hint = mad_bound(buf, lo, w, med, hint)
     low = max(MAD_SCALE * low, least)

@@ -39,8 +39,8 @@ from ingest.anomaly.layout import (
     S_SEEN,
 )
 from ingest.anomaly.locking import SharedLock, reads, writes
-from ingest.anomaly.params import Compiled, StateNeed, compile_rule, describe
-from ingest.anomaly.pending import Base, Event, Outcome, Pending
+from ingest.anomaly.params import Compiled, StateNeed, compile_rule
+from ingest.anomaly.pending import Base, Event, EventColumns, Outcome, Pending
 from ingest.anomaly.rebuild import rebuild
 from ingest.anomaly.rules import AnomalyRule
 from ingest.kernels import check_sorted
@@ -50,6 +50,7 @@ __all__ = [
     "AnomalyDetector",
     "Base",
     "Event",
+    "EventColumns",
     "Outcome",
     "Pending",
     "StateNeed",
@@ -276,19 +277,8 @@ class AnomalyDetector:
             self._ef,
             self._pool,
         )
-        events = []
-        for (sid, k, start, end), (val, score) in zip(ev_i.tolist(), ev_f.tolist(), strict=True):
-            events.append(
-                Event(
-                    sensor=sid,
-                    kind=KINDS[k],
-                    start=start,
-                    end=None if end == NO_TIME else end,
-                    value=val,
-                    score=score,
-                    detail=describe(k, val, score, self._rules[sid]),
-                )
-            )
+        # the rules of the sensors with events as of now (for their details, built later)
+        rules = {sid: self._rules[sid] for sid in np.unique(ev_i[:, 0]).tolist()}
         return Pending(
             owner=self,
             seg=seg,
@@ -297,7 +287,9 @@ class AnomalyDetector:
             sensors=s[seg_lo],
             before=self._si[seg, S_SEEN],
             need=self._need[seg],
-            events=tuple(events),
+            ev_i=ev_i,
+            ev_f=ev_f,
+            rules=rules,
             late=int(late),
         )
 

@@ -3,18 +3,21 @@ sensor in, waiting for the flush's transaction to commit."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import msgspec
 import numpy as np
 import numpy.typing as npt
 
-from ingest.anomaly.layout import E_OPEN, E_START, I64, NO_TIME, S_LAST, S_SEEN
+from ingest.anomaly.layout import E_OPEN, E_START, F64, I64, KINDS, NO_TIME, S_LAST, S_SEEN
+from ingest.anomaly.params import describe
+from ingest.anomaly.rules import AnomalyRule
 
 if TYPE_CHECKING:
     from ingest.anomaly.detector import AnomalyDetector
 
-__all__ = ["Base", "Event", "Outcome", "Pending"]
+__all__ = ["Base", "Event", "EventColumns", "Outcome", "Pending"]
 
 
 class Event(msgspec.Struct, frozen=True, kw_only=True):
@@ -33,6 +36,18 @@ class Event(msgspec.Struct, frozen=True, kw_only=True):
     value: float
     score: float
     detail: str
+
+
+class EventColumns(NamedTuple):
+    """Events as columns, one row per event (as `Event` has them; `end` None while open)."""
+
+    start: list[int]
+    sensor: list[int]
+    kind: list[str]
+    end: list[int | None]
+    value: list[float]
+    score: list[float]
+    detail: list[str]
 
 
 class Outcome(NamedTuple):
@@ -68,18 +83,24 @@ class Base(NamedTuple):
 class Pending:
     """The outcome of one `AnomalyDetector.process` call, not yet applied to the detector.
 
-    `events` are the upserts for the database (one per event touched by the flush), `late`
+    `events` are the upserts for the database (one per event touched by the flush), as the
+    kernels left them in arrays (`count` of them): `columns` gives them as the upsert's
+    columns, `events` as `Event` objects, each built only when first asked for. `late`
     counts the finite readings ignored as late (time not after the sensor's last one).
     """
 
     __slots__ = (
         "_before",
+        "_columns",
+        "_ev_f",
+        "_ev_i",
+        "_events",
         "_need",
         "_owner",
+        "_rules",
         "_seg",
         "_state",
         "_versions",
-        "events",
         "late",
         "sensors",
     )
@@ -94,7 +115,9 @@ class Pending:
         sensors: npt.NDArray[np.int32],
         before: I64,
         need: I64,
-        events: tuple[Event, ...],
+        ev_i: I64,
+        ev_f: F64,
+        rules: Mapping[int, AnomalyRule],
         late: int,
     ) -> None:
         self._owner = owner
@@ -105,8 +128,57 @@ class Pending:
         self._need = need
         self.sensors = sensors
         """The sensors processed (those with a rule), one per state slot in `_seg`."""
-        self.events = events
+        self._ev_i = ev_i
+        """Per event: sensor, kind (index in `KINDS`), start, end (`NO_TIME`: still open)."""
+        self._ev_f = ev_f
+        """Per event: value, score."""
+        self._rules = rules
+        """The rule of each sensor with an event, as it was when processed."""
+        self._columns: EventColumns | None = None
+        self._events: tuple[Event, ...] | None = None
         self.late = late
+
+    @property
+    def count(self) -> int:
+        """How many events (upserts) the flush wrote."""
+        return int(self._ev_i.shape[0])
+
+    def columns(self) -> EventColumns:
+        """The events as the columns of their upsert."""
+        if self._columns is None:
+            ev_i, ev_f, rules = self._ev_i, self._ev_f, self._rules
+            sensor = ev_i[:, 0].tolist()
+            kind = ev_i[:, 1].tolist()
+            end = ev_i[:, 3]
+            value = ev_f[:, 0].tolist()
+            score = ev_f[:, 1].tolist()
+            ends: list[int | None] = end.tolist()
+            if bool((end == NO_TIME).any()):
+                ends = [None if e == NO_TIME else e for e in ends]
+            self._columns = EventColumns(
+                start=ev_i[:, 2].tolist(),
+                sensor=sensor,
+                kind=[KINDS[k] for k in kind],
+                end=ends,
+                value=value,
+                score=score,
+                detail=[
+                    describe(k, v, sc, rules[s])
+                    for s, k, v, sc in zip(sensor, kind, value, score, strict=True)
+                ],
+            )
+        return self._columns
+
+    @property
+    def events(self) -> tuple[Event, ...]:
+        """The events as `Event` objects, in the kernels' order."""
+        if self._events is None:
+            c = self.columns()
+            self._events = tuple(
+                Event(sensor=s, kind=k, start=t, end=e, value=v, score=sc, detail=d)
+                for t, s, k, e, v, sc, d in zip(*c, strict=True)
+            )
+        return self._events
 
     def outcome(self) -> Outcome:
         """The state each processed sensor is left in once this is committed."""

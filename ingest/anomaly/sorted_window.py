@@ -125,6 +125,15 @@ def _kth_pair(buf: F64, split: int, nl: int, nr: int, med: float, k: int, near: 
 
 
 @kernel
+def bound_at(buf: F64, lo: int, w: int, med: float, i: int) -> float:
+    """The bound `mad_bound` starts from, at rank i (0 .. w - c - 2), without moving i: as
+    much a bound under the MAD, if lower, and enough for most readings (i where the last
+    reading's bound ended), which then need no search."""
+    c = (w - 1) // 2
+    return float(min(med - buf[lo + i], buf[lo + i + c + 1] - med))
+
+
+@kernel
 def mad_bound(buf: F64, lo: int, w: int, med: float, i: int) -> Any:
     """(b, i): b a value the `mad` of the sorted buf[lo : lo + w] (w >= 2) is never below, med
     its median, from the ranks i and i + c + 1, c = (w - 1) // 2; i is moved first while that

@@ -39,7 +39,7 @@ def _plain(ring: Any, na: int, win: F64, o: int, w: int, rule: Any, out: Any, wh
             continue
         med = plain.median(win, o, w)
         dev = abs(x - med)
-        if dev > k * floor:
+        if dev > k * max(MAD_SCALE * plain.bound_at(win, o, w, med, hint), floor):
             low, hint = plain.mad_bound(win, o, w, med, hint)
             if dev > k * max(MAD_SCALE * low, floor):
                 sigma = MAD_SCALE * plain.mad(win, o, w, med, hint)
