@@ -146,8 +146,9 @@ class Pipeline:
             job.accepted.append(Accepted(levels, None, msg, got))
         else:
             job.accepted.append(Accepted(levels, got, msg))
-        job.readings += got.readings
-        self._budget.take(nbytes=len(msg.payload), readings=got.readings)
+        readings = got.readings
+        job.readings += readings
+        self._budget.take(nbytes=len(msg.payload), readings=readings)
 
     def _settle(self, job: FlushJob) -> None:
         """Read the flush's shaped payloads, all at once; one whose bytes differ from its

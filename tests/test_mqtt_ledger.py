@@ -48,3 +48,37 @@ def test_acking_the_oldest_at_once_releases_those_acked_early_after_them() -> No
     assert ledger.ack_many([4]) == (1, [14])
     assert ledger.ack_many([4, 5]) == (0, [])
     assert len(ledger) == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.lists(st.integers(-2, 30), max_size=8)), max_size=12))
+def test_acks_one_at_a_time_and_many_at_once_mixed_release_in_arrival_order(
+    steps: list[tuple[bool, list[int]]],
+) -> None:
+    """Whatever mix of `ack` and `ack_many`, a packet id is released once, after every
+    earlier one, and only once it and every earlier one were acknowledged."""
+    mids = [i + 100 for i in range(25)]
+    ledger = AckLedger()
+    assert ledger.track_many(mids[:10]) == 0
+    for mid in mids[10:]:
+        ledger.track(mid)
+    acked: set[int] = set()
+    released: list[int] = []
+    for many, seqs in steps:
+        if many:
+            done, got = ledger.ack_many(seqs)
+        else:
+            done, got = 0, []
+            for seq in seqs:
+                one = ledger.ack(seq)
+                if one is not None:
+                    done += 1
+                    got += one
+        assert done == len({s for s in seqs if 0 <= s < len(mids)} - acked)
+        acked |= {s for s in seqs if 0 <= s < len(mids)}
+        released += got
+        expected = 0
+        while expected in acked:
+            expected += 1
+        assert released == mids[:expected]
+        assert len(ledger) == len(mids) - expected

@@ -20,7 +20,7 @@ import numpy as np
 from ingest.errors import IngestError
 from ingest.mqtt import framing, packets
 from ingest.mqtt.ledger import AckLedger
-from ingest.mqtt.packets import Publish
+from ingest.mqtt.received import Received, from_publish
 
 # The source stage's log name, as operators filter it, whatever the module layout.
 logger = logging.getLogger("ingest.source")
@@ -79,9 +79,11 @@ class Connection(asyncio.Protocol):
         self.keepalive_s = keepalive_s
         self.timeout_s = timeout_s
         self.ledger = AckLedger()
-        self.inbox: collections.deque[tuple[Publish, int]] = collections.deque()
-        """Received messages with ``time.time_ns()`` of their chunk's arrival, in order."""
+        """Its QoS 1 messages, from their arrival until PUBACKed (those in the inbox too)."""
+        self.inbox: collections.deque[Received] = collections.deque()
+        """Received messages not handed out yet, in order, each as the source hands it out."""
         self.queued_bytes = 0
+        self._queued_tracked = 0  # messages in the inbox that the ledger tracks
         self.session_present = False
         self.subscribed = False
         self.alive = False
@@ -169,7 +171,16 @@ class Connection(asyncio.Protocol):
                         data, pos, room, max_bytes - self.queued_bytes, self.maximum_packet_size
                     )
                     if len(rows):
-                        self.queued_bytes += framing.to_inbox(inbox, buf, rows.tolist(), stamp)
+                        nbytes, tracked = framing.to_inbox(
+                            inbox,
+                            buf,
+                            rows.tolist(),
+                            stamp,
+                            generation=self.generation,
+                            ledger=self.ledger,
+                        )
+                        self.queued_bytes += nbytes
+                        self._queued_tracked += tracked
                         delivered = True
                         continue
                 # Anything else, one packet at a time.
@@ -188,8 +199,11 @@ class Connection(asyncio.Protocol):
                     message = packets.parse_publish(command, body)
                     if message is None:
                         message = packets.parse_publish_full(command, body)
-                    inbox.append((message, stamp))
+                    inbox.append(
+                        from_publish(message, stamp, generation=self.generation, ledger=self.ledger)
+                    )
                     self.queued_bytes += len(message.payload)
+                    self._queued_tracked += message.qos > 0
                     delivered = True
                 else:
                     self._control(command, buf[start:end])
@@ -308,14 +322,21 @@ class Connection(asyncio.Protocol):
 
     # -- used by the source --
 
-    def take(self) -> tuple[Publish, int]:
-        """The next message and its arrival time (the inbox must not be empty). Never awaits.
+    @property
+    def handed_out(self) -> int:
+        """QoS 1 messages taken from the inbox and not yet PUBACKed."""
+        return len(self.ledger) - self._queued_tracked
+
+    def take(self) -> Received:
+        """The next message (the inbox must not be empty). Never awaits.
 
         Reading stopped at the inbox's bounds resumes once it has drained to half of them:
         then what waits in the socket comes in large reads, framed many packets a call,
         rather than one packet and two flow-control switches per message taken."""
         item = self.inbox.popleft()
-        self.queued_bytes -= len(item[0].payload)
+        self.queued_bytes -= len(item.payload)
+        if item.token.seq >= 0:
+            self._queued_tracked -= 1
         if (
             self._paused
             and 2 * len(self.inbox) <= self.limit

@@ -19,7 +19,8 @@ import numpy.typing as npt
 
 from ingest.jit import small_kernel
 from ingest.mqtt import packets
-from ingest.mqtt.packets import Publish
+from ingest.mqtt.ledger import AckLedger
+from ingest.mqtt.received import AckToken, Received
 
 __all__ = ["COLUMNS", "compile_kernels", "publishes", "to_inbox"]
 
@@ -150,20 +151,44 @@ def publishes(
 
 
 def to_inbox(
-    inbox: collections.deque[tuple[Publish, int]], buf: bytes, rows: list[list[int]], stamp: int
-) -> int:
-    """The messages of `publishes` rows of `buf`, into `inbox` with `stamp`; their payloads'
-    bytes."""
+    inbox: collections.deque[Received],
+    buf: bytes,
+    rows: list[list[int]],
+    stamp: int,
+    *,
+    generation: int,
+    ledger: AckLedger,
+) -> tuple[int, int]:
+    """The messages of `publishes` rows of `buf`, into `inbox` as the source hands them out,
+    received at `stamp`, their QoS 1 ones tracked in the connection's `ledger` (tokens of
+    connection `generation`): each message is one object, built once. Returns their payloads'
+    bytes and how many were tracked."""
     append = inbox.append
     nbytes = 0
+    mids: list[int] = []
+    seq = ledger.next_seq
     for end, command, ts, te, mid, cs, ce, published, start in rows:
         nbytes += end - start
-        topic = buf[ts:te].decode("ascii")
-        content_type = None if cs < 0 else buf[cs:ce].decode("ascii")
         qos = (command >> 1) & 3
-        ts_us = None if published < 0 else published
-        append((Publish(topic, buf[start:end], content_type, ts_us, mid, qos), stamp))
-    return nbytes
+        if qos:
+            token = AckToken(generation, seq, mid, qos)
+            seq += 1
+            mids.append(mid)
+        else:
+            token = AckToken(generation, -1, mid, 0)
+        append(
+            Received(
+                buf[ts:te].decode("ascii"),
+                buf[start:end],
+                None if cs < 0 else buf[cs:ce].decode("ascii"),
+                stamp,
+                None if published < 0 else published,
+                token,
+            )
+        )
+    if mids:
+        ledger.track_many(mids)
+    return nbytes, len(mids)
 
 
 def compile_kernels() -> None:

@@ -7,28 +7,40 @@ import itertools
 
 
 class AckLedger:
-    """QoS 1 messages handed out on one connection, in arrival order, until PUBACKed.
+    """QoS 1 messages received on one connection, in arrival order, until PUBACKed.
 
     MQTT requires PUBACKs in the order the PUBLISHes arrived [MQTT-4.6.0-2]: an acknowledgement
     given early is held until every earlier message is acknowledged, then released with them.
     Never awaits; use it from the event loop's thread only.
     """
 
-    __slots__ = ("_entries", "_head")
+    __slots__ = ("_ahead", "_entries", "_head")
 
     def __init__(self) -> None:
         self._head = 0  # the sequence number of _entries[0]
         # [packet id, acknowledged] per message, in arrival order.
         self._entries: collections.deque[list[int]] = collections.deque()
+        self._ahead = 0  # entries acknowledged while an earlier one is not
 
     def __len__(self) -> int:
-        """Messages handed out and not yet PUBACKed."""
+        """Messages tracked and not yet PUBACKed."""
         return len(self._entries)
 
+    @property
+    def next_seq(self) -> int:
+        """The sequence number the next message tracked gets."""
+        return self._head + len(self._entries)
+
     def track(self, mid: int) -> int:
-        """Record a message about to be handed out; returns its sequence number."""
+        """Record a message just received; returns its sequence number."""
         seq = self._head + len(self._entries)
         self._entries.append([mid, 0])
+        return seq
+
+    def track_many(self, mids: list[int]) -> int:
+        """`track` for each of `mids`, in order; the sequence number of the first."""
+        seq = self._head + len(self._entries)
+        self._entries.extend([[mid, 0] for mid in mids])
         return seq
 
     def ack(self, seq: int) -> list[int] | None:
@@ -44,6 +56,9 @@ class AckLedger:
             while entries and entries[0][1]:
                 released.append(entries.popleft()[0])
             self._head += len(released)
+            self._ahead -= len(released) - 1
+        else:
+            self._ahead += 1
         return released
 
     def ack_many(self, seqs: list[int]) -> tuple[int, list[int]]:
@@ -55,11 +70,14 @@ class AckLedger:
             and seqs[0] == head
             and n <= len(entries)
             and seqs == list(range(head, head + n))
-            and not any(entry[1] for entry in itertools.islice(entries, n))
+            and not (self._ahead and any(entry[1] for entry in itertools.islice(entries, n)))
         ):  # the usual case: the oldest messages, all at once
-            released = [entries.popleft()[0] for _ in range(n)]
-            while entries and entries[0][1]:
-                released.append(entries.popleft()[0])
+            popleft = entries.popleft
+            released = [popleft()[0] for _ in range(n)]
+            if self._ahead:
+                while entries and entries[0][1]:
+                    released.append(popleft()[0])
+                    self._ahead -= 1
             self._head += len(released)
             return n, released
         done, released = 0, []

@@ -8,8 +8,9 @@ from typing import Final
 import msgspec
 
 from ingest.mqtt import packets
+from ingest.mqtt.ledger import AckLedger
 
-__all__ = ["PUBLISH_OVERHEAD", "AckToken", "Received", "maximum_packet_size"]
+__all__ = ["PUBLISH_OVERHEAD", "AckToken", "Received", "from_publish", "maximum_packet_size"]
 
 # Room for what a PUBLISH carries besides its payload: the fixed header, the topic and the
 # content type (MQTT strings, at most 64 KiB each), the packet id and small properties.
@@ -47,3 +48,19 @@ class Received(msgspec.Struct, frozen=True, gc=False):
     """The user property ``ts`` (publisher's clock, µs since the Unix epoch) if present and an
     integer. Only for end-to-end latency metrics; never trusted as a reading time."""
     token: AckToken
+
+
+def from_publish(
+    message: packets.Publish, stamp: int, *, generation: int, ledger: AckLedger
+) -> Received:
+    """`message`, received at `stamp` on connection `generation`, as the source hands it out;
+    tracked in the connection's `ledger` if it is QoS 1."""
+    seq = ledger.track(message.mid) if message.qos else -1
+    return Received(
+        message.topic,
+        message.payload,
+        message.content_type,
+        stamp,
+        message.published_us,
+        AckToken(generation, seq, message.mid, message.qos),
+    )

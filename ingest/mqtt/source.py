@@ -13,7 +13,6 @@ from typing import Self
 
 from ingest.mqtt import packets
 from ingest.mqtt.connection import Connection, ConnectionLostError, RefusedError
-from ingest.mqtt.packets import Publish
 from ingest.mqtt.received import AckToken, Received, maximum_packet_size
 from ingest.mqtt.refusals import connack_error
 from ingest.mqtt.settings import Settings, parse_url, tls_context
@@ -259,10 +258,9 @@ class MqttSource:
         """The next message if one can be handed out without waiting, else None. Never
         awaits; call it from the event loop's thread, in the task iterating ``messages()``."""
         conn = self._conn
-        if conn is None or conn.lost or not conn.inbox or len(conn.ledger) >= conn.limit:
+        if conn is None or conn.lost or not conn.inbox or conn.handed_out >= conn.limit:
             return None
-        message, received_ns = conn.take()
-        return self._received(conn, message, received_ns)
+        return conn.take()
 
     async def next_message(self) -> Received:
         """The next message (``messages()`` is the public way to iterate)."""
@@ -273,10 +271,9 @@ class MqttSource:
             if conn.lost:
                 # What it received and did not hand out yet goes too: the broker sends it again.
                 self._lost(conn)
-            elif conn.inbox and len(conn.ledger) < conn.limit:  # the usual case: no await
-                message, received_ns = conn.take()
-                return self._received(conn, message, received_ns)
-            elif len(conn.ledger) >= conn.limit:
+            elif conn.inbox and conn.handed_out < conn.limit:  # the usual case: no await
+                return conn.take()
+            elif conn.handed_out >= conn.limit:
                 # At most receive_maximum unacknowledged messages are handed out, even when
                 # the broker sends more (Mosquitto 2.0.11 does).
                 conn.progress.clear()
@@ -304,17 +301,6 @@ class MqttSource:
         """The connect task was cancelled by ``__aexit__``, not this task by its owner."""
         task = asyncio.current_task()
         return self._closed and not (task is not None and task.cancelling())
-
-    def _received(self, conn: Connection, message: Publish, received_ns: int) -> Received:
-        seq = conn.ledger.track(message.mid) if message.qos else -1
-        return Received(
-            message.topic,
-            message.payload,
-            message.content_type,
-            received_ns,
-            message.published_us,
-            AckToken(conn.generation, seq, message.mid, message.qos),
-        )
 
     def _lost(self, conn: Connection) -> None:
         if self._conn is conn:

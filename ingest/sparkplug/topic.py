@@ -9,6 +9,7 @@ from ingest.errors import PayloadError
 __all__ = ["NAMESPACE", "Topic", "is_sparkplug", "parse_topic"]
 
 NAMESPACE: Final = "spBv1.0"
+_PREFIX: Final = NAMESPACE + "/"  # checked for every message: built once
 NODE_TYPES: Final = frozenset({"NBIRTH", "NDEATH", "NDATA"})
 DEVICE_TYPES: Final = frozenset({"DBIRTH", "DDEATH", "DDATA"})
 IGNORED_TYPES: Final = frozenset({"NCMD", "DCMD"})
@@ -35,7 +36,7 @@ class Topic(NamedTuple):
 
 
 def is_sparkplug(topic: str) -> bool:
-    return topic.startswith(NAMESPACE + "/")
+    return topic.startswith(_PREFIX)
 
 
 def parse_topic(topic: str) -> Topic:
