@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from ingest.mqtt import MqttSource, Settings
-from ingest.mqtt.packets import publish_properties
+from ingest.mqtt.outgoing import publish_properties
 from ingest.sim.publisher import Publisher
 
 MESSAGES = 10_000

@@ -13,7 +13,7 @@ import uuid
 import msgspec
 import pytest
 
-from ingest.mqtt import MqttSource, Received, Settings, packets
+from ingest.mqtt import MqttSource, Received, Settings, outgoing, packets
 from ingest.mqtt.connection import Connection
 from ingest.mqtt.packets import Publish
 from ingest.mqtt.received import maximum_packet_size
@@ -80,15 +80,15 @@ async def _subscribed(**bounds: int) -> tuple[Connection, _Transport]:
 
 def _stream() -> tuple[bytes, list[Publish]]:
     """PUBLISH packets of every shape a subscriber gets, and control packets between them."""
-    props = packets.publish_properties("application/msgpack", [("ts", "1700000000000000")])
+    props = outgoing.publish_properties("application/msgpack", [("ts", "1700000000000000")])
     subscription_id = b"\x02\x0b\x05"  # properties: a subscription identifier (full parser)
     head = b"\x00\x03t/c\x00\x07"
     parts = [
-        packets.publish(topic=b"t/a", payload=b"\x01\x02", qos=1, mid=1, properties=props),
+        outgoing.publish(topic=b"t/a", payload=b"\x01\x02", qos=1, mid=1, properties=props),
         b"\xd0\x00",  # PINGRESP
-        packets.publish(topic=b"t/b", payload=b"x" * 300, qos=0, mid=0, properties=b"\x00"),
-        packets.packet(0x32, head + subscription_id + b"sub-id"),
-        packets.publish(topic=b"t/d", payload=b"", qos=1, mid=65535, properties=b"\x00"),
+        outgoing.publish(topic=b"t/b", payload=b"x" * 300, qos=0, mid=0, properties=b"\x00"),
+        outgoing.packet(0x32, head + subscription_id + b"sub-id"),
+        outgoing.publish(topic=b"t/d", payload=b"", qos=1, mid=65535, properties=b"\x00"),
     ]
     expected = [
         Publish("t/a", b"\x01\x02", "application/msgpack", 1_700_000_000_000_000, 1, 1),

@@ -9,7 +9,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ingest.mqtt import packets
+from ingest.mqtt import outgoing, packets
 from ingest.mqtt.framing import publishes, to_inbox
 from ingest.mqtt.ledger import AckLedger
 from ingest.mqtt.packets import Publish, parse_publish
@@ -45,7 +45,7 @@ def _properties(props: list[tuple[int, object]]) -> bytes:
         else:
             assert isinstance(value, str)
             out += _string(value)
-    return packets._varint(len(out)) + out
+    return outgoing._varint(len(out)) + out
 
 
 @st.composite
@@ -62,7 +62,7 @@ def _packet(draw: st.DrawFn) -> bytes:
     if draw(st.integers(0, 9)) == 0:  # a properties' length that lies
         props = bytes((draw(st.integers(0, 40)),)) + props[1:]
     body += props + draw(st.binary(max_size=40))
-    return packets.packet(packets.PUBLISH | qos << 1, body)
+    return outgoing.packet(packets.PUBLISH | qos << 1, body)
 
 
 def _publish(message: Received) -> Publish:
@@ -112,9 +112,9 @@ def test_what_it_frames_is_what_the_parser_makes(
 
 
 def test_a_stream_of_simulated_messages_is_framed_at_once_and_cut_anywhere() -> None:
-    props = packets.publish_properties("application/msgpack", [("ts", "1764000000000000")])
+    props = outgoing.publish_properties("application/msgpack", [("ts", "1764000000000000")])
     stream = b"".join(
-        packets.publish(
+        outgoing.publish(
             topic=f"telemetry/site1/area1/line1/plc-{i:04d}".encode(),
             payload=bytes(range(i % 200)),
             qos=1,

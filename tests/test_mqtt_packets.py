@@ -6,8 +6,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ingest.mqtt import packets
-from ingest.mqtt.packets import Publish, frame, parse_publish, pubacks
+from ingest.mqtt import outgoing, packets
+from ingest.mqtt.outgoing import pubacks
+from ingest.mqtt.packets import Publish, frame, parse_publish
 
 
 def _props(values: dict[str, object]) -> bytes:
@@ -88,7 +89,7 @@ def test_frame_finds_every_packet_wherever_the_stream_is_cut(
     bodies: list[bytes], cuts: list[int]
 ) -> None:
     """Chunks as a socket may return them: every packet comes out whole, in order, once."""
-    stream = b"".join(packets.packet(0x30 | (i % 16), b) for i, b in enumerate(bodies))
+    stream = b"".join(outgoing.packet(0x30 | (i % 16), b) for i, b in enumerate(bodies))
     bounds = sorted({min(c, len(stream)) for c in cuts} | {len(stream)})
     buf, pos, start, found = b"", 0, 0, []
     for bound in bounds:
@@ -102,7 +103,7 @@ def test_frame_finds_every_packet_wherever_the_stream_is_cut(
 
 
 def test_frame_of_a_large_packet_waits_for_all_of_it() -> None:
-    packet = packets.packet(0x32, bytes(200_000))
+    packet = outgoing.packet(0x32, bytes(200_000))
     assert packet[:4] == b"\x32\xc0\x9a\x0c"  # 200,000 as a variable byte integer
     assert frame(packet[:1], 0) is None
     assert frame(packet[:3], 0) is None
@@ -124,9 +125,9 @@ def test_publish_round_trips_through_paho_and_our_parser() -> None:
     from paho.mqtt import _packet
     from paho.mqtt.enums import MQTTProtocolVersion
 
-    props = packets.publish_properties("application/msgpack", [("ts", "1700000000000000")])
+    props = outgoing.publish_properties("application/msgpack", [("ts", "1700000000000000")])
     for qos, mid in ((0, 0), (1, 65535)):
-        data = packets.publish(
+        data = outgoing.publish(
             topic=b"p/plant1/dev", payload=b"\x01\x02", qos=qos, mid=mid, properties=props
         )
         framed = frame(data, 0)
@@ -147,20 +148,20 @@ def test_publish_round_trips_through_paho_and_our_parser() -> None:
 
 
 def test_connect_packet_bytes() -> None:
-    data = packets.connect(client_id="sim-1", username="dev", password="pw", keepalive=60)
+    data = outgoing.connect(client_id="sim-1", username="dev", password="pw", keepalive=60)
     assert data == (
         b"\x10\x1b"  # CONNECT, remaining length 27
         b"\x00\x04MQTT\x05"  # protocol name and level 5
         b"\xc2\x00\x3c\x00"  # user name, password, clean start; keepalive 60; no properties
         b"\x00\x05sim-1\x00\x03dev\x00\x02pw"
     )
-    assert packets.connect(client_id="a", username=None, password=None, keepalive=5) == (
+    assert outgoing.connect(client_id="a", username=None, password=None, keepalive=5) == (
         b"\x10\x0e\x00\x04MQTT\x05\x02\x00\x05\x00\x00\x01a"
     )
 
 
 def test_connect_with_a_will_message() -> None:
-    data = packets.connect(
+    data = outgoing.connect(
         client_id="n1",
         username="dev",
         password=None,
@@ -180,7 +181,7 @@ def test_connect_with_a_will_message() -> None:
         b"\x00\x03dev"  # user name
     )
     assert (
-        packets.connect(
+        outgoing.connect(
             client_id="a",
             username=None,
             password=None,
@@ -193,11 +194,11 @@ def test_connect_with_a_will_message() -> None:
         == b"\x10\x14\x00\x04MQTT\x05\x36\x00\x05\x00\x00\x01a\x00\x00\x01w\x00\x00"
     )
     with pytest.raises(ValueError, match="will QoS 3"):
-        packets.connect(client_id="a", username=None, password=None, keepalive=5, will_qos=3)
+        outgoing.connect(client_id="a", username=None, password=None, keepalive=5, will_qos=3)
 
 
 def test_disconnect_with_the_will_message() -> None:
-    assert packets.disconnect(0x04) == b"\xe0\x01\x04"
+    assert outgoing.disconnect(0x04) == b"\xe0\x01\x04"
 
 
 def test_connack_reason_and_properties() -> None:
@@ -216,7 +217,7 @@ def test_connack_reason_and_properties() -> None:
 
 
 def test_connect_with_a_session_and_limits() -> None:
-    data = packets.connect(
+    data = outgoing.connect(
         client_id="i",
         username=None,
         password=None,
@@ -234,13 +235,13 @@ def test_connect_with_a_session_and_limits() -> None:
 
 
 def test_subscribe_unsubscribe_and_their_answers() -> None:
-    assert packets.subscribe(mid=7, topic_filter="a/#", options=0x11) == (
+    assert outgoing.subscribe(mid=7, topic_filter="a/#", options=0x11) == (
         b"\x82\x09\x00\x07\x00\x00\x03a/#\x11"
     )
-    assert packets.subscribe_many(mid=9, filters=[("a/#", 0x11), ("b", 0x21)]) == (
+    assert outgoing.subscribe_many(mid=9, filters=[("a/#", 0x11), ("b", 0x21)]) == (
         b"\x82\x0d\x00\x09\x00\x00\x03a/#\x11\x00\x01b\x21"
     )
-    assert packets.unsubscribe(mid=8, topic_filters=["a/#", "b"]) == (
+    assert outgoing.unsubscribe(mid=8, topic_filters=["a/#", "b"]) == (
         b"\xa2\x0b\x00\x08\x00\x00\x03a/#\x00\x01b"
     )
     assert packets.acks(b"\x00\x07\x00\x01") == (7, [1], None)
@@ -250,9 +251,9 @@ def test_subscribe_unsubscribe_and_their_answers() -> None:
 
 
 def test_disconnect_with_reason_and_properties() -> None:
-    assert packets.disconnect() == b"\xe0\x00"
-    assert packets.disconnect(0x81) == b"\xe0\x01\x81"
-    data = packets.disconnect(0x04, reason_string="bye", session_expiry_s=0)
+    assert outgoing.disconnect() == b"\xe0\x00"
+    assert outgoing.disconnect(0x81) == b"\xe0\x01\x81"
+    data = outgoing.disconnect(0x04, reason_string="bye", session_expiry_s=0)
     assert data == b"\xe0\x0d\x04\x0b\x11\x00\x00\x00\x00\x1f\x00\x03bye"
     framed = frame(data, 0)
     assert framed is not None

@@ -18,7 +18,7 @@ from typing import Final, cast
 import numpy as np
 
 from ingest.errors import IngestError
-from ingest.mqtt import framing, packets
+from ingest.mqtt import framing, outgoing, packets
 from ingest.mqtt.ledger import AckLedger
 from ingest.mqtt.received import Received, from_publish
 
@@ -284,7 +284,7 @@ class Connection(asyncio.Protocol):
         """A protocol violation by the broker: DISCONNECT with `code`, then close."""
         self.error = reason
         logger.warning("MQTT stream broken (%s); dropping the connection", reason)
-        self._write(packets.disconnect(code))
+        self._write(outgoing.disconnect(code))
         if self._transport is not None:
             self._transport.close()
 
@@ -296,7 +296,7 @@ class Connection(asyncio.Protocol):
         if transport is None or self.lost or transport.is_closing():
             return False
         if self._acks:
-            data = packets.pubacks(self._acks) + data
+            data = outgoing.pubacks(self._acks) + data
             self._acks = []
         if not data:
             return True
@@ -313,7 +313,7 @@ class Connection(asyncio.Protocol):
             self.error = f"no PINGRESP within {self.keepalive_s} s"
             self.abort()
             return
-        if now - self._last_sent >= self.keepalive_s / 2 and self._write(packets.PINGREQ_PACKET):
+        if now - self._last_sent >= self.keepalive_s / 2 and self._write(outgoing.PINGREQ_PACKET):
             if not self._pings:
                 self._ping_sent = now
             self._pings += 1
@@ -430,12 +430,12 @@ class Connection(asyncio.Protocol):
         """SUBSCRIBE to (filter, options byte) pairs in one packet; the SUBACK's reason codes
         (one per filter) and reason string."""
         mid = self._packet_id()
-        return await self._request(packets.subscribe_many(mid=mid, filters=filters), mid)
+        return await self._request(outgoing.subscribe_many(mid=mid, filters=filters), mid)
 
     async def unsubscribe(self, topic_filters: list[str]) -> tuple[list[int], str | None]:
         """UNSUBSCRIBE; the UNSUBACK's reason codes and reason string."""
         mid = self._packet_id()
-        return await self._request(packets.unsubscribe(mid=mid, topic_filters=topic_filters), mid)
+        return await self._request(outgoing.unsubscribe(mid=mid, topic_filters=topic_filters), mid)
 
     def abort(self) -> None:
         """Drop the connection without waiting."""
@@ -451,7 +451,7 @@ class Connection(asyncio.Protocol):
         self.alive = False
         if self._transport is None or self.lost:
             return
-        self._write(packets.disconnect(reason, session_expiry_s=session_expiry_s))
+        self._write(outgoing.disconnect(reason, session_expiry_s=session_expiry_s))
         self._transport.close()
         try:
             async with asyncio.timeout(self.timeout_s):

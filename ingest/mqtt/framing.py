@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ingest.jit import small_kernel
-from ingest.mqtt import packets
+from ingest.mqtt import outgoing
 from ingest.mqtt.ledger import AckLedger
 from ingest.mqtt.received import AckToken, Received
 
@@ -193,6 +193,6 @@ def to_inbox(
 
 def compile_kernels() -> None:
     """Compile, or load from the on-disk cache, this module's kernels (see `ingest.warmup`)."""
-    props = packets.publish_properties("application/msgpack", [("ts", "1")])
-    packet = packets.publish(topic=b"a/b", payload=b"x", qos=1, mid=1, properties=props)
+    props = outgoing.publish_properties("application/msgpack", [("ts", "1")])
+    packet = outgoing.publish(topic=b"a/b", payload=b"x", qos=1, mid=1, properties=props)
     publishes(np.frombuffer(packet, np.uint8), 0, 10, 1 << 20, 1 << 20)

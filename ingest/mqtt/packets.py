@@ -1,16 +1,15 @@
-"""MQTT v5 packets: framing a byte stream, parsing what a client receives, building what it sends.
+"""MQTT v5 packets: their codes, framing a byte stream, parsing what a client receives.
 
-No I/O here. The connection (``ingest.mqtt.connection``) reads the socket in large chunks and
-frames every packet in them; runs of common PUBLISH packets are framed and parsed at once by
-``ingest.mqtt.framing`` (as ``parse_publish`` parses them), others take the fast parser
-(``parse_publish``), anything unusual the complete one (``parse_publish_full``).
-`ingest simulate` publishes with ``ingest.sim.publisher``, which builds its packets here too.
+No I/O here; the packets a client sends are built in ``ingest.mqtt.outgoing``. The connection
+(``ingest.mqtt.connection``) reads the socket in large chunks and frames every packet in them;
+runs of common PUBLISH packets are framed and parsed at once by ``ingest.mqtt.framing`` (as
+``parse_publish`` parses them), others take the fast parser (``parse_publish``), anything
+unusual the complete one (``parse_publish_full``).
+`ingest simulate` publishes with ``ingest.sim.publisher``, which parses its packets here too.
 """
 
 from __future__ import annotations
 
-import array
-import sys
 from collections.abc import Iterable
 from typing import Final, NamedTuple
 
@@ -19,11 +18,42 @@ PUBACK: Final = 0x40
 TS_PROPERTY: Final = "ts"
 """User property with the publisher's clock, integer µs since the Unix epoch (latency only)."""
 
+CONNECT: Final = 0x10
+CONNACK: Final = 0x20
+PINGRESP: Final = 0xD0
+DISCONNECT: Final = 0xE0
+
+# CONNACK properties: identifier -> size in bytes, or "s" (string or binary: 2-byte length),
+# "p" (string pair), "v" (variable byte integer).
+_CONNACK_PROPERTIES: Final[dict[int, int | str]] = {
+    0x11: 4, 0x12: "s", 0x13: 2, 0x15: "s", 0x16: "s", 0x1A: "s", 0x1C: "s", 0x1F: "s",
+    0x21: 2, 0x22: 2, 0x24: 1, 0x25: 1, 0x26: "p", 0x27: 4, 0x28: 1, 0x29: 1, 0x2A: 1,
+}  # fmt: skip
+RECEIVE_MAXIMUM: Final = 0x21
+SERVER_KEEP_ALIVE: Final = 0x13
+REASON_STRING: Final = 0x1F
+SESSION_EXPIRY: Final = 0x11
+MAXIMUM_PACKET_SIZE: Final = 0x27
+SUBSCRIBE: Final = 0x82
+SUBACK: Final = 0x90
+UNSUBSCRIBE: Final = 0xA2
+UNSUBACK: Final = 0xB0
+PINGREQ: Final = 0xC0
+MAX_REMAINING_LENGTH: Final = 268_435_455
+"""The largest remaining length a variable byte integer can carry."""
+# Every MQTT v5 property: identifier -> size in bytes, or "s" (string or binary: 2-byte length),
+# "p" (string pair), "v" (variable byte integer).
+_PROPERTIES: Final[dict[int, int | str]] = {
+    **_CONNACK_PROPERTIES,
+    0x01: 1, 0x02: 4, 0x03: "s", 0x08: "s", 0x09: "s", 0x0B: "v", 0x17: 1, 0x18: 4, 0x19: 1,
+    0x23: 2,
+}  # fmt: skip
+
 # Fixed-size PUBLISH properties skipped here: payload format indicator, message expiry
 # interval, topic alias.
 _SKIP: Final = {0x01: 1, 0x02: 4, 0x23: 2}
-_CONTENT_TYPE: Final = 0x03
-_USER_PROPERTY: Final = 0x26
+CONTENT_TYPE: Final = 0x03
+USER_PROPERTY: Final = 0x26
 
 
 class MalformedPacketError(ValueError):
@@ -124,9 +154,9 @@ def _parse(command: int, data: bytes) -> Publish | None:
     while at < end:
         ident = data[at]
         at += 1
-        if ident == _CONTENT_TYPE:
+        if ident == CONTENT_TYPE:
             content_type, at = _utf8(data, at)
-        elif ident == _USER_PROPERTY:
+        elif ident == USER_PROPERTY:
             key, at = _utf8(data, at)
             value, at = _utf8(data, at)
             user.append((key, value))
@@ -139,138 +169,10 @@ def _parse(command: int, data: bytes) -> Publish | None:
     return Publish(topic, data[end:], content_type, published_us(user), mid, qos)
 
 
-def pubacks(mids: list[int]) -> bytes:
-    """PUBACK packets (reason: success) for `mids`, in order, as one byte string."""
-    ids = array.array("H", mids)  # each packet's last two bytes, big-endian
-    if sys.byteorder == "little":
-        ids.byteswap()
-    raw = ids.tobytes()
-    n = len(mids)
-    out = bytearray(4 * n)
-    out[0::4] = bytes((PUBACK,)) * n
-    out[1::4] = b"\x02" * n
-    out[2::4] = raw[0::2]
-    out[3::4] = raw[1::2]
-    return bytes(out)
-
-
-# -- the publisher's side (ingest simulate) ----------------------------------------------------
-
-CONNECT: Final = 0x10
-CONNACK: Final = 0x20
-PINGREQ_PACKET: Final = b"\xc0\x00"
-PINGRESP: Final = 0xD0
-DISCONNECT: Final = 0xE0
-DISCONNECT_PACKET: Final = b"\xe0\x00"
-
-# CONNACK properties: identifier -> size in bytes, or "s" (string or binary: 2-byte length),
-# "p" (string pair), "v" (variable byte integer).
-_CONNACK_PROPERTIES: Final[dict[int, int | str]] = {
-    0x11: 4, 0x12: "s", 0x13: 2, 0x15: "s", 0x16: "s", 0x1A: "s", 0x1C: "s", 0x1F: "s",
-    0x21: 2, 0x22: 2, 0x24: 1, 0x25: 1, 0x26: "p", 0x27: 4, 0x28: 1, 0x29: 1, 0x2A: 1,
-}  # fmt: skip
-RECEIVE_MAXIMUM: Final = 0x21
-SERVER_KEEP_ALIVE: Final = 0x13
-REASON_STRING: Final = 0x1F
-SESSION_EXPIRY: Final = 0x11
-MAXIMUM_PACKET_SIZE: Final = 0x27
-SUBSCRIBE: Final = 0x82
-SUBACK: Final = 0x90
-UNSUBSCRIBE: Final = 0xA2
-UNSUBACK: Final = 0xB0
-PINGREQ: Final = 0xC0
-MAX_REMAINING_LENGTH: Final = 268_435_455
-"""The largest remaining length a variable byte integer can carry."""
-# Every MQTT v5 property: identifier -> size in bytes, or "s" (string or binary: 2-byte length),
-# "p" (string pair), "v" (variable byte integer).
-_PROPERTIES: Final[dict[int, int | str]] = {
-    **_CONNACK_PROPERTIES,
-    0x01: 1, 0x02: 4, 0x03: "s", 0x08: "s", 0x09: "s", 0x0B: "v", 0x17: 1, 0x18: 4, 0x19: 1,
-    0x23: 2,
-}  # fmt: skip
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _string(data: bytes) -> bytes:
-    return len(data).to_bytes(2, "big") + data
-
-
-def packet(first: int, body: bytes) -> bytes:
-    """A whole packet: first byte, remaining length, body."""
-    return bytes((first,)) + _varint(len(body)) + body
-
-
-def connect(
-    *,
-    client_id: str,
-    username: str | None,
-    password: str | None,
-    keepalive: int,
-    clean_start: bool = True,
-    session_expiry_s: int = 0,
-    receive_maximum: int | None = None,
-    maximum_packet_size: int | None = None,
-    will_topic: str | None = None,
-    will_payload: bytes = b"",
-    will_qos: int = 0,
-    will_retain: bool = False,
-) -> bytes:
-    """A CONNECT packet, MQTT v5; by default clean start, no session kept, no properties.
-
-    With `will_topic`, a will message (no will properties) that the broker publishes when the
-    connection ends without a normal DISCONNECT, or with DISCONNECT reason 0x04."""
-    if will_qos not in (0, 1, 2):
-        raise ValueError(f"will QoS {will_qos} is not 0, 1 or 2")
-    if len(will_payload) > 0xFFFF:
-        raise ValueError(f"will payload of {len(will_payload)} bytes: at most 65535")
-    flags = (0x02 if clean_start else 0) | (0x80 if username is not None else 0)
-    flags |= 0x40 if password is not None else 0
-    if will_topic is not None:
-        flags |= 0x04 | (will_qos << 3) | (0x20 if will_retain else 0)
-    props = b""
-    if session_expiry_s:
-        props += bytes((SESSION_EXPIRY,)) + session_expiry_s.to_bytes(4, "big")
-    if receive_maximum is not None:
-        props += bytes((RECEIVE_MAXIMUM,)) + receive_maximum.to_bytes(2, "big")
-    if maximum_packet_size is not None:
-        props += bytes((MAXIMUM_PACKET_SIZE,)) + maximum_packet_size.to_bytes(4, "big")
-    body = _string(b"MQTT") + bytes((5, flags)) + keepalive.to_bytes(2, "big")
-    body += _varint(len(props)) + props + _string(client_id.encode())
-    if will_topic is not None:  # will properties (none), topic, payload
-        body += b"\x00" + _string(will_topic.encode()) + _string(will_payload)
-    if username is not None:
-        body += _string(username.encode())
-    if password is not None:
-        body += _string(password.encode())
-    return packet(CONNECT, body)
-
-
 def connack(body: bytes) -> tuple[int, dict[int, int | str]]:
     """(reason code, the numeric and text properties) of a CONNACK body."""
     found, _ = properties(body, 2, allowed=_CONNACK_PROPERTIES, packet_name="CONNACK")
     return body[1], found
-
-
-def publish_properties(content_type: str, user: list[tuple[str, str]]) -> bytes:
-    """PUBLISH properties: a content type and user properties, length first."""
-    props = bytes((_CONTENT_TYPE,)) + _string(content_type.encode())
-    for key, value in user:
-        props += bytes((_USER_PROPERTY,)) + _string(key.encode()) + _string(value.encode())
-    return _varint(len(props)) + props
-
-
-def publish(*, topic: bytes, payload: bytes, qos: int, mid: int, properties: bytes) -> bytes:
-    """A PUBLISH packet (no retain, no dup); `properties` as publish_properties makes them."""
-    head = _string(topic) + (mid.to_bytes(2, "big") if qos else b"") + properties
-    return packet(PUBLISH | (qos << 1), head + payload)
 
 
 def properties(
@@ -348,7 +250,7 @@ def parse_publish_full(command: int, body: bytes) -> Publish:
         raise ValueError("PUBLISH with a topic alias, which this client does not allow")
     if not topic:
         raise ValueError("PUBLISH without a topic")
-    content_type = found.get(_CONTENT_TYPE)
+    content_type = found.get(CONTENT_TYPE)
     return Publish(
         topic,
         body[end:],
@@ -368,7 +270,7 @@ def _user_properties(body: bytes, at: int) -> list[tuple[str, str]]:
     while at < end:
         ident = body[at]
         at += 1
-        if ident == _USER_PROPERTY:
+        if ident == USER_PROPERTY:
             key, at = _utf8(body, at)
             value, at = _utf8(body, at)
             pairs.append((key, value))
@@ -385,25 +287,6 @@ def _user_properties(body: bytes, at: int) -> list[tuple[str, str]]:
     return pairs
 
 
-def subscribe(*, mid: int, topic_filter: str, options: int) -> bytes:
-    """A SUBSCRIBE packet for one filter; `options` is the subscription options byte."""
-    return subscribe_many(mid=mid, filters=[(topic_filter, options)])
-
-
-def subscribe_many(*, mid: int, filters: list[tuple[str, int]]) -> bytes:
-    """A SUBSCRIBE packet for several (filter, options byte) pairs: one SUBACK answers all."""
-    body = mid.to_bytes(2, "big") + b"\x00"
-    body += b"".join(_string(f.encode()) + bytes((options,)) for f, options in filters)
-    return packet(SUBSCRIBE, body)
-
-
-def unsubscribe(*, mid: int, topic_filters: list[str]) -> bytes:
-    """An UNSUBSCRIBE packet."""
-    body = mid.to_bytes(2, "big") + b"\x00"
-    body += b"".join(_string(f.encode()) for f in topic_filters)
-    return packet(UNSUBSCRIBE, body)
-
-
 def acks(body: bytes) -> tuple[int, list[int], str | None]:
     """(packet id, reason codes, reason string) of a SUBACK or UNSUBACK body."""
     if len(body) < 3:
@@ -412,20 +295,6 @@ def acks(body: bytes) -> tuple[int, list[int], str | None]:
     text = found.get(REASON_STRING)
     mid = int.from_bytes(body[0:2], "big")
     return mid, list(body[end:]), text if isinstance(text, str) else None
-
-
-def disconnect(
-    reason: int = 0, *, reason_string: str | None = None, session_expiry_s: int | None = None
-) -> bytes:
-    """A DISCONNECT packet; the shortest form (two bytes) for a normal one without properties."""
-    props = b""
-    if session_expiry_s is not None:
-        props += bytes((SESSION_EXPIRY,)) + session_expiry_s.to_bytes(4, "big")
-    if reason_string is not None:
-        props += bytes((REASON_STRING,)) + _string(reason_string.encode())
-    if not props:
-        return DISCONNECT_PACKET if reason == 0 else packet(DISCONNECT, bytes((reason,)))
-    return packet(DISCONNECT, bytes((reason,)) + _varint(len(props)) + props)
 
 
 def parse_disconnect(body: bytes) -> tuple[int, str | None]:

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Self
 
-from ingest.mqtt import packets
+from ingest.mqtt import outgoing
 from ingest.mqtt.connection import Connection, ConnectionLostError, RefusedError
 from ingest.mqtt.received import AckToken, Received, maximum_packet_size
 from ingest.mqtt.refusals import connack_error
@@ -79,7 +79,7 @@ class MqttSource:
         self._flush_filter = f"{settings.topic_prefix}/$ingest-ack-flush"
         self._max_packet = maximum_packet_size(max_payload_bytes)
         self._max_queued_bytes = max_queued_bytes
-        self._connect_packet = packets.connect(
+        self._connect_packet = outgoing.connect(
             client_id=self._client_id,
             username=self._endpoint.username,
             password=self._endpoint.password,

@@ -1,5 +1,6 @@
 """A small MQTT v5 publisher for `ingest simulate`: QoS 0 or 1, a window of unacknowledged
-messages, acknowledgements read in chunks; its packets are those of ``ingest.mqtt.packets``.
+messages, acknowledgements read in chunks; its packets are built by ``ingest.mqtt.outgoing`` and
+parsed by ``ingest.mqtt.packets``.
 
 paho spends most of a load generator's time on its own bookkeeping: a PUBACK costs four reads
 and a dispatch, a PUBLISH a properties object. This client writes each PUBLISH with one
@@ -23,7 +24,7 @@ from typing import Final
 from urllib.parse import unquote, urlsplit
 
 from ingest.errors import ConfigError, IngestError
-from ingest.mqtt import packets
+from ingest.mqtt import outgoing, packets
 
 _READ: Final = 256 * 1024
 _DRAIN_EVERY: Final = 32  # messages between non-blocking reads of acknowledgements
@@ -138,7 +139,7 @@ class Publisher:
         will_topic, will_payload, will_qos = will if will is not None else (None, b"", 0)
         try:
             self._send(
-                packets.connect(
+                outgoing.connect(
                     client_id=client_id,
                     username=username,
                     password=password,
@@ -186,7 +187,7 @@ class Publisher:
             mid = self._mid
             self._inflight += 1
         self._send(
-            packets.publish(
+            outgoing.publish(
                 topic=topic.encode(), payload=payload, qos=qos, mid=mid, properties=properties
             )
         )
@@ -201,7 +202,7 @@ class Publisher:
         until = time.monotonic() + seconds
         while (now := time.monotonic()) < until:
             if now - self._last_sent >= self._keepalive / 2:
-                self._send(packets.PINGREQ_PACKET)
+                self._send(outgoing.PINGREQ_PACKET)
             self._read(until=min(until, now + self._keepalive / 2), wait=True)
 
     def settle(self, *, timeout: float) -> None:
@@ -216,7 +217,7 @@ class Publisher:
         """Subscribe to `topic_filter` and wait for the SUBACK; IngestError if refused."""
         self._mid = self._mid % 65535 + 1
         mid = self._mid
-        self._send(packets.subscribe(mid=mid, topic_filter=topic_filter, options=qos))
+        self._send(outgoing.subscribe(mid=mid, topic_filter=topic_filter, options=qos))
         deadline = time.monotonic() + timeout
         while mid not in self._subacks:
             if time.monotonic() > deadline:
@@ -237,7 +238,7 @@ class Publisher:
     def close(self, reason: int = 0) -> None:
         """DISCONNECT (reason 0x04: publish the will) and close the socket."""
         with contextlib.suppress(IngestError):
-            self._send(packets.disconnect(reason))
+            self._send(outgoing.disconnect(reason))
         self._sock.close()
 
     # -- the socket --
@@ -305,7 +306,7 @@ class Publisher:
             except (ValueError, IndexError, UnicodeDecodeError) as exc:
                 raise IngestError(f"the broker at {self.where} sent a bad PUBLISH: {exc}") from None
             if message.qos == 1:
-                self._send(packets.pubacks([message.mid]))
+                self._send(outgoing.pubacks([message.mid]))
             self._received.append(message)
         elif kind == packets.SUBACK:
             mid, codes, _ = packets.acks(body)

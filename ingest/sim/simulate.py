@@ -19,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ingest.errors import ConfigError, IngestError
-from ingest.mqtt.packets import publish_properties
+from ingest.mqtt.outgoing import publish_properties
 from ingest.sim.plant import UNITS, Device
 from ingest.sim.publisher import Publisher, TlsFiles
 from ingest.sim.pumps import SENSORS as PUMP_SENSORS
