@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Final
 
 from ingest.errors import ConfigError
-from ingest.mqtt.connection import ConnectionLostError
+from ingest.mqtt.control import ConnectionLostError
 
 __all__ = ["check_suback", "connack_error"]
 

@@ -12,7 +12,8 @@ from types import TracebackType
 from typing import Self
 
 from ingest.mqtt import outgoing
-from ingest.mqtt.connection import Connection, ConnectionLostError, RefusedError
+from ingest.mqtt.connection import Connection
+from ingest.mqtt.control import ConnectionLostError, RefusedError
 from ingest.mqtt.received import AckToken, Received, maximum_packet_size
 from ingest.mqtt.refusals import connack_error
 from ingest.mqtt.settings import Settings, parse_url, tls_context
