@@ -161,7 +161,7 @@ def _baseline(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from ingest import config as config_mod
     from ingest import memory
-    from ingest.pipeline import run_service
+    from ingest.service import run_service
 
     cfg = config_mod.load(path=args.config)
     _setup_logging(level=cfg.log.level, fmt=cfg.log.format)
@@ -179,7 +179,7 @@ def _drain(args: argparse.Namespace) -> int:
     from ingest import config as config_mod
     from ingest import memory
     from ingest.mqtt import Settings
-    from ingest.pipeline import run_service
+    from ingest.service import run_service
 
     cfg = config_mod.load(path=args.config)
     fields = msgspec.structs.asdict(cfg.mqtt)

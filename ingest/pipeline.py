@@ -1,26 +1,22 @@
 """The pipeline: wires the MQTT source, decoding, the flush, the writer and the rollup merger;
-acknowledges every message after its flush committed."""
+acknowledges every message after its flush committed. The process around it (`ingest run`) is
+``ingest.service``."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import time
 from typing import Any
 
-from ingest import memory, metrics
+from ingest import metrics
 from ingest.alerts.service import start as start_alerts
 from ingest.config import Config, parse_rfc3339_us
 from ingest.db.registry import Registry
 from ingest.db.rollups import RollupMerger
 from ingest.decode import DecodeLimits
 from ingest.derive import Deriver
-from ingest.errors import (
-    ConfigError,
-    PayloadError,
-    PermanentSinkError,
-)
+from ingest.errors import PayloadError
 from ingest.flush import Accepted, Carried, FlushJob, carry_held
 from ingest.memory import InflightBudget
 from ingest.mqtt import MqttSource, Received
@@ -29,7 +25,6 @@ from ingest.shapes import Shaped, Shapes
 from ingest.sparkplug.commands import HostApplication, RebirthRequester
 from ingest.sparkplug.stage import SparkplugStage
 from ingest.sparkplug.topic import is_sparkplug
-from ingest.warmup import warm_up
 from ingest.writer import Writer
 
 log = logging.getLogger(__name__)
@@ -394,38 +389,3 @@ class Pipeline:
                 self.cfg.flush.shutdown_grace_s,
             )
             writer.cancel()
-
-
-async def run_service(
-    cfg: Config, *, stop: asyncio.Event | None = None, drain: bool = False
-) -> int:
-    """`ingest run`: warm the kernels, serve health and metrics, run until SIGTERM or SIGINT.
-
-    `drain` (`ingest drain`): empty and end the session of `mqtt.client_id`, then return; 1 if
-    stopped before the session was empty (it is then kept).
-    """
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    health = metrics.Health()
-    pipeline = Pipeline(cfg, health=health)
-    started = time.monotonic()
-    warm_up(sparkplug=cfg.sparkplug.enabled)
-    memory.freeze_startup()
-    log.info("kernels ready in %.2fs", time.monotonic() - started)
-    failed: list[BaseException] = []
-    async with metrics.serve(host=cfg.metrics.host, port=cfg.metrics.port, health=health):
-        try:
-            await pipeline.run(stop, drain=drain)
-        except* (PermanentSinkError, ConfigError) as group:
-            failed.extend(group.exceptions)
-    if failed:
-        # Nothing of the failed flush was acknowledged: the broker keeps it for the next start.
-        log.error("stopped: %s", failed[0])
-        return 1
-    if drain and not pipeline.session.ended:
-        log.error("stopped before the session was empty; it is kept")
-        return 1
-    log.info("stopped")
-    return 0
