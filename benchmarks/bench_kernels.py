@@ -19,7 +19,7 @@ from ingest.anomaly.rules import MAX_SPIKE_WINDOW, AnomalyRule
 from ingest.asset.kernel import fresh_state
 from ingest.asset.model import AssetModel, carry_forward, fit, score_matrix
 from ingest.asset.rules import AssetRule
-from ingest.kernels import HOUR_US, MINUTE_US, rollup
+from ingest.rollup import HOUR_US, MINUTE_US, rollup
 from ingest.warmup import warm_up
 
 T0 = 1_767_225_600_000_000  # 2026-01-01T00:00:00Z

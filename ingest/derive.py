@@ -18,8 +18,8 @@ from ingest.asset.rules import AssetRule
 from ingest.asset.sync import AssetScorer, AssetSettled
 from ingest.db.registry import Registry
 from ingest.db.sink import Appended, Extra, Readings, Upsert
-from ingest.kernels import MINUTE_US, Rollup, rollup
 from ingest.partials import PARTIAL_COLUMNS, PartialsJournal, partials_copy
+from ingest.rollup import MINUTE_US, Rollup, rollup
 
 # Microseconds since the Unix epoch to timestamptz, exactly, inside the database.
 _TS = "(timestamptz 'epoch' + {} * interval '1 microsecond')"

@@ -14,7 +14,8 @@ import numpy.typing as npt
 from ingest.db.binary_copy import PG_EPOCH_US, copy_data
 from ingest.db.sink import Appended
 from ingest.jit import kernel
-from ingest.kernels import HOUR_US, MINUTE_US, Rollup, merge_partials, swap_bytes64
+from ingest.kernels import swap_bytes64
+from ingest.rollup import HOUR_US, MINUTE_US, Rollup, merge_partials
 
 __all__ = [
     "PARTIAL_COLUMNS",

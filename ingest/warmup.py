@@ -7,7 +7,7 @@ anomaly filters, and (when Sparkplug is on) the Sparkplug decoder.
 
 from __future__ import annotations
 
-from ingest import kernels, partials, shape_atlas, shape_layout
+from ingest import kernels, partials, rollup, shape_atlas, shape_layout
 from ingest.anomaly import detector
 from ingest.asset import model
 from ingest.mqtt import framing
@@ -23,6 +23,7 @@ def warm_up(*, sparkplug: bool = True) -> None:
     on a warm one.
     """
     kernels.compile_kernels()
+    rollup.compile_kernels()
     shape_layout.compile_kernels()
     shape_atlas.compile_kernels()
     framing.compile_kernels()

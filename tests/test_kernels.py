@@ -11,10 +11,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ingest import kernels
+from ingest import rollup as rollups
 from ingest.anomaly import detector as anomaly
 from ingest.anomaly import filters
 from ingest.anomaly.rules import AnomalyRule
-from ingest.kernels import DAY_US, HOUR_US, MINUTE_US, Rollup, rollup
+from ingest.rollup import DAY_US, HOUR_US, MINUTE_US, Rollup, rollup
 from ingest.warmup import warm_up
 from tests.support.properties import property_settings
 
@@ -237,7 +238,7 @@ def test_gather_takes_runs_in_the_order_given() -> None:
 def _signatures() -> dict[str, int]:
     return {
         f"{module.__name__}.{name}": len(fn.signatures)
-        for module in (kernels, filters)
+        for module in (kernels, rollups, filters)
         for name, fn in vars(module).items()
         if hasattr(fn, "signatures")
     }
@@ -248,8 +249,8 @@ def test_after_warm_up_nothing_compiles_again() -> None:
     warm_up()
     before = _signatures()
     entry_points = (
-        "ingest.kernels._rollup_count",
-        "ingest.kernels._rollup_fill",
+        "ingest.rollup._rollup_count",
+        "ingest.rollup._rollup_fill",
         "ingest.kernels.check_sorted",
         "ingest.kernels.gather",
         "ingest.anomaly.filters.process_flush",

@@ -15,8 +15,8 @@ from ingest.db.registry import Registry, SensorKey
 from ingest.db.rollups import RollupMerger, new_epoch, recover_orphans
 from ingest.db.sink import Readings, Sink
 from ingest.derive import Deriver
-from ingest.kernels import HOUR_US, MINUTE_US, Rollup, merge_partials, rollup
 from ingest.partials import PartialsJournal, journal_row
+from ingest.rollup import HOUR_US, MINUTE_US, Rollup, merge_partials, rollup
 from tests.support.cluster import Database
 from tests.support.process import wait_until
 from tests.support.streams import T0

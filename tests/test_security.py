@@ -780,7 +780,7 @@ def test_the_sql_check_accepts_constants() -> None:
         "    await conn.fetch(Q if dry else R, m.topic)\n"
         "    for name, sql in TABLES:\n        await conn.execute(sql, name)\n"
         "    await conn.copy_records_to_table('dead_letters', schema_name='telemetry', records=[m])\n"
-        "from ingest.kernels import MINUTE_US\n"
+        "from ingest.rollup import MINUTE_US\n"
         "S = f'SELECT {MINUTE_US}'\n"
         "def g(d):\n    return StagedUpsert(stage='s', stage_ddl=S, data=d, rows=1, sql=Q)\n"
     )
