@@ -9,7 +9,6 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
-from ingest.anomaly.drift import empty as empty_sums
 from ingest.anomaly.filters import commit_flush, process_flush
 from ingest.anomaly.layout import (
     AUTO,
@@ -17,22 +16,12 @@ from ingest.anomaly.layout import (
     E_START,
     FLAT,
     KINDS,
-    NEF,
-    NEI,
-    NK,
     NO_TIME,
-    NPF,
-    NPI,
-    NSF,
-    NSI,
     P_AUTO_G,
     P_MASK,
     P_OFF,
-    P_SIZE,
-    S_AUTO_Q,
     S_AUTO_RUN,
     S_AUTO_START,
-    S_DRIFT,
     S_LAST,
     S_RUN_COUNT,
     S_RUN_START,
@@ -43,6 +32,7 @@ from ingest.anomaly.params import Compiled, StateNeed, compile_rule
 from ingest.anomaly.pending import Base, Event, EventColumns, Outcome, Pending
 from ingest.anomaly.rebuild import rebuild
 from ingest.anomaly.rules import AnomalyRule
+from ingest.anomaly.slots import Slots
 from ingest.kernels import check_sorted
 
 __all__ = [
@@ -60,7 +50,7 @@ __all__ = [
 _KIND_INDEX: Final = {kind: i for i, kind in enumerate(KINDS)}
 
 
-class AnomalyDetector:
+class AnomalyDetector(Slots):
     """Per-sensor anomaly state, advanced one flush at a time, applied only after commit.
 
     Per flush: `assign` a rule to each sensor seen for the first time (`rule_for`), then
@@ -83,20 +73,7 @@ class AnomalyDetector:
     def __init__(self) -> None:
         self._rules: dict[int, AnomalyRule] = {}
         self._compiled: dict[AnomalyRule, Compiled] = {}
-        self._slot_of = np.full(0, -1, np.int32)
-        self._free: list[int] = []
-        self._used = 0
-        self._pi = np.zeros((0, NPI), np.int64)
-        self._pf = np.zeros((0, NPF), np.float64)
-        self._si = np.zeros((0, NSI), np.int64)
-        self._sf = np.zeros((0, NSF), np.float64)
-        self._ei = np.zeros((0, NK, NEI), np.int64)
-        self._ef = np.zeros((0, NK, NEF), np.float64)
-        self._version = np.zeros(0, np.int64)
-        self._restored = np.zeros(0, np.bool_)
-        self._need = np.zeros((0, 2), np.int64)  # per slot: StateNeed's readings, span_us
-        self._pool = np.zeros(0, np.float64)
-        self._pool_used = 0
+        super().__init__()
         self.guard = SharedLock()
 
     # -- rules -----------------------------------------------------------------------------
@@ -325,18 +302,7 @@ class AnomalyDetector:
         self._version[pending._seg] += 1
         self._restored[pending._seg] = True
 
-    # -- storage -----------------------------------------------------------------------------
-
-    def _reset(self, slot: int) -> None:
-        self._si[slot] = 0
-        self._si[slot, S_LAST] = NO_TIME
-        empty_sums(self._si[slot], S_DRIFT)
-        self._sf[slot] = 0.0
-        self._sf[slot, S_AUTO_Q] = np.inf  # an empty window: no resolution yet
-        self._ei[slot] = 0
-        self._ef[slot] = 0.0
-        self._version[slot] += 1
-        self._restored[slot] = False
+    # -- storage (the arrays: ``ingest.anomaly.slots``) ------------------------------------
 
     def _release(self, sensor_id: int) -> None:
         slot = int(self._slot_of[sensor_id])
@@ -345,40 +311,6 @@ class AnomalyDetector:
         self._pi[slot] = 0
         self._version[slot] += 1
         self._free.append(slot)
-
-    def _take_slot(self) -> int:
-        if self._free:
-            return self._free.pop()
-        slot = self._used
-        if slot == self._pi.shape[0]:
-            cap = max(64, 2 * slot)
-            names = ("_pi", "_pf", "_si", "_sf", "_ei", "_ef", "_version", "_restored", "_need")
-            for name in names:
-                old = getattr(self, name)
-                new = np.zeros((cap, *old.shape[1:]), old.dtype)
-                new[:slot] = old
-                setattr(self, name, new)
-        self._used += 1
-        return slot
-
-    def _alloc(self, size: int) -> int:
-        """Room for `size` floats in the pool; compacts the live slots when it has to grow."""
-        if self._pool_used + size > self._pool.shape[0]:
-            live = [slot for slot in range(self._used) if self._pi[slot, P_SIZE] > 0]
-            total = sum(int(self._pi[s, P_SIZE]) for s in live)
-            pool = np.zeros(max(1024, 2 * (total + size)), np.float64)
-            used = 0
-            for slot in live:
-                n = int(self._pi[slot, P_SIZE])
-                off = int(self._pi[slot, P_OFF])
-                pool[used : used + n] = self._pool[off : off + n]
-                self._pi[slot, P_OFF] = used
-                used += n
-            self._pool = pool
-            self._pool_used = used
-        off = self._pool_used
-        self._pool_used += size
-        return off
 
 
 def compile_kernels() -> None:
