@@ -39,7 +39,7 @@ class RefusedError(ConnectionLostError):
 
 
 class Control(asyncio.Protocol):
-    """What a connection asks of the broker and answers it, besides PUBLISH and its PUBACK.
+    """Everything a connection sends, and the control packets it receives (not PUBLISH).
 
     Requests (CONNECT, SUBSCRIBE, UNSUBSCRIBE) wait for their answers, which the reading side
     hands to ``_control`` with the other control packets. Keepalive sends a PINGREQ after half
