@@ -28,11 +28,11 @@ _PUBLISH: Final = packets.PUBLISH
 class Connection(Control):
     """One network connection to the broker, as a subscriber with manual acknowledgement.
 
-    - Received PUBLISH packets wait in the inbox (``get``). Reading stops while the inbox holds
-      ``receive_maximum`` messages or ``max_queued_bytes`` of payload, until it has drained to
-      half of both; TCP flow control then holds the rest at the broker, and nothing is refused
-      or reordered. A conforming broker never sends that many unacknowledged messages, but
-      Mosquitto 2.0.11 does.
+    - Received PUBLISH packets wait in the inbox (``wait``, then ``take``). Reading stops
+      while the inbox holds ``receive_maximum`` messages or ``max_queued_bytes`` of payload,
+      until it has drained to half of both; TCP flow control then holds the rest at the
+      broker, and nothing is refused or reordered. A conforming broker never sends that many
+      unacknowledged messages, but Mosquitto 2.0.11 does.
     - Reading does not stop before the SUBACK (with a session present the broker sends its
       backlog first, at most Receive Maximum of it), nor while an answer is due (a PINGRESP, an
       UNSUBACK): then it reads on up to twice the bounds, so that keepalive keeps working while
