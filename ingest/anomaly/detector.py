@@ -55,7 +55,7 @@ class AnomalyDetector(Slots):
 
     Per flush: `assign` a rule to each sensor seen for the first time (`rule_for`), then
     `state_needed` for the flush's sensors and `restore` those from the database, then
-    `process`; upsert `Pending.events` in the flush's transaction; `commit` after it committed.
+    `process`; upsert `Pending.columns()` in the flush's transaction; `commit` after it committed.
 
     Thread-safe. `process` only reads the committed state and runs one numba kernel over the
     whole flush with the GIL released: several `process` calls (the writers' worker threads,
