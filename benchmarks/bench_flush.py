@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
 
-from ingest.db.registry import Registry, SensorKey, _Known
+from ingest.db.registry import Registry, SensorKey
 from ingest.decode import Batch
 from ingest.flush import Accepted, FlushJob, build_readings, channel_keys
 
@@ -42,9 +42,8 @@ def _flush(*, overlap: bool) -> tuple[FlushJob, Registry]:
             time[SAMPLES - 1] = T0 - 1  # earlier than everything of that sensor
         names = tuple(f"sensor-{s}" for s in range(SENSORS_PER_DEVICE))
         for name in names:
-            key = SensorKey(levels, name)
-            if key not in registry._sensors:
-                registry._sensors[key] = _Known(len(registry._sensors) + 1, None, key)
+            if SensorKey(levels, name) not in registry:
+                registry._add(levels, name, len(registry) + 1, None)
         units = (None,) * SENSORS_PER_DEVICE
         counts = (SAMPLES,) * SENSORS_PER_DEVICE
         batch = Batch(m, names, units, counts, n, time, value, quality)

@@ -20,7 +20,7 @@ import numpy.typing as npt
 from ingest import metrics
 from ingest.config import Config
 from ingest.db.migrate import default_schema_dir, load_migrations, pending
-from ingest.db.registry import Registry, SensorKey
+from ingest.db.registry import Message, Registry, SensorKey
 from ingest.db.rollups import new_epoch
 from ingest.db.sink import CLIENT_ERRORS, Readings, Sink, Upsert, classify
 from ingest.derive import Derived, Deriver
@@ -275,8 +275,7 @@ class Writer:
                 return np.concatenate(known)
         parts: list[npt.NDArray[np.int32] | None] = []
         shapes = []
-        sensors: dict[SensorKey, str | None] = {}
-        latest: dict[SensorKey, int] = {}  # the latest reading time of each new sensor
+        unresolved: list[Message] = []
         for i, item in enumerate(job.accepted):
             names, units = item.names, item.units
             shape = None if item.shaped is None else item.shaped.shape
@@ -290,16 +289,14 @@ class Writer:
             shapes.append((names, units))
             if ids is None:
                 batch = job.batch(i)
-                counts = np.array(batch.counts, dtype=np.int64)
-                ends = np.maximum.reduceat(batch.time, np.cumsum(counts) - counts).tolist()
-                for name, unit, end in zip(names, units, ends, strict=True):
-                    key = SensorKey(item.levels, name)
-                    if unit is not None or key not in sensors:
-                        sensors[key] = unit
-                    if key not in registry:
-                        latest[key] = max(end, latest.get(key, end))
-        if sensors:
-            refused = await registry.resolve(conn, sensors=sensors, latest=latest)
+                if batch.readings == len(names):  # a reading a channel: its latest
+                    ends = batch.time.tolist()
+                else:
+                    counts = np.array(batch.counts, dtype=np.int64)
+                    ends = np.maximum.reduceat(batch.time, np.cumsum(counts) - counts).tolist()
+                unresolved.append((item.levels, names, units, ends))
+        if unresolved:
+            refused = await registry.resolve_messages(conn, messages=unresolved)
             if refused:
                 self._refuse(job, refused)
                 return await self._resolve(conn, job)  # all known now: one look-up each

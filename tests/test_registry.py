@@ -281,3 +281,57 @@ async def test_registries_meeting_the_same_new_sensors_in_opposite_orders_do_not
     finally:
         for conn in conns:
             await conn.close()
+
+
+async def test_a_registration_meeting_sensors_registered_meanwhile_inside_a_transaction(
+    db: Database,
+) -> None:
+    """The plain insert collides with a sensor another ingester registered: only that insert is
+    undone (a savepoint), the sensors are registered again skipping it, and the transaction
+    around goes on."""
+    levels = ("plant", "line1", "dev")
+    wanted = {SensorKey(levels, n): None for n in ("a", "b", "c")}
+    conn = await asyncpg.connect(db.ingest_url)
+    try:
+        other = Registry()
+        await other.resolve(conn, sensors={SensorKey(levels, "b"): None})
+        registry = Registry()
+        async with conn.transaction():
+            await registry.resolve(conn, sensors=wanted)
+            inside = await conn.fetchval("SELECT count(*) FROM telemetry.sensors")
+        stored = await conn.fetch("SELECT id, name FROM telemetry.sensors ORDER BY name")
+    finally:
+        await conn.close()
+    assert inside == 3
+    assert [r["name"] for r in stored] == ["a", "b", "c"]
+    assert [registry.get(k) for k in wanted] == [r["id"] for r in stored]
+    assert registry.get(SensorKey(levels, "b")) == other.get(SensorKey(levels, "b"))
+
+
+async def test_messages_naming_a_sensor_twice_register_it_once_with_the_later_unit(
+    db: Database,
+) -> None:
+    """A flush's messages resolved together: a new sensor named twice gets the unit named last
+    and its latest reading time; a known sensor's unit changed and changed back is not written."""
+    levels = ("plant", "line1", "dev")
+    conn = await asyncpg.connect(db.ingest_url)
+    try:
+        registry = Registry()
+        await registry.resolve(conn, sensors={SensorKey(levels, "known"): "degC"})
+        before = registry.units_version
+        messages = [
+            (levels, ("a", "b", "known"), ("bar", None, "K"), (5, 7, 9)),
+            (levels, ("b", "a", "known"), ("V", None, "degC"), (6, 3, 10)),
+        ]
+        assert await registry.resolve_messages(conn, messages=messages) == set()
+        stored = await conn.fetch(
+            "SELECT name, unit, (extract(epoch FROM last_seen) * 1e6)::int8 AS t"
+            " FROM telemetry.sensors ORDER BY name"
+        )
+    finally:
+        await conn.close()
+    assert [tuple(r) for r in stored] == [("a", "bar", 5), ("b", "V", 7), ("known", "degC", None)]
+    assert registry.units_version == before
+    assert registry.remember(levels, ("a", "b"), ("bar", "V")).tolist() == [
+        registry.get(SensorKey(levels, n)) for n in ("a", "b")
+    ]

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import asyncpg
-import msgspec
 import numpy as np
 import numpy.typing as npt
+
+from ingest.db.registration import insert_sensors, positions, select_sensors
 
 _INSERT_ASSETS = """
 INSERT INTO telemetry.assets (path, parent_id, name, depth)
@@ -31,27 +32,6 @@ _SELECT_DEVICES = "SELECT id, path FROM telemetry.devices WHERE path = ANY($1::t
 _COUNT_SENSORS = """
 SELECT device_id, count(*) AS n FROM telemetry.sensors
  WHERE device_id = ANY($1::int[]) GROUP BY device_id
-"""
-# New sensors come back from the insert itself; only those another ingester registered first
-# are read back afterwards.
-# A new sensor's last_seen is its latest reading time in the flush that registers it, so that
-# no UPDATE follows the first sight of a sensor. The columns come as one JSON document (see
-# `_columns`): tens of thousands of sensors at a plant's first sight cost the client a few
-# milliseconds that way, against several microseconds a sensor as four array parameters.
-_INSERT_SENSORS = """
-INSERT INTO telemetry.sensors (device_id, name, unit, last_seen)
-SELECT k.device_id, k.name, k.unit,
-       timestamptz 'epoch' + k.last_seen * interval '1 microsecond'
-  FROM json_to_record($1::json) AS c(d int[], n text[], u text[], t int8[])
- CROSS JOIN LATERAL unnest(c.d, c.n, c.u, c.t) AS k(device_id, name, unit, last_seen)
-ON CONFLICT (device_id, name) DO NOTHING
-RETURNING id, device_id, name
-"""
-_SELECT_SENSORS = """
-SELECT s.id, s.device_id, s.name, s.unit
-  FROM telemetry.sensors s
-  JOIN unnest($1::int[], $2::text[]) AS k(device_id, name)
-    ON s.device_id = k.device_id AND s.name = k.name
 """
 _UPDATE_UNITS = """
 UPDATE telemetry.sensors s SET unit = u.unit
@@ -85,29 +65,33 @@ class SensorKey(NamedTuple):
         return "/".join(self.levels)
 
 
-@dataclass(slots=True)
-class _Known:
-    id: int
-    unit: str | None
-    key: SensorKey
+Channel = tuple[str, str | None, int | None]
+"""A new sensor of a device: its name, unit and latest reading time (µs), if any."""
+Message = tuple[tuple[str, ...], Sequence[str], Sequence[str | None], Sequence[int | None]]
+"""A message's channels: its device's topic levels, their names, units and latest times (µs)."""
 
 
 class Registry:
     """Caches sensor ids; registers unknown sensors in the database. Called from one task only.
 
-    Registration is safe with several ingesters registering the same new sensor at once: every
-    insert is `ON CONFLICT DO NOTHING` and ids are then read back from the committed rows. A
-    device gets at most `max_sensors_per_device` sensors; `resolve` refuses the names beyond.
+    Registration is safe with several ingesters registering the same new sensor at once: a
+    conflicting insert is made again with `ON CONFLICT DO NOTHING`, and ids are then read back
+    from the committed rows. A device gets at most `max_sensors_per_device` sensors; `resolve`
+    refuses the names beyond.
     """
 
     def __init__(
         self, *, max_sensors_per_device: int = 10_000, last_seen_every_s: float = 60.0
     ) -> None:
-        self._sensors: dict[SensorKey, _Known] = {}
+        # Sensor ids by device (its topic levels), then name: a message's channels are looked
+        # up in its device's table, and a new device's sensors added to one.
+        self._sensors: dict[tuple[str, ...], dict[str, int]] = {}
+        self._units: dict[int, str | None] = {}  # by sensor id
+        self._levels: dict[int, tuple[str, ...]] = {}  # a sensor's device and name, by id
+        self._names: dict[int, str] = {}  # (two tables: no tuple a sensor for the collector)
         self._devices: dict[str, int] = {}
         self._device_ids: dict[tuple[str, ...], int] = {}  # the same, by topic levels
         self._assets: set[str] = set()
-        self._by_id: dict[int, _Known] = {}
         self._max_per_device = max_sensors_per_device
         self._last_seen_every_us = round(last_seen_every_s * 1e6)
         self._last_seen = np.full(1024, _NEVER, dtype=np.int64)  # by sensor id, µs
@@ -116,7 +100,7 @@ class Registry:
         self._used: set[int] = set()  # sensors named by a message since start
 
     def __len__(self) -> int:
-        return len(self._sensors)
+        return len(self._units)
 
     @property
     def used(self) -> int:
@@ -131,13 +115,12 @@ class Registry:
         return self._units_version
 
     def get(self, key: SensorKey) -> int | None:
-        known = self._sensors.get(key)
-        return None if known is None else known.id
+        names = self._sensors.get(key[0])
+        return None if names is None else names.get(key[1])
 
     def name_of(self, sensor_id: int) -> tuple[str, str]:
         """(device path, sensor name) of a registered sensor id."""
-        key = self._by_id[sensor_id].key
-        return key.device, key.name
+        return "/".join(self._levels[sensor_id]), self._names[sensor_id]
 
     async def load(self, conn: asyncpg.Connection) -> None:
         """Read the whole registry (assets, devices, sensors, last-seen times) in bulk."""
@@ -149,14 +132,20 @@ class Registry:
         levels = {device_id: tuple(path.split("/")) for device_id, path in paths.items()}
         self._device_ids.update((lv, device_id) for device_id, lv in levels.items())
         rows = await conn.fetch(_LOAD_SENSORS, _NEVER)
-        ids = np.fromiter((r["id"] for r in rows), dtype=np.int64, count=len(rows))
+        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
         self._grow(int(ids.max()) if len(ids) else 0)
-        self._last_seen[ids] = np.fromiter((r["last_seen"] for r in rows), np.int64, len(rows))
-        for row in rows:
-            self._add(SensorKey(levels[row["device_id"]], row["name"]), row["id"], row["unit"])
+        self._last_seen[ids] = np.fromiter((r[4] for r in rows), np.int64, len(rows))
+        for sensor_id, device_id, name, unit, _ in rows:
+            self._add(levels[device_id], name, sensor_id, unit)
 
-    def _add(self, key: SensorKey, sensor_id: int, unit: str | None) -> None:
-        self._sensors[key] = self._by_id[sensor_id] = _Known(sensor_id, unit, key)
+    def _add(self, levels: tuple[str, ...], name: str, sensor_id: int, unit: str | None) -> None:
+        names = self._sensors.get(levels)
+        if names is None:
+            self._sensors[levels] = names = {}
+        names[name] = sensor_id
+        self._units[sensor_id] = unit
+        self._levels[sensor_id] = levels
+        self._names[sensor_id] = name
 
     def _grow(self, max_id: int) -> None:
         if max_id >= len(self._last_seen):
@@ -181,7 +170,8 @@ class Registry:
         self, levels: tuple[str, ...], names: tuple[str, ...], units: tuple[str | None, ...]
     ) -> npt.NDArray[np.int32]:
         """The ids of a message's channels, all registered; kept for `message_ids`."""
-        ids = np.array([self._sensors[SensorKey(levels, n)].id for n in names], dtype=np.int32)
+        known = self._sensors[levels]
+        ids = np.array([known[n] for n in names], dtype=np.int32)
         self._used.update(ids.tolist())
         if len(self._shapes) >= _MAX_SHAPES:
             self._shapes.clear()
@@ -191,7 +181,7 @@ class Registry:
     # ------------------------------------------------------------------ registration
 
     def __contains__(self, key: SensorKey) -> bool:
-        return key in self._sensors
+        return self.get(key) is not None
 
     async def resolve(
         self,
@@ -205,120 +195,156 @@ class Registry:
 
         Returns the new keys refused because their device has `max_sensors_per_device`.
         """
-        missing: dict[SensorKey, str | None] = {}
-        changed: list[tuple[int, str]] = []
-        for k, u in sensors.items():
-            known = self._sensors.get(k)
-            if known is None:
-                missing[k] = u
-            elif u is not None and known.unit != u:
-                changed.append((known.id, u))
+        latest = latest or {}
+        messages = [(k[0], (k[1],), (u,), (latest.get(k),)) for k, u in sensors.items()]
+        return await self.resolve_messages(conn, messages=messages)
+
+    async def resolve_messages(
+        self, conn: asyncpg.Connection, *, messages: Iterable[Message]
+    ) -> set[SensorKey]:
+        """`resolve` for the channels of messages, in arrival order: a unit named later wins,
+        and a new sensor's first last_seen is its latest reading time. No object is made a
+        channel but for new sensors."""
+        new: dict[tuple[str, ...], dict[str, Channel]] = {}
+        named: dict[int, str] = {}  # the last unit each known sensor is given
+        known, units, none = self._sensors, self._units, dict[str, int]()
+        for levels, names, message_units, ends in messages:
+            ids = known.get(levels, none)
+            for name, unit, end in zip(names, message_units, ends, strict=True):
+                sensor_id = ids.get(name)
+                if sensor_id is not None:
+                    if unit is not None:
+                        named[sensor_id] = unit
+                    continue
+                channels = new.get(levels)
+                if channels is None:
+                    new[levels] = channels = {}
+                was = channels.get(name)
+                if was is not None:  # named by an earlier message too
+                    unit = was[1] if unit is None else unit
+                    end = was[2] if end is None else end if was[2] is None else max(was[2], end)
+                channels[name] = (name, unit, end)
+        fresh = {levels: list(channels.values()) for levels, channels in new.items()}
+        changed = [(i, unit) for i, unit in named.items() if units[i] != unit]
+        return await self._settle(conn, fresh, changed)
+
+    async def _settle(
+        self,
+        conn: asyncpg.Connection,
+        new: dict[tuple[str, ...], list[Channel]],
+        changed: list[tuple[int, str]],
+    ) -> set[SensorKey]:
+        """Register the `new` sensors and write the `changed` units: the keys refused."""
+        units = self._units
         refused: set[SensorKey] = set()
-        if missing:
-            refused, others = await self._register(conn, missing, latest or {})
+        if new:
+            refused, others = await self._register(conn, new)
             # Sensors another ingester registered first carry the unit it gave them.
-            for k in others:
-                u, known = missing[k], self._sensors[k]
-                if u is not None and known.unit != u:
-                    changed.append((known.id, u))
+            changed += [(i, u) for i, u in others if u is not None and units[i] != u]
         if changed:
             await conn.execute(_UPDATE_UNITS, [c[0] for c in changed], [c[1] for c in changed])
-            for sensor_id, unit in changed:
-                self._by_id[sensor_id].unit = unit
+            units.update(changed)
             self._units_version += 1
         return refused
 
     async def _register(
-        self,
-        conn: asyncpg.Connection,
-        sensors: dict[SensorKey, str | None],
-        latest: Mapping[SensorKey, int],
-    ) -> tuple[set[SensorKey], list[SensorKey]]:
-        """Register new `sensors`: the keys refused (their device is full), and those another
-        ingester registered first."""
-        new = {k.levels for k in sensors if k.levels not in self._device_ids}
-        devices = {"/".join(levels): levels for levels in new}
-        if devices:
-            await self._register_assets(conn, devices.values())
-            paths = sorted(devices)  # every ingester inserts in one order: no deadlock
-            await conn.execute(
-                _INSERT_DEVICES,
-                paths,
-                [devices[p][-1] for p in paths],
-                ["/".join(devices[p][:-1]) or None for p in paths],
-            )
-            for row in await conn.fetch(_SELECT_DEVICES, paths):
-                self._devices[row["path"]] = row["id"]
-                self._device_ids[devices[row["path"]]] = row["id"]
-        allowed, refused = await self._within_cap(conn, list(sensors))
+        self, conn: asyncpg.Connection, new: dict[tuple[str, ...], list[Channel]]
+    ) -> tuple[set[SensorKey], list[tuple[int, str | None]]]:
+        """Register the `new` sensors of each device: the keys refused (their device is full),
+        and the ids of those another ingester registered first, with the units given here."""
+        await self._register_devices(conn, [lv for lv in new if lv not in self._device_ids])
+        allowed, refused = await self._within_cap(conn, new)
         if not allowed:
             return refused, []
-        # Rows inserted in one order by every ingester, so that two registering the same new
-        # sensors wait for each other instead of deadlocking. Keys are unique: the sort never
-        # compares them.
+        # Rows inserted in one order by every ingester, (device id, name), so that two
+        # registering the same new sensors wait for each other instead of deadlocking.
         ids = self._device_ids
-        order = sorted([(ids[k.levels], k.name, k) for k in allowed])
-        device_ids = [o[0] for o in order]
-        names = [o[1] for o in order]
-        keys = [o[2] for o in order]
-        units = [sensors[k] for k in keys]
-        times = [latest.get(k) for k in keys]
-        columns = _columns(d=device_ids, n=names, u=units, t=times)
-        inserted = await conn.fetch(_INSERT_SENSORS, columns)
-        at = _positions(inserted, device_ids, names)
-        if inserted:
-            self._grow(max(row[0] for row in inserted))
-        for row, i in zip(inserted, at, strict=True):
-            self._add(keys[i], row[0], units[i])
-        new_ids = np.fromiter((row[0] for row in inserted), np.int64, len(inserted))
-        self._last_seen[new_ids] = [_NEVER if (t := times[i]) is None else t for i in at]
-        if len(inserted) == len(keys):
+        device_ids: list[int] = []
+        levels: list[tuple[str, ...]] = []
+        names: list[str] = []
+        units: list[str | None] = []
+        times: list[int | None] = []
+        for device_id, lv in sorted((ids[lv], lv) for lv in allowed):
+            n, u, t = zip(*sorted(allowed[lv]), strict=True)  # names are unique in a device
+            device_ids += [device_id] * len(n)
+            levels += [lv] * len(n)
+            names += n
+            units += u
+            times += t
+        new_ids, at = await insert_sensors(
+            conn, device_ids=device_ids, names=names, units=units, times=times
+        )
+        if new_ids:
+            self._grow(max(new_ids))
+        for sensor_id, i in zip(new_ids, at, strict=True):
+            self._add(levels[i], names[i], sensor_id, units[i])
+        self._last_seen[new_ids] = [_NEVER if (x := times[i]) is None else x for i in at]
+        if len(new_ids) == len(names):
             return refused, []
         # Some were registered by another ingester first.
-        rows = await conn.fetch(_SELECT_SENSORS, device_ids, names)
+        rows = await select_sensors(conn, device_ids, names)
         self._grow(max(row["id"] for row in rows))
         mine = set(at)
         others = []
-        for row, i in zip(rows, _positions(rows, device_ids, names), strict=True):
+        found = positions(device_ids, names, [r[1] for r in rows], [r[2] for r in rows])
+        for row, i in zip(rows, found, strict=True):
             if i not in mine:
-                self._add(keys[i], row["id"], row["unit"])
-                others.append(keys[i])
-        lost = [k for k in keys if k not in self._sensors]
+                self._add(levels[i], names[i], row["id"], row["unit"])
+                others.append((row["id"], units[i]))
+        lost = [i for i in range(len(names)) if names[i] not in self._sensors[levels[i]]]
         if lost:
-            raise RuntimeError(f"sensor {lost[0].device}/{lost[0].name} was not registered")
+            path = "/".join(levels[lost[0]])
+            raise RuntimeError(f"sensor {path}/{names[lost[0]]} was not registered")
         return refused, others
 
+    async def _register_devices(
+        self, conn: asyncpg.Connection, device_levels: Sequence[tuple[str, ...]]
+    ) -> None:
+        """Register new devices (and their assets), learning their ids."""
+        if not device_levels:
+            return
+        devices = {"/".join(levels): levels for levels in device_levels}
+        await self._register_assets(conn, devices.values())
+        paths = sorted(devices)  # every ingester inserts in one order: no deadlock
+        await conn.execute(
+            _INSERT_DEVICES,
+            paths,
+            [devices[p][-1] for p in paths],
+            ["/".join(devices[p][:-1]) or None for p in paths],
+        )
+        for row in await conn.fetch(_SELECT_DEVICES, paths):
+            self._devices[row["path"]] = row["id"]
+            self._device_ids[devices[row["path"]]] = row["id"]
+
     async def _within_cap(
-        self, conn: asyncpg.Connection, keys: Sequence[SensorKey]
-    ) -> tuple[list[SensorKey], set[SensorKey]]:
-        """The new keys each device still has room for (first come, first registered), and
-        the rest. Counts what the database holds, so every ingester sees the others' sensors."""
+        self, conn: asyncpg.Connection, new: dict[tuple[str, ...], list[Channel]]
+    ) -> tuple[dict[tuple[str, ...], list[Channel]], set[SensorKey]]:
+        """The new sensors each device still has room for (first come, first registered), and
+        the keys of the rest. Counts what the database holds, so every ingester sees the
+        others' sensors."""
         ids = self._device_ids
-        device_ids = sorted({ids[k.levels] for k in keys})
+        device_ids = sorted(ids[lv] for lv in new)
         room = dict.fromkeys(device_ids, self._max_per_device)
         for row in await conn.fetch(_COUNT_SENSORS, device_ids):
             room[row["device_id"]] -= row["n"]
-        wanted: dict[int, int] = {}
-        for key in keys:
-            d = ids[key.levels]
-            wanted[d] = wanted.get(d, 0) + 1
-        if all(wanted[d] <= room[d] for d in wanted):
-            return list(keys), set()
+        if all(len(channels) <= room[ids[lv]] for lv, channels in new.items()):
+            return new, set()
         # Some device is full: sensors it has already (another ingester registered them) take
         # no room; new ones are taken in arrival order while room lasts.
-        pairs = [(ids[k.levels], k.name) for k in keys]
-        rows = await conn.fetch(_SELECT_SENSORS, [p[0] for p in pairs], [p[1] for p in pairs])
+        pairs = [(ids[lv], c[0]) for lv, channels in new.items() for c in channels]
+        rows = await select_sensors(conn, [p[0] for p in pairs], [p[1] for p in pairs])
         existing = {(row["device_id"], row["name"]) for row in rows}
-        allowed: list[SensorKey] = []
+        allowed: dict[tuple[str, ...], list[Channel]] = {}
         refused: set[SensorKey] = set()
-        for key, pair in zip(keys, pairs, strict=True):
-            if pair in existing:
-                allowed.append(key)
-            elif room[pair[0]] > 0:
-                room[pair[0]] -= 1
-                allowed.append(key)
-            else:
-                refused.add(key)
+        for lv, channels in new.items():
+            device_id = ids[lv]
+            for c in channels:
+                if (device_id, c[0]) not in existing:
+                    if room[device_id] <= 0:
+                        refused.add(SensorKey(lv, c[0]))
+                        continue
+                    room[device_id] -= 1
+                allowed.setdefault(lv, []).append(c)
         return allowed, refused
 
     async def _register_assets(
@@ -357,33 +383,6 @@ class Registry:
     def last_seen_written(self, sensor: npt.NDArray[np.int32], time: npt.NDArray[np.int64]) -> None:
         """Record that the `last_seen` of these sensors (each once) was committed as `time`."""
         self._last_seen[sensor] = np.maximum(self._last_seen[sensor], time)
-
-
-def _positions(
-    rows: Sequence[asyncpg.Record], device_ids: Sequence[int], names: Sequence[str]
-) -> list[int]:
-    """The index in (`device_ids`, `names`) of each row's (device_id, name). An insert returns
-    its rows in the order of its input, which is checked; any other order is looked up."""
-    found: list[int] = []
-    i, n = 0, len(names)
-    for row in rows:
-        device_id, name = row["device_id"], row["name"]
-        while i < n and (device_ids[i] != device_id or names[i] != name):
-            i += 1
-        if i == n:
-            index = {pair: j for j, pair in enumerate(zip(device_ids, names, strict=True))}
-            return [index[(row["device_id"], row["name"])] for row in rows]
-        found.append(i)
-        i += 1
-    return found
-
-
-def _columns(**columns: Sequence[int | str | None]) -> str:
-    """Equal-length columns as one JSON object of arrays, for `json_to_record` and `unnest`."""
-    return _JSON.encode(columns).decode()
-
-
-_JSON = msgspec.json.Encoder()
 
 
 @dataclass(frozen=True, slots=True)
