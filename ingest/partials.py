@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ingest.db.binary_copy import PG_EPOCH_US, copy_data
+from ingest.db.binary_copy import PG_EPOCH_US
 from ingest.db.sink import Appended
 from ingest.jit import kernel
 from ingest.kernels import swap_bytes64
@@ -47,20 +47,77 @@ _PARTIAL_WIRE = (">i8", ">i4", ">f8", ">f8", ">f8", ">i8", ">f8", ">i8", ">f8", 
 
 
 def partials_copy(partials: Rollup) -> memoryview:
-    """Binary COPY data of rollup partials, in PARTIAL_COLUMNS (rollup_pending's)."""
-    columns: list[npt.NDArray[Any]] = [
-        partials.bucket - PG_EPOCH_US,
+    """Binary COPY data of rollup partials, in PARTIAL_COLUMNS (rollup_pending's), written
+    row by row by one kernel: 1-2 ms for 100,000 partials (a merge of a plant of 100,000
+    sensors writes two such), against 9-10 ms for a field at a time."""
+    p, n = partials, len(partials.sensor)
+    buf = np.empty(len(_HEADER) + _PARTIAL_ROW * n + len(_TRAILER), np.uint8)
+    buf[: len(_HEADER)] = np.frombuffer(_HEADER, np.uint8)
+    buf[len(buf) - len(_TRAILER) :] = np.frombuffer(_TRAILER, np.uint8)
+    _partial_rows(
+        buf[len(_HEADER) : len(buf) - len(_TRAILER)],
         partials.sensor,
-        partials.min,
-        partials.max,
-        partials.sum,
-        partials.count,
-        partials.first,
-        partials.first_time - PG_EPOCH_US,
-        partials.last,
-        partials.last_time - PG_EPOCH_US,
-    ]
-    return copy_data(list(zip(_PARTIAL_WIRE, columns, strict=True)))
+        (partials.bucket, partials.count, partials.first_time, partials.last_time),
+        (
+            p.min.view(np.uint64),
+            p.max.view(np.uint64),
+            p.sum.view(np.uint64),
+            p.first.view(np.uint64),
+            p.last.view(np.uint64),
+        ),
+        PG_EPOCH_US,
+    )
+    return buf.data
+
+
+_PARTIAL_FIELDS = len(PARTIAL_COLUMNS)
+_PARTIAL_ROW = 2 + 4 * _PARTIAL_FIELDS + sum(np.dtype(w).itemsize for w in _PARTIAL_WIRE)
+
+
+@kernel
+def _put(out: npt.NDArray[np.uint8], at: int, size: int, value: np.uint64) -> int:
+    """A field at `at`: its length `size`, then its `size` low bytes of `value`, big-endian.
+    Where the next field starts."""
+    out[at], out[at + 1], out[at + 2], out[at + 3] = 0, 0, 0, size
+    for k in range(size):
+        out[at + 4 + k] = (value >> np.uint64(8 * (size - 1 - k))) & np.uint64(0xFF)
+    return at + 4 + size
+
+
+@kernel
+def _partial_rows(
+    out: npt.NDArray[np.uint8],
+    sensor: npt.NDArray[np.int32],
+    ints: tuple[
+        npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]
+    ],
+    floats: tuple[
+        npt.NDArray[np.uint64],
+        npt.NDArray[np.uint64],
+        npt.NDArray[np.uint64],
+        npt.NDArray[np.uint64],
+        npt.NDArray[np.uint64],
+    ],
+    epoch: int,
+) -> None:
+    """`partials_copy`'s tuples: `ints` are bucket, count, first_time and last_time (times
+    in Unix µs, written from `epoch` on), `floats` the bit patterns of min, max, sum, first
+    and last."""
+    bucket, count, first_time, last_time = ints
+    low, high, total, first, last = floats
+    at = 0
+    for i in range(sensor.shape[0]):
+        out[at], out[at + 1] = 0, _PARTIAL_FIELDS
+        at = _put(out, at + 2, 8, np.uint64(bucket[i] - epoch))
+        at = _put(out, at, 4, np.uint64(np.uint32(sensor[i])))
+        at = _put(out, at, 8, low[i])
+        at = _put(out, at, 8, high[i])
+        at = _put(out, at, 8, total[i])
+        at = _put(out, at, 8, np.uint64(count[i]))
+        at = _put(out, at, 8, first[i])
+        at = _put(out, at, 8, np.uint64(first_time[i] - epoch))
+        at = _put(out, at, 8, last[i])
+        at = _put(out, at, 8, np.uint64(last_time[i] - epoch))
 
 
 @kernel
@@ -317,3 +374,4 @@ def compile_kernels() -> None:
     part.first_time[0] = part.last_time[0] = 0
     journal.add(2, part)
     journal_row(1, 1, np.zeros(1, np.int32), np.zeros(1, np.int64))
+    partials_copy(part)

@@ -84,7 +84,7 @@ class Pipeline:
             extra_filters=cfg.sparkplug.topic_filters(),
             max_payload_bytes=cfg.limits.max_payload_bytes,
             # What waits unread in the source counts towards memory as much as what is in flight.
-            max_queued_bytes=cfg.flush.max_inflight_bytes // 4,
+            max_queued_bytes=cfg.flush.max_inflight_bytes // 16,
             on_reconnect=metrics.MQTT_RECONNECTS.inc,
         )
         self.limits = DecodeLimits(

@@ -197,10 +197,7 @@ class Writer:
             derive0 = _derive_with(self._deriver, births, skip_nan=prepared.stale_rows > 0)
         if births:
             parts = 1  # a birth's aliases commit in the transaction of its readings
-        slabs = [readings]
-        if parts > 1:
-            part_of = self._deriver.part_keys(readings.sensor) % parts
-            slabs = [readings.select(part_of == p) for p in range(parts)]
+        slabs = self._deriver.split(readings, parts)
         todo = [
             p
             for p in range(parts)

@@ -8,6 +8,9 @@ import math
 import asyncpg
 import numpy as np
 
+from ingest.db.registry import Registry
+from ingest.db.sink import Readings
+from ingest.derive import Deriver
 from tests.support.cluster import Database
 from tests.support.ingester import Ingester, acked_at_least, ingester_env
 from tests.support.mqtt import Publisher
@@ -114,3 +117,27 @@ SELECT coalesce(r.bucket, v.bucket) AS bucket, coalesce(r.sensor, v.sensor) AS s
         OR abs(r.avg - v.avg) > 1e-9 * abs(r.avg) OR r.count <> v.count OR r.first <> v.first
         OR r.last <> v.last OR r.first_time <> v.first_time OR r.last_time <> v.last_time)
 """
+
+
+def test_split_keeps_each_sensor_in_one_part() -> None:
+    """Without asset rules a flush's parts are runs of whole sensors, views of the slab,
+    which together hold every row once, in order."""
+    deriver = Deriver(rules=[], rollups=False, registry=Registry())
+    sensor = np.array([1, 1, 1, 2, 3, 3, 3, 3, 4, 7], np.int32)
+    time = np.arange(len(sensor), dtype=np.int64)
+    value = np.arange(len(sensor), dtype=np.float64) / 2
+    slab = Readings(time, sensor, value, np.zeros(len(sensor), np.uint8))
+    assert deriver.split(slab, 1) == [slab]
+    for parts in (2, 3, 4):
+        got = deriver.split(slab, parts)
+        assert len(got) == parts
+        assert np.concatenate([p.time for p in got]).tolist() == time.tolist()
+        assert np.concatenate([p.value for p in got]).tolist() == value.tolist()
+        owners = [{int(s) for s in p.sensor} for p in got]
+        for i, a in enumerate(owners):
+            assert all(not a & b for b in owners[i + 1 :])
+        assert all(np.shares_memory(p.time, time) for p in got if len(p))
+    assert [p.sensor.tolist() for p in deriver.split(slab, 2)] == [
+        [1, 1, 1, 2],  # the cut at row 5 moved back to where sensor 3 starts
+        [3, 3, 3, 3, 4, 7],
+    ]

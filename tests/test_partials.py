@@ -3,6 +3,7 @@ exactly, and a journal that makes them crash-safe against the real database."""
 
 from __future__ import annotations
 
+import struct
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import fields
@@ -11,11 +12,12 @@ import asyncpg
 import numpy as np
 import pytest
 
+from ingest.db.binary_copy import PG_EPOCH_US
 from ingest.db.registry import Registry, SensorKey
 from ingest.db.rollups import RollupMerger, new_epoch, recover_orphans
 from ingest.db.sink import Readings, Sink
 from ingest.derive import Deriver
-from ingest.partials import PartialsJournal, journal_row
+from ingest.partials import PartialsJournal, journal_row, partials_copy
 from ingest.rollup import HOUR_US, MINUTE_US, Rollup, merge_partials, rollup
 from tests.support.cluster import Database
 from tests.support.process import wait_until
@@ -366,3 +368,65 @@ def test_journal_row_is_the_binary_copy_of_its_arrays(n: int) -> None:
         ]
     )
     assert bytes(journal_row(7, 123456789012, sensor, time)) == expected
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 1001])
+def test_partials_copy_is_the_binary_copy_of_its_columns(n: int) -> None:
+    rng = np.random.default_rng(n)
+    times = [rng.integers(-(2**62), 2**62, n, dtype=np.int64) for _ in range(3)]
+    partials = Rollup(
+        sensor=rng.integers(-(2**31), 2**31, n).astype(np.int32),
+        bucket=times[0],
+        min=rng.normal(size=n),
+        max=np.full(n, np.inf),
+        sum=rng.normal(size=n) * 1e300,
+        count=rng.integers(0, 2**62, n, dtype=np.int64),
+        first=np.full(n, -0.0),
+        first_time=times[1],
+        last=np.full(n, np.nan),
+        last_time=times[2],
+    )
+
+    def field(width: int, value: int) -> bytes:
+        return width.to_bytes(4, "big") + value.to_bytes(width, "big", signed=True)
+
+    def real(x: float) -> bytes:
+        return (8).to_bytes(4, "big") + struct.pack(">d", x)
+
+    rows = []
+    for i in range(n):
+        p = [getattr(partials, f)[i].item() for f in PARTIAL_FIELDS]
+        rows.append(
+            b"".join(
+                [
+                    (10).to_bytes(2, "big"),
+                    field(8, p[0] - PG_EPOCH_US),  # bucket
+                    field(4, p[1]),  # sensor_id
+                    real(p[2]),
+                    real(p[3]),
+                    real(p[4]),
+                    field(8, p[5]),  # count
+                    real(p[6]),
+                    field(8, p[7] - PG_EPOCH_US),  # first_time
+                    real(p[8]),
+                    field(8, p[9] - PG_EPOCH_US),  # last_time
+                ]
+            )
+        )
+    expected = b"PGCOPY\n\xff\r\n\x00" + bytes(8) + b"".join(rows) + b"\xff\xff"
+    assert bytes(partials_copy(partials)) == expected
+
+
+# Rollup's fields in the order of rollup_pending's columns (PARTIAL_COLUMNS).
+PARTIAL_FIELDS = (
+    "bucket",
+    "sensor",
+    "min",
+    "max",
+    "sum",
+    "count",
+    "first",
+    "first_time",
+    "last",
+    "last_time",
+)

@@ -40,6 +40,15 @@ class Readings:
     def select(self, mask: npt.NDArray[np.bool_]) -> Readings:
         return Readings(self.time[mask], self.sensor[mask], self.value[mask], self.quality[mask])
 
+    def rows(self, start: int, stop: int) -> Readings:
+        """Rows `start` to `stop`, as views."""
+        return Readings(
+            self.time[start:stop],
+            self.sensor[start:stop],
+            self.value[start:stop],
+            self.quality[start:stop],
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class Upsert:

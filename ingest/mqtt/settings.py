@@ -39,8 +39,11 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     topic_prefix: str = "telemetry"
     share_group: str = ""
     """Subscribe as ``$share/<group>/<prefix>/#`` so that the instances split the messages."""
-    receive_maximum: int = 1000
-    """MQTT v5 Receive Maximum: the most unacknowledged QoS 1 messages the broker may send."""
+    receive_maximum: int = 4000
+    """MQTT v5 Receive Maximum: the most unacknowledged QoS 1 messages the broker may send.
+    It also bounds the messages handed to the pipeline and not yet acknowledged, so a flush
+    gathers at most about half of it while the one before is written: with small messages (a
+    plant's 20 samples each) it decides how large the flushes are."""
     session_expiry_s: int = 3600
     """How long the broker keeps the session (and queues messages) while disconnected."""
     leave_on_stop: bool = True
