@@ -200,9 +200,10 @@ def process_flush(
                     pt = when[i - 1] if i > 0 else last
                     rate = abs(x - px) / (float(when[i] - pt) / 1e6)
                     off[i] = rate > max_rate
-                    score[i] = rate / max_rate
-                    val[i] = x
-                    start[i] = when[i]
+                    if off[i]:  # score, value and start are read only where a reading offends
+                        score[i] = rate / max_rate
+                        val[i] = x
+                        start[i] = when[i]
             ev_i, ev_f, m = events(
                 RATE, sid, na, verdicts, when, xei[j, RATE], xef[j, RATE], ev_i, ev_f, m
             )
