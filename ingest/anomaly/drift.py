@@ -228,6 +228,22 @@ def restore_sums(sums: F64, so: int, cnt: I64, c: int, v: F64, wd: int, wb: int)
 
 
 @kernel
+def workspace(n: int) -> Any:
+    """The arrays `drift_verdicts` works in, for windows of up to n readings (wd + wb): made
+    once a flush, not once a sensor."""
+    return (
+        np.empty(n, np.float64),
+        np.empty(LIMB_SIZE, np.int64),
+        np.empty(NC, np.int64),
+        np.empty(SCRATCH, np.int64),
+        np.empty(2, np.int64),
+        np.empty(SCRATCH, np.float64),
+        np.empty(LIMBS2, np.int64),
+        np.empty(2, np.int64),
+    )
+
+
+@kernel
 def drift_verdicts(
     ring: tuple[F64, int, int, int, int, int, F64, int],
     na: int,
@@ -238,6 +254,7 @@ def drift_verdicts(
     rule: tuple[int, int, float, float],
     verdicts: Any,
     when: I64,
+    work: Any,
 ) -> None:
     """Drift's verdicts on a sensor's na accepted readings, from and into its running sums
     (sums[so:], counts in cnt from c; reset where the sensor has seen nothing).
@@ -245,7 +262,7 @@ def drift_verdicts(
     `ring` is (pool, po, r0, h, hcap, seen, ext, e0) as `ring_at` takes them; `rule` is
     (wd, wb, k, floor). Writes (offending, score, value, start) for each reading; value and
     start wherever a reading is judged and not surely quiet, the score wherever the distance
-    exceeds k floors.
+    exceeds k floors. `work` is `workspace` of at least wd + wb readings.
     """
     pool, po, r0, h, hcap, seen, ext, e0 = ring
     wd, wb, k, floor = rule
@@ -262,14 +279,8 @@ def drift_verdicts(
     inv_b = 1.0 / wb
     inv_scale = 1.0 / (float(wb) * float(wb - 1))
     n = float(wb)
-    win = np.empty(0, np.float64)  # the window, when the sums do not decide a reading
-    acc = np.empty(0, np.int64)
-    scratch = np.empty(NC, np.int64)
-    tlimbs = np.empty(SCRATCH, np.int64)
-    span = np.empty(2, np.int64)
-    tmp = np.empty(SCRATCH, np.float64)
-    sq = np.empty(LIMBS2, np.int64)
-    srng = np.empty(2, np.int64)
+    buf, acc, counts, tlimbs, span, tmp, sq, srng = work
+    win = buf[: wd + wb]  # the window, when the sums do not decide a reading
     for i in range(na):
         a = seen + i
         x = ext[e0 + i]
@@ -307,15 +318,12 @@ def drift_verdicts(
             eq = abs(ql) + abs(q3) + qx * SLACK
             if surely_quiet(rh, er, bh, eb, qh, eq, inv_d, inv_b, inv_scale, n, k, floor):
                 continue
-            if win.shape[0] == 0:
-                win = np.empty(wd + wb, np.float64)
-                acc = np.empty(LIMB_SIZE, np.int64)
             sum_r = rounded(rh, rl, rx * SLACK)
             if math.isnan(sum_r):  # (a tie within the bound) the recent window summed again
                 ring_window(win, pool, po, r0, h, hcap, seen, ext, e0, a - wd + 1, wd)
                 acc[:] = 0
-                fill(acc, 0, scratch, 0, win[:wd], wd, 0)
-                _restart_one(sums, so + DD_R, acc, DR_R, scratch, C_R, False, tmp)
+                fill(acc, 0, counts, 0, win[:wd], wd, 0)
+                _restart_one(sums, so + DD_R, acc, DR_R, counts, C_R, False, tmp)
                 rh, rl, rx = sums[so + DD_R], sums[so + DD_R + 1], sums[so + DD_R + 2]
                 sum_r = rh
             mean_r = sum_r / wd
@@ -328,19 +336,16 @@ def drift_verdicts(
                     decided = not math.isnan(v)
                     sd = math.sqrt(v / (float(wb) * float(wb - 1)))
         if not decided:  # from the window's readings: exact, or in lanes
-            if win.shape[0] == 0:
-                win = np.empty(wd + wb, np.float64)
-                acc = np.empty(LIMB_SIZE, np.int64)
             ring_window(win, pool, po, r0, h, hcap, seen, ext, e0, a - wd - wb + 1, wd + wb)
             acc[:] = 0
-            fill(acc, 0, scratch, 0, win, wd, wb)
+            fill(acc, 0, counts, 0, win, wd, wb)
             recent = win[wb:]
             base = win[:wb]
-            mean_r, mean_b = means(acc, 0, scratch, 0, wd, wb, recent, base, tmp)
+            mean_r, mean_b = means(acc, 0, counts, 0, wd, wb, recent, base, tmp)
             dist = abs(mean_r - mean_b)
             if dist > k * floor:
-                sd = sample_sd(acc, 0, scratch, 0, mean_b, wb, base, tlimbs, span, tmp)
-            restart(sums, so, acc, scratch, 0, tmp)  # the same sums, exactly or nearly so
+                sd = sample_sd(acc, 0, counts, 0, mean_b, wb, base, tlimbs, span, tmp)
+            restart(sums, so, acc, counts, 0, tmp)  # the same sums, exactly or nearly so
             rh, rl, rx = sums[so + DD_R], sums[so + DD_R + 1], sums[so + DD_R + 2]
             bh, bl, bx = sums[so + DD_B], sums[so + DD_B + 1], sums[so + DD_B + 2]
             qh, ql, qx = sums[so + DD_Q], sums[so + DD_Q + 1], sums[so + DD_Q + 2]

@@ -14,7 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ingest.anomaly.auto import auto_verdicts
-from ingest.anomaly.drift import DRIFT_SIZE, drift_verdicts, restore_sums
+from ingest.anomaly.drift import DRIFT_SIZE, drift_verdicts, restore_sums, workspace
 from ingest.anomaly.events import events, gated_events
 from ingest.anomaly.layout import (
     AUTO,
@@ -107,6 +107,7 @@ def process_flush(
     j = -1
     size = 0
     longest = 0
+    widest = 0  # the largest drift window, recent and baseline
     current = False
     for i in range(n):
         if i == 0 or sensor[i] != sensor[i - 1]:
@@ -118,6 +119,8 @@ def process_flush(
                 seg_lo[j] = i
                 xoff[j] = size
                 size += pi[slot, P_SIZE] - pi[slot, P_HIST]
+                if pi[slot, P_MASK] & (1 << DRIFT):
+                    widest = max(widest, pi[slot, P_DRIFT_W] + pi[slot, P_DRIFT_B])
             current = slot >= 0
         if current:
             seg_hi[j] = i + 1
@@ -139,6 +142,7 @@ def process_flush(
     val = np.empty(longest, np.float64)
     start = np.empty(longest, np.int64)
     verdicts = (off, score, val, start)
+    work = workspace(widest)
     for j in range(nseg):
         s = seg[j]
         xsi[j] = si[s]
@@ -196,9 +200,10 @@ def process_flush(
                     pt = when[i - 1] if i > 0 else last
                     rate = abs(x - px) / (float(when[i] - pt) / 1e6)
                     off[i] = rate > max_rate
-                    score[i] = rate / max_rate
-                    val[i] = x
-                    start[i] = when[i]
+                    if off[i]:  # score, value and start are read only where a reading offends
+                        score[i] = rate / max_rate
+                        val[i] = x
+                        start[i] = when[i]
             ev_i, ev_f, m = events(
                 RATE, sid, na, verdicts, when, xei[j, RATE], xef[j, RATE], ev_i, ev_f, m
             )
@@ -232,6 +237,7 @@ def process_flush(
                 (pi[s, P_DRIFT_W], pi[s, P_DRIFT_B], pf[s, Q_DRIFT_K], pf[s, Q_DRIFT_FLOOR]),
                 verdicts,
                 when,
+                work,
             )
             ev_i, ev_f, m = events(
                 DRIFT, sid, na, verdicts, when, xei[j, DRIFT], xef[j, DRIFT], ev_i, ev_f, m

@@ -75,6 +75,37 @@ def rounded(h: float, lo: float, err: float) -> float:
     return math.nan
 
 
+TINY: Final = 2.0**-600
+"""Products at least this large (or 0) have an exact rounding error, far above underflow."""
+
+
+@kernel
+def _spread_in_doubles(bh: float, bl: float, qh: float, ql: float, q3: float, fn: float) -> Any:
+    """(s, rest, bound): the twelve doubles of `rounded_spread` summed as s + rest, s with
+    error-free additions of the products' leading parts, rest the plain sum of what those
+    additions and the products leave, within `bound` of its exact value (twelve roundings,
+    each at most 2**-53 of a partial sum); bound NaN if a product is too small for that."""
+    s = 0.0
+    rest = 0.0
+    size = 0.0
+    for x, y, sign in (
+        (fn, qh, 1.0),
+        (fn, ql, 1.0),
+        (fn, q3, 1.0),
+        (bh, bh, -1.0),
+        (2.0 * bh, bl, -1.0),
+        (bl, bl, -1.0),
+    ):
+        p, pe = two_product(x, y)
+        if p != 0.0 and abs(p) < TINY:
+            return s, rest, math.nan
+        s, e = two_sum(s, sign * p)
+        rest += e
+        rest += sign * pe
+        size += abs(e) + abs(pe)
+    return s, rest, size * 2.0**-48
+
+
 @kernel
 def rounded_spread(
     b: tuple[float, float, float],
@@ -94,6 +125,12 @@ def rounded_spread(
     bh, bl, eb = b
     qh, ql, q3, eq = q
     fn = float(n)
+    err = (fn * eq + eb * (2.0 * (abs(bh) + abs(bl)) + eb)) * SLACK
+    s, rest, bound = _spread_in_doubles(bh, bl, qh, ql, q3, fn)
+    if not math.isnan(bound):  # almost always decides, far cheaper than the limbs below
+        got = rounded(s, rest, (err + bound) * SLACK)
+        if not math.isnan(got):
+            return got
     acc[:] = 0
     clear(rng, 0)
     for x, y, sign in (
@@ -110,7 +147,6 @@ def rounded_spread(
         if pe != 0.0:
             add(acc, 0, rng, 0, pe, sign, BIAS2)
     r = value_sq(acc, 0, rng, 0, tmp)
-    err = (fn * eq + eb * (2.0 * (abs(bh) + abs(bl)) + eb)) * SLACK
     if err == 0.0:
         return r
     if r != 0.0:
