@@ -15,7 +15,7 @@ from ingest.db.binary_copy import PG_EPOCH_US
 from ingest.db.sink import Appended
 from ingest.jit import kernel
 from ingest.kernels import swap_bytes64
-from ingest.rollup import HOUR_US, MINUTE_US, Rollup, merge_partials
+from ingest.rollup import HOUR_US, MINUTE_US, ROLLUP_FIELDS, Rollup, merge_partials
 
 __all__ = [
     "PARTIAL_COLUMNS",
@@ -258,25 +258,11 @@ def _columns(n: int) -> Rollup:
 
 
 def _fields(r: Rollup, start: int = 0) -> tuple[npt.NDArray[Any], ...]:
-    return tuple(getattr(r, f) for f in _FIELDS[start:])
+    return tuple(getattr(r, f) for f in ROLLUP_FIELDS[start:])
 
 
 def _select(r: Rollup, rows: npt.NDArray[np.intp] | slice) -> Rollup:
-    return Rollup(*(getattr(r, f)[rows] for f in _FIELDS))
-
-
-_FIELDS = (
-    "sensor",
-    "bucket",
-    "min",
-    "max",
-    "sum",
-    "count",
-    "first",
-    "first_time",
-    "last",
-    "last_time",
-)
+    return Rollup(*(getattr(r, f)[rows] for f in ROLLUP_FIELDS))
 
 
 class PartialsJournal:
@@ -323,7 +309,7 @@ class PartialsJournal:
         if top >= len(self._slots.count):
             grown = _columns(max(top + 1, 2 * len(self._slots.count), 1024))
             n = len(self._slots.count)
-            for f in _FIELDS:
+            for f in ROLLUP_FIELDS:
                 getattr(grown, f)[:n] = getattr(self._slots, f)
             self._slots = grown
         out = _columns(len(partials))

@@ -4,7 +4,7 @@ partials of several flushes merged (coarser buckets too)."""
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Final
 
 import numpy as np
@@ -52,6 +52,10 @@ class Rollup:
 
     def __len__(self) -> int:
         return int(self.sensor.shape[0])
+
+
+ROLLUP_FIELDS: Final = tuple(f.name for f in fields(Rollup))
+"""Rollup's columns, in their order."""
 
 
 @kernel
@@ -272,34 +276,20 @@ def merge_partials(parts: list[Rollup], *, bucket_us: int = MINUTE_US) -> Rollup
     Partials of one key hold disjoint readings, so no two share a first or last time."""
     if bucket_us <= 0 or DAY_US % bucket_us != 0:
         raise ValueError(f"bucket_us must be a positive divisor of one day, got {bucket_us}")
-    cat = Rollup(*(np.concatenate([getattr(p, f) for p in parts]) for f in _ROLLUP_FIELDS))
+    cat = Rollup(*(np.concatenate([getattr(p, f) for p in parts]) for f in ROLLUP_FIELDS))
     bucket = cat.bucket - cat.bucket % bucket_us
     # Each part is sorted by key: a stable sort of the concatenation merges sorted runs.
     order = np.lexsort((bucket, cat.sensor)).astype(np.int64)
     groups = int(_merge_count(order, cat.sensor, bucket))
-    out = Rollup(*(np.empty(groups, getattr(cat, f).dtype) for f in _ROLLUP_FIELDS))
+    out = Rollup(*(np.empty(groups, getattr(cat, f).dtype) for f in ROLLUP_FIELDS))
     _merge_fill(
         order,
         cat.sensor,
         bucket,
-        *(getattr(cat, f) for f in _ROLLUP_FIELDS[2:]),
-        *(getattr(out, f) for f in _ROLLUP_FIELDS),
+        *(getattr(cat, f) for f in ROLLUP_FIELDS[2:]),
+        *(getattr(out, f) for f in ROLLUP_FIELDS),
     )
     return out
-
-
-_ROLLUP_FIELDS = (
-    "sensor",
-    "bucket",
-    "min",
-    "max",
-    "sum",
-    "count",
-    "first",
-    "first_time",
-    "last",
-    "last_time",
-)
 
 
 def compile_kernels() -> None:

@@ -18,7 +18,7 @@ from ingest.db.rollups import RollupMerger, new_epoch, recover_orphans
 from ingest.db.sink import Readings, Sink
 from ingest.derive import Deriver
 from ingest.partials import PartialsJournal, journal_row, partials_copy
-from ingest.rollup import HOUR_US, MINUTE_US, Rollup, merge_partials, rollup
+from ingest.rollup import HOUR_US, MINUTE_US, ROLLUP_FIELDS, Rollup, merge_partials, rollup
 from tests.support.cluster import Database
 from tests.support.process import wait_until
 from tests.support.streams import T0
@@ -418,15 +418,4 @@ def test_partials_copy_is_the_binary_copy_of_its_columns(n: int) -> None:
 
 
 # Rollup's fields in the order of rollup_pending's columns (PARTIAL_COLUMNS).
-PARTIAL_FIELDS = (
-    "bucket",
-    "sensor",
-    "min",
-    "max",
-    "sum",
-    "count",
-    "first",
-    "first_time",
-    "last",
-    "last_time",
-)
+PARTIAL_FIELDS = ("bucket", "sensor", *ROLLUP_FIELDS[2:])
