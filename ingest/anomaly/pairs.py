@@ -80,6 +80,19 @@ TINY: Final = 2.0**-600
 
 
 @kernel
+def _spread_terms(bh: float, bl: float, qh: float, ql: float, q3: float, fn: float) -> Any:
+    """n Q - B**2 as six signed products (x, y, sign): n (qh + ql + q3) - (bh + bl)**2."""
+    return (
+        (fn, qh, 1),
+        (fn, ql, 1),
+        (fn, q3, 1),
+        (bh, bh, -1),
+        (2.0 * bh, bl, -1),
+        (bl, bl, -1),
+    )
+
+
+@kernel
 def _spread_in_doubles(bh: float, bl: float, qh: float, ql: float, q3: float, fn: float) -> Any:
     """(s, rest, bound): the twelve doubles of `rounded_spread` summed as s + rest, s with
     error-free additions of the products' leading parts, rest the plain sum of what those
@@ -88,14 +101,7 @@ def _spread_in_doubles(bh: float, bl: float, qh: float, ql: float, q3: float, fn
     s = 0.0
     rest = 0.0
     size = 0.0
-    for x, y, sign in (
-        (fn, qh, 1.0),
-        (fn, ql, 1.0),
-        (fn, q3, 1.0),
-        (bh, bh, -1.0),
-        (2.0 * bh, bl, -1.0),
-        (bl, bl, -1.0),
-    ):
+    for x, y, sign in _spread_terms(bh, bl, qh, ql, q3, fn):
         p, pe = two_product(x, y)
         if p != 0.0 and abs(p) < TINY:
             return s, rest, math.nan
@@ -133,14 +139,7 @@ def rounded_spread(
             return got
     acc[:] = 0
     clear(rng, 0)
-    for x, y, sign in (
-        (fn, qh, 1),
-        (fn, ql, 1),
-        (fn, q3, 1),
-        (bh, bh, -1),
-        (2.0 * bh, bl, -1),
-        (bl, bl, -1),
-    ):
+    for x, y, sign in _spread_terms(bh, bl, qh, ql, q3, fn):
         p, pe = two_product(x, y)
         if p != 0.0:
             add(acc, 0, rng, 0, p, sign, BIAS2)
