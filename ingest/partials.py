@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ingest.db.binary_copy import PG_EPOCH_US
+from ingest.db.binary_copy import HEADER, PG_EPOCH_US, TRAILER
 from ingest.db.sink import Appended
 from ingest.jit import kernel
 from ingest.kernels import swap_bytes64
@@ -26,8 +26,6 @@ __all__ = [
     "partials_copy",
 ]
 
-_HEADER = b"PGCOPY\n\xff\r\n\x00" + bytes(8)
-_TRAILER = b"\xff\xff"
 _INT4_OID, _INT8_OID = 23, 20
 JOURNAL_COLUMNS = ("epoch", "flush", "sensors", "times")
 PARTIAL_COLUMNS = (
@@ -51,11 +49,11 @@ def partials_copy(partials: Rollup) -> memoryview:
     row by row by one kernel: 1-2 ms for 100,000 partials (a merge of a plant of 100,000
     sensors writes two such), against 9-10 ms for a field at a time."""
     p, n = partials, len(partials.sensor)
-    buf = np.empty(len(_HEADER) + _PARTIAL_ROW * n + len(_TRAILER), np.uint8)
-    buf[: len(_HEADER)] = np.frombuffer(_HEADER, np.uint8)
-    buf[len(buf) - len(_TRAILER) :] = np.frombuffer(_TRAILER, np.uint8)
+    buf = np.empty(len(HEADER) + _PARTIAL_ROW * n + len(TRAILER), np.uint8)
+    buf[: len(HEADER)] = np.frombuffer(HEADER, np.uint8)
+    buf[len(buf) - len(TRAILER) :] = np.frombuffer(TRAILER, np.uint8)
     _partial_rows(
-        buf[len(_HEADER) : len(buf) - len(_TRAILER)],
+        buf[len(HEADER) : len(buf) - len(TRAILER)],
         partials.sensor,
         (partials.bucket, partials.count, partials.first_time, partials.last_time),
         (
@@ -154,7 +152,7 @@ def journal_row(
     n = len(sensor)
     head = b"".join(
         [
-            _HEADER,
+            HEADER,
             (4).to_bytes(2, "big"),
             (8).to_bytes(4, "big") + epoch.to_bytes(8, "big", signed=True),
             (8).to_bytes(4, "big") + flush.to_bytes(8, "big", signed=True),
@@ -162,7 +160,7 @@ def journal_row(
         ]
     )
     middle = _array_head(n, 8, _INT8_OID)
-    size = len(head) + 8 * n + len(middle) + 12 * n + len(_TRAILER)
+    size = len(head) + 8 * n + len(middle) + 12 * n + len(TRAILER)
     raw = np.empty(size + 8, np.uint8)
     start = -(raw.ctypes.data + len(head)) % 8  # the elements start on 64-bit boundaries
     buf = raw[start : start + size]
@@ -170,7 +168,7 @@ def journal_row(
     times_at = sensors_at + 8 * n + len(middle)  # 8 * n + 24 after: a 64-bit boundary too
     buf[:sensors_at] = np.frombuffer(head, np.uint8)
     buf[sensors_at + 8 * n : times_at] = np.frombuffer(middle, np.uint8)
-    buf[size - len(_TRAILER) :] = np.frombuffer(_TRAILER, np.uint8)
+    buf[size - len(TRAILER) :] = np.frombuffer(TRAILER, np.uint8)
     sensors = buf[sensors_at : sensors_at + 8 * n].view(np.uint64)
     times = buf[times_at : times_at + 12 * n].view(np.uint32)
     if sys.byteorder == "little":

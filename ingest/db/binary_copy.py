@@ -11,11 +11,13 @@ import numpy.typing as npt
 
 from ingest.kernels import copy_rows
 
-__all__ = ["PG_EPOCH_US", "Slices", "copy_data", "readings_copy"]
+__all__ = ["HEADER", "PG_EPOCH_US", "TRAILER", "Slices", "copy_data", "readings_copy"]
 
 PG_EPOCH_US = 946_684_800_000_000  # 2000-01-01T00:00:00Z in Unix microseconds
-_HEADER = b"PGCOPY\n\xff\r\n\x00" + (0).to_bytes(4, "big") + (0).to_bytes(4, "big")
-_TRAILER = (-1).to_bytes(2, "big", signed=True)
+HEADER = b"PGCOPY\n\xff\r\n\x00" + (0).to_bytes(4, "big") + (0).to_bytes(4, "big")
+"""What binary COPY data starts with: the signature, no flags, no header extension."""
+TRAILER = (-1).to_bytes(2, "big", signed=True)
+"""What it ends with: a field count of -1."""
 _LITTLE_ENDIAN = sys.byteorder == "little"
 
 
@@ -27,10 +29,10 @@ def copy_data(columns: Sequence[tuple[str, npt.NDArray[Any]]]) -> memoryview:
     for i, (wire, _) in enumerate(columns):
         fields += [(f"len{i}", ">i4"), (f"val{i}", wire)]
     dtype = np.dtype(fields)
-    buf = np.empty(len(_HEADER) + n * dtype.itemsize + len(_TRAILER), dtype=np.uint8)
-    buf[: len(_HEADER)] = np.frombuffer(_HEADER, dtype=np.uint8)
-    buf[len(buf) - len(_TRAILER) :] = np.frombuffer(_TRAILER, dtype=np.uint8)
-    rows = buf[len(_HEADER) : len(buf) - len(_TRAILER)].view(dtype)
+    buf = np.empty(len(HEADER) + n * dtype.itemsize + len(TRAILER), dtype=np.uint8)
+    buf[: len(HEADER)] = np.frombuffer(HEADER, dtype=np.uint8)
+    buf[len(buf) - len(TRAILER) :] = np.frombuffer(TRAILER, dtype=np.uint8)
+    rows = buf[len(HEADER) : len(buf) - len(TRAILER)].view(dtype)
     rows["nfields"] = len(columns)
     for i, (_, values) in enumerate(columns):
         rows[f"len{i}"] = dtype[f"val{i}"].itemsize
@@ -57,13 +59,13 @@ def readings_copy(
             (">i2", quality),
         ]
         return copy_data(columns)
-    head, size = len(_HEADER), len(_HEADER) + 40 * len(time) + len(_TRAILER)
+    head, size = len(HEADER), len(HEADER) + 40 * len(time) + len(TRAILER)
     raw = np.empty(size + 8, dtype=np.uint8)
     start = -(raw.ctypes.data + head) % 8  # the rows start on a 64-bit boundary
     buf = raw[start : start + size]
-    buf[:head] = np.frombuffer(_HEADER, dtype=np.uint8)
-    buf[size - len(_TRAILER) :] = np.frombuffer(_TRAILER, dtype=np.uint8)
-    rows = buf[head : size - len(_TRAILER)].view(np.uint64)
+    buf[:head] = np.frombuffer(HEADER, dtype=np.uint8)
+    buf[size - len(TRAILER) :] = np.frombuffer(TRAILER, dtype=np.uint8)
+    rows = buf[head : size - len(TRAILER)].view(np.uint64)
     copy_rows(rows, time, sensor, value.view(np.uint64), quality, PG_EPOCH_US)
     return buf.data
 
